@@ -1,0 +1,29 @@
+# Two commands a new user runs: `make test` and `make bench`. Each creates .venv, installs torch and
+# this package (with its compiled extension) from this checkout, and runs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: test bench build clean
+
+$(VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	touch $@
+
+# Rebuilds pf_kernels._C in place when csrc/ changes (ninja recompiles only what changed).
+build: $(VENV)/.deps
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: build
+	$(PY) python/quickstart.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info pf_kernels/*.so

@@ -1,0 +1,141 @@
+"""The backend registry: which implementation of an op serves a call.
+
+A backend is a name, the device types it serves and a loader. The loader imports the backend's
+module on first use and returns it; the module defines the ops it implements (same signatures as
+`pf_kernels.reference`, inputs already validated) and may define
+`unsupported(op, device, dtype) -> Optional[str]` to refuse inputs it does not take.
+A loader that raises makes the backend unavailable, with the error as the reason.
+
+The backend is chosen here, before autograd records anything: each implementation is itself
+differentiable (autograd is registered on its custom ops), never picked inside a backward.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+ENV_VAR = "PF_KERNELS_BACKEND"
+OPS = ("backproj_concat", "backproj_concat_grouped", "fusion_head", "refine_step")
+
+
+@dataclass
+class Backend:
+    name: str
+    device_types: Callable[[], Tuple[str, ...]]
+    loader: Callable[[], object]
+    description: str
+    _module: object = None
+    _error: Optional[str] = None
+    _loaded: bool = field(default=False)
+
+    def load(self):
+        if not self._loaded:
+            try:
+                self._module = self.loader()
+            except Exception as exc:  # any failure to load means: not available, and why
+                self._error = f"{type(exc).__name__}: {exc}"
+            self._loaded = True
+        return self._module
+
+    def unavailable_reason(self) -> Optional[str]:
+        self.load()
+        return self._error
+
+
+_BACKENDS: Dict[str, Backend] = {}
+# Where "auto" looks, in order, per device type; "torch" serves everything else.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+
+def register_backend(name: str, device_types: Callable[[], Tuple[str, ...]],
+                     loader: Callable[[], object], description: str) -> None:
+    _BACKENDS[name] = Backend(name, device_types, loader, description)
+
+
+def _import(module_name: str) -> Callable[[], object]:
+    return lambda: importlib.import_module(module_name)
+
+
+def _triton_devices() -> Tuple[str, ...]:
+    # Under the Triton interpreter, kernels run on CPU tensors (used by the tests).
+    return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+register_backend("torch", lambda: ("*",), _import("pf_kernels.reference"),
+                 "the PyTorch reference: plain ops, every device")
+register_backend("cpu", lambda: ("cpu",), _import("pf_kernels._backend_cpu"),
+                 "C++ kernels of pf_kernels._C (ATen, OpenMP) for CPU tensors")
+register_backend("cuda", lambda: ("cuda",), _import("pf_kernels._backend_cuda"),
+                 "CUDA C++ kernels of pf_kernels._C for CUDA tensors")
+register_backend("triton", _triton_devices, _import("pf_kernels.triton"),
+                 "Triton kernels for CUDA tensors (CPU tensors under TRITON_INTERPRET=1)")
+
+
+def available_backends() -> Dict[str, dict]:
+    """Each backend: whether this install has it, the devices it serves, and why it is missing."""
+    report = {}
+    for name, backend in _BACKENDS.items():
+        reason = backend.unavailable_reason()
+        report[name] = {"available": reason is None,
+                        "devices": list(backend.device_types()),
+                        "description": backend.description,
+                        "reason": reason}
+    return report
+
+
+def _refusal(backend: Backend, op: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why `backend` cannot serve this call, or None if it can."""
+    reason = backend.unavailable_reason()
+    if reason is not None:
+        return f"backend {backend.name!r} is not available: {reason}"
+    devices = backend.device_types()
+    if "*" not in devices and device.type not in devices:
+        return f"backend {backend.name!r} serves {', '.join(devices)} tensors, not {device.type}"
+    module = backend.load()
+    if not hasattr(module, op) and op not in ("backproj_concat_grouped", "refine_step"):
+        return f"backend {backend.name!r} does not implement {op}"
+    unsupported = getattr(module, "unsupported", None)
+    if unsupported is not None:
+        why = unsupported(op, device, dtype)
+        if why:
+            return f"backend {backend.name!r} does not take this input: {why}"
+    return None
+
+
+def resolve_backend(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The name of the backend that serves `op` on tensors of this device and dtype."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    source = "backend"
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        source = f"the environment variable {ENV_VAR}"
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("torch",)):
+            if _refusal(_BACKENDS[name], op, device, dtype) is None:
+                return name
+        return "torch"
+    if backend not in _BACKENDS:
+        raise ValueError(f"{source} must be 'auto' or one of {sorted(_BACKENDS)}, got {backend!r}")
+    why = _refusal(_BACKENDS[backend], op, device, dtype)
+    if why is not None:
+        raise RuntimeError(f"{op} on {dtype} {device.type} tensors: {why} "
+                           f"(asked for by {source}; backend='auto' picks one that can)")
+    return backend
+
+
+def check_backend_name(backend) -> None:
+    """Validates a backend name without resolving it (for modules, at construction)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend != "auto" and backend not in _BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(_BACKENDS)}, got {backend!r}")
+
+
+def get_impl(backend_name: str, op: str):
+    """The backend's implementation of op, or None where the caller composes it from other ops."""
+    return getattr(_BACKENDS[backend_name].load(), op, None)

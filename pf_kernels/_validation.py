@@ -1,0 +1,136 @@
+"""Input checks shared by every backend: each bad input gets an error naming the argument."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
+
+
+def check_activation(activation, name: str = "activation") -> None:
+    if not isinstance(activation, str):
+        raise TypeError(f"{name} must be a str, one of {ACTIVATIONS}; got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{name} must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+
+
+def check_same_dtype_device(named: Sequence, what: str) -> None:
+    """All (name, tensor) pairs share one dtype and one device."""
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{what}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
+                            "all tensors must share one dtype")
+        if t.device != first.device:
+            raise ValueError(f"{what}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                             "all tensors must be on one device")
+
+
+def _check_linear(weight, bias, in_features: int, in_name: str, weight_name: str,
+                  bias_name: str, what: str) -> List:
+    check_tensor(weight, weight_name)
+    if weight.dim() != 2:
+        raise ValueError(f"{what}: {weight_name} must be 2-D (out_features, in_features), "
+                         f"got {_describe(weight)}")
+    if weight.shape[1] != in_features:
+        raise ValueError(f"{what}: {weight_name} has in_features {weight.shape[1]} "
+                         f"({_describe(weight)}) but {in_name} has {in_features} features")
+    named = [(weight_name, weight)]
+    if bias is not None:
+        check_tensor(bias, bias_name)
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{what}: {bias_name} must have shape ({weight.shape[0]},) to match "
+                             f"{weight_name} {tuple(weight.shape)}, got {_describe(bias)}")
+        named.append((bias_name, bias))
+    return named
+
+
+def _check_sequence(seq, name: str, what: str) -> list:
+    if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)):
+        raise TypeError(f"{what}: {name} must be a list or tuple of tensors, got {type(seq).__name__}")
+    if len(seq) == 0:
+        raise ValueError(f"{what}: {name} must hold at least one tensor, got an empty {type(seq).__name__}")
+    return list(seq)
+
+
+def check_backproj_concat(x, z, weight, bias, activation, what: str = "backproj_concat",
+                          x_name: str = "x", weight_name: str = "weight", bias_name: str = "bias") -> None:
+    check_tensor(x, x_name)
+    check_tensor(z, "z")
+    if x.dim() < 2:
+        raise ValueError(f"{what}: {x_name} must be (B, *positions, Dx) with at least 2 dims, "
+                         f"got {_describe(x)}")
+    if z.dim() != 2:
+        raise ValueError(f"{what}: z must be 2-D (B, Dz), got {_describe(z)}")
+    if x.shape[0] != z.shape[0]:
+        raise ValueError(f"{what}: batch sizes differ: {x_name} {tuple(x.shape)} vs z {tuple(z.shape)}")
+    named = [(x_name, x), ("z", z)]
+    named += _check_linear(weight, bias, z.shape[1], "z", weight_name, bias_name, what)
+    check_same_dtype_device(named, what)
+    check_activation(activation)
+
+
+def _check_hs(hs, what: str) -> List[torch.Tensor]:
+    hs = _check_sequence(hs, "hs", what)
+    for j, h in enumerate(hs):
+        check_tensor(h, f"hs[{j}]")
+        if h.dim() != 2:
+            raise ValueError(f"{what}: hs[{j}] must be 2-D (B, D_{j}), got {_describe(h)}")
+        if h.shape[0] != hs[0].shape[0]:
+            raise ValueError(f"{what}: batch sizes differ: hs[0] {tuple(hs[0].shape)} vs "
+                             f"hs[{j}] {tuple(h.shape)}")
+    return hs
+
+
+def check_fusion_head(hs, weight, bias, activation, what: str = "fusion_head",
+                      weight_name: str = "weight", bias_name: str = "bias",
+                      activation_name: str = "activation") -> None:
+    hs = _check_hs(hs, what)
+    in_features = sum(h.shape[1] for h in hs)
+    widths = "+".join(str(h.shape[1]) for h in hs)
+    named = [(f"hs[{j}]", h) for j, h in enumerate(hs)]
+    named += _check_linear(weight, bias, in_features, f"cat(hs) ({widths})", weight_name, bias_name, what)
+    check_same_dtype_device(named, what)
+    check_activation(activation, activation_name)
+
+
+def check_backproj_grouped(xs, z, weights, biases, activation,
+                           what: str = "backproj_concat_grouped") -> List[Optional[torch.Tensor]]:
+    """Checks the per-modality lists; returns biases as a list (None -> all None)."""
+    xs = _check_sequence(xs, "xs", what)
+    weights = _check_sequence(weights, "weights", what)
+    if biases is None:
+        biases = [None] * len(xs)
+    elif isinstance(biases, torch.Tensor) or not isinstance(biases, (list, tuple)):
+        raise TypeError(f"{what}: biases must be None or a list of tensors/None, got {type(biases).__name__}")
+    biases = list(biases)
+    if not len(xs) == len(weights) == len(biases):
+        raise ValueError(f"{what}: one x, weight and bias per modality: got {len(xs)} xs, "
+                         f"{len(weights)} weights, {len(biases)} biases")
+    for j, (x, w, b) in enumerate(zip(xs, weights, biases)):
+        check_backproj_concat(x, z, w, b, activation, what, f"xs[{j}]", f"weights[{j}]", f"biases[{j}]")
+    check_same_dtype_device([("z", z)] + [(f"xs[{j}]", x) for j, x in enumerate(xs)], what)
+    return biases
+
+
+def check_refine_step(hs, head_weight, head_bias, xs, bp_weights, bp_biases,
+                      head_activation, backproj_activation) -> List[Optional[torch.Tensor]]:
+    """Checks the head and the back-projections; returns bp_biases as a list."""
+    what = "refine_step"
+    check_fusion_head(hs, head_weight, head_bias, head_activation, what,
+                      "head_weight", "head_bias", "head_activation")
+    # A zero-stride stand-in with z's shape, dtype and device: the back-projections read z.
+    z_like = hs[0].new_empty(()).expand(hs[0].shape[0], head_weight.shape[0])
+    return check_backproj_grouped(xs, z_like, bp_weights, bp_biases, backproj_activation, what)

@@ -1,0 +1,77 @@
+"""The PyTorch reference of every op: plain, differentiable torch ops, the ground truth of every test.
+
+Every op computes in fp32 (fp64 for fp64 inputs) and returns the input dtype, as the fused kernels do.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._validation import ACTIVATIONS  # noqa: F401  (re-exported: the one list of activations)
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops accumulate in: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "none":
+        return y
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "gelu":
+        return F.gelu(y)  # exact erf form
+    if activation == "tanh":
+        return torch.tanh(y)
+    if activation == "sigmoid":
+        return torch.sigmoid(y)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def linear_act(inp: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               activation: str) -> torch.Tensor:
+    """act(inp @ weight.T + bias), accumulated in fp32, returned in inp's dtype."""
+    acc = accumulate_dtype(inp.dtype)
+    y = F.linear(inp.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    return apply_activation(y, activation).to(inp.dtype)
+
+
+def backproj_concat(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None, activation: str = "relu") -> torch.Tensor:
+    """cat([x, act(z @ weight.T + bias) broadcast over x's positions], -1)."""
+    context = linear_act(z, weight, bias, activation)
+    positions = x.dim() - 2
+    context = context.view(context.shape[0], *([1] * positions), context.shape[1])
+    context = context.expand(*x.shape[:-1], context.shape[-1])
+    return torch.cat([x, context], dim=-1)
+
+
+def backproj_concat_grouped(xs: Sequence[torch.Tensor], z: torch.Tensor,
+                            weights: Sequence[torch.Tensor],
+                            biases: Sequence[Optional[torch.Tensor]],
+                            activation: str = "relu") -> List[torch.Tensor]:
+    """One backproj_concat per modality, all reading the same z."""
+    return [backproj_concat(x, z, w, b, activation) for x, w, b in zip(xs, weights, biases)]
+
+
+def fusion_head(hs: Sequence[torch.Tensor], weight: torch.Tensor,
+                bias: Optional[torch.Tensor] = None, activation: str = "relu") -> torch.Tensor:
+    """act(cat(hs, -1) @ weight.T + bias)."""
+    return linear_act(torch.cat(list(hs), dim=-1), weight, bias, activation)
+
+
+def refine_step(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
+                head_bias: Optional[torch.Tensor], xs: Sequence[torch.Tensor],
+                bp_weights: Sequence[torch.Tensor], bp_biases: Sequence[Optional[torch.Tensor]],
+                head_activation: str = "relu", backproj_activation: str = "relu",
+                ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """The fusion head, then every modality's back-projection of its output, concatenated to xs.
+
+    The back-projections read z as returned (in the input dtype), so refine_step equals
+    fusion_head followed by backproj_concat exactly.
+    """
+    z = fusion_head(hs, head_weight, head_bias, head_activation)
+    return z, backproj_concat_grouped(xs, z, bp_weights, bp_biases, backproj_activation)

@@ -1,0 +1,134 @@
+"""Shared test material: random inputs for every op and the comparison against the reference.
+
+Every backend's tests use these, so each backend is held to the same cases and tolerances.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from pf_kernels import reference
+
+ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Absolute floors for the error bound (relative to the inputs' scale, which is ~1).
+ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rand(shape, dtype=torch.float32, device="cpu", noncontiguous=False, requires_grad=False):
+    """Fresh standard-normal values. noncontiguous: a view with a non-unit innermost stride (1-D,
+    2-D) or with permuted storage order (3-D and more)."""
+    shape = tuple(shape)
+    if noncontiguous and len(shape) >= 3:
+        t = torch.randn(*reversed(shape), dtype=torch.float64, device=device).to(dtype)
+        t = t.permute(*reversed(range(len(shape))))
+    elif noncontiguous and len(shape) >= 1:
+        t = torch.randn(*shape[:-1], 2 * shape[-1], dtype=torch.float64, device=device).to(dtype)[..., ::2]
+    else:
+        t = torch.randn(*shape, dtype=torch.float64, device=device).to(dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def backproj_inputs(B, S, Dx, Dz, Dc, bias=True, dtype=torch.float32, device="cpu",
+                    noncontiguous=False, requires_grad=True, weight_scale=None):
+    scale = weight_scale if weight_scale is not None else Dz ** -0.5
+    x = rand((B, *S, Dx), dtype, device, noncontiguous, requires_grad)
+    z = rand((B, Dz), dtype, device, noncontiguous, requires_grad)
+    w = (rand((Dc, Dz), torch.float64, device) * scale).to(dtype).requires_grad_(requires_grad)
+    b = rand((Dc,), dtype, device, False, requires_grad) if bias else None
+    return x, z, w, b
+
+
+def fusion_inputs(B, dims, Dz, bias=True, dtype=torch.float32, device="cpu", noncontiguous=False,
+                  requires_grad=True):
+    hs = [rand((B, d), dtype, device, noncontiguous, requires_grad) for d in dims]
+    w = (rand((Dz, sum(dims)), torch.float64, device) * sum(dims) ** -0.5).to(dtype)
+    w.requires_grad_(requires_grad)
+    b = rand((Dz,), dtype, device, False, requires_grad) if bias else None
+    return hs, w, b
+
+
+def _leaves(obj) -> List[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _leaves(item)]
+    return []
+
+
+def _detached_copy(obj, dtype=None):
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to(dtype) if dtype is not None else obj.detach().clone()
+        return t.requires_grad_(obj.requires_grad)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detached_copy(item, dtype) for item in obj)
+    return obj
+
+
+def _run(fn: Callable, args: Sequence, grad_outputs: Optional[List[torch.Tensor]]):
+    out = _leaves(fn(*args))
+    inputs = [t for t in _leaves(args) if t.requires_grad]
+    if grad_outputs is None:
+        grad_outputs = [torch.randn_like(o, dtype=torch.float64) for o in out]
+    grads = []
+    if inputs:
+        grads = torch.autograd.grad(out, inputs, [g.to(o.dtype) for g, o in zip(grad_outputs, out)],
+                                    allow_unused=True)
+    return out, grads, grad_outputs
+
+
+def assert_matches_reference(fn: Callable, ref_fn: Callable, args: Sequence, check_grads: bool = True):
+    """fn(*args) and its gradients against ref_fn: the error against a float64 reference must be
+    within twice eager PyTorch's error in the same dtype, plus a small floor (FlashAttention's rule)."""
+    dtype = next(t.dtype for t in _leaves(args))
+    exact_args = _detached_copy(args, torch.float64)
+    exact_out, exact_grads, gouts = _run(ref_fn, exact_args, None)
+    if not check_grads:
+        exact_grads = []
+    same_args = _detached_copy(args)
+    eager_out, eager_grads, _ = _run(ref_fn, same_args, gouts if check_grads else [])
+    test_args = _detached_copy(args)
+    if not check_grads:
+        for t in _leaves(test_args):
+            t.requires_grad_(False)
+    test_out, test_grads, _ = _run(fn, test_args, gouts if check_grads else [])
+    assert len(test_out) == len(exact_out), f"{len(test_out)} outputs, expected {len(exact_out)}"
+    pairs = [("output", i, t, e, r) for i, (t, e, r) in enumerate(zip(test_out, eager_out, exact_out))]
+    if check_grads:
+        pairs += [("grad", i, t, e, r) for i, (t, e, r) in enumerate(zip(test_grads, eager_grads, exact_grads))]
+    for kind, i, test, eager, exact in pairs:
+        if exact is None:
+            assert test is None or not test.abs().any(), f"{kind} {i}: expected no gradient"
+            continue
+        assert test is not None, f"{kind} {i}: missing gradient"
+        assert test.shape == exact.shape, f"{kind} {i}: shape {tuple(test.shape)} != {tuple(exact.shape)}"
+        assert test.dtype == dtype, f"{kind} {i}: dtype {test.dtype} != {dtype}"
+        scale = exact.abs().max().item() if exact.numel() else 0.0
+        eager_err = (eager.double() - exact).abs().max().item() if exact.numel() else 0.0
+        err = (test.double() - exact).abs().max().item() if exact.numel() else 0.0
+        rtol = 1e-5 if dtype == torch.float32 else 0.0
+        bound = 2 * eager_err + ATOL[dtype] * max(1.0, scale) + rtol * scale
+        assert err <= bound, (f"{kind} {i} ({tuple(exact.shape)}, {dtype}): max error {err:.3g} > "
+                              f"bound {bound:.3g} (eager error {eager_err:.3g}, scale {scale:.3g})")
+
+
+# Shapes: (B, S, Dx, Dz, Dc), odd sizes, B = 0, one position, several position dims.
+BACKPROJ_SHAPES = [
+    (3, (), 5, 7, 3),
+    (2, (1,), 4, 6, 5),
+    (4, (9,), 3, 17, 11),
+    (0, (5,), 4, 6, 3),
+    (2, (3, 5), 6, 5, 7),
+    (3, (2, 3, 2), 1, 3, 2),
+    (5, (33,), 65, 33, 19),
+]
+
+# (B, dims, Dz): K from 1 to 4, odd widths, B = 0.
+FUSION_SHAPES = [
+    (4, (5,), 3),
+    (3, (4, 7, 2), 9),
+    (0, (3, 5), 4),
+    (17, (16, 1, 31, 8), 13),
+    (1, (6, 6), 33),
+]

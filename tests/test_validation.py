@@ -1,0 +1,103 @@
+"""Every bad input raises the right exception, with a message naming the argument, on every backend."""
+import pytest
+import torch
+
+import pf_kernels as pk
+
+
+def good_backproj():
+    return dict(x=torch.randn(2, 3, 4), z=torch.randn(2, 5), weight=torch.randn(6, 5), bias=torch.randn(6))
+
+
+def good_fusion():
+    return dict(hs=[torch.randn(2, 3), torch.randn(2, 4)], weight=torch.randn(5, 7), bias=torch.randn(5))
+
+
+BACKPROJ_BAD = [
+    ("x 1-D", dict(x=torch.randn(4)), ValueError, "x"),
+    ("z 3-D", dict(z=torch.randn(2, 5, 1)), ValueError, "z"),
+    ("batch mismatch", dict(z=torch.randn(3, 5)), ValueError, "batch"),
+    ("weight 1-D", dict(weight=torch.randn(5)), ValueError, "weight"),
+    ("weight width", dict(weight=torch.randn(6, 4)), ValueError, "weight"),
+    ("bias length", dict(bias=torch.randn(5)), ValueError, "bias"),
+    ("bias 2-D", dict(bias=torch.randn(6, 1)), ValueError, "bias"),
+    ("mixed dtype", dict(z=torch.randn(2, 5, dtype=torch.float64)), TypeError, "dtype"),
+    ("bias dtype", dict(bias=torch.randn(6, dtype=torch.bfloat16)), TypeError, "bias"),
+    ("int x", dict(x=torch.ones(2, 3, 4, dtype=torch.int64)), TypeError, "x"),
+    ("not a tensor", dict(weight=[[1.0]]), TypeError, "weight"),
+    ("mixed device", dict(z=torch.randn(2, 5, device="meta")), ValueError, "device"),
+]
+
+
+@pytest.mark.parametrize("name,override,exc,word", BACKPROJ_BAD, ids=[c[0] for c in BACKPROJ_BAD])
+def test_backproj_concat_bad_input(name, override, exc, word):
+    args = {**good_backproj(), **override}
+    with pytest.raises(exc, match=word):
+        pk.backproj_concat(**args)
+
+
+FUSION_BAD = [
+    ("empty list", dict(hs=[]), ValueError, "hs"),
+    ("tensor not list", dict(hs=torch.randn(2, 7)), TypeError, "hs"),
+    ("h 3-D", dict(hs=[torch.randn(2, 3, 1), torch.randn(2, 4)]), ValueError, r"hs\[0\]"),
+    ("batch mismatch", dict(hs=[torch.randn(2, 3), torch.randn(3, 4)]), ValueError, "batch"),
+    ("width mismatch", dict(weight=torch.randn(5, 8)), ValueError, "in_features"),
+    ("bias length", dict(bias=torch.randn(4)), ValueError, "bias"),
+    ("mixed dtype", dict(hs=[torch.randn(2, 3), torch.randn(2, 4).half()]), TypeError, "dtype"),
+    ("int h", dict(hs=[torch.ones(2, 3, dtype=torch.int32), torch.randn(2, 4)]), TypeError, r"hs\[0\]"),
+]
+
+
+@pytest.mark.parametrize("name,override,exc,word", FUSION_BAD, ids=[c[0] for c in FUSION_BAD])
+def test_fusion_head_bad_input(name, override, exc, word):
+    args = {**good_fusion(), **override}
+    with pytest.raises(exc, match=word):
+        pk.fusion_head(**args)
+
+
+@pytest.mark.parametrize("activation,exc", [("swish", ValueError), ("RELU", ValueError), (None, TypeError)])
+def test_unknown_activation(activation, exc):
+    with pytest.raises(exc, match="activation"):
+        pk.backproj_concat(**good_backproj(), activation=activation)
+    with pytest.raises(exc, match="activation"):
+        pk.fusion_head(**good_fusion(), activation=activation)
+
+
+@pytest.mark.parametrize("backend,exc", [("cudnn", ValueError), (3, TypeError)])
+def test_unknown_backend(backend, exc):
+    with pytest.raises(exc, match="backend"):
+        pk.backproj_concat(**good_backproj(), backend=backend)
+
+
+def test_backend_that_cannot_serve_the_device_raises():
+    with pytest.raises(RuntimeError, match="cuda"):
+        pk.backproj_concat(**good_backproj(), backend="cuda")
+
+
+def refine_args():
+    fusion = good_fusion()
+    return dict(hs=fusion["hs"], head_weight=fusion["weight"], head_bias=fusion["bias"],
+                xs=[torch.randn(2, 3), torch.randn(2, 6, 2)],
+                bp_weights=[torch.randn(4, 5), torch.randn(1, 5)], bp_biases=[torch.randn(4), None])
+
+
+REFINE_BAD = [
+    ("lists differ", dict(bp_weights=[torch.randn(4, 5)]), ValueError, "modality"),
+    ("bp weight width", dict(bp_weights=[torch.randn(4, 5), torch.randn(1, 6)]), ValueError, r"weights\[1\]"),
+    ("x batch", dict(xs=[torch.randn(2, 3), torch.randn(3, 6, 2)]), ValueError, "batch"),
+    ("bp bias length", dict(bp_biases=[torch.randn(3), None]), ValueError, r"biases\[0\]"),
+    ("head weight", dict(head_weight=torch.randn(5, 6)), ValueError, "head_weight"),
+    ("x dtype", dict(xs=[torch.randn(2, 3).double(), torch.randn(2, 6, 2)]), TypeError, "dtype"),
+    ("empty xs", dict(xs=[], bp_weights=[], bp_biases=[]), ValueError, "xs"),
+]
+
+
+@pytest.mark.parametrize("name,override,exc,word", REFINE_BAD, ids=[c[0] for c in REFINE_BAD])
+def test_refine_step_bad_input(name, override, exc, word):
+    with pytest.raises(exc, match=word):
+        pk.refine_step(**{**refine_args(), **override})
+
+
+def test_grouped_bad_input():
+    with pytest.raises(ValueError, match="modality"):
+        pk.backproj_concat_grouped([torch.randn(2, 3)], torch.randn(2, 5), [torch.randn(4, 5)] * 2)
