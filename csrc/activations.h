@@ -1,0 +1,77 @@
+// Per-element math shared by the CPU and CUDA kernels: activations and their derivatives.
+// Compiled for the host in the CPU kernels, so the CPU tests exercise the same code the GPU runs.
+#pragma once
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#if defined(__CUDACC__)
+#define PF_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define PF_HOST_DEVICE inline
+#endif
+
+namespace pf_kernels {
+
+enum class Activation : int { None = 0, Relu = 1, Gelu = 2, Tanh = 3, Sigmoid = 4 };
+
+// Host only: the schema passes the activation by name.
+inline Activation parse_activation(const std::string& name) {
+  if (name == "none") return Activation::None;
+  if (name == "relu") return Activation::Relu;
+  if (name == "gelu") return Activation::Gelu;
+  if (name == "tanh") return Activation::Tanh;
+  if (name == "sigmoid") return Activation::Sigmoid;
+  throw std::invalid_argument("pf_kernels: activation must be one of none, relu, gelu, tanh, sigmoid; got '" +
+                              name + "'");
+}
+
+// T is float or double (accumulation types): std:: overloads on the host, CUDA's on the device.
+template <typename T>
+PF_HOST_DEVICE T activate(T y, Activation act) {
+  using std::erf;
+  using std::exp;
+  using std::tanh;
+  switch (act) {
+    case Activation::Relu:
+      return y > T(0) ? y : T(0);
+    case Activation::Gelu:
+      return T(0.5) * y * (T(1) + erf(y * T(0.70710678118654752440)));
+    case Activation::Tanh:
+      return tanh(y);
+    case Activation::Sigmoid:
+      return T(1) / (T(1) + exp(-y));
+    default:
+      return y;
+  }
+}
+
+// d act(y) / dy at the pre-activation y.
+template <typename T>
+PF_HOST_DEVICE T activation_grad(T y, Activation act) {
+  using std::erf;
+  using std::exp;
+  using std::tanh;
+  switch (act) {
+    case Activation::Relu:
+      return y > T(0) ? T(1) : T(0);
+    case Activation::Gelu: {
+      const T cdf = T(0.5) * (T(1) + erf(y * T(0.70710678118654752440)));
+      const T pdf = exp(T(-0.5) * y * y) * T(0.39894228040143267794);  // 1/sqrt(2 pi)
+      return cdf + y * pdf;
+    }
+    case Activation::Tanh: {
+      const T t = tanh(y);
+      return T(1) - t * t;
+    }
+    case Activation::Sigmoid: {
+      const T s = T(1) / (T(1) + exp(-y));
+      return s * (T(1) - s);
+    }
+    default:
+      return T(1);
+  }
+}
+
+}  // namespace pf_kernels
