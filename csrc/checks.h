@@ -1,0 +1,66 @@
+// Host-side argument checks shared by every device's kernels: a direct call of torch.ops.pf_kernels.*
+// with bad input fails with a message naming the argument, never a crash.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+namespace pf_kernels {
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), "pf_kernels: ", name, " is undefined");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "pf_kernels: ", name, " must be floating, got ",
+              t.scalar_type());
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  check_floating(t, name);
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "pf_kernels: ", name, " has dtype ", t.scalar_type(),
+              " but ", ref_name, " has ", ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), "pf_kernels: ", name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device());
+}
+
+// weight (out, in) and optional bias (out,) of a linear map from `in` features.
+inline void check_linear(const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t in,
+                         const at::Tensor& ref, const char* ref_name) {
+  check_like(weight, ref, "weight", ref_name);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == in, "pf_kernels: weight must be (out_features, ", in,
+              "), got ", weight.sizes());
+  if (bias.has_value() && bias->defined()) {
+    check_like(*bias, ref, "bias", ref_name);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "pf_kernels: bias must be (",
+                weight.size(0), ",), got ", bias->sizes());
+  }
+}
+
+inline void check_backproj_concat(const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
+                                  const c10::optional<at::Tensor>& bias) {
+  check_floating(x, "x");
+  check_like(z, x, "z", "x");
+  TORCH_CHECK(x.dim() >= 2, "pf_kernels: x must be (B, *positions, Dx), got ", x.sizes());
+  TORCH_CHECK(z.dim() == 2 && z.size(0) == x.size(0), "pf_kernels: z must be (B, Dz) with B = ", x.size(0),
+              ", got ", z.sizes());
+  check_linear(weight, bias, z.size(1), x, "x");
+}
+
+inline int64_t check_fusion_head(at::TensorList hs, const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(!hs.empty(), "pf_kernels: hs must hold at least one tensor");
+  int64_t in = 0;
+  for (size_t j = 0; j < hs.size(); ++j) {
+    const std::string name = "hs[" + std::to_string(j) + "]";
+    check_like(hs[j], hs[0], name.c_str(), "hs[0]");
+    TORCH_CHECK(hs[j].dim() == 2 && hs[j].size(0) == hs[0].size(0), "pf_kernels: ", name,
+                " must be (B, D) with B = ", hs[0].size(0), ", got ", hs[j].sizes());
+    in += hs[j].size(1);
+  }
+  check_linear(weight, bias, in, hs[0], "hs[0]");
+  return in;
+}
+
+inline bool has_bias(const c10::optional<at::Tensor>& bias) { return bias.has_value() && bias->defined(); }
+
+}  // namespace pf_kernels

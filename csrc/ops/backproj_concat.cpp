@@ -1,0 +1,87 @@
+// backproj_concat: schema and autograd. The device kernels live in cpu/ and cuda/.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace pf_kernels {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor call_forward(const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
+                        const c10::optional<at::Tensor>& bias, c10::string_view activation) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pf_kernels::backproj_concat", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const c10::optional<at::Tensor>&, c10::string_view)>();
+  return op.call(x, z, weight, bias, activation);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
+    const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, c10::string_view activation, int64_t x_features) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pf_kernels::backproj_concat_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const c10::optional<at::Tensor>&, c10::string_view, int64_t)>();
+  return op.call(grad_out, z, weight, bias, activation, x_features);
+}
+
+// Autograd in C++: one node per call, no Python on the hot path. Backward is its own op, so
+// torch.compile traces it and each device supplies its kernel.
+class BackprojConcatFunction : public torch::autograd::Function<BackprojConcatFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& z,
+                            const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                            c10::string_view activation) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    // (ctx->needs_input_grad is unusable here: without any input requiring grad there are no edges.)
+    const bool needs_context_grad =
+        z.requires_grad() || weight.requires_grad() || (has_bias(bias) && bias->requires_grad());
+    if (needs_context_grad) {  // grad_x alone needs nothing saved
+      ctx->save_for_backward({z, weight, has_bias(bias) ? *bias : at::Tensor()});
+    }
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["x_features"] = x.size(-1);
+    ctx->saved_data["needs_context_grad"] = needs_context_grad;
+    return call_forward(x, z, weight, bias, activation);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& grad_out = grads[0];
+    const int64_t x_features = ctx->saved_data["x_features"].toInt();
+    at::Tensor grad_x = grad_out.narrow(-1, 0, x_features);  // a view: no copy
+    at::Tensor grad_z, grad_weight, grad_bias;
+    if (ctx->saved_data["needs_context_grad"].toBool()) {
+      auto saved = ctx->get_saved_variables();
+      c10::optional<at::Tensor> bias;
+      if (saved[2].defined()) bias = saved[2];
+      std::tie(grad_z, grad_weight, grad_bias) = call_backward(
+          grad_out, saved[0], saved[1], bias, ctx->saved_data["activation"].toStringRef(), x_features);
+      if (!bias.has_value()) grad_bias = at::Tensor();
+    }
+    return {grad_x, grad_z, grad_weight, grad_bias, at::Tensor()};
+  }
+};
+
+at::Tensor backproj_concat_autograd(const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
+                                    const c10::optional<at::Tensor>& bias, c10::string_view activation) {
+  return BackprojConcatFunction::apply(x, z, weight, bias, activation);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pf_kernels, m) {
+  m.def("backproj_concat(Tensor x, Tensor z, Tensor weight, Tensor? bias, str activation) -> Tensor");
+  m.def(
+      "backproj_concat_backward(Tensor grad_out, Tensor z, Tensor weight, Tensor? bias, str activation, "
+      "int x_features) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pf_kernels, Autograd, m) { m.impl("backproj_concat", &backproj_concat_autograd); }
+
+}  // namespace pf_kernels

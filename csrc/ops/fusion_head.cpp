@@ -1,0 +1,82 @@
+// fusion_head: schema and autograd. The device kernels live in cpu/ and cuda/.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace pf_kernels {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor call_forward(at::TensorList hs, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                        c10::string_view activation) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pf_kernels::fusion_head", "")
+                       .typed<at::Tensor(at::TensorList, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                         c10::string_view)>();
+  return op.call(hs, weight, bias, activation);
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> call_backward(
+    const at::Tensor& grad_out, at::TensorList hs, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& out, c10::string_view activation) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pf_kernels::fusion_head_backward", "")
+                       .typed<std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor>(
+                           const at::Tensor&, at::TensorList, const at::Tensor&,
+                           const c10::optional<at::Tensor>&, const at::Tensor&, c10::string_view)>();
+  return op.call(grad_out, hs, weight, bias, out, activation);
+}
+
+class FusionHeadFunction : public torch::autograd::Function<FusionHeadFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, at::TensorList hs, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, c10::string_view activation) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor out = call_forward(hs, weight, bias, activation);
+    std::vector<at::Tensor> saved(hs.begin(), hs.end());
+    saved.push_back(weight);
+    saved.push_back(has_bias(bias) ? *bias : at::Tensor());
+    saved.push_back(out);
+    ctx->save_for_backward(saved);
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["k"] = static_cast<int64_t>(hs.size());
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const int64_t k = ctx->saved_data["k"].toInt();
+    std::vector<at::Tensor> hs(saved.begin(), saved.begin() + k);
+    c10::optional<at::Tensor> bias;
+    if (saved[k + 1].defined()) bias = saved[k + 1];
+    auto [grad_hs, grad_weight, grad_bias] = call_backward(
+        grads[0], hs, saved[k], bias, saved[k + 2], ctx->saved_data["activation"].toStringRef());
+    variable_list result(grad_hs.begin(), grad_hs.end());
+    result.push_back(grad_weight);
+    result.push_back(bias.has_value() ? grad_bias : at::Tensor());
+    result.push_back(at::Tensor());  // activation
+    return result;
+  }
+};
+
+at::Tensor fusion_head_autograd(at::TensorList hs, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                c10::string_view activation) {
+  return FusionHeadFunction::apply(hs, weight, bias, activation);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pf_kernels, m) {
+  m.def("fusion_head(Tensor[] hs, Tensor weight, Tensor? bias, str activation) -> Tensor");
+  m.def(
+      "fusion_head_backward(Tensor grad_out, Tensor[] hs, Tensor weight, Tensor? bias, Tensor out, "
+      "str activation) -> (Tensor[], Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pf_kernels, Autograd, m) { m.impl("fusion_head", &fusion_head_autograd); }
+
+}  // namespace pf_kernels

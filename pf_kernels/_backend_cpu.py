@@ -1,0 +1,10 @@
+"""The cpu backend: the C++ kernels of pf_kernels._C on CPU tensors (fp32, fp64, fp16, bf16)."""
+import torch
+
+from ._extension import load
+
+load()
+
+# The op overloads themselves: no Python between the dispatcher and the caller.
+backproj_concat = torch.ops.pf_kernels.backproj_concat.default
+fusion_head = torch.ops.pf_kernels.fusion_head.default

@@ -1,0 +1,133 @@
+"""The cpu backend (pf_kernels._C) against the reference: every op, shape, activation, dtype, layout,
+forward and every gradient; float64 gradcheck; errors from direct calls of the C++ ops."""
+import os
+
+import pytest
+import torch
+
+import pf_kernels as pk
+from pf_kernels import reference
+from tests.cases import (ACTIVATIONS, BACKPROJ_SHAPES, FUSION_SHAPES, assert_matches_reference,
+                         backproj_inputs, fusion_inputs)
+
+BACKEND = "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def test_cpu_backend_is_built_and_picked_by_auto():
+    if os.environ.get("PF_KERNELS_SKIP_EXTENSION") == "1":
+        pytest.skip("built without the extension on purpose")
+    info = pk.available_backends()["cpu"]
+    assert info["available"], info["reason"]
+    from pf_kernels._dispatch import resolve_backend
+    assert resolve_backend("auto", "backproj_concat", torch.device("cpu"), torch.float32) == "cpu"
+
+
+def backproj(backend, activation):
+    return lambda x, z, w, b: pk.backproj_concat(x, z, w, b, activation, backend=backend)
+
+
+def fusion(backend, activation):
+    return lambda w, b, *hs: pk.fusion_head(list(hs), w, b, activation, backend=backend)
+
+
+@pytest.mark.parametrize("shape", BACKPROJ_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("noncontiguous", [False, True], ids=["contig", "strided"])
+def test_backproj_concat(shape, dtype, noncontiguous):
+    B, S, Dx, Dz, Dc = shape
+    for activation in ACTIVATIONS:
+        for bias in (True, False):
+            args = backproj_inputs(B, S, Dx, Dz, Dc, bias, dtype, noncontiguous=noncontiguous)
+            assert_matches_reference(backproj(BACKEND, activation),
+                                     backproj("torch", activation), args)
+
+
+@pytest.mark.parametrize("shape", FUSION_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("noncontiguous", [False, True], ids=["contig", "strided"])
+def test_fusion_head(shape, dtype, noncontiguous):
+    B, dims, Dz = shape
+    for activation in ACTIVATIONS:
+        for bias in (True, False):
+            hs, w, b = fusion_inputs(B, dims, Dz, bias, dtype, noncontiguous=noncontiguous)
+            assert_matches_reference(fusion(BACKEND, activation), fusion("torch", activation), (w, b, *hs))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_refine_step(activation):
+    hs, hw, hb = fusion_inputs(3, (4, 5, 6), 7)
+    xs = [torch.randn(3, 4), torch.randn(3, 5, 2), torch.randn(3, 2, 3, 4)]
+    ws = [torch.randn(c, 7) * 0.4 for c in (2, 3, 1)]
+    bs = [torch.randn(2), None, torch.randn(1)]
+    for t in [*xs, *ws, bs[0], bs[2]]:
+        t.requires_grad_(True)
+
+    def step(backend):
+        def run(hw_, hb_, *rest):
+            h, x, w = list(rest[:3]), list(rest[3:6]), list(rest[6:9])
+            return pk.refine_step(h, hw_, hb_, x, w, [rest[9], None, rest[10]], "tanh", activation,
+                                  backend=backend)
+        return run
+
+    assert_matches_reference(step(BACKEND), step("torch"), (hw, hb, *hs, *xs, *ws, bs[0], bs[2]))
+
+
+def test_only_x_needs_grad():
+    # grad_x is a view of grad_out; nothing else is computed or saved.
+    x, z, w, b = backproj_inputs(2, (3,), 4, 5, 6, True, requires_grad=False)
+    x.requires_grad_(True)
+    out = pk.backproj_concat(x, z, w, b, backend=BACKEND)
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, g)
+    torch.testing.assert_close(gx, g[..., :4], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu", "tanh", "sigmoid"])
+def test_gradcheck_float64(activation):
+    args = backproj_inputs(2, (3, 2), 3, 4, 2, True, torch.float64)
+    assert torch.autograd.gradcheck(backproj(BACKEND, activation), args)
+    args = backproj_inputs(2, (3,), 3, 4, 2, False, torch.float64, noncontiguous=True)
+    assert torch.autograd.gradcheck(backproj(BACKEND, activation), args)
+    hs, w, b = fusion_inputs(3, (2, 3, 1), 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(fusion(BACKEND, activation), (w, b, *hs))
+
+
+def test_relu_gradcheck_away_from_the_kink():
+    x, z, w, b = backproj_inputs(2, (3,), 3, 4, 2, True, torch.float64)
+    with torch.no_grad():
+        b.add_(torch.sign(b) * 3)  # pre-activations far from 0
+    assert torch.autograd.gradcheck(backproj(BACKEND, "relu"), (x, z, w, b))
+
+
+def test_direct_calls_of_the_cpp_ops_check_their_arguments():
+    pk.available_backends()  # loads the extension
+    ops = torch.ops.pf_kernels
+    x, z, w = torch.randn(2, 3, 4), torch.randn(2, 5), torch.randn(6, 5)
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.backproj_concat(x, z, torch.randn(6, 4), None, "relu")
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.backproj_concat(x, z, w, torch.randn(5), "relu")
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.backproj_concat(x, z.double(), w, None, "relu")
+    with pytest.raises(RuntimeError, match="z must be"):
+        ops.backproj_concat(x, torch.randn(3, 5), w, None, "relu")
+    with pytest.raises(ValueError, match="activation"):
+        ops.backproj_concat(x, z, w, None, "swish")
+    with pytest.raises(RuntimeError, match="hs"):
+        ops.fusion_head([], w, None, "relu")
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.fusion_head([torch.randn(2, 3)], w, None, "relu")
+    with pytest.raises(RuntimeError, match="grad_out"):
+        ops.backproj_concat_backward(torch.randn(2, 3, 9), z, w, None, "relu", 4)
+
+
+def test_inference_mode_and_no_grad():
+    x, z, w, b = backproj_inputs(2, (3,), 4, 5, 6, True)
+    hs, hw, hb = fusion_inputs(2, (3, 4), 5)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            out = pk.backproj_concat(x, z, w, b, backend=BACKEND)
+            torch.testing.assert_close(out, reference.backproj_concat(x, z, w, b))
+            torch.testing.assert_close(pk.fusion_head(hs, hw, hb, backend=BACKEND),
+                                       reference.fusion_head(hs, hw, hb))
