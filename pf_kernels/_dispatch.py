@@ -106,10 +106,23 @@ def _refusal(backend: Backend, op: str, device: torch.device, dtype: torch.dtype
     return None
 
 
+_RESOLVED: Dict[tuple, str] = {}
+
+
 def resolve_backend(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str:
     """The name of the backend that serves `op` on tensors of this device and dtype."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    # Memoised: what a backend serves does not change within a process, only the environment can.
+    key = (backend, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), op, device.type, dtype)
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = _resolve(backend, op, device, dtype)
+        _RESOLVED[key] = name
+    return name
+
+
+def _resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str:
     source = "backend"
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto") or "auto"

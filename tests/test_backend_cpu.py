@@ -119,7 +119,7 @@ def test_direct_calls_of_the_cpp_ops_check_their_arguments():
     with pytest.raises(RuntimeError, match="weight"):
         ops.fusion_head([torch.randn(2, 3)], w, None, "relu")
     with pytest.raises(RuntimeError, match="grad_out"):
-        ops.backproj_concat_backward(torch.randn(2, 3, 9), z, w, None, "relu", 4)
+        ops.backproj_concat_backward(torch.randn(2, 3, 9), torch.randn(2, 3, 9), z, w, None, "relu", 4)
 
 
 def test_inference_mode_and_no_grad():

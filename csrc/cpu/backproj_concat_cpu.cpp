@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <vector>
 
 #include "activations.h"
 #include "checks.h"
@@ -13,14 +14,35 @@
 namespace pf_kernels {
 namespace {
 
-// Rows of ~32 KiB per task: enough work to amortise a thread hand-off.
+// Below this many multiply-adds a plain loop beats a BLAS call's fixed cost.
+constexpr int64_t kSmallGemm = 1 << 15;
+
 int64_t grain_for_row_bytes(int64_t row_bytes) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_bytes)); }
 
-// y = z @ weight.T + bias in the accumulation type (fp32, or fp64 for fp64 inputs).
+// y = z @ weight.T + bias in the accumulation type acc_t, as a contiguous (B, Dc) tensor.
+template <typename scalar_t, typename acc_t>
 at::Tensor pre_activation(const at::Tensor& z, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                           at::ScalarType acc) {
-  const at::Tensor z_acc = z.to(acc), w_acc = weight.to(acc);
-  return has_bias(bias) ? at::addmm(bias->to(acc), z_acc, w_acc.t()) : at::mm(z_acc, w_acc.t());
+  const int64_t B = z.size(0), Dz = z.size(1), Dc = weight.size(0);
+  if (B * Dc * Dz > kSmallGemm) {
+    const at::Tensor z_acc = z.to(acc), w_acc = weight.to(acc);
+    return has_bias(bias) ? at::addmm(bias->to(acc), z_acc, w_acc.t()) : at::mm(z_acc, w_acc.t());
+  }
+  at::Tensor y = at::empty({B, Dc}, z.options().dtype(acc));
+  const at::Tensor zc = z.contiguous(), wc = weight.contiguous();
+  const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();
+  const scalar_t* zp = zc.data_ptr<scalar_t>();
+  const scalar_t* wp = wc.data_ptr<scalar_t>();
+  const scalar_t* bp = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
+  acc_t* yp = y.data_ptr<acc_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t c = 0; c < Dc; ++c) {
+      acc_t s = bp ? static_cast<acc_t>(bp[c]) : acc_t(0);
+      for (int64_t k = 0; k < Dz; ++k) s += static_cast<acc_t>(zp[b * Dz + k]) * static_cast<acc_t>(wp[c * Dz + k]);
+      yp[b * Dc + c] = s;
+    }
+  }
+  return y;
 }
 
 at::Tensor backproj_concat_cpu(const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
@@ -32,29 +54,31 @@ at::Tensor backproj_concat_cpu(const at::Tensor& x, const at::Tensor& z, const a
   out_sizes.back() = D;
   at::Tensor out = at::empty(out_sizes, x.options());
   if (out.numel() == 0) return out;
-  const int64_t n_rows = out.numel() / D;               // B * positions
-  const int64_t positions = B > 0 ? n_rows / B : 0;
+  const int64_t n_rows = out.numel() / D;  // B * positions
+  const int64_t positions = n_rows / B;
   const at::ScalarType acc = at::toOpMathType(x.scalar_type());
-  at::Tensor y = pre_activation(z, weight, bias, acc);  // (B, Dc), tiny next to out
   // Rows of x with unit inner stride, viewed as (n_rows, Dx) where strides allow, copied where not.
   at::Tensor x_rows = x.reshape({n_rows, Dx});
-  if (Dx > 0 && x_rows.stride(1) != 1) x_rows = x_rows.contiguous();
+  if (Dx > 1 && x_rows.stride(1) != 1) x_rows = x_rows.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "backproj_concat_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor y = pre_activation<scalar_t, acc_t>(z, weight, bias, acc);  // (B, Dc), tiny next to out
     // The context in the output dtype, computed once per batch row.
     at::Tensor context = at::empty({B, Dc}, x.options());
     const acc_t* y_ptr = y.data_ptr<acc_t>();
     scalar_t* c_ptr = context.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < B * Dc; ++i) c_ptr[i] = static_cast<scalar_t>(activate<acc_t>(y_ptr[i], act));
+    at::parallel_for(0, B * Dc, 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) c_ptr[i] = static_cast<scalar_t>(activate<acc_t>(y_ptr[i], act));
+    });
 
     const scalar_t* x_ptr = x_rows.data_ptr<scalar_t>();
-    const int64_t x_stride = Dx > 0 ? x_rows.stride(0) : 0;
+    const int64_t x_stride = x_rows.stride(0);
     scalar_t* o_ptr = out.data_ptr<scalar_t>();
     at::parallel_for(0, n_rows, grain_for_row_bytes(D * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* o = o_ptr + r * D;
-        if (Dx > 0) std::memcpy(o, x_ptr + r * x_stride, Dx * sizeof(scalar_t));
+        std::memcpy(o, x_ptr + r * x_stride, Dx * sizeof(scalar_t));
         std::memcpy(o + Dx, c_ptr + (r / positions) * Dc, Dc * sizeof(scalar_t));
       }
     });
@@ -62,51 +86,107 @@ at::Tensor backproj_concat_cpu(const at::Tensor& x, const at::Tensor& z, const a
   return out;
 }
 
+// d act / dy from the activation's output a = act(y), as eager PyTorch does (gelu needs y itself).
+template <typename acc_t>
+inline acc_t grad_from_output(acc_t a, Activation act) {
+  switch (act) {
+    case Activation::Relu:
+      return a > acc_t(0) ? acc_t(1) : acc_t(0);
+    case Activation::Tanh:
+      return acc_t(1) - a * a;
+    case Activation::Sigmoid:
+      return a * (acc_t(1) - a);
+    default:
+      return acc_t(1);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& weight,
+    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& z, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, c10::string_view activation_name, int64_t x_features) {
   check_floating(grad_out, "grad_out");
+  check_like(out, grad_out, "out", "grad_out");
   check_like(z, grad_out, "z", "grad_out");
+  TORCH_CHECK(z.dim() == 2, "pf_kernels: z must be (B, Dz), got ", z.sizes());
   check_linear(weight, bias, z.size(1), grad_out, "grad_out");
-  const int64_t B = z.size(0), Dc = weight.size(0), D = x_features + Dc;
-  TORCH_CHECK(grad_out.dim() >= 2 && grad_out.size(0) == B && grad_out.size(-1) == D,
-              "pf_kernels: grad_out must be (", B, ", *positions, ", D, "), got ", grad_out.sizes());
+  const int64_t B = z.size(0), Dz = z.size(1), Dc = weight.size(0), D = x_features + Dc;
+  TORCH_CHECK(grad_out.dim() >= 2 && grad_out.size(0) == B && grad_out.size(-1) == D &&
+                  out.sizes() == grad_out.sizes(),
+              "pf_kernels: grad_out and out must be (", B, ", *positions, ", D, "), got ", grad_out.sizes(),
+              " and ", out.sizes());
   const Activation act = parse_activation(std::string(activation_name));
-  const at::ScalarType acc = at::toOpMathType(grad_out.scalar_type());
-  const int64_t positions = B > 0 ? grad_out.numel() / (B * std::max<int64_t>(D, 1)) : 0;
+  const at::ScalarType dtype = grad_out.scalar_type(), acc = at::toOpMathType(dtype);
+  const int64_t positions = B > 0 && D > 0 ? grad_out.numel() / (B * D) : 0;
+  at::Tensor grad_z, grad_weight, grad_bias;
 
-  // The context gradient: grad_out's last Dc features summed over positions, in one pass.
-  at::Tensor grad_y = at::zeros({B, Dc}, grad_out.options().dtype(acc));
-  at::Tensor y = pre_activation(z, weight, bias, acc);
-  if (B > 0 && Dc > 0) {
-    at::Tensor g = grad_out.reshape({B, positions, D}).narrow(-1, x_features, Dc);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "backproj_concat_bwd_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "backproj_concat_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // grad_y = (grad_out's last Dc features summed over positions) * act'(y), one pass over grad_out.
+    at::Tensor grad_y = at::empty({B, Dc}, grad_out.options().dtype(acc));
+    acc_t* gy_ptr = grad_y.data_ptr<acc_t>();
+    if (positions == 0) {
+      grad_y.zero_();
+    } else {
+      const at::Tensor g = grad_out.reshape({B, positions, D}).narrow(-1, x_features, Dc);
+      const at::Tensor a = out.reshape({B, positions, D}).select(1, 0).narrow(-1, x_features, Dc);
+      const at::Tensor y = act == Activation::Gelu ? pre_activation<scalar_t, acc_t>(z, weight, bias, acc) : at::Tensor();
       const scalar_t* g_ptr = g.data_ptr<scalar_t>();
-      const int64_t sb = g.stride(0), sp = g.stride(1), sc = g.stride(2);
-      const acc_t* y_ptr = y.data_ptr<acc_t>();
-      acc_t* gy_ptr = grad_y.data_ptr<acc_t>();
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      const scalar_t* a_ptr = a.data_ptr<scalar_t>();
+      const int64_t sb = g.stride(0), sp = g.stride(1), sc = g.stride(2), ab = a.stride(0), ac = a.stride(1);
+      at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, positions * Dc)),
+                       [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> sum(Dc);
         for (int64_t b = begin; b < end; ++b) {
-          acc_t* sum = gy_ptr + b * Dc;
+          std::fill(sum.begin(), sum.end(), acc_t(0));
+          acc_t* __restrict__ s = sum.data();
           for (int64_t p = 0; p < positions; ++p) {
-            const scalar_t* row = g_ptr + b * sb + p * sp;
+            const scalar_t* __restrict__ row = g_ptr + b * sb + p * sp;
             if (sc == 1) {
-              for (int64_t c = 0; c < Dc; ++c) sum[c] += static_cast<acc_t>(row[c]);
+              for (int64_t c = 0; c < Dc; ++c) s[c] += static_cast<acc_t>(row[c]);
             } else {
-              for (int64_t c = 0; c < Dc; ++c) sum[c] += static_cast<acc_t>(row[c * sc]);
+              for (int64_t c = 0; c < Dc; ++c) s[c] += static_cast<acc_t>(row[c * sc]);
             }
           }
-          const acc_t* yb = y_ptr + b * Dc;
-          for (int64_t c = 0; c < Dc; ++c) sum[c] *= activation_grad<acc_t>(yb[c], act);
+          for (int64_t c = 0; c < Dc; ++c) {
+            const acc_t d = act == Activation::Gelu
+                                ? activation_grad<acc_t>(y.data_ptr<acc_t>()[b * Dc + c], act)
+                                : grad_from_output<acc_t>(static_cast<acc_t>(a_ptr[b * ab + c * ac]), act);
+            gy_ptr[b * Dc + c] = s[c] * d;
+          }
         }
       });
-    });
-  }
-  const at::ScalarType dtype = grad_out.scalar_type();
-  at::Tensor grad_z = at::mm(grad_y, weight.to(acc)).to(dtype);
-  at::Tensor grad_weight = at::mm(grad_y.t(), z.to(acc)).to(dtype);
-  at::Tensor grad_bias = has_bias(bias) ? grad_y.sum(0).to(dtype) : at::empty({0}, grad_out.options());
+    }
+    if (B * Dc * Dz > kSmallGemm) {
+      grad_z = at::mm(grad_y, weight.to(acc)).to(dtype);
+      grad_weight = at::mm(grad_y.t(), z.to(acc)).to(dtype);
+      if (has_bias(bias)) grad_bias = grad_y.sum(0).to(dtype);
+    } else {  // small: plain loops, no BLAS call overhead
+      const at::Tensor zc = z.contiguous(), wc = weight.contiguous();
+      const scalar_t* zp = zc.data_ptr<scalar_t>();
+      const scalar_t* wp = wc.data_ptr<scalar_t>();
+      std::vector<acc_t> gz(B * Dz, acc_t(0)), gw(Dc * Dz, acc_t(0)), gb(Dc, acc_t(0));
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t c = 0; c < Dc; ++c) {
+          const acc_t g = gy_ptr[b * Dc + c];
+          gb[c] += g;
+          for (int64_t k = 0; k < Dz; ++k) {
+            gz[b * Dz + k] += g * static_cast<acc_t>(wp[c * Dz + k]);
+            gw[c * Dz + k] += g * static_cast<acc_t>(zp[b * Dz + k]);
+          }
+        }
+      }
+      auto to_tensor = [&](const std::vector<acc_t>& v, at::IntArrayRef sizes) {
+        at::Tensor t = at::empty(sizes, grad_out.options());
+        scalar_t* p = t.data_ptr<scalar_t>();
+        for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<scalar_t>(v[i]);
+        return t;
+      };
+      grad_z = to_tensor(gz, {B, Dz});
+      grad_weight = to_tensor(gw, {Dc, Dz});
+      if (has_bias(bias)) grad_bias = to_tensor(gb, {Dc});
+    }
+  });
+  if (!grad_bias.defined()) grad_bias = at::empty({0}, grad_out.options());
   return {grad_z, grad_weight, grad_bias};
 }
 

@@ -21,14 +21,14 @@ at::Tensor call_forward(const at::Tensor& x, const at::Tensor& z, const at::Tens
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
-    const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& weight,
+    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& z, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, c10::string_view activation, int64_t x_features) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("pf_kernels::backproj_concat_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const c10::optional<at::Tensor>&, c10::string_view, int64_t)>();
-  return op.call(grad_out, z, weight, bias, activation, x_features);
+  return op.call(grad_out, out, z, weight, bias, activation, x_features);
 }
 
 // Autograd in C++: one node per call, no Python on the hot path. Backward is its own op, so
@@ -42,13 +42,15 @@ class BackprojConcatFunction : public torch::autograd::Function<BackprojConcatFu
     // (ctx->needs_input_grad is unusable here: without any input requiring grad there are no edges.)
     const bool needs_context_grad =
         z.requires_grad() || weight.requires_grad() || (has_bias(bias) && bias->requires_grad());
+    at::Tensor out = call_forward(x, z, weight, bias, activation);
     if (needs_context_grad) {  // grad_x alone needs nothing saved
-      ctx->save_for_backward({z, weight, has_bias(bias) ? *bias : at::Tensor()});
+      // out holds act(y) at every position: the activation's derivative is read from it, no recompute.
+      ctx->save_for_backward({out, z, weight, has_bias(bias) ? *bias : at::Tensor()});
     }
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["x_features"] = x.size(-1);
     ctx->saved_data["needs_context_grad"] = needs_context_grad;
-    return call_forward(x, z, weight, bias, activation);
+    return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -59,9 +61,9 @@ class BackprojConcatFunction : public torch::autograd::Function<BackprojConcatFu
     if (ctx->saved_data["needs_context_grad"].toBool()) {
       auto saved = ctx->get_saved_variables();
       c10::optional<at::Tensor> bias;
-      if (saved[2].defined()) bias = saved[2];
+      if (saved[3].defined()) bias = saved[3];
       std::tie(grad_z, grad_weight, grad_bias) = call_backward(
-          grad_out, saved[0], saved[1], bias, ctx->saved_data["activation"].toStringRef(), x_features);
+          grad_out, saved[0], saved[1], saved[2], bias, ctx->saved_data["activation"].toStringRef(), x_features);
       if (!bias.has_value()) grad_bias = at::Tensor();
     }
     return {grad_x, grad_z, grad_weight, grad_bias, at::Tensor()};
@@ -78,8 +80,8 @@ at::Tensor backproj_concat_autograd(const at::Tensor& x, const at::Tensor& z, co
 TORCH_LIBRARY_FRAGMENT(pf_kernels, m) {
   m.def("backproj_concat(Tensor x, Tensor z, Tensor weight, Tensor? bias, str activation) -> Tensor");
   m.def(
-      "backproj_concat_backward(Tensor grad_out, Tensor z, Tensor weight, Tensor? bias, str activation, "
-      "int x_features) -> (Tensor, Tensor, Tensor)");
+      "backproj_concat_backward(Tensor grad_out, Tensor out, Tensor z, Tensor weight, Tensor? bias, "
+      "str activation, int x_features) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pf_kernels, Autograd, m) { m.impl("backproj_concat", &backproj_concat_autograd); }
