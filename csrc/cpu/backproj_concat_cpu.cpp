@@ -19,6 +19,16 @@ constexpr int64_t kSmallGemm = 1 << 15;
 
 int64_t grain_for_row_bytes(int64_t row_bytes) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_bytes)); }
 
+// Short rows: an inlined loop the compiler vectorises beats a memcpy call per row.
+template <typename scalar_t>
+inline void copy_row(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src, int64_t n) {
+  if (n >= 64) {
+    std::memcpy(dst, src, n * sizeof(scalar_t));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+  }
+}
+
 // y = z @ weight.T + bias in the accumulation type acc_t, as a contiguous (B, Dc) tensor.
 template <typename scalar_t, typename acc_t>
 at::Tensor pre_activation(const at::Tensor& z, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -64,22 +74,34 @@ at::Tensor backproj_concat_cpu(const at::Tensor& x, const at::Tensor& z, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "backproj_concat_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor y = pre_activation<scalar_t, acc_t>(z, weight, bias, acc);  // (B, Dc), tiny next to out
-    // The context in the output dtype, computed once per batch row.
-    at::Tensor context = at::empty({B, Dc}, x.options());
     const acc_t* y_ptr = y.data_ptr<acc_t>();
+    const scalar_t* x_ptr = x_rows.data_ptr<scalar_t>();
+    const int64_t x_stride = x_rows.stride(0);
+    scalar_t* o_ptr = out.data_ptr<scalar_t>();
+    const int64_t grain = grain_for_row_bytes(D * sizeof(scalar_t));
+    if (positions == 1) {
+      // One row per batch row: the context goes straight from y into the output.
+      at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          scalar_t* __restrict__ o = o_ptr + r * D;
+          copy_row(o, x_ptr + r * x_stride, Dx);
+          const acc_t* __restrict__ yr = y_ptr + r * Dc;
+          for (int64_t c = 0; c < Dc; ++c) o[Dx + c] = static_cast<scalar_t>(activate<acc_t>(yr[c], act));
+        }
+      });
+      return;
+    }
+    // The context in the output dtype, computed once per batch row, then copied to every position.
+    at::Tensor context = at::empty({B, Dc}, x.options());
     scalar_t* c_ptr = context.data_ptr<scalar_t>();
     at::parallel_for(0, B * Dc, 16384, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) c_ptr[i] = static_cast<scalar_t>(activate<acc_t>(y_ptr[i], act));
     });
-
-    const scalar_t* x_ptr = x_rows.data_ptr<scalar_t>();
-    const int64_t x_stride = x_rows.stride(0);
-    scalar_t* o_ptr = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n_rows, grain_for_row_bytes(D * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* o = o_ptr + r * D;
-        std::memcpy(o, x_ptr + r * x_stride, Dx * sizeof(scalar_t));
-        std::memcpy(o + Dx, c_ptr + (r / positions) * Dc, Dc * sizeof(scalar_t));
+        copy_row(o, x_ptr + r * x_stride, Dx);
+        copy_row(o + Dx, c_ptr + (r / positions) * Dc, Dc);
       }
     });
   });

@@ -1,5 +1,7 @@
-// fusion_head on CPU: z = act(sum_j h_j @ W_j^T + b), W_j the column block of weight that meets h_j.
-// Each h_j is read in place (no concat); the GEMMs are ATen's BLAS on views.
+// fusion_head on CPU: z = act([h_1..h_K] @ W^T + b).
+// On a CPU one large GEMM beats K thin ones, so the K inputs are gathered row by row (in the
+// accumulation dtype) into one (B, sum D_j) operand inside the op: no concat op, no autograd node,
+// and the bias and activation are applied in the same kernel.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -12,33 +14,27 @@
 namespace pf_kernels {
 namespace {
 
-// y = sum_j h_j @ W_j^T + bias, accumulated in `acc` (fp32, or fp64 for fp64 inputs).
-at::Tensor fused_pre_activation(at::TensorList hs, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                                at::ScalarType acc) {
-  const at::Tensor w_acc = weight.to(acc);
-  const int64_t B = hs[0].size(0), Dz = weight.size(0);
-  // A fresh buffer: never an alias of bias (expand(...).contiguous() can be one when B == 1).
-  at::Tensor y = at::empty({B, Dz}, weight.options().dtype(acc));
-  if (has_bias(bias)) {
-    y.copy_(bias->expand({B, Dz}));
-  } else {
-    y.zero_();
-  }
+// [h_1..h_K] as one contiguous (B, in_features) tensor of the accumulation dtype; h itself when
+// K == 1 and it is already such a tensor.
+at::Tensor gather_inputs(at::TensorList hs, int64_t in_features, at::ScalarType acc) {
+  const int64_t B = hs[0].size(0);
+  if (hs.size() == 1 && hs[0].scalar_type() == acc) return hs[0];
+  at::Tensor gathered = at::empty({B, in_features}, hs[0].options().dtype(acc));
   int64_t offset = 0;
   for (const at::Tensor& h : hs) {
-    const int64_t d = h.size(1);
-    if (d > 0) y.addmm_(h.to(acc), w_acc.narrow(1, offset, d).t());
-    offset += d;
+    gathered.narrow(1, offset, h.size(1)).copy_(h);
+    offset += h.size(1);
   }
-  return y;
+  return gathered;
 }
 
 at::Tensor fusion_head_cpu(at::TensorList hs, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                            c10::string_view activation_name) {
-  check_fusion_head(hs, weight, bias);
+  const int64_t in_features = check_fusion_head(hs, weight, bias);
   const Activation act = parse_activation(std::string(activation_name));
   const at::ScalarType dtype = hs[0].scalar_type(), acc = at::toOpMathType(dtype);
-  at::Tensor y = fused_pre_activation(hs, weight, bias, acc);
+  const at::Tensor h = gather_inputs(hs, in_features, acc), w = weight.to(acc);
+  at::Tensor y = has_bias(bias) ? at::addmm(bias->to(acc), h, w.t()) : at::mm(h, w.t());
   if (act == Activation::None) return y.to(dtype);
   at::Tensor out = dtype == acc ? y : at::empty_like(y, y.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusion_head_cpu", [&] {
@@ -65,12 +61,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward
               out.sizes());
   const Activation act = parse_activation(std::string(activation_name));
   const at::ScalarType dtype = hs[0].scalar_type(), acc = at::toOpMathType(dtype);
+  const at::Tensor h = gather_inputs(hs, in_features, acc), w = weight.to(acc);
 
-  // grad_y = grad_out * act'(y); act' from the output as eager PyTorch does, from y for gelu.
+  // grad_y = grad_out * act'(y): act' from the output as eager PyTorch does, from y for gelu.
   at::Tensor grad_y = grad_out.to(acc).contiguous();
+  if (grad_y.data_ptr() == grad_out.data_ptr()) grad_y = grad_y.clone();  // never write into grad_out
   if (act != Activation::None && grad_y.numel() > 0) {
-    const at::Tensor source = act == Activation::Gelu ? fused_pre_activation(hs, weight, bias, acc)
-                                                      : out.contiguous();
+    const at::Tensor source = act == Activation::Gelu
+                                  ? (has_bias(bias) ? at::addmm(bias->to(acc), h, w.t()) : at::mm(h, w.t()))
+                                  : out.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusion_head_bwd_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       acc_t* g = grad_y.data_ptr<acc_t>();
@@ -89,20 +88,17 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward
       });
     });
   }
-  const at::Tensor w_acc = weight.to(acc);
+  // Each h_j's gradient is its own tensor, computed from its own block of the weight.
   std::vector<at::Tensor> grad_hs;
   grad_hs.reserve(hs.size());
-  at::Tensor grad_weight = at::empty({Dz, in_features}, weight.options().dtype(acc));
   int64_t offset = 0;
-  for (const at::Tensor& h : hs) {
-    const int64_t d = h.size(1);
-    grad_hs.push_back(at::mm(grad_y, w_acc.narrow(1, offset, d)).to(dtype));
-    at::Tensor block = grad_weight.narrow(1, offset, d);
-    at::mm_out(block, grad_y.t(), h.to(acc));
-    offset += d;
+  for (const at::Tensor& hj : hs) {
+    grad_hs.push_back(at::mm(grad_y, w.narrow(1, offset, hj.size(1))).to(dtype));
+    offset += hj.size(1);
   }
+  at::Tensor grad_weight = at::mm(grad_y.t(), h).to(dtype);
   at::Tensor grad_bias = has_bias(bias) ? grad_y.sum(0).to(dtype) : at::empty({0}, grad_out.options());
-  return {grad_hs, grad_weight.to(dtype), grad_bias};
+  return {grad_hs, grad_weight, grad_bias};
 }
 
 }  // namespace
