@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: test bench build clean
 
@@ -23,7 +24,7 @@ test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: build
-	$(PY) python/quickstart.py
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info pf_kernels/*.so

@@ -17,7 +17,11 @@ namespace {
 // Below this many multiply-adds a plain loop beats a BLAS call's fixed cost.
 constexpr int64_t kSmallGemm = 1 << 15;
 
-int64_t grain_for_row_bytes(int64_t row_bytes) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_bytes)); }
+// Parallel chunks of at least at::internal::GRAIN_SIZE elements, as ATen's own kernels use: a
+// parallel region costs a thread wake-up, which on a busy machine can be a scheduler tick.
+int64_t grain_for(int64_t elements_per_item) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, elements_per_item));
+}
 
 // Short rows: an inlined loop the compiler vectorises beats a memcpy call per row.
 template <typename scalar_t>
@@ -78,7 +82,7 @@ at::Tensor backproj_concat_cpu(const at::Tensor& x, const at::Tensor& z, const a
     const scalar_t* x_ptr = x_rows.data_ptr<scalar_t>();
     const int64_t x_stride = x_rows.stride(0);
     scalar_t* o_ptr = out.data_ptr<scalar_t>();
-    const int64_t grain = grain_for_row_bytes(D * sizeof(scalar_t));
+    const int64_t grain = grain_for(D);
     if (positions == 1) {
       // One row per batch row: the context goes straight from y into the output.
       at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
@@ -94,7 +98,7 @@ at::Tensor backproj_concat_cpu(const at::Tensor& x, const at::Tensor& z, const a
     // The context in the output dtype, computed once per batch row, then copied to every position.
     at::Tensor context = at::empty({B, Dc}, x.options());
     scalar_t* c_ptr = context.data_ptr<scalar_t>();
-    at::parallel_for(0, B * Dc, 16384, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * Dc, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) c_ptr[i] = static_cast<scalar_t>(activate<acc_t>(y_ptr[i], act));
     });
     at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
@@ -155,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cpu(
       const scalar_t* g_ptr = g.data_ptr<scalar_t>();
       const scalar_t* a_ptr = a.data_ptr<scalar_t>();
       const int64_t sb = g.stride(0), sp = g.stride(1), sc = g.stride(2), ab = a.stride(0), ac = a.stride(1);
-      at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, positions * Dc)),
+      at::parallel_for(0, B, grain_for(positions * Dc),
                        [&](int64_t begin, int64_t end) {
         std::vector<acc_t> sum(Dc);
         for (int64_t b = begin; b < end; ++b) {

@@ -41,7 +41,7 @@ at::Tensor fusion_head_cpu(at::TensorList hs, const at::Tensor& weight, const c1
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* y_ptr = y.data_ptr<acc_t>();
     scalar_t* o_ptr = out.data_ptr<scalar_t>();
-    at::parallel_for(0, y.numel(), 16384, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, y.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) o_ptr[i] = static_cast<scalar_t>(activate<acc_t>(y_ptr[i], act));
     });
   });
@@ -73,7 +73,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusion_head_bwd_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       acc_t* g = grad_y.data_ptr<acc_t>();
-      at::parallel_for(0, grad_y.numel(), 16384, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, grad_y.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
         if (act == Activation::Gelu) {
           const acc_t* y = source.data_ptr<acc_t>();
           for (int64_t i = begin; i < end; ++i) g[i] *= activation_grad<acc_t>(y[i], act);
