@@ -109,6 +109,9 @@ def _refusal(backend: Backend, op: str, device: torch.device, dtype: torch.dtype
 _RESOLVED: Dict[tuple, str] = {}
 
 
+# Under torch.compile the choice is made once, at trace time, outside the graph: the first call
+# may import a backend, which dynamo must not trace.
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str:
     """The name of the backend that serves `op` on tensors of this device and dtype."""
     if not isinstance(backend, str):

@@ -22,12 +22,12 @@ at::Tensor call_forward(const at::Tensor& x, const at::Tensor& z, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
     const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& z, const at::Tensor& weight,
-    const c10::optional<at::Tensor>& bias, c10::string_view activation, int64_t x_features) {
+    const c10::optional<at::Tensor>& bias, c10::string_view activation, const c10::SymInt& x_features) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("pf_kernels::backproj_concat_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const c10::optional<at::Tensor>&, c10::string_view, int64_t)>();
+                           const c10::optional<at::Tensor>&, c10::string_view, c10::SymInt)>();
   return op.call(grad_out, out, z, weight, bias, activation, x_features);
 }
 
@@ -48,15 +48,15 @@ class BackprojConcatFunction : public torch::autograd::Function<BackprojConcatFu
       ctx->save_for_backward({out, z, weight, has_bias(bias) ? *bias : at::Tensor()});
     }
     ctx->saved_data["activation"] = std::string(activation);
-    ctx->saved_data["x_features"] = x.size(-1);
+    ctx->saved_data["x_features"] = x.sym_size(-1);  // sym_: under torch.compile sizes stay symbolic
     ctx->saved_data["needs_context_grad"] = needs_context_grad;
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& grad_out = grads[0];
-    const int64_t x_features = ctx->saved_data["x_features"].toInt();
-    at::Tensor grad_x = grad_out.narrow(-1, 0, x_features);  // a view: no copy
+    const c10::SymInt x_features = ctx->saved_data["x_features"].toSymInt();
+    at::Tensor grad_x = grad_out.narrow_symint(-1, 0, x_features);  // a view: no copy
     at::Tensor grad_z, grad_weight, grad_bias;
     if (ctx->saved_data["needs_context_grad"].toBool()) {
       auto saved = ctx->get_saved_variables();
@@ -81,7 +81,7 @@ TORCH_LIBRARY_FRAGMENT(pf_kernels, m) {
   m.def("backproj_concat(Tensor x, Tensor z, Tensor weight, Tensor? bias, str activation) -> Tensor");
   m.def(
       "backproj_concat_backward(Tensor grad_out, Tensor out, Tensor z, Tensor weight, Tensor? bias, "
-      "str activation, int x_features) -> (Tensor, Tensor, Tensor)");
+      "str activation, SymInt x_features) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pf_kernels, Autograd, m) { m.impl("backproj_concat", &backproj_concat_autograd); }
