@@ -232,7 +232,7 @@ def _convert_module(module: nn.Module, backend: str, report: ConversionReport, w
     try:
         gm = fx.symbolic_trace(module)
     except Exception as exc:  # fx raises many kinds; the model stays as it was
-        report.left_alone.append(f"{where}: torch.fx cannot trace {type(module).__name__} "
+        report.left_alone.append(f"{where or type(module).__name__}: torch.fx cannot trace {type(module).__name__} "
                                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); trying its children")
         for name, child in list(module.named_children()):
             new = _convert_module(child, backend, report, f"{where}.{name}" if where else name)
