@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "activations.h"
@@ -112,7 +113,7 @@ at::Tensor backproj_concat_cpu(const at::Tensor& x, const at::Tensor& z, const a
   return out;
 }
 
-// d act / dy from the activation's output a = act(y), as eager PyTorch does (gelu needs y itself).
+// d act / dy from the activation's output a = act(y), as eager PyTorch does.
 template <typename acc_t>
 inline acc_t grad_from_output(acc_t a, Activation act) {
   switch (act) {
@@ -155,7 +156,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cpu(
     } else {
       const at::Tensor g = grad_out.reshape({B, positions, D}).narrow(-1, x_features, Dc);
       const at::Tensor a = out.reshape({B, positions, D}).select(1, 0).narrow(-1, x_features, Dc);
-      const at::Tensor y = act == Activation::Gelu ? pre_activation<scalar_t, acc_t>(z, weight, bias, acc) : at::Tensor();
+      // act' from the saved output where it holds act(y) exactly (fp32/fp64); from y itself for gelu
+      // and for 16-bit outputs, whose rounding loses 1 - a^2 near saturation (a tiny (B, Dc) GEMM).
+      const bool from_y = act == Activation::Gelu || !std::is_same<scalar_t, acc_t>::value;
+      const at::Tensor y = from_y ? pre_activation<scalar_t, acc_t>(z, weight, bias, acc) : at::Tensor();
       const scalar_t* g_ptr = g.data_ptr<scalar_t>();
       const scalar_t* a_ptr = a.data_ptr<scalar_t>();
       const int64_t sb = g.stride(0), sp = g.stride(1), sc = g.stride(2), ab = a.stride(0), ac = a.stride(1);
@@ -174,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cpu(
             }
           }
           for (int64_t c = 0; c < Dc; ++c) {
-            const acc_t d = act == Activation::Gelu
+            const acc_t d = from_y
                                 ? activation_grad<acc_t>(y.data_ptr<acc_t>()[b * Dc + c], act)
                                 : grad_from_output<acc_t>(static_cast<acc_t>(a_ptr[b * ab + c * ac]), act);
             gy_ptr[b * Dc + c] = s[c] * d;

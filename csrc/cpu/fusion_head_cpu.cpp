@@ -63,18 +63,20 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward
   const at::ScalarType dtype = hs[0].scalar_type(), acc = at::toOpMathType(dtype);
   const at::Tensor h = gather_inputs(hs, in_features, acc), w = weight.to(acc);
 
-  // grad_y = grad_out * act'(y): act' from the output as eager PyTorch does, from y for gelu.
+  // grad_y = grad_out * act'(y): act' from the output as eager PyTorch does where it holds act(y)
+  // exactly (fp32/fp64); from y for gelu and for 16-bit outputs (rounding loses 1 - a^2 near saturation).
   at::Tensor grad_y = grad_out.to(acc).contiguous();
   if (grad_y.data_ptr() == grad_out.data_ptr()) grad_y = grad_y.clone();  // never write into grad_out
+  const bool from_y = act == Activation::Gelu || dtype != acc;
   if (act != Activation::None && grad_y.numel() > 0) {
-    const at::Tensor source = act == Activation::Gelu
+    const at::Tensor source = from_y
                                   ? (has_bias(bias) ? at::addmm(bias->to(acc), h, w.t()) : at::mm(h, w.t()))
                                   : out.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusion_head_bwd_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       acc_t* g = grad_y.data_ptr<acc_t>();
       at::parallel_for(0, grad_y.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-        if (act == Activation::Gelu) {
+        if (from_y) {
           const acc_t* y = source.data_ptr<acc_t>();
           for (int64_t i = begin; i < end; ++i) g[i] *= activation_grad<acc_t>(y[i], act);
           return;
