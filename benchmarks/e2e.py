@@ -10,7 +10,7 @@ from torch import nn
 
 from pf_kernels.nn import ProgressiveFusion
 
-from .timing import measure
+from .timing import measure_side_by_side
 
 
 class PositionMLP(nn.Module):
@@ -37,14 +37,25 @@ def build(device, B: int, T: int):
     return model, head, xs, y
 
 
+# B = 8 is launch-bound (per-op overhead dominates), B = 256 is bound by the encoders' GEMMs.
+E2E_SIZES = ((8, 50), (256, 50))
+
+
 def e2e_rows(device, backends: List[str], with_compile: bool, quick: bool, progress) -> List[dict]:
-    B, T = 256, 50
+    rows = []
+    for B, T in E2E_SIZES:
+        rows += _rows_for_size(device, backends, with_compile, quick, progress, B, T)
+    return rows
+
+
+def _rows_for_size(device, backends, with_compile, quick, progress, B, T) -> List[dict]:
     base, base_head, xs, y = build(device, B, T)
     providers = {"eager": "torch", **{b: b for b in backends}}
     if with_compile:
         providers["compile"] = "torch"
     rows = []
     for task in ("train", "inference"):
+        runners = {}
         for provider, backend in providers.items():
             model, head = copy.deepcopy(base), copy.deepcopy(base_head)
             model.backend = backend
@@ -53,20 +64,20 @@ def e2e_rows(device, backends: List[str], with_compile: bool, quick: bool, progr
                 forward = torch.compile(forward)
             opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=1e-3)
 
-            def train_step():
+            def train_step(forward=forward, opt=opt):
                 loss = nn.functional.mse_loss(forward(xs), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
 
-            def infer():
-                with torch.inference_mode() if provider != "compile" else torch.no_grad():
+            def infer(forward=forward, compiled=provider == "compile"):
+                with torch.no_grad() if compiled else torch.inference_mode():
                     forward(xs)
 
-            stats = measure(train_step if task == "train" else infer, device,
-                            min_time_s=0.3 if quick else 1.0, warmup=3)
-            rows.append(dict(task=task, provider=provider, B=B, T=T, K=3, R=3, **stats))
-        progress.step(f"e2e {task}")
+            runners[provider] = train_step if task == "train" else infer
+        stats = measure_side_by_side(runners, device, min_time_s=0.3 if quick else 1.0, warmup=3)
+        rows += [dict(task=task, provider=p, B=B, T=T, K=3, R=3, **stats[p]) for p in runners]
+        progress.step(f"e2e {task} B={B}")
     for task in ("train", "inference"):
         eager = next(r["median_s"] for r in rows if r["task"] == task and r["provider"] == "eager")
         for r in rows:

@@ -8,6 +8,7 @@ and results/bench.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -22,8 +23,8 @@ import pf_kernels as pk
 from pf_kernels import reference
 
 from .cases import BackendOps, Case, all_cases
-from .e2e import e2e_rows
-from .timing import copy_bandwidth, measure
+from .e2e import E2E_SIZES, e2e_rows
+from .timing import copy_bandwidth, measure_side_by_side
 
 OPS = ("backproj_concat", "fusion_head", "refine_step")
 
@@ -61,6 +62,7 @@ def time_case(case: Case, providers: Dict[str, object], device, dtype, modes, mi
     rows = []
     for mode in modes:
         grads = [[torch.randn_like(o) for o in _outputs(case.call(reference, *inputs))] for inputs in rotation]
+        runners = {}
         for provider, ops in providers.items():
             if provider == "compile":
                 fn = compiled_cache.setdefault(case.op, torch.compile(lambda ops_, *a, c=case: c.call(ops_, *a)))
@@ -69,17 +71,16 @@ def time_case(case: Case, providers: Dict[str, object], device, dtype, modes, mi
                 call = lambda *a, ops=ops: case.call(ops, *a)  # noqa: E731
             counter = [0]
 
-            def run_once():
+            def run_once(call=call, counter=counter):
                 i = counter[0] = (counter[0] + 1) % len(rotation)
                 out = _outputs(call(*rotation[i]))
                 if mode == "fwd+bwd":
                     torch.autograd.backward(out, grads[i])
 
-            if mode == "fwd":
-                with torch.no_grad():
-                    stats = measure(run_once, device, min_time_s=min_time)
-            else:
-                stats = measure(run_once, device, min_time_s=min_time)
+            runners[provider] = run_once
+        with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
+            all_stats = measure_side_by_side(runners, device, min_time_s=min_time)
+        for provider, stats in all_stats.items():
             bytes_moved = case.bytes_fwd + (case.bytes_bwd if mode == "fwd+bwd" else 0)
             flops = case.flops_fwd + (case.flops_bwd if mode == "fwd+bwd" else 0)
             bytes_moved = bytes_moved * torch.finfo(dtype).bits // 32
@@ -194,7 +195,7 @@ def main(argv=None) -> None:
     print(f"providers: {', '.join(providers)}; dtypes: {', '.join(map(str, dtypes))}"
           + ("" if device.type == "cuda" else " (bf16 is not measured on CPU: no fast bf16 GEMM on this class of CPU)"))
 
-    progress = Progress(len(cases) * len(dtypes) + (0 if args.no_e2e else 2))
+    progress = Progress(len(cases) * len(dtypes) + (0 if args.no_e2e else 2 * len(E2E_SIZES)))
     rows, compiled = [], {}
     for dtype in dtypes:
         for case in cases:
@@ -213,7 +214,7 @@ def main(argv=None) -> None:
     if e2e:
         print("\nend to end, ProgressiveFusion (K=3, R=3):")
         for r in e2e:
-            print(f"  {r['task']:10s} {r['provider']:8s} median {r['median_s'] * 1e3:8.2f} ms  "
+            print(f"  B={r['B']:<4d} T={r['T']:<3d} {r['task']:10s} {r['provider']:8s} median {r['median_s'] * 1e3:8.2f} ms  "
                   f"p20 {r['p20_s'] * 1e3:7.2f}  p80 {r['p80_s'] * 1e3:7.2f}  x{r['speedup_vs_eager']:.2f} vs eager")
 
     os.makedirs(args.out, exist_ok=True)
