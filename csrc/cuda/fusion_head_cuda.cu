@@ -42,6 +42,8 @@ struct FusionInputs {
 
 // ---- fp32 / fp64: SIMT tiles of 64 x 64, 4 x 4 outputs per thread. ----
 constexpr int kSimtBM = 64, kSimtBN = 64, kSimtBK = 16, kSimtThreads = 256;
+constexpr int kSimtRowStep = kSimtThreads / kSimtBK;
+static_assert(kSimtBM == kSimtBN, "one load loop fills both tiles");
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kSimtThreads)
@@ -53,6 +55,7 @@ __global__ void __launch_bounds__(kSimtThreads)
   __shared__ acc_t Bs[kSimtBK][kSimtBN + 4];
   const int tid = threadIdx.x;
   const int tr = tid / 16, tc = tid % 16;  // thread owns rows tr + 16 i, columns tc + 16 j
+  const int lk = tid % kSimtBK, lr = tid / kSimtBK;  // its loads: column lk of rows lr + 16 e
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kSimtBM, n0 = static_cast<int64_t>(blockIdx.x) * kSimtBN;
   acc_t acc[4][4];
 #pragma unroll
@@ -65,13 +68,15 @@ __global__ void __launch_bounds__(kSimtThreads)
     const int64_t rs = in.row_stride[input], cs = in.col_stride[input], width = in.width[input];
     const scalar_t* wj = w + in.offset[input];
     for (int64_t k0 = 0; k0 < width; k0 += kSimtBK) {
+      // Thread loads column kk (fixed) of rows lr + 16 e: k fastest across threads, so coalesced.
+      const bool k_in = k0 + lk < width;
+      const scalar_t* hp = h + (m0 + lr) * rs + (k0 + lk) * cs;
+      const scalar_t* wp = wj + (n0 + lr) * ldw + k0 + lk;
 #pragma unroll
-      for (int e = 0; e < kSimtBM * kSimtBK / kSimtThreads; ++e) {
-        const int idx = tid + e * kSimtThreads;
-        const int kk = idx % kSimtBK, rr = idx / kSimtBK;  // k fastest: coalesced along rows
-        const int64_t k = k0 + kk, m = m0 + rr, n = n0 + rr;
-        As[kk][rr] = m < M && k < width ? static_cast<acc_t>(h[m * rs + k * cs]) : acc_t(0);
-        Bs[kk][rr] = n < N && k < width ? static_cast<acc_t>(wj[n * ldw + k]) : acc_t(0);
+      for (int e = 0; e < kSimtBM / kSimtRowStep; ++e) {
+        const int rr = lr + e * kSimtRowStep;
+        As[lk][rr] = k_in && m0 + rr < M ? static_cast<acc_t>(hp[e * kSimtRowStep * rs]) : acc_t(0);
+        Bs[lk][rr] = k_in && n0 + rr < N ? static_cast<acc_t>(wp[e * kSimtRowStep * ldw]) : acc_t(0);
       }
       __syncthreads();
 #pragma unroll
@@ -105,6 +110,8 @@ __global__ void __launch_bounds__(kSimtThreads)
 
 // ---- fp16 / bf16: tensor cores. 64 x 64 tiles, 4 warps of 32 x 32 (2 x 2 WMMA 16x16x16). ----
 constexpr int kTcBM = 64, kTcBN = 64, kTcBK = 32, kTcThreads = 128;
+constexpr int kTcRowStep = kTcThreads / kTcBK;
+static_assert(kTcBM == kTcBN, "one load loop fills both tiles");
 constexpr int kTcLds = kTcBK + 8;  // 16-bit elements; a multiple of 8 as WMMA needs, and off the banks
 constexpr int kTcLdc = kTcBN + 4;  // floats
 constexpr int kTcOperandBytes = (kTcBM + kTcBN) * kTcLds * 2;  // As + Bs, 16-bit
@@ -144,6 +151,7 @@ __global__ void __launch_bounds__(kTcThreads)
     float* Cs = reinterpret_cast<float*>(smem);        // epilogue, reuses the operand tiles
     const int tid = threadIdx.x, warp = tid / 32;
     const int wm = warp / 2, wn = warp % 2;
+    const int lk = tid % kTcBK, lr = tid / kTcBK;  // loads: column lk of rows lr + 4 e
     const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTcBM, n0 = static_cast<int64_t>(blockIdx.x) * kTcBN;
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
@@ -156,14 +164,19 @@ __global__ void __launch_bounds__(kTcThreads)
       const scalar_t* h = static_cast<const scalar_t*>(in.ptr[input]);
       const int64_t rs = in.row_stride[input], cs = in.col_stride[input], width = in.width[input];
       const scalar_t* wj = w + in.offset[input];
+      const int64_t h_step = kTcRowStep * rs, w_step = kTcRowStep * ldw;
       for (int64_t k0 = 0; k0 < width; k0 += kTcBK) {
-#pragma unroll
-        for (int e = 0; e < kTcBM * kTcBK / kTcThreads; ++e) {
-          const int idx = tid + e * kTcThreads;
-          const int kk = idx % kTcBK, rr = idx / kTcBK;
-          const int64_t k = k0 + kk, m = m0 + rr, n = n0 + rr;
-          As[rr * kTcLds + kk] = m < M && k < width ? h[m * rs + k * cs] : scalar_t(0.0f);
-          Bs[rr * kTcLds + kk] = n < N && k < width ? wj[n * ldw + k] : scalar_t(0.0f);
+        const bool k_in = k0 + lk < width;
+        const scalar_t* hp = h + (m0 + lr) * rs + (k0 + lk) * cs;
+        const scalar_t* wp = wj + (n0 + lr) * ldw + k0 + lk;
+        // Partly unrolled, pointers stepped: fully unrolled, the 32 hoisted 64-bit offsets spill.
+#pragma unroll 4
+        for (int e = 0; e < kTcBM / kTcRowStep; ++e) {
+          const int rr = lr + e * kTcRowStep;
+          As[rr * kTcLds + lk] = k_in && m0 + rr < M ? *hp : scalar_t(0.0f);
+          Bs[rr * kTcLds + lk] = k_in && n0 + rr < N ? *wp : scalar_t(0.0f);
+          hp += h_step;
+          wp += w_step;
         }
         __syncthreads();
 #pragma unroll
