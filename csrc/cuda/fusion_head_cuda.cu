@@ -40,40 +40,40 @@ struct FusionInputs {
   int count;
 };
 
-// ---- fp32 / fp64: SIMT tiles of 64 x 64, 4 x 4 outputs per thread. ----
-constexpr int kSimtBM = 64, kSimtBN = 64, kSimtBK = 16, kSimtThreads = 256;
+// ---- fp32 / fp64: SIMT, square tiles of T = 64 or 32, 256 threads of (T/16)^2 outputs each. ----
+constexpr int kSimtBK = 16, kSimtThreads = 256;
 constexpr int kSimtRowStep = kSimtThreads / kSimtBK;
-static_assert(kSimtBM == kSimtBN, "one load loop fills both tiles");
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int T>
 __global__ void __launch_bounds__(kSimtThreads)
     fusion_head_simt_kernel(const __grid_constant__ FusionInputs in, const scalar_t* __restrict__ w, int64_t ldw,
                             const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t M, int64_t N,
                             Activation act) {
+  constexpr int R = T / 16;  // outputs per thread along each dimension
   // k-major tiles; +4 keeps the transposed stores from hitting one bank.
-  __shared__ acc_t As[kSimtBK][kSimtBM + 4];
-  __shared__ acc_t Bs[kSimtBK][kSimtBN + 4];
+  __shared__ acc_t As[kSimtBK][T + 4];
+  __shared__ acc_t Bs[kSimtBK][T + 4];
   const int tid = threadIdx.x;
   const int tr = tid / 16, tc = tid % 16;  // thread owns rows tr + 16 i, columns tc + 16 j
   const int lk = tid % kSimtBK, lr = tid / kSimtBK;  // its loads: column lk of rows lr + 16 e
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kSimtBM, n0 = static_cast<int64_t>(blockIdx.x) * kSimtBN;
-  acc_t acc[4][4];
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * T, n0 = static_cast<int64_t>(blockIdx.x) * T;
+  acc_t acc[R][R];
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < R; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = acc_t(0);
+    for (int j = 0; j < R; ++j) acc[i][j] = acc_t(0);
 
   for (int input = 0; input < in.count; ++input) {
     const scalar_t* h = static_cast<const scalar_t*>(in.ptr[input]);
     const int64_t rs = in.row_stride[input], cs = in.col_stride[input], width = in.width[input];
     const scalar_t* wj = w + in.offset[input];
     for (int64_t k0 = 0; k0 < width; k0 += kSimtBK) {
-      // Thread loads column kk (fixed) of rows lr + 16 e: k fastest across threads, so coalesced.
+      // Thread loads column lk (fixed) of rows lr + 16 e: k fastest across threads, so coalesced.
       const bool k_in = k0 + lk < width;
       const scalar_t* hp = h + (m0 + lr) * rs + (k0 + lk) * cs;
       const scalar_t* wp = wj + (n0 + lr) * ldw + k0 + lk;
 #pragma unroll
-      for (int e = 0; e < kSimtBM / kSimtRowStep; ++e) {
+      for (int e = 0; e < T / kSimtRowStep; ++e) {
         const int rr = lr + e * kSimtRowStep;
         As[lk][rr] = k_in && m0 + rr < M ? static_cast<acc_t>(hp[e * kSimtRowStep * rs]) : acc_t(0);
         Bs[lk][rr] = k_in && n0 + rr < N ? static_cast<acc_t>(wp[e * kSimtRowStep * ldw]) : acc_t(0);
@@ -81,24 +81,24 @@ __global__ void __launch_bounds__(kSimtThreads)
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < kSimtBK; ++kk) {
-        acc_t a[4], b[4];
+        acc_t a[R], b[R];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = As[kk][tr + 16 * i];
+        for (int i = 0; i < R; ++i) a[i] = As[kk][tr + 16 * i];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tc + 16 * j];
+        for (int j = 0; j < R; ++j) b[j] = Bs[kk][tc + 16 * j];
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
+        for (int i = 0; i < R; ++i)
 #pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+          for (int j = 0; j < R; ++j) acc[i][j] += a[i] * b[j];
       }
       __syncthreads();
     }
   }
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < R; ++i) {
     const int64_t m = m0 + tr + 16 * i;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < R; ++j) {
       const int64_t n = n0 + tc + 16 * j;
       if (m < M && n < N) {
         const acc_t y = acc[i][j] + (bias != nullptr ? static_cast<acc_t>(bias[n]) : acc_t(0));
@@ -109,14 +109,14 @@ __global__ void __launch_bounds__(kSimtThreads)
 }
 
 // ---- fp16 / bf16: tensor cores. 64 x 64 tiles, 4 warps of 32 x 32 (2 x 2 WMMA 16x16x16). ----
-constexpr int kTcBM = 64, kTcBN = 64, kTcBK = 32, kTcThreads = 128;
+constexpr int kTcBK = 32, kTcThreads = 128;
 constexpr int kTcRowStep = kTcThreads / kTcBK;
-static_assert(kTcBM == kTcBN, "one load loop fills both tiles");
 constexpr int kTcLds = kTcBK + 8;  // 16-bit elements; a multiple of 8 as WMMA needs, and off the banks
-constexpr int kTcLdc = kTcBN + 4;  // floats
-constexpr int kTcOperandBytes = (kTcBM + kTcBN) * kTcLds * 2;  // As + Bs, 16-bit
-constexpr int kTcEpilogueBytes = kTcBM * kTcLdc * 4;
-constexpr int kTcSmemBytes = kTcOperandBytes > kTcEpilogueBytes ? kTcOperandBytes : kTcEpilogueBytes;
+
+// Operand tiles (2 T x BK, 16-bit), then reused by the fp32 epilogue tile (T x (T + 4)).
+constexpr int tc_smem_bytes(int t) {
+  return (2 * t * kTcLds * 2) > (t * (t + 4) * 4) ? (2 * t * kTcLds * 2) : (t * (t + 4) * 4);
+}
 
 template <typename scalar_t>
 struct WmmaType;
@@ -131,7 +131,7 @@ struct WmmaType<at::BFloat16> {
   static constexpr int min_arch = 800;
 };
 
-template <typename scalar_t>
+template <typename scalar_t, int T>
 __global__ void __launch_bounds__(kTcThreads)
     fusion_head_wmma_kernel(const __grid_constant__ FusionInputs in, const scalar_t* __restrict__ w, int64_t ldw,
                             const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t M, int64_t N,
@@ -145,20 +145,22 @@ __global__ void __launch_bounds__(kTcThreads)
   {
     using namespace nvcuda;
     using mma_t = typename WmmaType<scalar_t>::type;
-    __shared__ __align__(32) unsigned char smem[kTcSmemBytes];
+    constexpr int F = T / 32;      // 16 x 16 fragments per warp along each dimension
+    constexpr int kLdc = T + 4;  // floats
+    __shared__ __align__(32) unsigned char smem[tc_smem_bytes(T)];
     scalar_t* As = reinterpret_cast<scalar_t*>(smem);  // (BM, BK) row-major
-    scalar_t* Bs = As + kTcBM * kTcLds;                // (BN, BK): B = W^T read column-major
+    scalar_t* Bs = As + T * kTcLds;                    // (BN, BK): B = W^T read column-major
     float* Cs = reinterpret_cast<float*>(smem);        // epilogue, reuses the operand tiles
     const int tid = threadIdx.x, warp = tid / 32;
     const int wm = warp / 2, wn = warp % 2;
     const int lk = tid % kTcBK, lr = tid / kTcBK;  // loads: column lk of rows lr + 4 e
-    const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTcBM, n0 = static_cast<int64_t>(blockIdx.x) * kTcBN;
+    const int64_t m0 = static_cast<int64_t>(blockIdx.y) * T, n0 = static_cast<int64_t>(blockIdx.x) * T;
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[F][F];
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < F; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+      for (int j = 0; j < F; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
     for (int input = 0; input < in.count; ++input) {
       const scalar_t* h = static_cast<const scalar_t*>(in.ptr[input]);
@@ -171,7 +173,7 @@ __global__ void __launch_bounds__(kTcThreads)
         const scalar_t* wp = wj + (n0 + lr) * ldw + k0 + lk;
         // Partly unrolled, pointers stepped: fully unrolled, the 32 hoisted 64-bit offsets spill.
 #pragma unroll 4
-        for (int e = 0; e < kTcBM / kTcRowStep; ++e) {
+        for (int e = 0; e < T / kTcRowStep; ++e) {
           const int rr = lr + e * kTcRowStep;
           As[rr * kTcLds + lk] = k_in && m0 + rr < M ? *hp : scalar_t(0.0f);
           Bs[rr * kTcLds + lk] = k_in && n0 + rr < N ? *wp : scalar_t(0.0f);
@@ -181,38 +183,43 @@ __global__ void __launch_bounds__(kTcThreads)
         __syncthreads();
 #pragma unroll
         for (int ks = 0; ks < kTcBK; ks += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, mma_t, wmma::row_major> fa[2];
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, mma_t, wmma::col_major> fb[2];
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, mma_t, wmma::row_major> fa[F];
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, mma_t, wmma::col_major> fb[F];
 #pragma unroll
-          for (int i = 0; i < 2; ++i)
-            wmma::load_matrix_sync(fa[i], reinterpret_cast<const mma_t*>(As + (wm * 32 + i * 16) * kTcLds + ks), kTcLds);
+          for (int i = 0; i < F; ++i)
+            wmma::load_matrix_sync(fa[i], reinterpret_cast<const mma_t*>(As + (wm * (T / 2) + i * 16) * kTcLds + ks), kTcLds);
 #pragma unroll
-          for (int j = 0; j < 2; ++j)
-            wmma::load_matrix_sync(fb[j], reinterpret_cast<const mma_t*>(Bs + (wn * 32 + j * 16) * kTcLds + ks), kTcLds);
+          for (int j = 0; j < F; ++j)
+            wmma::load_matrix_sync(fb[j], reinterpret_cast<const mma_t*>(Bs + (wn * (T / 2) + j * 16) * kTcLds + ks), kTcLds);
 #pragma unroll
-          for (int i = 0; i < 2; ++i)
+          for (int i = 0; i < F; ++i)
 #pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+            for (int j = 0; j < F; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
         }
         __syncthreads();
       }
     }
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < F; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
-        wmma::store_matrix_sync(Cs + (wm * 32 + i * 16) * kTcLdc + wn * 32 + j * 16, acc[i][j], kTcLdc,
+      for (int j = 0; j < F; ++j)
+        wmma::store_matrix_sync(Cs + (wm * (T / 2) + i * 16) * kLdc + wn * (T / 2) + j * 16, acc[i][j], kLdc,
                                 wmma::mem_row_major);
     __syncthreads();
-    for (int e = tid; e < kTcBM * kTcBN; e += kTcThreads) {
-      const int r = e / kTcBN, c = e % kTcBN;
+    for (int e = tid; e < T * T; e += kTcThreads) {
+      const int r = e / T, c = e % T;
       const int64_t m = m0 + r, n = n0 + c;
       if (m < M && n < N) {
-        const float y = Cs[r * kTcLdc + c] + (bias != nullptr ? static_cast<float>(bias[n]) : 0.0f);
+        const float y = Cs[r * kLdc + c] + (bias != nullptr ? static_cast<float>(bias[n]) : 0.0f);
         out[m * N + n] = static_cast<scalar_t>(activate<float>(y, act));
       }
     }
   }
+}
+
+// 64 x 64 tiles unless they leave most SMs idle (small batches): then 32 x 32, four times the blocks.
+inline int pick_tile(int64_t B, int64_t Dz) {
+  return ceil_div(B, 64) * ceil_div(Dz, 64) < at::cuda::getCurrentDeviceProperties()->multiProcessorCount ? 32 : 64;
 }
 
 // A template, so that `if constexpr` drops the tensor-core launch for fp32 / fp64.
@@ -221,20 +228,22 @@ void launch_fusion_head(const FusionInputs& in, const at::Tensor& wc, const at::
                         int64_t in_features, int64_t B, int64_t Dz, Activation act) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const scalar_t* w_ptr = wc.data_ptr<scalar_t>();
   const scalar_t* b_ptr = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
+  scalar_t* o_ptr = out.data_ptr<scalar_t>();
+  const int tile = pick_tile(B, Dz);
+  const dim3 grid(static_cast<unsigned>(ceil_div(Dz, tile)), static_cast<unsigned>(ceil_div(B, tile)));
   if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
     const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
     if (prop->major * 100 + prop->minor * 10 >= WmmaType<scalar_t>::min_arch) {
-      const dim3 grid(static_cast<unsigned>(ceil_div(Dz, kTcBN)), static_cast<unsigned>(ceil_div(B, kTcBM)));
-      fusion_head_wmma_kernel<scalar_t><<<grid, kTcThreads, 0, stream>>>(
-          in, wc.data_ptr<scalar_t>(), in_features, b_ptr, out.data_ptr<scalar_t>(), B, Dz, act);
+      auto kernel = tile == 32 ? fusion_head_wmma_kernel<scalar_t, 32> : fusion_head_wmma_kernel<scalar_t, 64>;
+      kernel<<<grid, kTcThreads, 0, stream>>>(in, w_ptr, in_features, b_ptr, o_ptr, B, Dz, act);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
   }
-  const dim3 grid(static_cast<unsigned>(ceil_div(Dz, kSimtBN)), static_cast<unsigned>(ceil_div(B, kSimtBM)));
-  fusion_head_simt_kernel<scalar_t, acc_t><<<grid, kSimtThreads, 0, stream>>>(
-      in, wc.data_ptr<scalar_t>(), in_features, b_ptr, out.data_ptr<scalar_t>(), B, Dz, act);
+  auto kernel = tile == 32 ? fusion_head_simt_kernel<scalar_t, acc_t, 32> : fusion_head_simt_kernel<scalar_t, acc_t, 64>;
+  kernel<<<grid, kSimtThreads, 0, stream>>>(in, w_ptr, in_features, b_ptr, o_ptr, B, Dz, act);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -263,7 +272,7 @@ at::Tensor fusion_head_cuda(at::TensorList hs_in, const at::Tensor& weight, cons
   in.count = static_cast<int>(hs.size());
   const at::Tensor wc = weight.contiguous();
   const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();
-  TORCH_CHECK(ceil_div(B, kSimtBM) <= 65535, "pf_kernels: fusion_head batch of ", B, " rows is too large for one launch");
+  TORCH_CHECK(ceil_div(B, 32) <= 65535, "pf_kernels: fusion_head batch of ", B, " rows is too large for one launch");
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fusion_head_cuda", [&] {
     launch_fusion_head<scalar_t>(in, wc, bc, out, in_features, B, Dz, act);
