@@ -83,14 +83,16 @@ constexpr int kBwdCols = 32, kBwdRows = 8;
 // Sums g[b, p, c] over p in this block's split of positions. With one split it finishes the job:
 // dst[b, c] = sum * act'(b, c); otherwise it writes the partial sum to dst[split, b, c] and a second
 // launch of this kernel (in_t = acc_t, over the splits) finishes. act' comes from the saved output a
-// (any position holds the context: position 0 is read), or for gelu from y recomputed here.
+// (any position holds the context: position 0 is read), or from y recomputed here (from_y): for
+// gelu, and for tanh / sigmoid in 16-bit dtypes, where 1 - a^2 or a (1 - a) of a rounded a loses
+// most of its bits near saturation.
 template <typename in_t, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kBwdCols* kBwdRows)
     context_grad_kernel(const in_t* __restrict__ g, int64_t g_sb, int64_t g_sp, int64_t g_sc, int64_t positions,
                         int64_t per_split, int64_t splits, const scalar_t* __restrict__ a, int64_t a_sb,
                         int64_t a_sc, const scalar_t* __restrict__ z, const scalar_t* __restrict__ w,
                         const scalar_t* __restrict__ bias, int64_t B, int64_t Dz, int64_t Dc, Activation act,
-                        acc_t* __restrict__ dst) {
+                        bool from_y, acc_t* __restrict__ dst) {
   __shared__ acc_t part[kBwdRows][kBwdCols + 1];
   __shared__ acc_t pre[kBwdCols];
   const int64_t c_tiles = (Dc + kBwdCols - 1) / kBwdCols;
@@ -111,7 +113,7 @@ __global__ void __launch_bounds__(kBwdCols* kBwdRows)
   }
   part[ty][tx] = s;
   const bool finish = splits == 1;
-  if (finish && act == Activation::Gelu) {  // y for this tile's columns, one warp per column
+  if (finish && from_y) {  // y for this tile's columns, one warp per column
     for (int j = ty; j < kBwdCols; j += kBwdRows) {
       const int64_t cc = ct * kBwdCols + j;
       acc_t y = acc_t(0);
@@ -128,7 +130,7 @@ __global__ void __launch_bounds__(kBwdCols* kBwdRows)
 #pragma unroll
     for (int r = 0; r < kBwdRows; ++r) t += part[r][tx];
     if (finish) {
-      const acc_t d = act == Activation::Gelu ? activation_grad<acc_t>(pre[tx], act)
+      const acc_t d = from_y ? activation_grad<acc_t>(pre[tx], act)
                                               : grad_from_activated<acc_t>(static_cast<acc_t>(a[b * a_sb + c * a_sc]), act);
       dst[b * Dc + c] = t * d;
     } else {
@@ -241,16 +243,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
       const scalar_t* w_ptr = wc.data_ptr<scalar_t>();
       const scalar_t* b_ptr = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
       const scalar_t* a_ptr = a.data_ptr<scalar_t>();
+      const bool from_y = act == Activation::Gelu ||
+                          (sizeof(scalar_t) == 2 && (act == Activation::Tanh || act == Activation::Sigmoid));
       at::Tensor partial = splits > 1 ? at::empty({splits, B, Dc}, grad_pre.options()) : grad_pre;
       context_grad_kernel<scalar_t, scalar_t, acc_t>
           <<<static_cast<unsigned>(B * c_tiles * splits), block, 0, stream>>>(
               g.data_ptr<scalar_t>(), g.stride(0), g.stride(1), g.stride(2), positions, per_split, splits, a_ptr,
-              a.stride(0), a.stride(1), z_ptr, w_ptr, b_ptr, B, Dz, Dc, act, partial.data_ptr<acc_t>());
+              a.stride(0), a.stride(1), z_ptr, w_ptr, b_ptr, B, Dz, Dc, act, from_y, partial.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (splits > 1) {  // sum the splits, times act'
         context_grad_kernel<acc_t, scalar_t, acc_t><<<static_cast<unsigned>(B * c_tiles), block, 0, stream>>>(
             partial.data_ptr<acc_t>(), Dc, B * Dc, 1, splits, splits, 1, a_ptr, a.stride(0), a.stride(1), z_ptr,
-            w_ptr, b_ptr, B, Dz, Dc, act, grad_pre.data_ptr<acc_t>());
+            w_ptr, b_ptr, B, Dz, Dc, act, from_y, grad_pre.data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });

@@ -280,14 +280,15 @@ at::Tensor fusion_head_cuda(at::TensorList hs_in, const at::Tensor& weight, cons
   return out;
 }
 
-// grad_pre = grad_out * act'(y) in the accumulation dtype; act' from the output, or from y for gelu.
+// grad_pre = grad_out * act'(y) in the accumulation dtype; act' from the output, or from y where
+// given (gelu; tanh / sigmoid in 16-bit dtypes, whose rounded outputs lose act' near saturation).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(256)
     fusion_head_grad_pre_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ o,
                                 const acc_t* __restrict__ y, acc_t* __restrict__ dst, int64_t n, Activation act) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const acc_t d = act == Activation::Gelu ? activation_grad<acc_t>(y[i], act)
+    const acc_t d = y != nullptr ? activation_grad<acc_t>(y[i], act)
                                             : grad_from_activated<acc_t>(static_cast<acc_t>(o[i]), act);
     dst[i] = static_cast<acc_t>(g[i]) * d;
   }
@@ -316,7 +317,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward
   const int64_t n = grad_pre.numel();
   if (n > 0) {
     const at::Tensor g = grad_out.contiguous(), o = out.contiguous();
-    const at::Tensor y = act == Activation::Gelu
+    const bool from_y = act == Activation::Gelu ||
+                        (at::elementSize(dtype) == 2 && (act == Activation::Tanh || act == Activation::Sigmoid));
+    const at::Tensor y = from_y
                              ? (has_bias(bias) ? at::addmm(bias->to(acc), h, w.t()) : at::mm(h, w.t())).contiguous()
                              : at::Tensor();
     const int64_t blocks = std::min<int64_t>(ceil_div(n, 256), target_blocks() * 4);
