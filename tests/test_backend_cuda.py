@@ -160,6 +160,44 @@ def test_kernels_run_on_the_inputs_device_and_current_stream():
     torch.testing.assert_close(head, pk.fusion_head(hs, hw, hb, backend="torch"))
 
 
+@needs_gpu
+def test_opcheck_on_cuda_tensors():
+    # Schema, fake kernels, autograd registration and AOT dispatch against the CUDA kernels.
+    ops = torch.ops.pf_kernels
+    for args in (backproj_inputs(3, (4,), 5, 6, 7, True, device="cuda") + ("relu",),
+                 backproj_inputs(2, (3, 2), 8, 5, 16, False, torch.bfloat16, device="cuda") + ("gelu",),
+                 backproj_inputs(0, (5,), 4, 6, 3, True, device="cuda") + ("tanh",),
+                 backproj_inputs(3, (4,), 5, 6, 7, True, device="cuda", noncontiguous=True) + ("sigmoid",)):
+        torch.library.opcheck(ops.backproj_concat.default, args)
+    for (hs, w, b), act in ((fusion_inputs(4, (3, 5, 2), 6, device="cuda"), "relu"),
+                            (fusion_inputs(3, (4, 4), 5, False, torch.float16, device="cuda"), "gelu"),
+                            (fusion_inputs(0, (3, 2), 4, device="cuda"), "none"),
+                            (fusion_inputs(5, (7, 1), 3, device="cuda", noncontiguous=True), "sigmoid")):
+        torch.library.opcheck(ops.fusion_head.default, (hs, w, b, act))
+    x, z, w, b = backproj_inputs(3, (4,), 5, 6, 7, True, device="cuda", requires_grad=False)
+    out = ops.backproj_concat(x, z, w, b, "tanh")
+    torch.library.opcheck(ops.backproj_concat_backward.default, (torch.randn_like(out), out, z, w, b, "tanh", 5))
+    hs, hw, hb = fusion_inputs(4, (3, 5), 6, device="cuda", requires_grad=False)
+    out = ops.fusion_head(hs, hw, hb, "relu")
+    torch.library.opcheck(ops.fusion_head_backward.default, (torch.randn_like(out), hs, hw, hb, out, "relu"))
+
+
+@needs_gpu
+def test_torch_compile_fullgraph():
+    x, z, w, b = backproj_inputs(2, (5,), 4, 6, 3, True, device="cuda")
+    hs, hw, hb = fusion_inputs(2, (3, 4), 6, device="cuda")
+
+    def step(x, z, w, b, hw, hb, h0, h1):
+        zz = pk.fusion_head([h0, h1], hw, hb, "tanh", backend=BACKEND)
+        return pk.backproj_concat(x, z + zz, w, b, "gelu", backend=BACKEND)
+
+    compiled = torch.compile(step, fullgraph=True)
+    out = compiled(x, z, w, b, hw, hb, *hs)
+    torch.testing.assert_close(out, step(x, z, w, b, hw, hb, *hs))
+    out.sum().backward()
+    assert all(t.grad is not None for t in (z, w, b, hw, hb, *hs))
+
+
 def test_cuda_build_check_script():
     """Compiles the CUDA kernels without a GPU and fails on spills (opt-in: it takes minutes)."""
     if not os.path.exists("/usr/local/cuda/bin/nvcc") and not os.environ.get("CUDA_HOME"):

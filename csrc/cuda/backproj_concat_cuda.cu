@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kBwdCols* kBwdRows)
     for (int r = 0; r < kBwdRows; ++r) t += part[r][tx];
     if (finish) {
       const acc_t d = from_y ? activation_grad<acc_t>(pre[tx], act)
-                                              : grad_from_activated<acc_t>(static_cast<acc_t>(a[b * a_sb + c * a_sc]), act);
+                             : grad_from_activated<acc_t>(static_cast<acc_t>(a[b * a_sb + c * a_sc]), act);
       dst[b * Dc + c] = t * d;
     } else {
       dst[(split * B + b) * Dc + c] = t;

@@ -108,7 +108,8 @@ __global__ void __launch_bounds__(kSimtThreads)
   }
 }
 
-// ---- fp16 / bf16: tensor cores. 64 x 64 tiles, 4 warps of 32 x 32 (2 x 2 WMMA 16x16x16). ----
+// ---- fp16 / bf16: tensor cores. Square tiles of T = 64 or 32; 4 warps in 2 x 2, each a (T/2)^2 block
+// of (T/32)^2 WMMA 16x16x16 fragments. ----
 constexpr int kTcBK = 32, kTcThreads = 128;
 constexpr int kTcRowStep = kTcThreads / kTcBK;
 constexpr int kTcLds = kTcBK + 8;  // 16-bit elements; a multiple of 8 as WMMA needs, and off the banks
@@ -289,7 +290,7 @@ __global__ void __launch_bounds__(256)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const acc_t d = y != nullptr ? activation_grad<acc_t>(y[i], act)
-                                            : grad_from_activated<acc_t>(static_cast<acc_t>(o[i]), act);
+                                 : grad_from_activated<acc_t>(static_cast<acc_t>(o[i]), act);
     dst[i] = static_cast<acc_t>(g[i]) * d;
   }
 }
