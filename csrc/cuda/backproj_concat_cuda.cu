@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
 #include <vector>
 
@@ -162,9 +163,9 @@ at::Tensor backproj_concat_cuda(const at::Tensor& x, const at::Tensor& z, const 
   const at::Tensor zc = z.contiguous(), wc = weight.contiguous();
   const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();
 
-  // Grid: blocks per batch row so the GPU is filled, but each block writes at least a quarter as
-  // many elements as its context costs multiply-adds, and at most 2^31 - 1 elements.
-  const int64_t min_rows = std::max<int64_t>(1, ceil_div(Dc * Dz, 4 * D));
+  // Grid: blocks per batch row so the GPU is filled, but each block writes at least 4 elements per
+  // thread and a quarter as many elements as its context costs multiply-adds, at most 2^31 - 1.
+  const int64_t min_rows = std::max({int64_t{1}, ceil_div(Dc * Dz, 4 * D), ceil_div(4 * kFwdThreads, D)});
   const int64_t max_rows = std::max<int64_t>(1, (INT_MAX - 1) / D);
   int64_t blocks_per_row = std::min(std::max<int64_t>(1, ceil_div(target_blocks(), B)), ceil_div(positions, min_rows));
   const int64_t rows_per_block = std::min(ceil_div(positions, blocks_per_row), max_rows);
