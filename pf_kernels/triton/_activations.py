@@ -6,8 +6,8 @@ import triton
 import triton.language as tl
 
 CODES = {"none": 0, "relu": 1, "gelu": 2, "tanh": 3, "sigmoid": 4}
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit

@@ -16,15 +16,13 @@ from ._activations import act, act_grad
 from ._common import act_code, configs, define_op, launch, positions
 from ._matmul import mm
 
-FWD_CONFIGS = [
+FWD_CONFIGS = [  # tiles of at most 16 elements per thread: no spills
     dict(BLOCK_P=32, BLOCK_D=64, BLOCK_C=32, BLOCK_K=32, num_warps=4),
-    dict(BLOCK_P=64, BLOCK_D=64, BLOCK_C=64, BLOCK_K=32, num_warps=4),
-    dict(BLOCK_P=128, BLOCK_D=128, BLOCK_C=64, BLOCK_K=32, num_warps=8),
+    dict(BLOCK_P=64, BLOCK_D=64, BLOCK_C=64, BLOCK_K=32, num_warps=8),
 ]
 GRAD_PRE_CONFIGS = [
     dict(BLOCK_P=32, BLOCK_C=32, BLOCK_K=32, num_warps=4),
-    dict(BLOCK_P=64, BLOCK_C=64, BLOCK_K=32, num_warps=4),
-    dict(BLOCK_P=128, BLOCK_C=32, BLOCK_K=64, num_warps=8),
+    dict(BLOCK_P=64, BLOCK_C=64, BLOCK_K=32, num_warps=8),
 ]
 
 

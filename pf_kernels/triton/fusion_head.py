@@ -15,20 +15,21 @@ import triton.language as tl
 
 from ._activations import act, act_grad
 from ._common import act_code, configs, define_op, dot_precision, launch
-from ._matmul import dot
+from ._matmul import dot, dot_split
 
 MAX_K = 8
 
 FWD_CONFIGS = [
     dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=2),
-    dict(BM=128, BN=64, BK=32, num_warps=4, num_stages=3),
-    dict(BM=64, BN=128, BK=64, num_warps=8, num_stages=3),
+    dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=3),
 ]
-GRAD_H_CONFIGS = FWD_CONFIGS  # tiles of (batch rows, input features), reduction over Dz
+GRAD_H_CONFIGS = [  # tiles of (batch rows, input features), reduction over Dz
+    dict(BM=64, BN=32, BK=64, num_warps=4, num_stages=2),
+    dict(BM=128, BN=32, BK=64, num_warps=8, num_stages=3),
+]
 GRAD_W_CONFIGS = [  # tiles of (Dz, input features), reduction over the batch
     dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=2),
-    dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3),
-    dict(BM=64, BN=64, BK=128, num_warps=8, num_stages=3),
+    dict(BM=32, BN=128, BK=32, num_warps=8, num_stages=3),
 ]
 
 
@@ -127,7 +128,7 @@ def fusion_grad_h_kernel(g0, g1, g2, g3, g4, g5, g6, g7, D0, D1, D2, D3, D4, D5,
                                   sgm, sgn, N, ACT)
                 wt = tl.load(w_ptr + offs_n[:, None] * swn + (col + offs_k)[None, :] * swk,
                              mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-                acc = dot(g.to(wt.dtype), wt, acc, PREC)
+                acc = dot_split(g, wt, acc, PREC)
             tl.store(gp + offs_m[:, None] * D + offs_k[None, :], acc.to(gp.dtype.element_ty),
                      mask=mask_m[:, None] & mask_k[None, :])
         first += tiles
@@ -166,7 +167,7 @@ def fusion_grad_w_kernel(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5,
                                   sgm, sgn, N, ACT)
                 a = tl.load(hp + offs_m[:, None] * sm + offs_k[None, :] * sk,
                             mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                acc = dot(tl.trans(g.to(a.dtype)), a, acc, PREC)
+                acc = dot_split(tl.trans(g), a, acc, PREC)
                 if HAS_BIAS:
                     bacc += tl.sum(g, axis=0)
             tl.store(gw_ptr + offs_n[:, None] * Dsum + (col + offs_k)[None, :],

@@ -22,13 +22,12 @@ from ._matmul import dot
 from .backproj_concat import backproj_concat_backward_op, backproj_concat_op, position_offsets
 from .fusion_head import MAX_K, fusion_head_backward_op, fusion_head_op, needs_grad, pick
 
-MAX_DZ = 256
+MAX_DZ = 128  # z rows live in registers: [BM, Dz] fp32 and the [Dz, BC] weight tiles
 MAX_MODALITIES = 4
 
-STEP_CONFIGS = [
-    dict(BM=16, BK=32, BC=32, BP=16, BD=32, num_warps=4, num_stages=2),
-    dict(BM=32, BK=32, BC=32, BP=16, BD=64, num_warps=4, num_stages=2),
-    dict(BM=64, BK=32, BC=64, BP=8, BD=64, num_warps=8, num_stages=2),
+STEP_CONFIGS = [  # the 3-D copy tiles [BM, BP, BD|BC] hold at most 16 elements per thread
+    dict(BM=16, BK=32, BC=32, BP=4, BD=32, num_warps=4, num_stages=2),
+    dict(BM=32, BK=32, BC=32, BP=4, BD=32, num_warps=8, num_stages=2),
 ]
 
 
