@@ -13,6 +13,10 @@ MM_CONFIGS = [
     dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=2),
     dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=3),
 ]
+MM_CONFIGS_FP32 = [  # fp32 dots hold more in registers
+    dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=2),
+    dict(BM=64, BN=64, BK=16, num_warps=8, num_stages=3),
+]
 
 
 @triton.jit
@@ -58,6 +62,7 @@ def mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbk, sbn, scm, scn,
 
 
 mm_tuned = triton.autotune(configs(MM_CONFIGS), key=["M", "N", "K"])(mm_kernel)
+mm_tuned_fp32 = triton.autotune(configs(MM_CONFIGS_FP32), key=["M", "N", "K"])(mm_kernel)
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -73,6 +78,6 @@ def mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor
     def grid(meta):
         return (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))
 
-    launch(mm_tuned)[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+    launch(mm_tuned_fp32 if b.dtype == torch.float32 else mm_tuned)[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                            c.stride(0), c.stride(1), PREC=dot_precision(b.dtype))
     return c

@@ -31,21 +31,24 @@ def _kernel_specs(dtype: str, tf32: bool = False):
     rs = importlib.import_module("pf_kernels.triton.refine_step")
     mmm = importlib.import_module("pf_kernels.triton._matmul")
     prec = "ieee" if dtype == "float32" and not tf32 else "tf32"
+    fp32 = dtype == "float32"  # the fp32 launchers use their own configs where they differ
     hk = {f"sk{j}" for j in range(8)}
     return [
         ("backproj_fwd", bp.backproj_fwd_kernel, bp.FWD_CONFIGS, set(), {"sxd", "szk", "swk", "sb"},
          dict(HAS_BIAS=True, ACT=2), False, None),
         ("backproj_grad_pre", bp.backproj_grad_pre_kernel, bp.GRAD_PRE_CONFIGS, {"gp_ptr"},
          {"sgd", "szk", "swk", "sb"}, dict(HAS_BIAS=True, ACT=2), False, None),
-        ("mm", mmm.mm_kernel, mmm.MM_CONFIGS, {"a_ptr"}, {"sak", "sbn", "scn"}, dict(PREC=prec), True,
+        ("mm", mmm.mm_kernel, fp32 and mmm.MM_CONFIGS_FP32 or mmm.MM_CONFIGS, {"a_ptr"}, {"sak", "sbn", "scn"}, dict(PREC=prec), True,
          lambda c: c["BM"]),
-        ("fusion_fwd", fh.fusion_fwd_kernel, fh.FWD_CONFIGS, {"pre_ptr"}, hk | {"swk", "sb", "son"},
+        ("fusion_fwd", fh.fusion_fwd_kernel, fp32 and fh.FWD_CONFIGS_FP32 or fh.FWD_CONFIGS, {"pre_ptr"}, hk | {"swk", "sb", "son"},
          dict(K=3, HAS_BIAS=True, ACT=2, SAVE_PRE=True, PREC=prec), True, lambda c: c["BM"]),
-        ("fusion_grad_h", fh.fusion_grad_h_kernel, fh.GRAD_H_CONFIGS, {"pre_ptr"}, {"sgn", "swk"},
+        ("fusion_grad_h", fh.fusion_grad_h_kernel, fp32 and fh.GRAD_H_CONFIGS_FP32 or fh.GRAD_H_CONFIGS,
+         {"pre_ptr"}, {"sgn", "swk"},
          dict(K=3, ACT=2, PREC=prec), True, lambda c: c["BM"]),
-        ("fusion_grad_w", fh.fusion_grad_w_kernel, fh.GRAD_W_CONFIGS, {"pre_ptr"}, hk | {"sgn"},
+        ("fusion_grad_w", fh.fusion_grad_w_kernel, fp32 and fh.GRAD_W_CONFIGS_FP32 or fh.GRAD_W_CONFIGS,
+         {"pre_ptr"}, hk | {"sgn"},
          dict(K=3, HAS_BIAS=True, ACT=2, PREC=prec), True, lambda c: c["BN"]),
-        ("refine_step", rs.refine_step_kernel, rs.STEP_CONFIGS, {"pre_ptr"},
+        ("refine_step", rs.refine_step_kernel, fp32 and rs.STEP_CONFIGS_FP32 or rs.STEP_CONFIGS, {"pre_ptr"},
          hk | {"shk", "shb"} | {f"{n}{j}" for n in ("sxd", "swk", "sb") for j in range(4)},
          dict(K=3, NMOD=3, HAS_HEAD_BIAS=True, BIAS_MASK=0b101, HEAD_ACT=2, ACT=2, SAVE_PRE=True,
               PREC=prec, BZ=rs.MAX_DZ), True, lambda c: c["BM"]),

@@ -31,6 +31,19 @@ GRAD_W_CONFIGS = [  # tiles of (Dz, input features), reduction over the batch
     dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=2),
     dict(BM=32, BN=128, BK=32, num_warps=8, num_stages=3),
 ]
+# fp32 dots (FMA, or tf32) hold more in registers than 16-bit tensor-core dots: smaller tiles.
+FWD_CONFIGS_FP32 = [
+    dict(BM=32, BN=32, BK=32, num_warps=4, num_stages=2),
+    dict(BM=64, BN=64, BK=16, num_warps=8, num_stages=3),
+]
+GRAD_H_CONFIGS_FP32 = [
+    dict(BM=32, BN=32, BK=16, num_warps=4, num_stages=2),
+    dict(BM=64, BN=32, BK=64, num_warps=8, num_stages=3),
+]
+GRAD_W_CONFIGS_FP32 = [
+    dict(BM=32, BN=32, BK=32, num_warps=4, num_stages=2),
+    dict(BM=32, BN=128, BK=32, num_warps=8, num_stages=3),
+]
 
 
 @triton.jit
@@ -180,8 +193,12 @@ def fusion_grad_w_kernel(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5,
 
 
 fusion_fwd = triton.autotune(configs(FWD_CONFIGS), key=["M", "N", "K"])(fusion_fwd_kernel)
+fusion_fwd_fp32 = triton.autotune(configs(FWD_CONFIGS_FP32), key=["M", "N", "K"])(fusion_fwd_kernel)
+# One autotuner per dtype class, each over its own configs (the launcher picks by dtype).
 fusion_grad_h = triton.autotune(configs(GRAD_H_CONFIGS), key=["M", "N", "K"])(fusion_grad_h_kernel)
 fusion_grad_w = triton.autotune(configs(GRAD_W_CONFIGS), key=["M", "N", "K"])(fusion_grad_w_kernel)
+fusion_grad_h_fp32 = triton.autotune(configs(GRAD_H_CONFIGS_FP32), key=["M", "N", "K"])(fusion_grad_h_kernel)
+fusion_grad_w_fp32 = triton.autotune(configs(GRAD_W_CONFIGS_FP32), key=["M", "N", "K"])(fusion_grad_w_kernel)
 
 
 def _slots(values, fill):
@@ -201,7 +218,7 @@ def launch_forward(hs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[
     def grid(meta):
         return (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))
 
-    launch(fusion_fwd)[grid](
+    launch(fusion_fwd_fp32 if out.dtype == torch.float32 else fusion_fwd)[grid](
         *_slots(hs, hs[0]), *_slots(dims, 0), *_slots([h.stride(0) for h in hs], 0),
         *_slots([h.stride(1) for h in hs], 0),
         weight, bias if bias is not None else weight, out, pre if pre is not None else out,
@@ -249,7 +266,7 @@ def backward(grad_out: torch.Tensor, hs: List[torch.Tensor], weight: torch.Tenso
         def grid_h(meta):
             return (triton.cdiv(M, meta["BM"]), sum(triton.cdiv(d, meta["BK"]) for d in dims))
 
-        launch(fusion_grad_h)[grid_h](
+        launch(fusion_grad_h_fp32 if dtype == torch.float32 else fusion_grad_h)[grid_h](
             *_slots(grad_hs, grad_hs[0]), *_slots(dims, 0), grad_out, pre, weight, M, N,
             grad_out.stride(0), grad_out.stride(1), weight.stride(0), weight.stride(1),
             K=K, ACT=act_id, PREC=prec)
@@ -257,7 +274,7 @@ def backward(grad_out: torch.Tensor, hs: List[torch.Tensor], weight: torch.Tenso
     def grid_w(meta):
         return (triton.cdiv(N, meta["BN"]), sum(triton.cdiv(d, meta["BK"]) for d in dims))
 
-    launch(fusion_grad_w)[grid_w](
+    launch(fusion_grad_w_fp32 if dtype == torch.float32 else fusion_grad_w)[grid_w](
         *_slots(hs, hs[0]), *_slots(dims, 0), *_slots([h.stride(0) for h in hs], 0),
         *_slots([h.stride(1) for h in hs], 0), grad_out, pre, grad_w,
         grad_b if has_bias else grad_w, M, N, grad_out.stride(0), grad_out.stride(1),

@@ -29,6 +29,10 @@ STEP_CONFIGS = [  # the 3-D copy tiles [BM, BP, BD|BC] hold at most 16 elements 
     dict(BM=16, BK=32, BC=32, BP=4, BD=32, num_warps=4, num_stages=2),
     dict(BM=32, BK=32, BC=32, BP=4, BD=32, num_warps=8, num_stages=2),
 ]
+STEP_CONFIGS_FP32 = [  # fp32 dots hold more in registers: narrower weight tiles
+    dict(BM=16, BK=16, BC=16, BP=4, BD=32, num_warps=4, num_stages=2),
+    dict(BM=16, BK=16, BC=16, BP=2, BD=64, num_warps=4, num_stages=2),
+]
 
 
 @triton.jit
@@ -139,6 +143,8 @@ def refine_step_kernel(
 
 
 refine_step_tuned = triton.autotune(configs(STEP_CONFIGS), key=["M", "Dz", "K", "NMOD"])(refine_step_kernel)
+refine_step_tuned_fp32 = triton.autotune(configs(STEP_CONFIGS_FP32), key=["M", "Dz", "K", "NMOD"])(
+    refine_step_kernel)
 
 
 def _slots(values, fill, n):
@@ -184,7 +190,7 @@ def _forward(hs: List[torch.Tensor], head_weight: torch.Tensor, head_bias: Optio
         # enough programs to fill a large GPU (a few hundred), never more than position blocks
         return (rows, max(1, min(blocks, triton.cdiv(512, rows))))
 
-    launch(refine_step_tuned)[grid](
+    launch(refine_step_tuned_fp32 if dtype == torch.float32 else refine_step_tuned)[grid](
         *_slots(hs, hs[0], MAX_K), *_slots(dims, 0, MAX_K),
         *_slots([h.stride(0) for h in hs], 0, MAX_K), *_slots([h.stride(1) for h in hs], 0, MAX_K),
         head_weight, head_bias if head_bias is not None else head_weight, z,
