@@ -55,7 +55,7 @@ def positions(t: torch.Tensor) -> Tuple[torch.Tensor, List[int], List[int]]:
     return t, sizes, strides
 
 
-def define_op(name: str, impl: Callable, fake: Callable, schema_fn: Callable = None):
+def define_op(name: str, impl: Callable, fake: Callable):
     """Registers impl as the op pf_kernels_triton::name.
 
     On the GPU: torch.library.triton_op, so torch.compile sees the kernels (wrap_triton). Under the
