@@ -1,0 +1,122 @@
+"""Ahead-of-time compilation of every Triton kernel of this backend, for each autotune config, for
+a given CUDA arch, with no GPU: `python -m pf_kernels.triton.aot --arch 80 --dtype bfloat16`
+prints one JSON record per (kernel, config): registers, spills, shared memory, and which
+tensor-core instructions the PTX holds. tests/test_triton_aot.py runs it and checks the records.
+
+Must run without TRITON_INTERPRET (the kernels must be JIT functions to compile).
+"""
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import os
+import re
+import sys
+
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in maximum per block
+
+
+def _kernel_specs(dtype: str, tf32: bool = False):
+    """(name, jit kernel, configs, fp32 pointer args, unit-stride args, fixed constexprs, does
+    matrix work, the M extent of its dot for a config).
+
+    Compiled as the JIT specialises for contiguous inputs: innermost strides equal to 1 become
+    constexprs, pointers are 16-byte aligned. The activation is gelu (the most code), K = 3 inputs,
+    3 modalities, Dz at refine_step's one-launch limit.
+    """
+    bp = importlib.import_module("pf_kernels.triton.backproj_concat")
+    fh = importlib.import_module("pf_kernels.triton.fusion_head")
+    rs = importlib.import_module("pf_kernels.triton.refine_step")
+    mmm = importlib.import_module("pf_kernels.triton._matmul")
+    prec = "ieee" if dtype == "float32" and not tf32 else "tf32"
+    fp32 = dtype == "float32"  # the fp32 launchers use their own configs where they differ
+    hk = {f"sk{j}" for j in range(8)}
+    return [
+        ("backproj_fwd", bp.backproj_fwd_kernel, bp.FWD_CONFIGS, set(), {"sxd", "szk", "swk", "sb"},
+         dict(HAS_BIAS=True, ACT=2), False, None),
+        ("backproj_grad_pre", bp.backproj_grad_pre_kernel, bp.GRAD_PRE_CONFIGS, {"gp_ptr"},
+         {"sgd", "szk", "swk", "sb"}, dict(HAS_BIAS=True, ACT=2), False, None),
+        ("mm", mmm.mm_kernel, fp32 and mmm.MM_CONFIGS_FP32 or mmm.MM_CONFIGS, {"a_ptr"}, {"sak", "sbn", "scn"}, dict(PREC=prec), True,
+         lambda c: c["BM"]),
+        ("fusion_fwd", fh.fusion_fwd_kernel, fp32 and fh.FWD_CONFIGS_FP32 or fh.FWD_CONFIGS, {"pre_ptr"}, hk | {"swk", "sb", "son"},
+         dict(K=3, HAS_BIAS=True, ACT=2, SAVE_PRE=True, PREC=prec), True, lambda c: c["BM"]),
+        ("fusion_grad_h", fh.fusion_grad_h_kernel, fp32 and fh.GRAD_H_CONFIGS_FP32 or fh.GRAD_H_CONFIGS,
+         {"pre_ptr"}, {"sgn", "swk"},
+         dict(K=3, ACT=2, PREC=prec), True, lambda c: c["BM"]),
+        ("fusion_grad_w", fh.fusion_grad_w_kernel, fp32 and fh.GRAD_W_CONFIGS_FP32 or fh.GRAD_W_CONFIGS,
+         {"pre_ptr"}, hk | {"sgn"},
+         dict(K=3, HAS_BIAS=True, ACT=2, PREC=prec), True, lambda c: c["BN"]),
+        ("refine_step", rs.refine_step_kernel, fp32 and rs.STEP_CONFIGS_FP32 or rs.STEP_CONFIGS, {"pre_ptr"},
+         hk | {"shk", "shb"} | {f"{n}{j}" for n in ("sxd", "swk", "sb") for j in range(4)},
+         dict(K=3, NMOD=3, HAS_HEAD_BIAS=True, BIAS_MASK=0b101, HEAD_ACT=2, ACT=2, SAVE_PRE=True,
+              PREC=prec, BZ=rs.MAX_DZ), True, lambda c: c["BM"]),
+    ]
+
+
+def _parse_ptxas_log(log: str):
+    regs = [int(m) for m in re.findall(r"Used (\d+) registers", log)]
+    spill_st = [int(m) for m in re.findall(r"(\d+) bytes spill stores", log)]
+    spill_ld = [int(m) for m in re.findall(r"(\d+) bytes spill loads", log)]
+    if not regs:
+        raise RuntimeError(f"no register count in the ptxas log:\n{log}")
+    return max(regs), max(spill_st + [0]), max(spill_ld + [0])
+
+
+def compile_all(arch: int, dtype: str, only=None, tf32: bool = False):
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # ptxas must run to report registers and spills
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    ty = DTYPE_NAMES[dtype]
+    records = []
+    for name, kernel, cfgs, fp32_ptrs, unit, fixed, matrix, dot_m in _kernel_specs(dtype, tf32):
+        if only and name not in only:
+            continue
+        for index, cfg in enumerate(cfgs):
+            meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+            constexprs = {**fixed, **meta, **{n: 1 for n in unit}}
+            signature, attrs = {}, {}
+            for i, p in enumerate(kernel.params):
+                if p.is_constexpr or p.name in unit:
+                    signature[p.name] = "constexpr"
+                elif p.name.endswith("_ptr") or re.fullmatch(r"[hxowbg][0-7]", p.name):
+                    signature[p.name] = "*fp32" if p.name in fp32_ptrs else f"*{ty}"
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+                else:
+                    signature[p.name] = "i32"
+            src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):
+                compiled = triton.compile(src, target=target, options=dict(
+                    num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2)))
+            regs, spill_stores, spill_loads = _parse_ptxas_log(log.getvalue())
+            ptx = compiled.asm["ptx"]
+            records.append(dict(
+                kernel=name, arch=arch, dtype=dtype, tf32=tf32, config=index, meta=cfg, matrix=matrix,
+                dot_m=dot_m(cfg) if dot_m else None, regs=regs, spill_stores=spill_stores,
+                spill_loads=spill_loads, shared=compiled.metadata.shared,
+                shared_limit=SHARED_LIMIT[arch],
+                mma=bool(re.search(r"\bmma\.sync", ptx)), wgmma=bool(re.search(r"\bwgmma\.", ptx))))
+    return records
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--arch", type=int, default=80)
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_NAMES))
+    parser.add_argument("--only", nargs="*", help="kernel names")
+    parser.add_argument("--tf32", action="store_true", help="fp32 dots in tf32 (as with %s=1)" % "PF_KERNELS_TRITON_TF32")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    for record in compile_all(args.arch, args.dtype, args.only, args.tf32):
+        print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()

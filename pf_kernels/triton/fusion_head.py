@@ -1,0 +1,321 @@
+"""fusion_head in Triton: act(cat(hs, -1) @ W.T + b) reading each h_j through its own pointer.
+
+Forward: one launch, tiles of (batch rows, Dz), the K inputs unrolled (K a tl.constexpr, at most
+MAX_K pointers), tl.dot with fp32 accumulation, bias and activation in the epilogue; the fp32
+pre-activation is written too when a backward will need it (act' of gelu needs it). Backward: one
+kernel for every grad_h_j (each tile belongs to one input and writes that input's own gradient),
+one for grad_weight and grad_bias; both form grad_pre = grad_out * act'(pre) tile by tile.
+More than MAX_K inputs are concatenated first (a copy), then served as one input.
+"""
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._activations import act, act_grad
+from ._common import act_code, configs, define_op, dot_precision, launch
+from ._matmul import dot, dot_split
+
+MAX_K = 8
+
+FWD_CONFIGS = [
+    dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=2),
+    dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=3),
+]
+GRAD_H_CONFIGS = [  # tiles of (batch rows, input features), reduction over Dz
+    dict(BM=64, BN=32, BK=64, num_warps=4, num_stages=2),
+    dict(BM=128, BN=32, BK=64, num_warps=8, num_stages=3),
+]
+GRAD_W_CONFIGS = [  # tiles of (Dz, input features), reduction over the batch
+    dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=2),
+    dict(BM=32, BN=128, BK=32, num_warps=8, num_stages=3),
+]
+# fp32 dots (FMA, or tf32) hold more in registers than 16-bit tensor-core dots: smaller tiles.
+FWD_CONFIGS_FP32 = [
+    dict(BM=32, BN=32, BK=32, num_warps=4, num_stages=2),
+    dict(BM=64, BN=64, BK=16, num_warps=8, num_stages=3),
+]
+GRAD_H_CONFIGS_FP32 = [
+    dict(BM=32, BN=32, BK=16, num_warps=4, num_stages=2),
+    dict(BM=64, BN=32, BK=64, num_warps=8, num_stages=3),
+]
+GRAD_W_CONFIGS_FP32 = [
+    dict(BM=32, BN=32, BK=32, num_warps=4, num_stages=2),
+    dict(BM=32, BN=128, BK=32, num_warps=8, num_stages=3),
+]
+
+
+@triton.jit
+def pick(J: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
+    """The J-th argument (J a constexpr): per-input pointers and sizes without a pointer table."""
+    if J == 0:
+        r = a0
+    elif J == 1:
+        r = a1
+    elif J == 2:
+        r = a2
+    elif J == 3:
+        r = a3
+    elif J == 4:
+        r = a4
+    elif J == 5:
+        r = a5
+    elif J == 6:
+        r = a6
+    else:
+        r = a7
+    return r
+
+
+@triton.jit
+def fusion_fwd_kernel(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
+                      sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
+                      w_ptr, b_ptr, out_ptr, pre_ptr, M, N, swn, swk, sb, som, son,
+                      K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                      SAVE_PRE: tl.constexpr, PREC: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    offs_m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    offs_n = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros([BM, BN], tl.float32)
+    col = 0  # first column of input j in W
+    for j in tl.static_range(K):
+        hp = pick(j, h0, h1, h2, h3, h4, h5, h6, h7)
+        D = pick(j, D0, D1, D2, D3, D4, D5, D6, D7)
+        sm = pick(j, sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7)
+        sk = pick(j, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7)
+        for k0 in range(0, D, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            mask_k = offs_k < D
+            a = tl.load(hp + offs_m[:, None] * sm + offs_k[None, :] * sk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            wt = tl.load(w_ptr + offs_n[None, :] * swn + (col + offs_k)[:, None] * swk,
+                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = dot(a, wt, acc, PREC)
+        col += D
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n * sb, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SAVE_PRE:
+        tl.store(pre_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+    tl.store(out_ptr + offs_m[:, None] * som + offs_n[None, :] * son,
+             act(acc, ACT).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def grad_pre_tile(g_ptr, pre_ptr, offs_m, offs_n, mask, sgm, sgn, N, ACT: tl.constexpr):
+    """grad_out * act'(pre) on one (rows, Dz) tile, fp32."""
+    g = tl.load(g_ptr + offs_m[:, None] * sgm + offs_n[None, :] * sgn, mask=mask, other=0.0)
+    g = g.to(tl.float32)
+    if ACT != 0:
+        pre = tl.load(pre_ptr + offs_m[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+        g = g * act_grad(pre, ACT)
+    return g
+
+
+@triton.jit
+def fusion_grad_h_kernel(g0, g1, g2, g3, g4, g5, g6, g7, D0, D1, D2, D3, D4, D5, D6, D7,
+                         go_ptr, pre_ptr, w_ptr, M, N, sgm, sgn, swn, swk,
+                         K: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # axis 1 enumerates the column tiles of every input in turn: tile t belongs to one input j.
+    offs_m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    mask_m = offs_m < M
+    t = tl.program_id(1)
+    first = 0
+    col = 0
+    for j in tl.static_range(K):
+        D = pick(j, D0, D1, D2, D3, D4, D5, D6, D7)
+        tiles = tl.cdiv(D, BK)
+        if (t >= first) & (t < first + tiles):
+            gp = pick(j, g0, g1, g2, g3, g4, g5, g6, g7)
+            offs_k = (t - first) * BK + tl.arange(0, BK)
+            mask_k = offs_k < D
+            acc = tl.zeros([BM, BK], tl.float32)
+            for n0 in range(0, N, BN):
+                offs_n = n0 + tl.arange(0, BN)
+                mask_n = offs_n < N
+                g = grad_pre_tile(go_ptr, pre_ptr, offs_m, offs_n, mask_m[:, None] & mask_n[None, :],
+                                  sgm, sgn, N, ACT)
+                wt = tl.load(w_ptr + offs_n[:, None] * swn + (col + offs_k)[None, :] * swk,
+                             mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+                acc = dot_split(g, wt, acc, PREC)
+            tl.store(gp + offs_m[:, None] * D + offs_k[None, :], acc.to(gp.dtype.element_ty),
+                     mask=mask_m[:, None] & mask_k[None, :])
+        first += tiles
+        col += D
+
+
+@triton.jit
+def fusion_grad_w_kernel(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
+                         sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
+                         go_ptr, pre_ptr, gw_ptr, gb_ptr, M, N, sgm, sgn,
+                         K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                         PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # Program (n-tile, t): grad_W[n-tile, columns of tile t] = grad_pre[:, n-tile].T @ h_j[:, tile];
+    # the programs of tile 0 also write grad_bias[n-tile] = grad_pre[:, n-tile].sum(0).
+    offs_n = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
+    mask_n = offs_n < N
+    t = tl.program_id(1)
+    Dsum = D0 + D1 + D2 + D3 + D4 + D5 + D6 + D7  # unused slots are passed as 0
+    first = 0
+    col = 0
+    for j in tl.static_range(K):
+        D = pick(j, D0, D1, D2, D3, D4, D5, D6, D7)
+        tiles = tl.cdiv(D, BK)
+        if (t >= first) & (t < first + tiles):
+            hp = pick(j, h0, h1, h2, h3, h4, h5, h6, h7)
+            sm = pick(j, sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7)
+            sk = pick(j, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7)
+            offs_k = (t - first) * BK + tl.arange(0, BK)
+            mask_k = offs_k < D
+            acc = tl.zeros([BN, BK], tl.float32)
+            bacc = tl.zeros([BN], tl.float32)
+            for m0 in range(0, M, BM):
+                offs_m = (m0 + tl.arange(0, BM)).to(tl.int64)
+                mask_m = offs_m < M
+                g = grad_pre_tile(go_ptr, pre_ptr, offs_m, offs_n, mask_m[:, None] & mask_n[None, :],
+                                  sgm, sgn, N, ACT)
+                a = tl.load(hp + offs_m[:, None] * sm + offs_k[None, :] * sk,
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                acc = dot_split(tl.trans(g), a, acc, PREC)
+                if HAS_BIAS:
+                    bacc += tl.sum(g, axis=0)
+            tl.store(gw_ptr + offs_n[:, None] * Dsum + (col + offs_k)[None, :],
+                     acc.to(gw_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+            if HAS_BIAS:
+                if t == 0:
+                    tl.store(gb_ptr + offs_n, bacc.to(gb_ptr.dtype.element_ty), mask=mask_n)
+        first += tiles
+        col += D
+
+
+fusion_fwd = triton.autotune(configs(FWD_CONFIGS), key=["M", "N", "K"])(fusion_fwd_kernel)
+fusion_fwd_fp32 = triton.autotune(configs(FWD_CONFIGS_FP32), key=["M", "N", "K"])(fusion_fwd_kernel)
+# One autotuner per dtype class, each over its own configs (the launcher picks by dtype).
+fusion_grad_h = triton.autotune(configs(GRAD_H_CONFIGS), key=["M", "N", "K"])(fusion_grad_h_kernel)
+fusion_grad_w = triton.autotune(configs(GRAD_W_CONFIGS), key=["M", "N", "K"])(fusion_grad_w_kernel)
+fusion_grad_h_fp32 = triton.autotune(configs(GRAD_H_CONFIGS_FP32), key=["M", "N", "K"])(fusion_grad_h_kernel)
+fusion_grad_w_fp32 = triton.autotune(configs(GRAD_W_CONFIGS_FP32), key=["M", "N", "K"])(fusion_grad_w_kernel)
+
+
+def _slots(values, fill):
+    return list(values) + [fill] * (MAX_K - len(values))
+
+
+def launch_forward(hs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   activation: str, out: torch.Tensor, pre: Optional[torch.Tensor]) -> None:
+    """Writes fusion_head(hs, ...) into out (any strides) and its fp32 pre-activation into pre
+    (contiguous) when given. At most MAX_K inputs."""
+    M, N = out.shape
+    if M == 0:
+        return
+    K = len(hs)
+    dims = [h.shape[1] for h in hs]
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))
+
+    launch(fusion_fwd_fp32 if out.dtype == torch.float32 else fusion_fwd)[grid](
+        *_slots(hs, hs[0]), *_slots(dims, 0), *_slots([h.stride(0) for h in hs], 0),
+        *_slots([h.stride(1) for h in hs], 0),
+        weight, bias if bias is not None else weight, out, pre if pre is not None else out,
+        M, N, weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
+        out.stride(0), out.stride(1),
+        K=K, HAS_BIAS=bias is not None, ACT=act_code(activation), SAVE_PRE=pre is not None,
+        PREC=dot_precision(out.dtype))
+
+
+def _forward(hs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
+             activation: str, save_pre: bool) -> List[torch.Tensor]:
+    """[out, pre]: pre is the fp32 pre-activation when save_pre and act is not "none", else empty."""
+    if len(hs) > MAX_K:
+        hs = [torch.cat(hs, dim=1)]
+    M, N = hs[0].shape[0], weight.shape[0]
+    out = torch.empty((M, N), dtype=hs[0].dtype, device=hs[0].device)
+    keep = save_pre and activation != "none"
+    pre = torch.empty((M, N) if keep else (0,), dtype=torch.float32, device=out.device)
+    launch_forward(hs, weight, bias, activation, out, pre if keep else None)
+    return [out, pre]
+
+
+def _forward_fake(hs, weight, bias, activation, save_pre):
+    M, N = hs[0].shape[0], weight.shape[0]
+    keep = save_pre and activation != "none"
+    return [hs[0].new_empty((M, N)), hs[0].new_empty((M, N) if keep else (0,), dtype=torch.float32)]
+
+
+def backward(grad_out: torch.Tensor, hs: List[torch.Tensor], weight: torch.Tensor,
+             pre: torch.Tensor, has_bias: bool, activation: str) -> List[torch.Tensor]:
+    """[grad_h_1..grad_h_K, grad_weight, grad_bias (empty without bias)]; pre as _forward saved."""
+    dims = [h.shape[1] for h in hs]
+    if len(hs) > MAX_K:
+        grads = backward(grad_out, [torch.cat(hs, dim=1)], weight, pre, has_bias, activation)
+        return [*(g.contiguous() for g in torch.split(grads[0], dims, dim=1)), grads[1], grads[2]]
+    M, N, K = grad_out.shape[0], grad_out.shape[1], len(hs)
+    dev, dtype = grad_out.device, hs[0].dtype
+    grad_hs = [torch.empty((M, d), dtype=dtype, device=dev) for d in dims]
+    grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    grad_b = torch.empty((N,) if has_bias else (0,), dtype=dtype, device=dev)
+    act_id = act_code(activation)
+    pre = pre if act_id != 0 else grad_out  # never read for "none"
+    prec = dot_precision(dtype)
+    if M > 0:
+        def grid_h(meta):
+            return (triton.cdiv(M, meta["BM"]), sum(triton.cdiv(d, meta["BK"]) for d in dims))
+
+        launch(fusion_grad_h_fp32 if dtype == torch.float32 else fusion_grad_h)[grid_h](
+            *_slots(grad_hs, grad_hs[0]), *_slots(dims, 0), grad_out, pre, weight, M, N,
+            grad_out.stride(0), grad_out.stride(1), weight.stride(0), weight.stride(1),
+            K=K, ACT=act_id, PREC=prec)
+
+    def grid_w(meta):
+        return (triton.cdiv(N, meta["BN"]), sum(triton.cdiv(d, meta["BK"]) for d in dims))
+
+    launch(fusion_grad_w_fp32 if dtype == torch.float32 else fusion_grad_w)[grid_w](
+        *_slots(hs, hs[0]), *_slots(dims, 0), *_slots([h.stride(0) for h in hs], 0),
+        *_slots([h.stride(1) for h in hs], 0), grad_out, pre, grad_w,
+        grad_b if has_bias else grad_w, M, N, grad_out.stride(0), grad_out.stride(1),
+        K=K, HAS_BIAS=has_bias, ACT=act_id, PREC=prec)
+    return [*grad_hs, grad_w, grad_b]
+
+
+def _backward_fake(grad_out, hs, weight, pre, has_bias, activation):
+    M, N = grad_out.shape
+    return [*[h.new_empty((M, h.shape[1])) for h in hs], torch.empty_like(weight),
+            weight.new_empty((N,) if has_bias else (0,))]
+
+
+fusion_head_op = define_op("fusion_head", _forward, _forward_fake)
+fusion_head_backward_op = define_op("fusion_head_backward", backward, _backward_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    hs, weight, bias, activation, save_pre = inputs
+    ctx.save_for_backward(*hs, weight, output[1])
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+    ctx.k = len(hs)
+
+
+def _autograd_backward(ctx, grads):
+    saved = ctx.saved_tensors
+    hs, weight, pre = list(saved[:ctx.k]), saved[ctx.k], saved[ctx.k + 1]
+    grad_out = grads[0]
+    out = fusion_head_backward_op(grad_out, hs, weight, pre, ctx.has_bias, ctx.activation)
+    grad_hs, grad_w, grad_b = out[:ctx.k], out[ctx.k], out[ctx.k + 1]
+    return list(grad_hs), grad_w, grad_b if ctx.has_bias else None, None, None
+
+
+fusion_head_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def fusion_head(hs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                activation: str = "relu") -> torch.Tensor:
+    return fusion_head_op(list(hs), weight, bias, activation, needs_grad(*hs, weight, bias))[0]

@@ -1,0 +1,89 @@
+"""Every Triton kernel, for every autotune config, compiles ahead of time for sm_80 and sm_90 with
+no GPU; the result has no register spills, shared memory within the arch's limit, and tensor-core
+instructions where the kernel does matrix work.
+
+What each tensor-core assertion covers:
+- bf16 (every config): sm_80 PTX holds mma.sync; sm_90 holds wgmma where the dot's M tile is >= 64
+  with >= 4 warps (Hopper's warpgroup MMA needs that), else mma.sync (refine_step's 16/32-row tiles).
+- fp32 default (input_precision="ieee", every config): no mma/wgmma at all (exact FMA dots).
+- fp32 with tf32 allowed (PF_KERNELS_TRITON_TF32=1; the matrix kernels): as bf16.
+The backproj_concat kernels (a GEMV per batch row, a reduction) do no matrix work: only compile,
+spills and shared memory are checked there.
+
+The compiles run in subprocesses (python -m pf_kernels.triton.aot) without TRITON_INTERPRET: the
+interpreter, switched on for this session by conftest, makes the kernels uncompilable in-process.
+"""
+import importlib
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+if not PTXAS.exists():
+    pytest.skip(f"no ptxas shipped with triton at {PTXAS}", allow_module_level=True)
+
+aot = importlib.import_module("pf_kernels.triton.aot")
+ARCHS = (80, 90)
+MATRIX = [name for name, *_, matrix, _ in aot._kernel_specs("bfloat16") if matrix]
+# (dtype, tf32, kernels or None for all)
+VARIANTS = [("bfloat16", False, None), ("float32", False, None), ("float32", True, MATRIX)]
+
+
+def _cases():
+    for dtype, tf32, only in VARIANTS:
+        for name, _kernel, cfgs, *_ in aot._kernel_specs(dtype, tf32):
+            if only is None or name in only:
+                for arch in ARCHS:
+                    for index in range(len(cfgs)):
+                        tag = f"sm{arch}-{'tf32' if tf32 else dtype}-{name}-c{index}"
+                        yield pytest.param(arch, dtype, tf32, name, index, id=tag)
+
+
+def _run(job, cache_dir):
+    arch, dtype, tf32, only = job
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(cache_dir / f"sm{arch}-{dtype}-{tf32}")
+    cmd = [sys.executable, "-m", "pf_kernels.triton.aot", "--arch", str(arch), "--dtype", dtype]
+    if tf32:
+        cmd.append("--tf32")
+    if only:
+        cmd += ["--only", *only]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("triton-cache")
+    jobs = [(arch, dtype, tf32, only) for dtype, tf32, only in VARIANTS for arch in ARCHS]
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two cores: two compiler processes
+        results = list(pool.map(lambda job: _run(job, cache), jobs))
+    return {(r["arch"], r["dtype"], r["tf32"], r["kernel"], r["config"]): r
+            for batch in results for r in batch}
+
+
+@pytest.mark.parametrize("arch,dtype,tf32,kernel,config", list(_cases()))
+def test_compiles_without_spills_with_tensor_cores(records, arch, dtype, tf32, kernel, config):
+    r = records[(arch, dtype, tf32, kernel, config)]
+    where = f"{kernel} config {config} {r['meta']} on sm_{arch} ({dtype}{', tf32' if tf32 else ''})"
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0, \
+        f"{where}: {r['regs']} registers, spills {r['spill_stores']} B stored / {r['spill_loads']} B loaded"
+    assert 0 < r["regs"] <= 255, where
+    assert r["shared"] <= r["shared_limit"], f"{where}: {r['shared']} B shared > {r['shared_limit']} B"
+    if not r["matrix"]:
+        return
+    if dtype == "float32" and not tf32:
+        assert not r["mma"] and not r["wgmma"], f"{where}: exact fp32 dots must not use tensor cores"
+    elif arch == 90 and r["dot_m"] >= 64 and r["meta"].get("num_warps", 4) >= 4:
+        assert r["wgmma"], f"{where}: no wgmma in the PTX"
+    else:
+        assert r["mma"], f"{where}: no mma.sync in the PTX"
