@@ -30,14 +30,15 @@ inline Activation parse_activation(const std::string& name) {
 // T is float or double (accumulation types): std:: overloads on the host, CUDA's on the device.
 template <typename T>
 PF_HOST_DEVICE T activate(T y, Activation act) {
-  using std::erf;
+  using std::erfc;
   using std::exp;
   using std::tanh;
   switch (act) {
     case Activation::Relu:
       return y > T(0) ? y : T(0);
     case Activation::Gelu:
-      return T(0.5) * y * (T(1) + erf(y * T(0.70710678118654752440)));
+      // erfc, not 1 + erf: no cancellation for y << 0, where gelu(y) is tiny.
+      return T(0.5) * y * erfc(-y * T(0.70710678118654752440));
     case Activation::Tanh:
       return tanh(y);
     case Activation::Sigmoid:
@@ -50,14 +51,14 @@ PF_HOST_DEVICE T activate(T y, Activation act) {
 // d act(y) / dy at the pre-activation y.
 template <typename T>
 PF_HOST_DEVICE T activation_grad(T y, Activation act) {
-  using std::erf;
+  using std::erfc;
   using std::exp;
   using std::tanh;
   switch (act) {
     case Activation::Relu:
       return y > T(0) ? T(1) : T(0);
     case Activation::Gelu: {
-      const T cdf = T(0.5) * (T(1) + erf(y * T(0.70710678118654752440)));
+      const T cdf = T(0.5) * erfc(-y * T(0.70710678118654752440));
       const T pdf = exp(T(-0.5) * y * y) * T(0.39894228040143267794);  // 1/sqrt(2 pi)
       return cdf + y * pdf;
     }
@@ -69,6 +70,22 @@ PF_HOST_DEVICE T activation_grad(T y, Activation act) {
       const T s = T(1) / (T(1) + exp(-y));
       return s * (T(1) - s);
     }
+    default:
+      return T(1);
+  }
+}
+
+// d act / dy from the activation's output a = act(y), as eager autograd does (exact while a is
+// held in the accumulation type); gelu cannot be recovered from its output and needs y.
+template <typename T>
+PF_HOST_DEVICE T grad_from_activated(T a, Activation act) {
+  switch (act) {
+    case Activation::Relu:
+      return a > T(0) ? T(1) : T(0);
+    case Activation::Tanh:
+      return T(1) - a * a;
+    case Activation::Sigmoid:
+      return a * (T(1) - a);
     default:
       return T(1);
   }

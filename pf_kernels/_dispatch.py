@@ -116,8 +116,9 @@ def resolve_backend(backend: str, op: str, device: torch.device, dtype: torch.dt
     """The name of the backend that serves `op` on tensors of this device and dtype."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    # Memoised: what a backend serves does not change within a process, only the environment can.
-    key = (backend, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), op, device.type, dtype)
+    # Memoised: what a backend serves does not change within a process, only the environment can
+    # (TRITON_INTERPRET is read once: triton itself reads it when triton.language is imported).
+    key = (backend, os.environ.get(ENV_VAR) if backend == "auto" else None, op, device.type, dtype)
     name = _RESOLVED.get(key)
     if name is None:
         name = _resolve(backend, op, device, dtype)

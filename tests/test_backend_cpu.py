@@ -131,3 +131,24 @@ def test_inference_mode_and_no_grad():
             torch.testing.assert_close(out, reference.backproj_concat(x, z, w, b))
             torch.testing.assert_close(pk.fusion_head(hs, hw, hb, backend=BACKEND),
                                        reference.fusion_head(hs, hw, hb))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_activation_header_matches_torch(activation, dtype):
+    """csrc/activations.h, the per-element math the CUDA kernels inline, against torch's autograd."""
+    if os.environ.get("PF_KERNELS_SKIP_EXTENSION") == "1":
+        pytest.skip("built without the extension on purpose")
+    import pf_kernels._backend_cpu  # noqa: F401  (loads pf_kernels._C)
+    # Fresh values across the range that matters, saturation included; exact zero for relu's kink.
+    y = torch.cat([torch.randn(997, dtype=dtype) * 4, torch.tensor([-30.0, -8.0, 8.0, 30.0], dtype=dtype)])
+    y = y[y != 0].clone().requires_grad_()
+    value, grad, grad_from_value = torch.ops.pf_kernels._activation_reference(y.detach(), activation)
+    y64 = y.detach().double().requires_grad_()  # the truth, in float64
+    expected = reference.apply_activation(y64, activation)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), y64)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(value.double(), expected.detach(), **tol)
+    torch.testing.assert_close(grad.double(), expected_grad, **tol)
+    if activation != "gelu":  # gelu's derivative cannot be read off its output
+        torch.testing.assert_close(grad_from_value.double(), expected_grad, **tol)

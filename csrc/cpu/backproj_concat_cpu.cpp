@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "activations.h"
+#include "cpu/activation_ops.h"
 #include "checks.h"
 
 namespace pf_kernels {
@@ -78,31 +79,16 @@ at::Tensor backproj_concat_cpu(const at::Tensor& x, const at::Tensor& z, const a
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "backproj_concat_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor y = pre_activation<scalar_t, acc_t>(z, weight, bias, acc);  // (B, Dc), tiny next to out
-    const acc_t* y_ptr = y.data_ptr<acc_t>();
+    // The context, once per batch row: (B, Dc), small next to the output.
+    at::Tensor y = pre_activation<scalar_t, acc_t>(z, weight, bias, acc);
+    activate_inplace(y, act);
+    const at::Tensor context = y.to(x.scalar_type());
+    const scalar_t* c_ptr = context.data_ptr<scalar_t>();
     const scalar_t* x_ptr = x_rows.data_ptr<scalar_t>();
     const int64_t x_stride = x_rows.stride(0);
     scalar_t* o_ptr = out.data_ptr<scalar_t>();
-    const int64_t grain = grain_for(D);
-    if (positions == 1) {
-      // One row per batch row: the context goes straight from y into the output.
-      at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          scalar_t* __restrict__ o = o_ptr + r * D;
-          copy_row(o, x_ptr + r * x_stride, Dx);
-          const acc_t* __restrict__ yr = y_ptr + r * Dc;
-          for (int64_t c = 0; c < Dc; ++c) o[Dx + c] = static_cast<scalar_t>(activate<acc_t>(yr[c], act));
-        }
-      });
-      return;
-    }
-    // The context in the output dtype, computed once per batch row, then copied to every position.
-    at::Tensor context = at::empty({B, Dc}, x.options());
-    scalar_t* c_ptr = context.data_ptr<scalar_t>();
-    at::parallel_for(0, B * Dc, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) c_ptr[i] = static_cast<scalar_t>(activate<acc_t>(y_ptr[i], act));
-    });
-    at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
+    // Then one pass writing every concatenated row.
+    at::parallel_for(0, n_rows, grain_for(D), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* o = o_ptr + r * D;
         copy_row(o, x_ptr + r * x_stride, Dx);
@@ -111,21 +97,6 @@ at::Tensor backproj_concat_cpu(const at::Tensor& x, const at::Tensor& z, const a
     });
   });
   return out;
-}
-
-// d act / dy from the activation's output a = act(y), as eager PyTorch does.
-template <typename acc_t>
-inline acc_t grad_from_output(acc_t a, Activation act) {
-  switch (act) {
-    case Activation::Relu:
-      return a > acc_t(0) ? acc_t(1) : acc_t(0);
-    case Activation::Tanh:
-      return acc_t(1) - a * a;
-    case Activation::Sigmoid:
-      return a * (acc_t(1) - a);
-    default:
-      return acc_t(1);
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cpu(
@@ -148,27 +119,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cpu(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "backproj_concat_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // grad_y = (grad_out's last Dc features summed over positions) * act'(y), one pass over grad_out.
-    at::Tensor grad_y = at::empty({B, Dc}, grad_out.options().dtype(acc));
-    acc_t* gy_ptr = grad_y.data_ptr<acc_t>();
-    if (positions == 0) {
-      grad_y.zero_();
-    } else {
+    // The context's gradient: grad_out's last Dc features summed over positions, one pass.
+    at::Tensor grad_c = at::zeros({B, Dc}, grad_out.options().dtype(acc));
+    if (positions > 0) {
+      acc_t* gc_ptr = grad_c.data_ptr<acc_t>();
       const at::Tensor g = grad_out.reshape({B, positions, D}).narrow(-1, x_features, Dc);
-      const at::Tensor a = out.reshape({B, positions, D}).select(1, 0).narrow(-1, x_features, Dc);
-      // act' from the saved output where it holds act(y) exactly (fp32/fp64); from y itself for gelu
-      // and for 16-bit outputs, whose rounding loses 1 - a^2 near saturation (a tiny (B, Dc) GEMM).
-      const bool from_y = act == Activation::Gelu || !std::is_same<scalar_t, acc_t>::value;
-      const at::Tensor y = from_y ? pre_activation<scalar_t, acc_t>(z, weight, bias, acc) : at::Tensor();
       const scalar_t* g_ptr = g.data_ptr<scalar_t>();
-      const scalar_t* a_ptr = a.data_ptr<scalar_t>();
-      const int64_t sb = g.stride(0), sp = g.stride(1), sc = g.stride(2), ab = a.stride(0), ac = a.stride(1);
-      at::parallel_for(0, B, grain_for(positions * Dc),
-                       [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> sum(Dc);
+      const int64_t sb = g.stride(0), sp = g.stride(1), sc = g.stride(2);
+      at::parallel_for(0, B, grain_for(positions * Dc), [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
-          std::fill(sum.begin(), sum.end(), acc_t(0));
-          acc_t* __restrict__ s = sum.data();
+          acc_t* __restrict__ s = gc_ptr + b * Dc;
           for (int64_t p = 0; p < positions; ++p) {
             const scalar_t* __restrict__ row = g_ptr + b * sb + p * sp;
             if (sc == 1) {
@@ -177,15 +137,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cpu(
               for (int64_t c = 0; c < Dc; ++c) s[c] += static_cast<acc_t>(row[c * sc]);
             }
           }
-          for (int64_t c = 0; c < Dc; ++c) {
-            const acc_t d = from_y
-                                ? activation_grad<acc_t>(y.data_ptr<acc_t>()[b * Dc + c], act)
-                                : grad_from_output<acc_t>(static_cast<acc_t>(a_ptr[b * ab + c * ac]), act);
-            gy_ptr[b * Dc + c] = s[c] * d;
-          }
         }
       });
     }
+    // grad_y = grad_c * act'(y): act' from the saved output where it holds act(y) exactly
+    // (fp32/fp64), as eager autograd does; from y itself for gelu and for 16-bit outputs, whose
+    // rounding loses 1 - a^2 near saturation (a small (B, Dc) GEMM).
+    const bool from_y = act == Activation::Gelu || !std::is_same<scalar_t, acc_t>::value;
+    at::Tensor grad_y = grad_c;
+    if (act != Activation::None && B > 0 && positions > 0) {
+      const at::Tensor source = from_y ? pre_activation<scalar_t, acc_t>(z, weight, bias, acc)
+                                       : out.reshape({B, positions, D}).select(1, 0).narrow(-1, x_features, Dc);
+      grad_y = activation_backward(grad_c, source, act, from_y).contiguous();
+    }
+    const acc_t* gy_ptr = grad_y.data_ptr<acc_t>();
     if (B * Dc * Dz > kSmallGemm) {
       grad_z = at::mm(grad_y, weight.to(acc)).to(dtype);
       grad_weight = at::mm(grad_y.t(), z.to(acc)).to(dtype);

@@ -17,22 +17,6 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// d act / dy from the activation's output a = act(y), as eager PyTorch does; gelu needs y itself
-// and is handled by the callers with activation_grad().
-template <typename acc_t>
-__device__ __forceinline__ acc_t grad_from_activated(acc_t a, Activation act) {
-  switch (act) {
-    case Activation::Relu:
-      return a > acc_t(0) ? acc_t(1) : acc_t(0);
-    case Activation::Tanh:
-      return acc_t(1) - a * a;
-    case Activation::Sigmoid:
-      return a * (acc_t(1) - a);
-    default:
-      return acc_t(1);
-  }
-}
-
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Enough blocks to fill the GPU a few times over.
