@@ -219,6 +219,43 @@ def _retarget_backend(gm: fx.GraphModule, backend: str) -> int:
     return changed
 
 
+class _LeafTracer(fx.Tracer):
+    """fx's tracer, with some of the user's submodules kept as opaque calls."""
+
+    def __init__(self, leaves):
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return id(m) in self.leaves or super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(module: nn.Module, leaves=frozenset()) -> fx.GraphModule:
+    tracer = _LeafTracer(leaves)
+    graph = tracer.trace(module)
+    return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+def _untraceable_children(module: nn.Module) -> Dict[str, nn.Module]:
+    """The user's own submodules (containers looked into) that fx cannot trace on their own, by
+    qualified name; the outermost such module only."""
+    found: Dict[str, nn.Module] = {}
+    for name, child in module.named_modules():
+        if not name or any(name.startswith(f"{outer}.") for outer in found):
+            continue
+        if type(child).__module__.startswith("torch.nn") or isinstance(child, (BackProjection, FusionHead)):
+            continue
+        try:
+            _trace(child)
+        except Exception:  # fx raises many kinds
+            found[name] = child
+    return found
+
+
+def _short(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}" if str(exc) else type(exc).__name__
+
+
 def _convert_module(module: nn.Module, backend: str, report: ConversionReport, where: str) -> nn.Module:
     if isinstance(module, (BackProjection, FusionHead, ProgressiveFusion)):
         return module
@@ -229,17 +266,36 @@ def _convert_module(module: nn.Module, backend: str, report: ConversionReport, w
     # Library modules are leaves: nothing of ours inside them.
     if type(module).__module__.startswith("torch.nn"):
         return module
+    label = where or type(module).__name__
     try:
-        gm = fx.symbolic_trace(module)
+        gm = _trace(module)
     except Exception as exc:  # fx raises many kinds; the model stays as it was
-        report.left_alone.append(f"{where or type(module).__name__}: torch.fx cannot trace {type(module).__name__} "
-                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); trying its children")
-        for name, child in list(module.named_children()):
+        # Often only a child is untraceable (an encoder with an `if` on a shape): keep such
+        # children as opaque calls, trace the rest, and convert inside those children separately.
+        opaque = _untraceable_children(module)
+        gm = None
+        if opaque:
+            try:
+                gm = _trace(module, {id(child) for child in opaque.values()})
+            except Exception:
+                gm = None
+        if gm is None:
+            report.left_alone.append(f"{label}: torch.fx cannot trace {type(module).__name__} ({_short(exc)}); "
+                                     "trying its children")
+            for name, child in list(module.named_children()):
+                new = _convert_module(child, backend, report, f"{where}.{name}" if where else name)
+                if new is not child:
+                    setattr(module, name, new)
+            return module
+        report.left_alone.append(f"{label}: torch.fx cannot trace {', '.join(opaque)} "
+                                 f"({type(module).__name__}'s children; {_short(exc)}): kept as opaque calls, "
+                                 "converted inside separately")
+        for name, child in opaque.items():
             new = _convert_module(child, backend, report, f"{where}.{name}" if where else name)
             if new is not child:
-                setattr(module, name, new)
-        return module
-    if _rewrite_graph(gm, backend, report, where or type(module).__name__):
+                module.set_submodule(name, new)
+                gm.set_submodule(name, new)
+    if _rewrite_graph(gm, backend, report, label):
         return gm
     return module
 

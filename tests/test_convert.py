@@ -143,6 +143,49 @@ def test_untraceable_model_is_left_working_and_children_converted():
     torch.testing.assert_close(converted(*args), expected)
 
 
+class PoolingEncoder(nn.Module):
+    """An encoder fx cannot trace (an `if` on a proxy), inside a ModuleList."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.net = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        y = self.net(x)
+        return y.mean(1) if y.dim() > 2 else y
+
+
+class ModelWithUntraceableEncoders(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoders = nn.ModuleList([PoolingEncoder(5 + 3, 8), PoolingEncoder(4 + 3, 8)])
+        self.fusion = nn.Linear(16, 6)
+        self.back = nn.ModuleList([nn.Linear(6, 3), nn.Linear(6, 3)])
+
+    def forward(self, vec, seq):
+        ctx = [vec.new_zeros(vec.shape[0], 3), seq.new_zeros(seq.shape[0], seq.shape[1], 3)]
+        for _ in range(2):
+            hs = [self.encoders[0](torch.cat([vec, ctx[0]], -1)), self.encoders[1](torch.cat([seq, ctx[1]], -1))]
+            z = torch.tanh(self.fusion(torch.cat(hs, -1)))
+            ctx = [torch.relu(self.back[0](z)),
+                   torch.relu(self.back[1](z)).unsqueeze(1).expand(-1, seq.shape[1], -1)]
+        return z
+
+
+def test_untraceable_children_are_kept_opaque_and_the_rest_rewritten():
+    model = ModelWithUntraceableEncoders()
+    original_state = {k: v.clone() for k, v in model.state_dict().items()}
+    reference_model = ModelWithUntraceableEncoders()
+    reference_model.load_state_dict(original_state)
+    converted, report = pk.convert(model)
+    assert isinstance(converted, fx.GraphModule)
+    assert fused_calls(converted).count(fused_fusion_head) == 2
+    assert fused_calls(converted).count(fused_backproj_concat) == 2
+    assert any("kept as opaque calls" in note for note in report.left_alone)
+    assert_same_outputs_and_grads(reference_model, converted, inputs())
+    reference_model.load_state_dict(converted.state_dict())
+
+
 def test_pf_kernels_modules_get_the_backend():
     encoders = [nn.Linear(4 + 2, 6), nn.Linear(3 + 2, 6)]
     model = ProgressiveFusion(encoders, [6, 6], 5, 2)
