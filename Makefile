@@ -9,14 +9,15 @@ BENCH_ARGS ?=
 
 .PHONY: test bench build clean
 
+# The package is installed editable without its extension: `build` builds pf_kernels._C once, in place.
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	PF_KERNELS_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
 	touch $@
 
-# Rebuilds pf_kernels._C in place when csrc/ changes (ninja recompiles only what changed).
+# Builds pf_kernels._C in place, and again when csrc/ changes (ninja recompiles only what changed).
 build: $(VENV)/.deps
 	$(PY) setup.py -q build_ext --inplace
 
