@@ -102,16 +102,8 @@ at::Tensor backproj_concat_cpu(const at::Tensor& x, const at::Tensor& z, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& z, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, c10::string_view activation_name, int64_t x_features) {
-  check_floating(grad_out, "grad_out");
-  check_like(out, grad_out, "out", "grad_out");
-  check_like(z, grad_out, "z", "grad_out");
-  TORCH_CHECK(z.dim() == 2, "pf_kernels: z must be (B, Dz), got ", z.sizes());
-  check_linear(weight, bias, z.size(1), grad_out, "grad_out");
+  check_backproj_concat_backward(grad_out, out, z, weight, bias, x_features);
   const int64_t B = z.size(0), Dz = z.size(1), Dc = weight.size(0), D = x_features + Dc;
-  TORCH_CHECK(grad_out.dim() >= 2 && grad_out.size(0) == B && grad_out.size(-1) == D &&
-                  out.sizes() == grad_out.sizes(),
-              "pf_kernels: grad_out and out must be (", B, ", *positions, ", D, "), got ", grad_out.sizes(),
-              " and ", out.sizes());
   const Activation act = parse_activation(std::string(activation_name));
   const at::ScalarType dtype = grad_out.scalar_type(), acc = at::toOpMathType(dtype);
   const int64_t positions = B > 0 && D > 0 ? grad_out.numel() / (B * D) : 0;

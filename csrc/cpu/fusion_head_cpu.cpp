@@ -49,14 +49,7 @@ at::Tensor fusion_head_cpu(at::TensorList hs, const at::Tensor& weight, const c1
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward_cpu(
     const at::Tensor& grad_out, at::TensorList hs, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& out, c10::string_view activation_name) {
-  const int64_t in_features = check_fusion_head(hs, weight, bias);
-  const int64_t B = hs[0].size(0), Dz = weight.size(0);
-  check_like(grad_out, hs[0], "grad_out", "hs[0]");
-  check_like(out, hs[0], "out", "hs[0]");
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == B && grad_out.size(1) == Dz &&
-                  out.sizes() == grad_out.sizes(),
-              "pf_kernels: grad_out and out must be (", B, ", ", Dz, "), got ", grad_out.sizes(), " and ",
-              out.sizes());
+  const int64_t in_features = check_fusion_head_backward(grad_out, hs, weight, bias, out);
   const Activation act = parse_activation(std::string(activation_name));
   const at::ScalarType dtype = hs[0].scalar_type(), acc = at::toOpMathType(dtype);
   const at::Tensor h = gather_inputs(hs, in_features, acc), w = weight.to(acc);

@@ -204,17 +204,9 @@ at::Tensor backproj_concat_cuda(const at::Tensor& x, const at::Tensor& z, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& z, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, c10::string_view activation_name, int64_t x_features) {
-  check_floating(grad_out, "grad_out");
-  check_like(out, grad_out, "out", "grad_out");
-  check_like(z, grad_out, "z", "grad_out");
-  TORCH_CHECK(z.dim() == 2, "pf_kernels: z must be (B, Dz), got ", z.sizes());
-  check_linear(weight, bias, z.size(1), grad_out, "grad_out");
+  check_backproj_concat_backward(grad_out, out, z, weight, bias, x_features);
   TORCH_CHECK(grad_out.is_cuda(), "pf_kernels: backproj_concat_backward (CUDA) needs CUDA tensors");
   const int64_t B = z.size(0), Dz = z.size(1), Dc = weight.size(0), D = x_features + Dc;
-  TORCH_CHECK(grad_out.dim() >= 2 && grad_out.size(0) == B && grad_out.size(-1) == D &&
-                  out.sizes() == grad_out.sizes(),
-              "pf_kernels: grad_out and out must be (", B, ", *positions, ", D, "), got ", grad_out.sizes(),
-              " and ", out.sizes());
   const Activation act = parse_activation(std::string(activation_name));
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const at::ScalarType dtype = grad_out.scalar_type(), acc = at::toOpMathType(dtype);

@@ -298,14 +298,8 @@ __global__ void __launch_bounds__(256)
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward_cuda(
     const at::Tensor& grad_out, at::TensorList hs, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& out, c10::string_view activation_name) {
-  const int64_t in_features = check_fusion_head(hs, weight, bias);
+  const int64_t in_features = check_fusion_head_backward(grad_out, hs, weight, bias, out);
   const int64_t B = hs[0].size(0), Dz = weight.size(0);
-  check_like(grad_out, hs[0], "grad_out", "hs[0]");
-  check_like(out, hs[0], "out", "hs[0]");
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == B && grad_out.size(1) == Dz &&
-                  out.sizes() == grad_out.sizes(),
-              "pf_kernels: grad_out and out must be (", B, ", ", Dz, "), got ", grad_out.sizes(), " and ",
-              out.sizes());
   TORCH_CHECK(grad_out.is_cuda(), "pf_kernels: fusion_head_backward (CUDA) needs CUDA tensors");
   const Activation act = parse_activation(std::string(activation_name));
   const c10::cuda::CUDAGuard guard(grad_out.device());
