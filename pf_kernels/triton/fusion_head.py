@@ -69,16 +69,11 @@ def pick(J: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
 
 
 @triton.jit
-def fusion_fwd_kernel(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
-                      sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
-                      w_ptr, b_ptr, out_ptr, pre_ptr, M, N, swn, swk, sb, som, son,
-                      K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                      SAVE_PRE: tl.constexpr, PREC: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    offs_m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    offs_n = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+def head_tile(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
+              sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
+              w_ptr, swn, swk, offs_m, mask_m, offs_n, mask_n,
+              K: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """[h_0..h_{K-1}] @ W.T on one (rows, outputs) tile in fp32, each input read from its own pointer."""
     acc = tl.zeros([BM, BN], tl.float32)
     col = 0  # first column of input j in W
     for j in tl.static_range(K):
@@ -95,6 +90,23 @@ def fusion_fwd_kernel(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6
                          mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc = dot(a, wt, acc, PREC)
         col += D
+    return acc
+
+
+@triton.jit
+def fusion_fwd_kernel(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
+                      sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
+                      w_ptr, b_ptr, out_ptr, pre_ptr, M, N, swn, swk, sb, som, son,
+                      K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                      SAVE_PRE: tl.constexpr, PREC: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    offs_m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    offs_n = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = head_tile(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
+                    sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
+                    w_ptr, swn, swk, offs_m, mask_m, offs_n, mask_n, K, PREC, BM, BN, BK)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n * sb, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]

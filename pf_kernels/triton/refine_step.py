@@ -20,7 +20,7 @@ from ._activations import act
 from ._common import act_code, configs, define_op, dot_precision, launch, positions
 from ._matmul import dot
 from .backproj_concat import backproj_concat_backward_op, backproj_concat_op, position_offsets
-from .fusion_head import MAX_K, fusion_head_backward_op, fusion_head_op, needs_grad, pick
+from .fusion_head import MAX_K, fusion_head_backward_op, fusion_head_op, head_tile, needs_grad
 
 MAX_DZ = 128  # z rows live in registers: [BM, Dz] fp32 and the [Dz, BC] weight tiles
 MAX_MODALITIES = 4
@@ -70,22 +70,9 @@ def refine_step_kernel(
     offs_z = tl.arange(0, BZ)
     mask_z = offs_z < Dz
     # z rows in registers: the fusion head over the K inputs.
-    acc = tl.zeros([BM, BZ], tl.float32)
-    col = 0
-    for j in tl.static_range(K):
-        hp = pick(j, h0, h1, h2, h3, h4, h5, h6, h7)
-        D = pick(j, D0, D1, D2, D3, D4, D5, D6, D7)
-        sm = pick(j, sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7)
-        sk = pick(j, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7)
-        for k0 in range(0, D, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            mask_k = offs_k < D
-            a = tl.load(hp + offs_m[:, None] * sm + offs_k[None, :] * sk,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            wt = tl.load(hw_ptr + offs_z[None, :] * shn + (col + offs_k)[:, None] * shk,
-                         mask=mask_k[:, None] & mask_z[None, :], other=0.0)
-            acc = dot(a, wt, acc, PREC)
-        col += D
+    acc = head_tile(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
+                    sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
+                    hw_ptr, shn, shk, offs_m, mask_m, offs_z, mask_z, K, PREC, BM, BZ, BK)
     if HAS_HEAD_BIAS:
         acc += tl.load(hb_ptr + offs_z * shb, mask=mask_z, other=0.0).to(tl.float32)[None, :]
     zq = act(acc, HEAD_ACT).to(z_ptr.dtype.element_ty)  # the back-projections read z as returned
