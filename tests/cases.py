@@ -8,6 +8,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+import pf_kernels as pk
 from pf_kernels import reference
 
 ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")
@@ -132,3 +133,33 @@ FUSION_SHAPES = [
     (17, (16, 1, 31, 8), 13),
     (1, (6, 6), 33),
 ]
+
+
+def backproj_call(backend: str, activation: str) -> Callable:
+    """backproj_concat on one backend, as a function of (x, z, weight, bias)."""
+    return lambda x, z, w, b: pk.backproj_concat(x, z, w, b, activation, backend=backend)
+
+
+def fusion_call(backend: str, activation: str) -> Callable:
+    """fusion_head on one backend, as a function of (weight, bias, *hs)."""
+    return lambda w, b, *hs: pk.fusion_head(list(hs), w, b, activation, backend=backend)
+
+
+def assert_refine_step_matches_reference(backend: str, activation: str, device="cpu") -> None:
+    """refine_step over three modalities (vector, sequence, image; one without a bias), forward and
+    every gradient, against the reference."""
+    hs, hw, hb = fusion_inputs(3, (4, 5, 6), 7, device=device)
+    xs = [torch.randn(3, 4, device=device), torch.randn(3, 5, 2, device=device),
+          torch.randn(3, 2, 3, 4, device=device)]
+    ws = [torch.randn(c, 7, device=device) * 0.4 for c in (2, 3, 1)]
+    bs = [torch.randn(2, device=device), None, torch.randn(1, device=device)]
+    for t in [*xs, *ws, bs[0], bs[2]]:
+        t.requires_grad_(True)
+
+    def step(name):
+        def run(hw_, hb_, *rest):
+            h, x, w = list(rest[:3]), list(rest[3:6]), list(rest[6:9])
+            return pk.refine_step(h, hw_, hb_, x, w, [rest[9], None, rest[10]], "tanh", activation, backend=name)
+        return run
+
+    assert_matches_reference(step(backend), step("torch"), (hw, hb, *hs, *xs, *ws, bs[0], bs[2]))

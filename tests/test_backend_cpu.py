@@ -8,7 +8,8 @@ import torch
 import pf_kernels as pk
 from pf_kernels import reference
 from tests.cases import (ACTIVATIONS, BACKPROJ_SHAPES, FUSION_SHAPES, assert_matches_reference,
-                         backproj_inputs, fusion_inputs)
+                         assert_refine_step_matches_reference, backproj_call, backproj_inputs,
+                         fusion_call, fusion_inputs)
 
 BACKEND = "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -23,14 +24,6 @@ def test_cpu_backend_is_built_and_picked_by_auto():
     assert resolve_backend("auto", "backproj_concat", torch.device("cpu"), torch.float32) == "cpu"
 
 
-def backproj(backend, activation):
-    return lambda x, z, w, b: pk.backproj_concat(x, z, w, b, activation, backend=backend)
-
-
-def fusion(backend, activation):
-    return lambda w, b, *hs: pk.fusion_head(list(hs), w, b, activation, backend=backend)
-
-
 @pytest.mark.parametrize("shape", BACKPROJ_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("noncontiguous", [False, True], ids=["contig", "strided"])
@@ -39,8 +32,8 @@ def test_backproj_concat(shape, dtype, noncontiguous):
     for activation in ACTIVATIONS:
         for bias in (True, False):
             args = backproj_inputs(B, S, Dx, Dz, Dc, bias, dtype, noncontiguous=noncontiguous)
-            assert_matches_reference(backproj(BACKEND, activation),
-                                     backproj("torch", activation), args)
+            assert_matches_reference(backproj_call(BACKEND, activation),
+                                     backproj_call("torch", activation), args)
 
 
 @pytest.mark.parametrize("shape", FUSION_SHAPES, ids=str)
@@ -51,26 +44,12 @@ def test_fusion_head(shape, dtype, noncontiguous):
     for activation in ACTIVATIONS:
         for bias in (True, False):
             hs, w, b = fusion_inputs(B, dims, Dz, bias, dtype, noncontiguous=noncontiguous)
-            assert_matches_reference(fusion(BACKEND, activation), fusion("torch", activation), (w, b, *hs))
+            assert_matches_reference(fusion_call(BACKEND, activation), fusion_call("torch", activation), (w, b, *hs))
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_refine_step(activation):
-    hs, hw, hb = fusion_inputs(3, (4, 5, 6), 7)
-    xs = [torch.randn(3, 4), torch.randn(3, 5, 2), torch.randn(3, 2, 3, 4)]
-    ws = [torch.randn(c, 7) * 0.4 for c in (2, 3, 1)]
-    bs = [torch.randn(2), None, torch.randn(1)]
-    for t in [*xs, *ws, bs[0], bs[2]]:
-        t.requires_grad_(True)
-
-    def step(backend):
-        def run(hw_, hb_, *rest):
-            h, x, w = list(rest[:3]), list(rest[3:6]), list(rest[6:9])
-            return pk.refine_step(h, hw_, hb_, x, w, [rest[9], None, rest[10]], "tanh", activation,
-                                  backend=backend)
-        return run
-
-    assert_matches_reference(step(BACKEND), step("torch"), (hw, hb, *hs, *xs, *ws, bs[0], bs[2]))
+    assert_refine_step_matches_reference(BACKEND, activation)
 
 
 def test_only_x_needs_grad():
@@ -86,18 +65,18 @@ def test_only_x_needs_grad():
 @pytest.mark.parametrize("activation", ["none", "gelu", "tanh", "sigmoid"])
 def test_gradcheck_float64(activation):
     args = backproj_inputs(2, (3, 2), 3, 4, 2, True, torch.float64)
-    assert torch.autograd.gradcheck(backproj(BACKEND, activation), args)
+    assert torch.autograd.gradcheck(backproj_call(BACKEND, activation), args)
     args = backproj_inputs(2, (3,), 3, 4, 2, False, torch.float64, noncontiguous=True)
-    assert torch.autograd.gradcheck(backproj(BACKEND, activation), args)
+    assert torch.autograd.gradcheck(backproj_call(BACKEND, activation), args)
     hs, w, b = fusion_inputs(3, (2, 3, 1), 4, dtype=torch.float64)
-    assert torch.autograd.gradcheck(fusion(BACKEND, activation), (w, b, *hs))
+    assert torch.autograd.gradcheck(fusion_call(BACKEND, activation), (w, b, *hs))
 
 
 def test_relu_gradcheck_away_from_the_kink():
     x, z, w, b = backproj_inputs(2, (3,), 3, 4, 2, True, torch.float64)
     with torch.no_grad():
         b.add_(torch.sign(b) * 3)  # pre-activations far from 0
-    assert torch.autograd.gradcheck(backproj(BACKEND, "relu"), (x, z, w, b))
+    assert torch.autograd.gradcheck(backproj_call(BACKEND, "relu"), (x, z, w, b))
 
 
 def test_direct_calls_of_the_cpp_ops_check_their_arguments():

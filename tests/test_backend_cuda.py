@@ -13,7 +13,8 @@ import torch
 
 import pf_kernels as pk
 from tests.cases import (ACTIVATIONS, BACKPROJ_SHAPES, FUSION_SHAPES, assert_matches_reference,
-                         backproj_inputs, fusion_inputs)
+                         assert_refine_step_matches_reference, backproj_call, backproj_inputs,
+                         fusion_call, fusion_inputs)
 
 BACKEND = "cuda"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -39,14 +40,6 @@ FUSION_EXTRA = [
 ]
 
 
-def backproj(backend, activation):
-    return lambda x, z, w, b: pk.backproj_concat(x, z, w, b, activation, backend=backend)
-
-
-def fusion(backend, activation):
-    return lambda w, b, *hs: pk.fusion_head(list(hs), w, b, activation, backend=backend)
-
-
 @needs_gpu
 def test_cuda_backend_is_built():
     info = pk.available_backends()["cuda"]
@@ -62,7 +55,7 @@ def test_backproj_concat(shape, dtype, noncontiguous):
     for activation in ACTIVATIONS:
         for bias in (True, False):
             args = backproj_inputs(B, S, Dx, Dz, Dc, bias, dtype, device="cuda", noncontiguous=noncontiguous)
-            assert_matches_reference(backproj(BACKEND, activation), backproj("torch", activation), args)
+            assert_matches_reference(backproj_call(BACKEND, activation), backproj_call("torch", activation), args)
 
 
 @needs_gpu
@@ -74,7 +67,7 @@ def test_fusion_head(shape, dtype, noncontiguous):
     for activation in ACTIVATIONS:
         for bias in (True, False):
             hs, w, b = fusion_inputs(B, dims, Dz, bias, dtype, device="cuda", noncontiguous=noncontiguous)
-            assert_matches_reference(fusion(BACKEND, activation), fusion("torch", activation), (w, b, *hs))
+            assert_matches_reference(fusion_call(BACKEND, activation), fusion_call("torch", activation), (w, b, *hs))
 
 
 @needs_gpu
@@ -90,33 +83,18 @@ def test_backproj_concat_unaligned_x_views():
 @needs_gpu
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_refine_step(activation):
-    hs, hw, hb = fusion_inputs(3, (4, 5, 6), 7, device="cuda")
-    xs = [torch.randn(3, 4, device="cuda"), torch.randn(3, 5, 2, device="cuda"),
-          torch.randn(3, 2, 3, 4, device="cuda")]
-    ws = [torch.randn(c, 7, device="cuda") * 0.4 for c in (2, 3, 1)]
-    bs = [torch.randn(2, device="cuda"), None, torch.randn(1, device="cuda")]
-    for t in [*xs, *ws, bs[0], bs[2]]:
-        t.requires_grad_(True)
-
-    def step(backend):
-        def run(hw_, hb_, *rest):
-            h, x, w = list(rest[:3]), list(rest[3:6]), list(rest[6:9])
-            return pk.refine_step(h, hw_, hb_, x, w, [rest[9], None, rest[10]], "tanh", activation,
-                                  backend=backend)
-        return run
-
-    assert_matches_reference(step(BACKEND), step("torch"), (hw, hb, *hs, *xs, *ws, bs[0], bs[2]))
+    assert_refine_step_matches_reference(BACKEND, activation, device="cuda")
 
 
 @needs_gpu
 @pytest.mark.parametrize("activation", ["none", "gelu", "tanh", "sigmoid"])
 def test_gradcheck_float64(activation):
     args = backproj_inputs(2, (3, 2), 3, 4, 2, True, torch.float64, device="cuda")
-    assert torch.autograd.gradcheck(backproj(BACKEND, activation), args)
+    assert torch.autograd.gradcheck(backproj_call(BACKEND, activation), args)
     args = backproj_inputs(2, (3,), 3, 4, 2, False, torch.float64, device="cuda", noncontiguous=True)
-    assert torch.autograd.gradcheck(backproj(BACKEND, activation), args)
+    assert torch.autograd.gradcheck(backproj_call(BACKEND, activation), args)
     hs, w, b = fusion_inputs(3, (2, 3, 1), 4, dtype=torch.float64, device="cuda")
-    assert torch.autograd.gradcheck(fusion(BACKEND, activation), (w, b, *hs))
+    assert torch.autograd.gradcheck(fusion_call(BACKEND, activation), (w, b, *hs))
 
 
 @needs_gpu

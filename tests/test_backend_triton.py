@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 import pf_kernels as pk  # noqa: E402
 from pf_kernels import reference  # noqa: E402
 from tests.cases import (ACTIVATIONS, BACKPROJ_SHAPES, FUSION_SHAPES, assert_matches_reference,  # noqa: E402
-                         backproj_inputs, fusion_inputs, rand)
+                         backproj_call, backproj_inputs, fusion_call, fusion_inputs, rand)
 
 BACKEND = "triton"
 _info = pk.available_backends()[BACKEND]
@@ -41,14 +41,6 @@ def combos(index, count=2):
     return [COMBOS[(count * index + i) % len(COMBOS)] for i in range(count)]
 
 
-def backproj(backend, activation):
-    return lambda x, z, w, b: pk.backproj_concat(x, z, w, b, activation, backend=backend)
-
-
-def fusion(backend, activation):
-    return lambda w, b, *hs: pk.fusion_head(list(hs), w, b, activation, backend=backend)
-
-
 def test_backend_serves_this_device_and_auto_keeps_cpu():
     assert DEVICE in _info["devices"]
     from pf_kernels._dispatch import resolve_backend
@@ -65,13 +57,13 @@ def test_backproj_concat(index, shape, dtype, noncontiguous):
     B, S, Dx, Dz, Dc = shape
     for activation, bias in combos(2 * index + noncontiguous):
         args = backproj_inputs(B, S, Dx, Dz, Dc, bias, dtype, DEVICE, noncontiguous=noncontiguous)
-        assert_matches_reference(backproj(BACKEND, activation), backproj("torch", activation), args)
+        assert_matches_reference(backproj_call(BACKEND, activation), backproj_call("torch", activation), args)
 
 
 def test_backproj_concat_larger_than_one_block():
     # positions, features and Dz beyond one block of every config the interpreter runs
     args = backproj_inputs(2, (5, 9), 70, 40, 37, True, torch.float32, DEVICE, noncontiguous=True)
-    assert_matches_reference(backproj(BACKEND, "gelu"), backproj("torch", "gelu"), args)
+    assert_matches_reference(backproj_call(BACKEND, "gelu"), backproj_call("torch", "gelu"), args)
 
 
 @pytest.mark.parametrize("index,shape", list(enumerate(FUSION_SHAPES + [(5, tuple(range(1, 11)), 6)])),
@@ -83,12 +75,12 @@ def test_fusion_head(index, shape, dtype, noncontiguous):
     B, dims, Dz = shape
     for activation, bias in combos(2 * index + noncontiguous):
         hs, w, b = fusion_inputs(B, dims, Dz, bias, dtype, DEVICE, noncontiguous=noncontiguous)
-        assert_matches_reference(fusion(BACKEND, activation), fusion("torch", activation), (w, b, *hs))
+        assert_matches_reference(fusion_call(BACKEND, activation), fusion_call("torch", activation), (w, b, *hs))
 
 
 def test_fusion_head_several_tiles():
     hs, w, b = fusion_inputs(70, (40, 3, 33), 70, True, torch.float32, DEVICE, noncontiguous=True)
-    assert_matches_reference(fusion(BACKEND, "sigmoid"), fusion("torch", "sigmoid"), (w, b, *hs))
+    assert_matches_reference(fusion_call(BACKEND, "sigmoid"), fusion_call("torch", "sigmoid"), (w, b, *hs))
 
 
 def _refine_case(dtype, xs_shapes, cs, dims=(4, 5, 6), Dz=7, biases=(True, False, True), B=3,
