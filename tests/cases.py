@@ -9,7 +9,6 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 import pf_kernels as pk
-from pf_kernels import reference
 
 ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -163,3 +162,33 @@ def assert_refine_step_matches_reference(backend: str, activation: str, device="
         return run
 
     assert_matches_reference(step(backend), step("torch"), (hw, hb, *hs, *xs, *ws, bs[0], bs[2]))
+
+
+def assert_ops_compile_without_graph_breaks(backend: str, device="cpu") -> None:
+    """Every op on one backend under torch.compile(fullgraph=True): no graph break, and outputs and
+    gradients equal to eager."""
+    import torch._dynamo
+
+    x, z, w, b = backproj_inputs(3, (4,), 5, 6, 7, True, device=device)
+    hs, hw, hb = fusion_inputs(3, (3, 5), 6, device=device)
+
+    def step(x, z, w, b, hw, hb, h0, h1):
+        y = pk.backproj_concat(x, z, w, b, "gelu", backend=backend)
+        f = pk.fusion_head([h0, h1], hw, hb, "tanh", backend=backend)
+        zz, xs = pk.refine_step([h0, h1], hw, hb, [x], [w[:, :6]], [b], "relu", "sigmoid", backend=backend)
+        return y, f, zz, xs[0]
+
+    args = (x, z, w, b, hw, hb, *hs)
+
+    def outputs_and_grads(fn):
+        outs = list(fn(*args))
+        grads = torch.autograd.grad([o.sum() * 1.5 for o in outs], [a for a in args if a.requires_grad])
+        return outs + list(grads)
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step)(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    for got, want in zip(outputs_and_grads(compiled), outputs_and_grads(step)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 import pf_kernels as pk  # noqa: E402
 from pf_kernels import reference  # noqa: E402
 from tests.cases import (ACTIVATIONS, BACKPROJ_SHAPES, FUSION_SHAPES, assert_matches_reference,  # noqa: E402
-                         backproj_call, backproj_inputs, fusion_call, fusion_inputs, rand)
+                         assert_ops_compile_without_graph_breaks, backproj_call, backproj_inputs, fusion_call, fusion_inputs, rand)
 
 BACKEND = "triton"
 _info = pk.available_backends()[BACKEND]
@@ -178,30 +178,7 @@ def test_tf32_switch_only_changes_fp32_precision_name():
 
 
 def test_compile_fullgraph_without_graph_breaks():
-    import torch._dynamo
-    x, z, w, b = backproj_inputs(3, (4,), 5, 6, 7, True, device=DEVICE)
-    hs, hw, hb = fusion_inputs(3, (3, 5), 6, device=DEVICE)
-
-    def step(x, z, w, b, hw, hb, h0, h1):
-        y = pk.backproj_concat(x, z, w, b, "gelu", backend=BACKEND)
-        f = pk.fusion_head([h0, h1], hw, hb, "tanh", backend=BACKEND)
-        zz, xs = pk.refine_step([h0, h1], hw, hb, [x], [w[:, :6]], [b], "relu", "sigmoid", backend=BACKEND)
-        return y, f, zz, xs[0]
-
-    args = (x, z, w, b, hw, hb, *hs)
-
-    def run(fn):
-        outs = fn(*args)
-        grads = torch.autograd.grad([o.sum() * 1.5 for o in outs], [a for a in args if a.requires_grad])
-        return list(outs) + list(grads)
-
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(step)(*args)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True)
-    for got, want in zip(run(compiled), run(step)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_ops_compile_without_graph_breaks(BACKEND, DEVICE)
 
 
 def _opcheck_samples():

@@ -7,7 +7,7 @@ from torch import nn
 
 import pf_kernels as pk
 from pf_kernels.nn import ProgressiveFusion
-from tests.cases import backproj_inputs, fusion_inputs
+from tests.cases import assert_ops_compile_without_graph_breaks
 
 CPU_BACKENDS = [b for b, info in pk.available_backends().items()
                 if info["available"] and ("cpu" in info["devices"] or "*" in info["devices"])]
@@ -18,33 +18,9 @@ def compiled(fn):
     return torch.compile(fn, fullgraph=True, dynamic=None)
 
 
-def run_and_grads(fn, args):
-    out = fn(*args)
-    outs = list(out) if isinstance(out, (list, tuple)) else [out]
-    flat = [o for item in outs for o in (item if isinstance(item, list) else [item])]
-    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    grads = torch.autograd.grad([o.sum() * 1.5 for o in flat], leaves)
-    return flat, grads
-
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_ops_compile_without_graph_breaks(backend):
-    x, z, w, b = backproj_inputs(3, (4,), 5, 6, 7, True)
-    hs, hw, hb = fusion_inputs(3, (3, 5), 6)
-
-    def step(x, z, w, b, hw, hb, h0, h1):
-        y = pk.backproj_concat(x, z, w, b, "gelu", backend=backend)
-        f = pk.fusion_head([h0, h1], hw, hb, "tanh", backend=backend)
-        zz, xs = pk.refine_step([h0, h1], hw, hb, [x], [w[:, :6]], [b], "relu", "sigmoid", backend=backend)
-        return y, f, zz, xs[0]
-
-    args = (x, z, w, b, hw, hb, *hs)
-    eager_out, eager_grads = run_and_grads(step, args)
-    explanation = torch._dynamo.explain(step)(*args)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    comp_out, comp_grads = run_and_grads(compiled(step), args)
-    for a, e in zip(comp_out + list(comp_grads), eager_out + list(eager_grads)):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    assert_ops_compile_without_graph_breaks(backend)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
