@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: test bench build clean
+.PHONY: test bench build clean gpu-check
 
 # The package is installed editable without its extension: `build` builds pf_kernels._C once, in place.
 $(VENV)/.deps: pyproject.toml
@@ -26,6 +26,12 @@ test: build
 
 bench: build
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# On a lent GPU machine (DESIGN.md §8): the python given, no venv, no downloads; builds, tests,
+# checks and benchmarks (tests/gpu/check.py); with no GPU every part says SKIPPED and it exits 0.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(PYTHON) tests/gpu/check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info pf_kernels/*.so
