@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import os
+import time
 from collections import defaultdict
 from typing import Dict, List
 
@@ -25,6 +26,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from .cases import EAGER, OPS, BackendOps, Case, all_cases
+from .proof import ProvenCompile
 from .report import short_dtype
 from .run import DTYPES, _outputs, _rotating, device_name, fused_backends
 from .timing import copy_bandwidth, matmul_rate, measure
@@ -50,12 +52,20 @@ def profile_row(case: Case, provider: str, mode: str, dtype, device, calls: int,
     with torch.no_grad():
         shapes = [o.shape for o in _outputs(case.call(EAGER, *rotation[0]))]
     grads = [[torch.randn(s, device=device, dtype=dtype) for s in shapes] for _ in rotation]
-    ops = EAGER if provider == "eager" else BackendOps(provider)
-    run_once = _rotating(lambda *a: case.call(ops, *a), rotation, grads, mode)
+    if provider == "compile":  # inductor's kernels for the same op: what the competitor does
+        fn = ProvenCompile(lambda *a: case.call(EAGER, *a))
+    else:
+        ops = EAGER if provider == "eager" else BackendOps(provider)
+        fn = (lambda *a: case.call(ops, *a))
+    run_once = _rotating(fn, rotation, grads, mode)
     grad_mode = torch.no_grad() if mode == "fwd" else contextlib.nullcontext()
     row = dict(op=case.op, case=case.label, provider=provider, mode=mode, dtype=str(dtype))
     with grad_mode:
         try:
+            if provider == "compile":
+                fn.warm_up(run_once, times=2)
+                if fn.check():
+                    raise RuntimeError(fn.check())
             wall = measure(run_once, device, min_time_s=0.1, warmup=3)["median_s"]
             with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
                 for _ in range(calls):
@@ -110,12 +120,15 @@ def main(argv=None) -> None:
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--cases", nargs="+", help="label substrings, e.g. 'B=4096' (default: the --quick grid)")
-    parser.add_argument("--providers", nargs="+", help="default: eager and every fused backend of the device")
+    parser.add_argument("--providers", nargs="+",
+                        help="default: eager and every fused backend of the device; 'compile' adds inductor's kernels")
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     parser.add_argument("--calls", type=int, default=20, help="profiled calls per row")
     parser.add_argument("--top", type=int, default=8, help="kernels listed per row")
+    parser.add_argument("--time-limit", type=float, metavar="S", help="rows not started after S seconds are left out")
     parser.add_argument("--out", default="results/profile")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -131,6 +144,10 @@ def main(argv=None) -> None:
     for case in cases:
         for mode in args.modes:
             for provider in providers:
+                if args.time_limit and time.perf_counter() - started > args.time_limit:
+                    rows.append(dict(op=case.op, case=case.label, provider=provider, mode=mode, dtype=str(dtype),
+                                     error="skipped (time limit)"))
+                    continue
                 rows.append(profile_row(case, provider, mode, dtype, device, args.calls, copy_gbps, mm))
     os.makedirs(args.out, exist_ok=True)
     title = (f"{meta['device_name']} ({device}), torch {meta['torch']}, {short_dtype(str(dtype))}, {meta['threads']} threads; "

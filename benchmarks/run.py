@@ -33,6 +33,7 @@ import pf_kernels as pk
 from pf_kernels import reference
 
 from . import report
+from .report import short_dtype
 from .cases import EAGER, OPS, TOLERANCE, BackendOps, Case, all_cases, relative_error
 from .e2e import e2e_providers, e2e_rows, select_variants
 from .proof import (DynamoWarnings, ProvenCompile, describe_backends, fell_back_reason, record_backend_choice,
@@ -60,9 +61,12 @@ class Progress:
 
     def step(self, what: str) -> None:
         self.done += 1
+        elapsed = time.perf_counter() - self.start
+        if not sys.stderr.isatty():  # a log: one line per step
+            sys.stderr.write(f"{self.done}/{self.total} {elapsed:5.0f}s {what}\n")
+            return
         width = 30
         filled = int(width * self.done / max(self.total, 1))
-        elapsed = time.perf_counter() - self.start
         sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
                          f"{elapsed:5.0f}s {what[:48]:<48}")
         if self.done == self.total:
@@ -310,16 +314,18 @@ def plot(rows: List[dict], e2e: List[dict], path: str) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="the quick grid, shorter timing, torch.compile on one row per op and the first "
-                             "end-to-end size (CPU: < 3 min on 2 cores; GPU: about 2 min)")
+                        help="the quick grid, shorter timing, --compile some, one end-to-end variant "
+                             "(CPU: about 3 min on 2 cores; GPU: about 2 min)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ops", nargs="*", default=list(OPS), choices=OPS, help="ops to time (none: e2e only)")
     parser.add_argument("--cases", nargs="+", metavar="TEXT",
                         help="only the rows whose label holds one of these, e.g. 'B=4096' 'typical'")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES),
                         help="default: fp32 and bf16 on CUDA, fp32 on CPU (no fast bf16 GEMM on this class of CPU)")
-    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
-    parser.add_argument("--compile-all", action="store_true", help="with --quick: compile every row anyway")
+    parser.add_argument("--compile", choices=("all", "some", "none"),
+                        help="torch.compile's column: on every row (the default), on some (one row per op and the "
+                             "first end-to-end size; the default with --quick), or none")
+    parser.add_argument("--no-compile", action="store_const", dest="compile", const="none", help="= --compile none")
     parser.add_argument("--no-e2e", action="store_true", help="leave the end-to-end models out")
     parser.add_argument("--e2e", nargs="+", metavar="VARIANT", help="end-to-end variants (default: all; "
                         "--quick: pf-r3); see benchmarks/e2e.py VARIANTS")
@@ -348,11 +354,13 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", message=".*TensorFloat32 tensor cores.*")
     dynamo_warnings = DynamoWarnings().install()
 
-    with_compile = not args.no_compile
+    compile_mode = args.compile or ("some" if args.quick else "all")
+    with_compile = compile_mode != "none"
     providers = op_providers(device, with_compile)
     cases = [c for c in all_cases(args.quick, args.ops, device.type)
              if not args.cases or any(text in c.label for text in args.cases)]
-    min_time = args.min_time or (0.03 if args.quick else 0.2)
+    # seconds of samples per provider and row (CUDA events resolve far finer than a shared CPU's clock)
+    min_time = args.min_time or (0.03 if args.quick else 0.1 if device.type == "cuda" else 0.2)
     copy_gbps = copy_bandwidth(device)
     matmul_gflops = {str(dt): matmul_rate(device, dt) for dt in dtypes}
     name = device_name(device)
@@ -390,19 +398,19 @@ def main(argv=None) -> None:
                       f, indent=1, default=str)
 
     rows: List[dict] = []
-    for dtype in dtypes:
-        for case in cases:
-            compile_row = with_compile and (not args.quick or case.compile_in_quick(device.type) or args.compile_all)
+    for case in cases:  # every dtype of a case before the next case: a time limit cuts sizes, not dtypes
+        compile_row = compile_mode == "all" or (compile_mode == "some" and case.compile_in_quick(device.type))
+        for dtype in dtypes:
             for mode in MODES:
                 rows += time_group(case, mode, dtype, device, providers, compile_row, min_time, ops_deadline)
-            progress.step(f"{case.op} {case.label} {dtype}")
-            add_ratios(rows, copy_gbps, matmul_gflops)
-            save(rows, [], partial=True)
+            progress.step(f"{case.op} {case.label} {short_dtype(str(dtype))}")
+        add_ratios(rows, copy_gbps, matmul_gflops)
+        save(rows, [], partial=True)
 
     e2e: List[dict] = []
     if variants:
         e2e = e2e_rows(device, variants, e2e_providers(device, fused_backends(device), with_compile), args.quick,
-                       progress, deadline, compile_sizes=1 if args.quick and not args.compile_all else None)
+                       progress, deadline, compile_sizes=1 if compile_mode == "some" else None)
     save(rows, e2e, partial=False)
 
     print()
