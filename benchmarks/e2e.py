@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -87,7 +87,7 @@ class Variant:
     sizes: Tuple[Tuple[int, int], ...]           # (B, T)
     build: Callable[[Sequence[int]], nn.Module]  # dims -> model; raises NotAvailable
     quick: bool = False
-    options: Dict[str, object] = field(default_factory=dict)
+    autocast: Optional[torch.dtype] = None       # forward under torch.autocast in this dtype (fp32 weights)
 
 
 NARROW_SIZES = ((8, 50), (256, 50))  # B = 8 is launch-bound, B = 256 bound by the encoders' GEMMs
@@ -107,6 +107,8 @@ VARIANTS: List[Variant] = [
     Variant("pf-r3-wide-hoist", "ProgressiveFusion K=3 R=3, wide inputs, hoist=True", "wide", WIDE_SIZES,
             progressive_fusion(3, hoist=True)),
     Variant("late-r1-wide", "late fusion (R=1), wide inputs", "wide", WIDE_SIZES, late_fusion),
+    Variant("pf-r3-bf16", "ProgressiveFusion K=3 R=3 under bf16 autocast", "narrow", NARROW_SIZES,
+            progressive_fusion(3), autocast=torch.bfloat16),
 ]
 # The plain model each variant's speed-up is also quoted against: the unhoisted PF on the torch backend.
 PLAIN_PF = {"narrow": ("pf-r3-nohoist", "pf-r3"), "wide": ("pf-r3-wide-nohoist", "pf-r3-wide")}
@@ -148,14 +150,18 @@ class _Runner:
     """One provider's callable for a task, built and warmed up; `first` is its first result (the
     loss of the first training step, or the inference output), checked against eager's."""
 
-    def __init__(self, model, head, xs, y, task: str, provider: E2EProvider, device):
+    def __init__(self, model, head, xs, y, task: str, provider: E2EProvider, device, autocast=None):
         self.compiled: Optional[ProvenCompile] = None
         self.status = "ok"
         model.backend = provider.backend
         params = [*model.parameters(), *head.parameters()]
 
         def forward(xs_):
-            return head(model(xs_))
+            if autocast is None:
+                return head(model(xs_))
+            # A CUDA graph replays the casts it captured: autocast's cache of cast weights must be off.
+            with torch.autocast(device.type, dtype=autocast, cache_enabled=provider.wrap != "cudagraph"):
+                return head(model(xs_))
 
         if provider.wrap == "compile":
             self.compiled = ProvenCompile(forward)
@@ -224,6 +230,7 @@ def e2e_rows(device, variants: Sequence[Variant], providers: Dict[str, E2EProvid
 
 def _row(variant: Variant, B, T, task, provider, **extra) -> dict:
     return dict(variant=variant.name, description=variant.description, inputs=variant.inputs, task=task,
+                dtype="float32" + (f", {str(variant.autocast).replace('torch.', '')} autocast" if variant.autocast else ""),
                 provider=provider, B=B, T=T, K=len(INPUTS[variant.inputs]), dims=list(INPUTS[variant.inputs]),
                 threads=torch.get_num_threads(), **extra)
 
@@ -252,7 +259,8 @@ def _rows(device, variant, B, T, task, providers, quick, with_compile, deadline)
             status[name] = "not compiled in --quick (first size only)"
             continue
         try:
-            runner = _Runner(copy.deepcopy(base), copy.deepcopy(base_head), xs, y, task, provider, device)
+            runner = _Runner(copy.deepcopy(base), copy.deepcopy(base_head), xs, y, task, provider, device,
+                             variant.autocast)
         except Exception as exc:  # the row says why; the others are still timed
             status[name] = fell_back_reason(_text(exc), compiled=provider.wrap == "compile")
             continue
@@ -263,7 +271,7 @@ def _rows(device, variant, B, T, task, providers, quick, with_compile, deadline)
         runners[name] = runner
 
     if "eager" in runners:
-        tol = TOLERANCE[torch.float32]
+        tol = TOLERANCE[variant.autocast or torch.float32]
         ref = runners["eager"].first
         for name, runner in list(runners.items()):
             err = (runner.first - ref).norm().item() / max(ref.norm().item(), 1e-30)

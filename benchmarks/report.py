@@ -69,6 +69,10 @@ def _mark(status: str) -> str:
     return "?"
 
 
+_WORDS = {"FELLBACK": "compile fell back", "ERROR": "error", "WRONG": "wrong result", "-q": "not compiled (--quick)",
+          "skip": "skipped (time limit)", "n/a": "n/a"}
+
+
 def _us(seconds: float) -> str:
     us = seconds * 1e6
     return f"{us:.1f}" if us < 1e4 else f"{us:.0f}"
@@ -157,7 +161,7 @@ def e2e_table(e2e: List[dict]) -> str:
     providers = list(dict.fromkeys(r["provider"] for r in e2e))
     head = (f"{'variant':20s} {'task':9s} {'B':>5s} {'T':>4s} |" + "".join(f"{p:>24s}" for p in providers)
             + f" | {'auto ran':9s}")
-    out = ["end to end, fp32: ms per step (speed-up vs the same model on eager; [vs the plain unhoisted PF on "
+    out = ["end to end (fp32, or the autocast its variant names): ms per step (speed-up vs the same model on eager; [vs the plain unhoisted PF on "
            "eager] where it differs)", head, "-" * len(head)]
     notes: Dict[str, List[str]] = {}
     keyed: Dict[tuple, Dict[str, dict]] = {}
@@ -211,24 +215,31 @@ def targets(result: dict) -> str:
         lines.append(f"  [{'PASS' if good else 'MISS'}] {what}: {fmt.format(value)} (target "
                      f"{'>=' if higher else '<='} {fmt.format(bound)})")
 
-    def sel(op, mode, provider="auto", **kw):
+    def sel(op, mode, provider="auto", dtype=None, **kw):
         return [r for r in ok if r["op"] == op and r["mode"] == mode and r["provider"] == provider
-                and all(f(r) for f in kw.values())]
+                and (dtype is None or r["dtype"] == dtype) and all(f(r) for f in kw.values())]
 
     if meta["device"].startswith("cuda"):
-        big = [r for r in sel("backproj_concat", "fwd") if r["bytes"] >= 64e6]
-        check("backproj_concat fwd, rows >= 64 MB, worst share of copy bandwidth",
-              min((r["fraction_of_copy_bw"] for r in big), default=None), 0.85, fmt="{:.0%}")
-        rows_ = sel("backproj_concat", "fwd+bwd")
-        check("backproj_concat fwd+bwd geomean", geomean(r["speedup_vs_eager"] for r in rows_) if rows_ else None, 1.5)
-        check("backproj_concat fwd+bwd worst row", min((r["speedup_vs_eager"] for r in rows_), default=None), 1.0)
-        rows_ = sel("fusion_head", "fwd+bwd", small=lambda r: r["params"]["B"] <= 256)
-        check("fusion_head fwd+bwd geomean B <= 256",
-              geomean(r["speedup_vs_eager"] for r in rows_) if rows_ else None, 1.3)
-        rows_ = sel("fusion_head", "fwd+bwd", large=lambda r: r["params"]["B"] > 256)
-        check("fusion_head fwd+bwd worst row B > 256", min((r["speedup_vs_eager"] for r in rows_), default=None), 0.95)
-        rows_ = sel("refine_step", "fwd", small=lambda r: r["params"]["B"] <= 256)
-        check("refine_step fwd worst row B <= 256", min((r["speedup_vs_eager"] for r in rows_), default=None), 2.0)
+        for dt in meta.get("dtypes", []):
+            d = short_dtype(dt)
+            big = [r for r in sel("backproj_concat", "fwd", dtype=dt) if r["bytes"] >= 64e6]
+            check(f"{d} backproj_concat fwd, rows >= 64 MB, worst share of copy bandwidth",
+                  min((r["fraction_of_copy_bw"] for r in big), default=None), 0.85, fmt="{:.0%}")
+            rows_ = sel("backproj_concat", "fwd+bwd", dtype=dt)
+            check(f"{d} backproj_concat fwd+bwd geomean",
+                  geomean(r["speedup_vs_eager"] for r in rows_) if rows_ else None, 1.5)
+            check(f"{d} backproj_concat fwd+bwd worst row", min((r["speedup_vs_eager"] for r in rows_), default=None), 1.0)
+            rows_ = sel("fusion_head", "fwd+bwd", dtype=dt, small=lambda r: r["params"]["B"] <= 256)
+            check(f"{d} fusion_head fwd+bwd geomean B <= 256",
+                  geomean(r["speedup_vs_eager"] for r in rows_) if rows_ else None, 1.3)
+            rows_ = sel("fusion_head", "fwd+bwd", dtype=dt, large=lambda r: r["params"]["B"] > 256)
+            check(f"{d} fusion_head fwd+bwd worst row B > 256",
+                  min((r["speedup_vs_eager"] for r in rows_), default=None), 0.95)
+            rows_ = sel("refine_step", "fwd", dtype=dt, small=lambda r: r["params"]["B"] <= 256)
+            check(f"{d} refine_step fwd worst row B <= 256", min((r["speedup_vs_eager"] for r in rows_), default=None), 2.0)
+            rows_ = [r for r in ok if r["provider"] == "auto" and r["dtype"] == dt]
+            check(f"{d} auto vs eager, worst row of every op and mode",
+                  min((r["speedup_vs_eager"] for r in rows_), default=None), 0.97)
         train = [r for r in e2e if r["status"] == "ok" and r["variant"] == "pf-r3" and r["provider"] == "auto"]
         for task in ("train", "inference"):
             mine = [r for r in train if r["task"] == task]
@@ -247,7 +258,8 @@ def targets(result: dict) -> str:
                 check(f"{op} fwd+bwd auto worst row", min(r["speedup_vs_eager"] for r in rows_), 0.97)
         for inputs, bound in (("narrow", 1.1), ("wide", 2.0)):
             best = [r for r in e2e if r["status"] == "ok" and r["inputs"] == inputs and r["task"] == "train"
-                    and r["provider"] == "auto" and r["variant"].startswith("pf-r3") and r.get("speedup_vs_plain_pf")]
+                    and r["provider"] == "auto" and r["variant"].startswith("pf-r3") and r.get("speedup_vs_plain_pf")
+                    and r.get("dtype", "float32") == "float32"]
             if best:
                 check(f"{inputs} inputs, PF training step, auto vs the plain eager model (worst size, best variant)",
                       min(max(r["speedup_vs_plain_pf"] for r in best if r["B"] == B) for B in {r["B"] for r in best}),
@@ -300,7 +312,7 @@ def markdown(result: dict) -> str:
                 if not r:
                     cells.append("–")
                 elif r["status"] != "ok":
-                    cells.append(_mark(r["status"]))
+                    cells.append(_WORDS.get(_mark(r["status"]), r["status"][:40]))
                 else:
                     cells.append(f"{r['median_s'] * 1e3:.2f} ms ({r['speedup_vs_eager']:.2f}x)")
             out.append(f"| {variant} | {task} | {B} | {eager['median_s'] * 1e3:.2f} ms | " + " | ".join(cells) + " |")

@@ -407,6 +407,7 @@ def main(argv=None) -> None:
         add_ratios(rows, copy_gbps, matmul_gflops)
         save(rows, [], partial=True)
 
+    ops_s = time.perf_counter() - started
     e2e: List[dict] = []
     if variants:
         e2e = e2e_rows(device, variants, e2e_providers(device, fused_backends(device), with_compile), args.quick,
@@ -417,6 +418,9 @@ def main(argv=None) -> None:
     if rows:
         print(report.ops_table(rows, providers))
         print(report.summary_text(report.summarize(rows)))
+        compiles = [r["compile_s"] for r in rows if r.get("compile_s")]
+        print(f"ops: {ops_s:.0f} s from the start, of which {sum(compiles):.0f} s compiling {len(compiles)} rows "
+              f"(outside the timing)")
     if e2e:
         print(report.e2e_table(e2e))
     targets = report.targets(dict(meta=meta, rows=rows, e2e=e2e))
