@@ -9,7 +9,8 @@ GPU's arch with every core, then runs, each part under its own time limit:
                 plus the size limits (grids, shared memory, 32-bit offsets)
   sanitizer     compute-sanitizer memcheck, racecheck, initcheck over tiny calls of every CUDA kernel
   graphs        a ProgressiveFusion training step captured in a CUDA graph and replayed vs eager
-  bench         python -m benchmarks --device cuda --quick
+  bench         python -m benchmarks --device cuda --quick (results in bench/)
+  profile       (on request) python -m benchmarks.profile: what bounds each op (results in profile/)
 The parts after the build run side by side (16 cores), except the benchmark, which runs alone.
 Prints one PASS/FAIL/SKIPPED line per part, writes summary.txt and the logs and benchmark files
 into one folder (results/gpu, or $OUT where that is set: at most 8 files). With no GPU every part
@@ -126,7 +127,14 @@ def graph_commands(ctx: Context):
 
 
 def bench_commands(ctx: Context):
-    return [[PY, "-m", "benchmarks", "--device", "cuda", "--quick", "--out", ctx.out]]
+    # --time-limit marks rows it cannot start in time as skipped (the part's limit is the backstop)
+    return [[PY, "-m", "benchmarks", "--device", "cuda", "--quick", "--time-limit", "110",
+             "--out", os.path.join(ctx.out, "bench")]]
+
+
+def profile_commands(ctx: Context):
+    return [[PY, "-m", "benchmarks.profile", "--device", "cuda", "--dtype", "bf16", "--time-limit", "90",
+             "--out", os.path.join(ctx.out, "profile")]]
 
 
 def _sanitizer_summary(text: str, rc: int) -> str:
@@ -137,7 +145,7 @@ def _sanitizer_summary(text: str, rc: int) -> str:
 
 
 PARTS = [
-    Part("build", 180, "build.log", build_commands, _last_lines(r"^\{|Successfully installed|error"),
+    Part("build", 180, "tests.log", build_commands, _last_lines(r"^\{|Successfully installed|error"),
          parallel=False),
     Part("tests", 170, "tests.log", test_commands, _pytest_counts,
          env={"PF_KERNELS_TRITON_AUTOTUNE": "0"}),
@@ -146,7 +154,10 @@ PARTS = [
     Part("sanitizer", 170, "checks.log", sanitizer_commands, _sanitizer_summary),
     Part("graphs", 90, "checks.log", graph_commands, _last_lines(r"^graph ")),
     Part("bench", 180, "bench.log", bench_commands, _last_lines(r"geomean|wrote|rows"), parallel=False),
+    # issue 12's profile: not run by default (--parts ...,profile), for a visit with time to spare
+    Part("profile", 150, "bench.log", profile_commands, _last_lines(r"bound|wrote"), parallel=False),
 ]
+DEFAULT_PARTS = ("build", "tests", "configs", "differential", "sanitizer", "graphs", "bench")
 
 
 class Running:
@@ -220,7 +231,7 @@ def run_parts(parts: List[Part], ctx: Context, results: Dict[str, str]) -> bool:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "results", "gpu"))
-    parser.add_argument("--parts", default=",".join(p.name for p in PARTS))
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS))
     args = parser.parse_args(argv)
     wanted = args.parts.split(",")
     unknown = set(wanted) - {p.name for p in PARTS}
