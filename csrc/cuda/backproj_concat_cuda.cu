@@ -8,8 +8,8 @@
 // the activation to it before rounding once to the output dtype, as the reference does.
 // Backward: one launch (two when positions are split across blocks) reduces grad_out's context
 // features over positions times act' into grad_pre (B, Dc) in fp32; act' reads y from the saved output
-// or, where the rounded output loses it, from y recomputed (inline or by the same GEMM rule). The
-// small GEMMs of the gradients go to ATen.
+// or, where the rounded output loses it, from y recomputed (inline, or by the forward's GEMM, by the
+// same rule). The GEMMs of the gradients go to ATen, in fp32 as eager autograd of the reference does.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -257,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const at::ScalarType dtype = grad_out.scalar_type(), acc = at::toOpMathType(dtype);
   const int64_t positions = B > 0 && D > 0 ? grad_out.numel() / (B * D) : 0;
-  // z and W in the accumulation dtype: the operands of the gradients' GEMMs (and of y's).
+  // z and W in the accumulation dtype: the operands of the gradients' GEMMs.
   const at::Tensor w_acc = weight.to(acc), z_acc = z.to(acc);
 
   at::Tensor grad_pre;
@@ -273,7 +273,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
     const bool y_inline = p.y_source == plan::kYInline;
     const at::Tensor zc = y_inline ? z.contiguous() : z, wc = y_inline ? weight.contiguous() : weight;
     const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();
-    const at::Tensor pre = p.y_source == plan::kYFromGemm ? at::mm(z_acc, w_acc.t()).contiguous() : at::Tensor();
+    // The forward's GEMM: the same y (16-bit inputs on tensor cores, not an fp32 GEMM of z_acc, W_acc).
+    const at::Tensor pre =
+        p.y_source == plan::kYFromGemm ? pre_activation_gemm(z, weight).contiguous() : at::Tensor();
     const at::Tensor partial = p.splits > 1 ? at::empty({p.splits, B, Dc}, grad_pre.options()) : grad_pre;
     const dim3 block(kBwdCols, kBwdRows);
     const auto stream = at::cuda::getCurrentCUDAStream();
