@@ -7,7 +7,8 @@ GPU's arch with every core, then runs, each part under its own time limit:
   configs       every Triton autotune config of every kernel on a few shapes
   differential  random shapes/layouts/dtypes/activations per GPU backend vs a float64 reference,
                 plus the size limits (grids, shared memory, 32-bit offsets)
-  sanitizer     compute-sanitizer memcheck, racecheck, initcheck over tiny calls of every CUDA kernel
+  memcheck, racecheck, initcheck
+                compute-sanitizer over tiny calls of every CUDA kernel (tests/gpu/cuda_kernel_calls.py)
   graphs        a ProgressiveFusion training step captured in a CUDA graph and replayed vs eager
   bench         python -m benchmarks --device cuda --quick (results in bench/)
   profile       (on request) python -m benchmarks.profile: what bounds each op (results in profile/)
@@ -111,15 +112,18 @@ def differential_commands(ctx: Context):
              "--seconds", "30", "--limits"]]
 
 
-def sanitizer_commands(ctx: Context):
-    tool = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
-    if not os.path.exists(tool):
-        return None
-    help_text = subprocess.run([tool, "--help"], capture_output=True, text=True).stdout
-    # Our kernels only: torch's own (cuBLAS, allocator fills) are not ours to check.
-    only_ours = ["--kernel-name", "kns=pf_kernels"] if "--kernel-name" in help_text else []
-    return [[tool, "--tool", name, "--error-exitcode", "1", "--print-limit", "20", *only_ours,
-             PY, "tests/gpu/cuda_kernel_calls.py"] for name in ("memcheck", "racecheck", "initcheck")]
+def sanitizer_commands(tool_name: str, filtered: bool):
+    def commands(ctx: Context):
+        tool = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+        if not os.path.exists(tool):
+            return None
+        help_text = subprocess.run([tool, "--help"], capture_output=True, text=True).stdout
+        # Our kernels only (torch's own are not ours to check); initcheck unfiltered, since
+        # memory written by unchecked kernels (randn, casts, cuBLAS) would look uninitialised.
+        only_ours = ["--kernel-name", "kns=pf_kernels"] if filtered and "--kernel-name" in help_text else []
+        return [[tool, "--tool", tool_name, "--error-exitcode", "1", "--print-limit", "20", *only_ours,
+                 PY, "tests/gpu/cuda_kernel_calls.py"]]
+    return commands
 
 
 def graph_commands(ctx: Context):
@@ -139,9 +143,8 @@ def profile_commands(ctx: Context):
 
 def _sanitizer_summary(text: str, rc: int) -> str:
     errors = re.findall(r"ERROR SUMMARY: (\d+) error", text)
-    calls = [l for l in text.splitlines() if re.search(r"cuda_kernel_calls: \d+ calls", l)]
-    return (f"{len(errors)} tool runs, errors {'+'.join(errors) or '?'}"
-            + (f"; {calls[-1].strip()}" if calls else ""))
+    calls = [l.strip() for l in text.splitlines() if l.startswith(("cuda_kernel_calls:", "FAIL"))]
+    return f"{'+'.join(errors) or '?'} errors; " + "; ".join(calls[-3:])
 
 
 PARTS = [
@@ -151,13 +154,16 @@ PARTS = [
          env={"PF_KERNELS_TRITON_AUTOTUNE": "0"}),
     Part("configs", 120, "checks.log", config_commands, _pytest_counts),
     Part("differential", 120, "checks.log", differential_commands, _last_lines(r"^differential |^FAIL")),
-    Part("sanitizer", 170, "checks.log", sanitizer_commands, _sanitizer_summary),
+    Part("memcheck", 170, "checks.log", sanitizer_commands("memcheck", True), _sanitizer_summary),
+    Part("racecheck", 170, "checks.log", sanitizer_commands("racecheck", True), _sanitizer_summary),
+    Part("initcheck", 170, "checks.log", sanitizer_commands("initcheck", False), _sanitizer_summary),
     Part("graphs", 90, "checks.log", graph_commands, _last_lines(r"^graph ")),
     Part("bench", 180, "bench.log", bench_commands, _last_lines(r"geomean|wrote|rows"), parallel=False),
     # issue 12's profile: not run by default (--parts ...,profile), for a visit with time to spare
     Part("profile", 150, "bench.log", profile_commands, _last_lines(r"bound|wrote"), parallel=False),
 ]
-DEFAULT_PARTS = ("build", "tests", "configs", "differential", "sanitizer", "graphs", "bench")
+DEFAULT_PARTS = ("build", "tests", "configs", "differential", "memcheck", "racecheck", "initcheck", "graphs",
+                 "bench")
 
 
 class Running:
