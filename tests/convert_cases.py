@@ -94,14 +94,16 @@ class TransformerPool(nn.Module):
 
 
 class PixelMLP(nn.Module):
-    """A channels-last image (B, H, W, C): a Linear and ReLU per pixel, then the mean over pixels."""
+    """A channels-last image (B, H, W, C): a Linear and ReLU per pixel (after a LayerNorm, if
+    pre_norm), then the mean over pixels."""
 
-    def __init__(self, indim, outdim):
+    def __init__(self, indim, outdim, pre_norm=False):
         super().__init__()
+        self.norm = nn.LayerNorm(indim) if pre_norm else nn.Identity()
         self.pixel = nn.Linear(indim, outdim)
 
     def forward(self, img):
-        return F.relu(self.pixel(img)).mean(dim=(1, 2))
+        return F.relu(self.pixel(self.norm(img))).mean(dim=(1, 2))
 
 
 class ConvEncoder(nn.Module):
@@ -241,14 +243,15 @@ def late_fusion_inputs(B=5, T=7):
 
 def progressive_model(steps=3):
     """A vector (LayerNorm+MLP), a sequence (GRU, cat on dim=2) and a channels-last image (per-pixel
-    MLP, cat on dim=3); ConcatWithLinear fuses, an MLP heads. Per forward: a fusion head per step,
-    the image's first-step Linear over [img, zeros] (a head over positions), and a back-projection
-    per modality in every step after the first."""
+    MLP, cat on dim=3); ConcatWithLinear fuses, an MLP heads. Per forward: a fusion head per step;
+    the image's per-pixel Linear and ReLU over [img, context] in every step (a head over positions:
+    as many ops fused as the back-projection reading, which loses the tie); a back-projection of
+    the vector and of the sequence in every step after the first."""
     context = [3, 4, 2]
     encoders = [NormMLP(5 + 3, 12, 8), GRUEncoder(4 + 4, 8), PixelMLP(3 + 2, 8)]
     model = ProgressiveMMDL(encoders, ConcatWithLinear(24, 10), MLP(10, 8, 2), 10, context,
                             feature_dims=[-1, 2, 3], steps=steps)
-    return model, {"fusion_head": steps + 1, "backproj_concat": 3 * (steps - 1)}
+    return model, {"fusion_head": 2 * steps, "backproj_concat": 2 * (steps - 1)}
 
 
 def progressive_inputs(B=4, T=6, H=3, W=5):
@@ -272,12 +275,12 @@ def conv_transformer_inputs(B=3, T=5, H=4, W=4):
 
 
 def small_progressive_model():
-    """A vector (LayerNorm+MLP) and a channels-last image (per-pixel MLP), two steps. Per forward: 3
-    fusion heads (one per step, the image's first Linear over [img, zeros]) and 2 back-projections."""
-    encoders = [NormMLP(5 + 3, 8, 8), PixelMLP(4 + 2, 8)]
+    """A vector (LayerNorm+MLP) and a channels-last image (LayerNorm, per-pixel MLP), two steps. Per
+    forward: a fusion head per step, a back-projection per modality in step 2."""
+    encoders = [NormMLP(5 + 3, 8, 8), PixelMLP(4 + 2, 8, pre_norm=True)]
     model = ProgressiveMMDL(encoders, ConcatWithLinear(16, 6), nn.Linear(6, 2), 6, [3, 2],
                             feature_dims=[-1, 3], steps=2)
-    return model, {"fusion_head": 3, "backproj_concat": 2}
+    return model, {"fusion_head": 2, "backproj_concat": 2}
 
 
 def small_progressive_inputs(B=4):

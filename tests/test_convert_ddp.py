@@ -29,7 +29,9 @@ def _worker(rank, port, out_dir):
         model, expected = small_progressive_model()
         reference = copy.deepcopy(model)
         _, report = pk.convert(model)  # captured at the first call, inside DDP's forward
-        ddp, ddp_ref = DistributedDataParallel(model), DistributedDataParallel(reference)
+        # tiny buckets: torch.compile's DDP optimizer would cut the graph at every one
+        ddp = DistributedDataParallel(model, bucket_cap_mb=1e-4)
+        ddp_ref = DistributedDataParallel(reference, bucket_cap_mb=1e-4)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
         opt_ref = torch.optim.SGD(ddp_ref.parameters(), lr=0.1, momentum=0.9)
         grad_diff, calls = 0.0, None

@@ -35,28 +35,41 @@ from .rewrite import FusedCalls, rewrite_graph
 
 
 class _DynamoSettings:
-    """Dynamo settings for the duration of a converted forward (they matter when it compiles)."""
+    """Dynamo settings for the duration of a converted forward (they matter when it compiles).
+
+    suppress_errors: where dynamo itself fails, the forward runs eagerly instead of raising.
+    allow_rnn (models with an nn.LSTM/GRU/RNN): trace them instead of breaking the graph there (a
+    break in a loop over encoders makes dynamo skip the whole forward).
+    optimize_ddp off (inside DDP's forward): our graphs run eager ops, so DDP's per-parameter hooks
+    already overlap the all-reduce; the DDP optimizer would only cut the graph (and patterns) into
+    buckets.
+    """
 
     def __init__(self, rnn: bool):
-        # suppress_errors: where dynamo itself fails, the forward runs eagerly instead of raising.
-        # optimize_ddp off: our graphs run eager ops, so DDP's per-parameter hooks already overlap
-        # the all-reduce; the DDP optimizer would only cut the graph (and patterns) into buckets.
-        # allow_rnn: trace nn.LSTM/GRU/RNN instead of breaking the graph at them (a break in a
-        # loop over encoders makes dynamo skip the whole forward).
-        self.values = {"suppress_errors": True, "optimize_ddp": False}
+        self.values = {"suppress_errors": True}
         if rnn:
             self.values["allow_rnn"] = True
         self.saved = []
 
     def __enter__(self):
         config = torch._dynamo.config
-        self.saved.append({k: getattr(config, k) for k in self.values})
-        for k, v in self.values.items():
+        values = self.values
+        if _inside_ddp():
+            values = dict(values, optimize_ddp=False)
+        self.saved.append({k: getattr(config, k) for k in values})
+        for k, v in values.items():
             setattr(config, k, v)
 
     def __exit__(self, *exc):
         for k, v in self.saved.pop().items():
             setattr(torch._dynamo.config, k, v)
+
+
+def _inside_ddp() -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel._get_active_ddp_module() is not None
 
 
 def _own_copy(function: types.FunctionType) -> types.FunctionType:
@@ -107,6 +120,11 @@ class ConvertedForward:
             # forward (it does not run our rewrite).
             return self.original(*args, **kwargs)
         if self._compiled is None:
+            if not torch._dynamo.is_dynamo_supported():
+                uninstall(self.module)
+                self.report.add_left_alone("torch.compile does not run on this Python/platform: "
+                                           f"{type(self.module).__name__} keeps its own forward")
+                return self.original(*args, **kwargs)
             self._setup()
         before = len(self.report.captures)
         with self._settings:

@@ -218,6 +218,27 @@ class Match:
     where: str
     rank: int = 0           # the pattern's place in PATTERNS: lower wins a tie
 
+    @property
+    def score(self) -> int:
+        """How many ops the fused call saves: the nodes it takes over, views (which move no data)
+        not counted."""
+        return sum(not _is_view(n) for n in self.nodes)
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in ("unsqueeze", "view", "expand", "expand_as", "to") or \
+            node.target == "reshape" and _keeps_storage(node)
+    if node.op == "call_function":
+        return node.target in (torch.unsqueeze, torch.broadcast_to, operator.getitem) or \
+            node.target is torch.reshape and _keeps_storage(node)
+    return False
+
+
+def _keeps_storage(node: fx.Node) -> bool:
+    before = value(node.args[0])
+    return before is not None and before.is_contiguous()
+
 
 @dataclass
 class Miss:

@@ -44,10 +44,10 @@ def _conflicts(a: Match, b: Match) -> bool:
 
 
 def choose(matches: List[Match], order: Dict[fx.Node, int]):
-    """Greedy: the matches that fuse the most nodes first (ties: pattern rank, then graph order).
+    """Greedy: the matches that fuse the most ops first (ties: pattern rank, then graph order).
     Returns (kept, [(lost, winner)])."""
     kept, lost = [], []
-    for m in sorted(matches, key=lambda m: (-len(m.nodes), m.rank, order[m.pivot])):
+    for m in sorted(matches, key=lambda m: (-m.score, m.rank, order[m.pivot])):
         winner = next((k for k in kept if _conflicts(m, k)), None)
         if winner is None:
             kept.append(m)
@@ -108,8 +108,8 @@ def rewrite_graph(gm: fx.GraphModule, calls: FusedCalls, report: ConversionRepor
     for m, suffix in _numbered(sorted(kept, key=lambda m: order[m.pivot]), lambda m: (m.op, m.where)):
         report.add_replaced(m.op, f"{m.op}: {m.formula} | {m.where}{suffix}")
     left = [(m.pivot, m.formula, m.where,
-             f"read as {w.op} instead ({w.where}), which fuses {len(w.nodes)} ops to this reading's "
-             f"{len(m.nodes)}{' (a tie goes to the pattern ranked first)' if len(w.nodes) == len(m.nodes) else ''}")
+             f"read as {w.op} instead ({w.where}), which fuses {w.score} ops to this reading's "
+             f"{m.score}{' (a tie goes to the pattern ranked first)' if w.score == m.score else ''}")
             for m, w in lost]
     left += [(x.pivot, x.formula, x.where, x.reason) for x in misses if x.pivot not in covered]
     left.sort(key=lambda t: order[t[0]])
