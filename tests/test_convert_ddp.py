@@ -70,9 +70,11 @@ def _free_port():
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo in this torch")
 def test_converted_model_under_ddp_trains_like_the_original(tmp_path):
-    # fork: the workers start with torch and pf_kernels imported (spawn would import them again in
-    # each, several seconds on this machine); each worker runs one thread.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # fork where it is safe: the workers start with torch and pf_kernels imported (spawn imports
+    # them again in each: several seconds here). A CUDA build of torch starts autograd device
+    # threads at the first backward, after which a forked child cannot run backward; a CPU-only
+    # build starts none (and each worker runs one OpenMP thread).
+    method = "fork" if torch.version.cuda is None and "fork" in mp.get_all_start_methods() else "spawn"
     torch._dynamo.reset()
     mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method=method)
     for rank in range(WORLD):

@@ -12,12 +12,12 @@ from torch import nn
 
 import pf_kernels as pk
 from pf_kernels.nn import ProgressiveFusion
-from tests.convert_cases import (fresh_dynamo,  # noqa: F401  (a fixture)
-                                 MMDL, ProgressiveMMDL, TanhProgressive, assert_same_model,
-                                 conv_transformer_inputs, conv_transformer_model, counting_fused_calls,
-                                 cpu_backends, late_fusion_inputs, late_fusion_model, progressive_inputs,
-                                 progressive_model, small_progressive_inputs, small_progressive_model,
-                                 tanh_progressive_inputs, tanh_progressive_model)
+from tests.convert_cases import fresh_dynamo  # noqa: F401  (a fixture)
+from tests.convert_cases import (MMDL, TanhProgressive, assert_same_model, conv_transformer_inputs,
+                                 conv_transformer_model, counting_fused_calls, cpu_backends,
+                                 late_fusion_inputs, late_fusion_model, progressive_inputs, progressive_model,
+                                 small_progressive_inputs, small_progressive_model, tanh_progressive_inputs,
+                                 tanh_progressive_model)
 
 BACKENDS = cpu_backends()
 # triton runs under the interpreter here: ~0.3 s per kernel launch, so on one small model only

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import pf_kernels as pk
-from tests.convert_cases import (assert_same_model, counting_fused_calls, cpu_backends,
-                                 fresh_dynamo)  # noqa: F401  (a fixture)
+from tests.convert_cases import fresh_dynamo  # noqa: F401  (a fixture)
+from tests.convert_cases import assert_same_model, counting_fused_calls, cpu_backends
 
 BACKEND = "cpu" if "cpu" in cpu_backends() else "torch"
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")

@@ -93,12 +93,10 @@ class ConvertedForward:
         self.calls = calls
         self.report = report
         self.previous = previous  # an instance-level forward the model had before, if any
+        # the model's own forward, bound here (torch.compile cannot trace the binding itself)
+        self.original = previous if previous is not None else types.MethodType(type(module).forward, module)
         self._compiled = None
         self._settings = None
-
-    @property
-    def original(self):
-        return self.previous if self.previous is not None else type(self.module).forward.__get__(self.module)
 
     def _setup(self):
         original = self.original

@@ -7,14 +7,14 @@ a pattern can check dims, dtypes and devices instead of guessing them from the c
 A pattern scans the graph and proposes
 - Matches: one fused call that would compute `anchor` and make the nodes in `nodes` dead, and
 - Misses: a cat/linear that looks like the pattern but must not be swapped, with the reason.
-The rewrite keeps the non-overlapping matches that fuse the most nodes, a tie going to the
-pattern listed first in PATTERNS. To add a pattern: subclass Pattern, write find(), insert an
-instance in PATTERNS at its rank, and give FusedCalls (rewrite.py) the function it emits.
+The rewrite keeps the non-overlapping matches that save the most ops (views are free), a tie going
+to the pattern listed first in PATTERNS. To add a pattern: subclass Pattern, write find(), insert
+an instance in PATTERNS at its rank, and give FusedCalls (rewrite.py) the function it emits.
 """
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
@@ -279,7 +279,7 @@ class Pattern:
     op: str = ""
     rank: int = 0
 
-    def find(self, graph: fx.Graph, earlier: List[Match]) -> Iterable[Union[Match, Miss]]:
+    def find(self, graph: fx.Graph) -> Iterable[Union[Match, Miss]]:
         raise NotImplementedError
 
 
@@ -289,7 +289,7 @@ class FusionHeadPattern(Pattern):
 
     op = "fusion_head"
 
-    def find(self, graph, earlier):
+    def find(self, graph):
         for node in graph.nodes:
             linear = as_linear(node)
             cat = as_cat(linear.input) if linear is not None else None
@@ -447,7 +447,7 @@ class BackprojConcatPattern(Pattern):
 
     op = "backproj_concat"
 
-    def find(self, graph, earlier):
+    def find(self, graph):
         for node in graph.nodes:
             cat = as_cat(node)
             if cat is None:

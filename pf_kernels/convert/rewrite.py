@@ -100,7 +100,7 @@ def rewrite_graph(gm: fx.GraphModule, calls: FusedCalls, report: ConversionRepor
     matches: List[Match] = []
     misses: List[Miss] = []
     for pattern in PATTERNS:
-        for found in pattern.find(graph, list(matches)):
+        for found in pattern.find(graph):
             (matches if isinstance(found, Match) else misses).append(found)
     kept, lost = choose(matches, order)
     covered = {n for m in kept for n in m.nodes | {m.pivot}}
