@@ -8,6 +8,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree
 from torch import nn
 
 import pf_kernels as pk
@@ -105,6 +106,27 @@ def test_encoders_ending_in_tanh_linear_keep_the_fusion_head():
     with counting_fused_calls() as calls:
         assert_same_model(reference, model, args)
     assert dict(calls) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (the same models run on CPU above)")
+@pytest.mark.parametrize("make, inputs", [(progressive_model, progressive_inputs),
+                                          (conv_transformer_model, conv_transformer_inputs)],
+                         ids=["progressive", "conv_transformer"])
+def test_on_cuda(make, inputs):
+    model, expected = make()
+    model = model.cuda()
+    reference = copy.deepcopy(model)
+    args = torch.utils._pytree.tree_map(lambda t: t.cuda() if isinstance(t, torch.Tensor) else t, inputs())
+    info = pk.available_backends()
+    backends = [b for b in ("triton", "cuda") if info[b]["available"] and "cuda" in info[b]["devices"]]
+    _, report = pk.convert(model, backend="auto", example_inputs=args)
+    assert report.counts == expected, str(report)
+    # fp32 GEMMs in another order than cuBLAS's: a little more room than on CPU
+    for backend in ["auto", "torch", *backends]:
+        pk.convert(model, backend=backend)
+        with counting_fused_calls() as calls:
+            assert_same_model(reference, model, args, rtol=1e-4, atol=2e-5)
+        assert dict(calls) == expected, backend
 
 
 def _multibench_style_training(model, batches, validation):

@@ -95,6 +95,7 @@ class ConvertedForward:
         self.previous = previous  # an instance-level forward the model had before, if any
         # the model's own forward, bound here (torch.compile cannot trace the binding itself)
         self.original = previous if previous is not None else types.MethodType(type(module).forward, module)
+        functools.update_wrapper(self, self.original)  # its name, doc and signature
         self._compiled = None
         self._settings = None
 
@@ -105,7 +106,6 @@ class ConvertedForward:
             target = types.MethodType(_own_copy(original.__func__), original.__self__)
         self._compiled = torch.compile(target, backend=self._backend)
         self._settings = _DynamoSettings(any(isinstance(m, nn.RNNBase) for m in self.module.modules()))
-        functools.update_wrapper(self, original)
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs):
         gm.meta["pf_kernels_root"] = type(self.module).__name__  # names the model's own code in the report
