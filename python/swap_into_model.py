@@ -12,6 +12,7 @@ unconverted model (outputs, gradients, the attributes the training loop reads), 
 training step and of inference, both models timed side by side in rounds (medians).
 
 Run: python python/swap_into_model.py [--device cpu|cuda] [--batch 256] [--rounds 30] [--backend auto]
+     [--steps 3] [--threads N]
 """
 import argparse
 import collections
@@ -122,8 +123,7 @@ def fused_calls_per_forward(model, inputs):
     for name, function in originals.items():
         setattr(ops, name, counted(name, function))
     try:
-        with torch.no_grad():
-            model(inputs)
+        model(inputs)
     finally:
         for name, function in originals.items():
             setattr(ops, name, function)
@@ -163,20 +163,26 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=30, help="timing rounds (0: no timing)")
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--steps", type=int, default=3, help="refinement steps (Progressive Fusion's R)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (one is steadier on a shared machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     B, T, H, W = args.batch, 50, 6, 6
     inputs = [torch.randn(B, 32, device=device), torch.randn(B, T, 16, device=device),
               torch.randn(B, H, W, 8, device=device)]
     target = torch.randint(0, 2, (B,), device=device)
-    model = build().to(device)
+    model = build(steps=args.steps).to(device)
     reference = copy.deepcopy(model)
 
     print(f"MultiBench-style progressive model: vector 32, sequence {T}x16, channels-last image {H}x{W}x8, "
-          f"3 steps, B={B}, fp32, {device}, backend={args.backend!r}\n")
+          f"{args.steps} steps, B={B}, fp32, {device}, backend={args.backend!r}, "
+          f"{torch.get_num_threads()} CPU thread(s)\n")
     _, report = pf_kernels.convert(model, backend=args.backend, example_inputs=(inputs,))
     print(report)
     calls = fused_calls_per_forward(model, inputs)
@@ -201,6 +207,8 @@ def main():
                 net(inputs)
         return step
 
+    if args.rounds <= 0:
+        return
     print(f"\nmedian of {args.rounds} rounds, both models back to back in each:")
     print(f"{'':16}{'eager':>12}{'converted':>12}{'speed-up':>10}")
     for label, make_step in (("training step", training_step), ("inference", inference)):

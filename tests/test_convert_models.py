@@ -3,7 +3,10 @@ the model stays the user's (class, attributes, parameters, state_dict, methods),
 gradients equal the unconverted model's on every backend that runs here, the fused ops are called
 as often as the patterns say, and training code keeps working."""
 import copy
+import importlib.util
 import io
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,9 +185,9 @@ def test_without_example_inputs_the_first_call_captures_and_batch_sizes_vary():
 
 def test_deepcopy_and_pickle_give_converted_models():
     model, expected = tanh_progressive_model(steps=2)
-    pk.convert(model, backend="torch")
     args = tanh_progressive_inputs()
     expected_out = model(*args)
+    pk.convert(model, backend="torch")  # not captured yet: the copies capture on their own
     buffer = io.BytesIO()
     torch.save(model, buffer)  # MultiBench saves whole models
     buffer.seek(0)
@@ -239,3 +242,18 @@ def test_pf_kernels_modules_get_the_backend_and_bad_arguments_are_refused():
         pk.convert(nn.Linear(2, 2), example_inputs=[torch.randn(1, 2)])
     with pytest.raises(TypeError, match="example_kwargs"):
         pk.convert(nn.Linear(2, 2), example_kwargs=[1])
+
+
+def test_swap_into_model_program_runs(monkeypatch, capsys):
+    path = Path(__file__).resolve().parents[1] / "python" / "swap_into_model.py"
+    spec = importlib.util.spec_from_file_location("swap_into_model", path)
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    # no timing rounds: one capture, the report, the counts and the differences
+    monkeypatch.setattr(sys, "argv", ["swap_into_model.py", "--batch", "4", "--rounds", "0", "--steps", "2",
+                                      "--device", "cpu"])
+    program.main()
+    out = capsys.readouterr().out
+    # the fusion and the vector encoder's first Linear per step; the sequence and the image in step 2
+    assert "fused calls per forward: fusion_head 4, backproj_concat 2" in out, out
+    assert "max |difference| to the unconverted model: output" in out
