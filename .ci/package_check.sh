@@ -38,7 +38,7 @@ rm -rf "$DIR"
 mkdir -p "$DIR"
 VENV=$DIR/venv
 PY=$VENV/bin/python
-if ! { "$PYTHON" -m venv "$VENV" && "$PY" -m pip install "$TORCH_REQ" build ninja; } >"$DIR/venv.log" 2>&1; then
+if ! { "$PYTHON" -m venv "$VENV" && "$PY" -m pip install "$TORCH_REQ" numpy build ninja; } >"$DIR/venv.log" 2>&1; then
   tail -5 "$DIR/venv.log"
   fail "could not create a venv with $TORCH_REQ (log: $DIR/venv.log)"
   finish
@@ -191,7 +191,7 @@ if "$PY" -m pip install "$WHEEL" >"$DIR/install.log" 2>&1 && (cd "$DIR" && "$PY"
 else
   tail -5 "$DIR/install.log"; fail "install: the installed wheel (log: $DIR/install.log)"
 fi
-INFO=$("$PY" -c "import importlib.util as u; print(u.find_spec('pf_kernels').submodule_search_locations[0])" 2>/dev/null)/_build_info.py
+INFO=$(cd "$DIR" && "$PY" -c "import importlib.util as u; print(u.find_spec('pf_kernels').submodule_search_locations[0])")/_build_info.py
 if [ -f "$INFO" ] && sed -i "s/^TORCH_VERSION = .*/TORCH_VERSION = '2.0.0'/" "$INFO" \
     && (cd "$DIR" && "$PY" -c "$OP_CHECK" mismatch); then
   pass "mismatch: built against another torch: one warning naming the fix, the library not loaded"
