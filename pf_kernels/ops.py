@@ -1,12 +1,53 @@
-"""The functional ops: validate once, pick the backend, call its implementation."""
+"""The functional ops: validate once, pick the backend, call its implementation.
+
+Under torch.autocast every op is a lower-precision op, as nn.Linear is: its floating inputs
+(fp64 excepted, as autocast does) are cast to the autocast dtype of their device type, the op
+computes in that dtype with fp32 accumulation, and autograd returns each input's gradient in that
+input's own dtype (through the cast). The cast is plain Python before the op, so torch.compile
+records it in the graph.
+"""
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from . import _validation as checks
 from ._dispatch import get_impl, resolve_backend
+
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def _autocast_dtype(t) -> Optional[torch.dtype]:
+    """The dtype autocast asks of a matmul on t's device, or None where autocast is off there."""
+    if not isinstance(t, torch.Tensor):
+        return None  # validation names the bad argument
+    device_type = t.device.type
+    if device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _cast(t, dtype: torch.dtype):
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype \
+            and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
+
+
+def _cast_all(items, dtype: torch.dtype):
+    if isinstance(items, (list, tuple)):
+        return [_cast(t, dtype) for t in items]
+    return items  # not a sequence: validation names it
+
+
+def _autocast_off(backend_name: str, device: torch.device, cast: Optional[torch.dtype]):
+    # The reference's fp32 matmuls would be recast by autocast; the compiled kernels keep autocast
+    # out of their own ATen calls themselves (and a context manager costs ~15 us).
+    if cast is not None and backend_name == "torch":
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def backproj_concat(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
@@ -17,9 +58,13 @@ def backproj_concat(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
     x: (B, *S, Dx); z: (B, Dz); weight: (Dc, Dz); bias: (Dc,) or None.
     Returns (B, *S, Dx + Dc): out[..., :Dx] = x, out[b, s..., Dx:] = act(z[b] @ weight.T + bias).
     """
+    cast = _autocast_dtype(x)
+    if cast is not None:
+        x, z, weight, bias = (_cast(t, cast) for t in (x, z, weight, bias))
     checks.check_backproj_concat(x, z, weight, bias, activation)
     name = resolve_backend(backend, "backproj_concat", x.device, x.dtype)
-    return get_impl(name, "backproj_concat")(x, z, weight, bias, activation)
+    with _autocast_off(name, x.device, cast):
+        return get_impl(name, "backproj_concat")(x, z, weight, bias, activation)
 
 
 def backproj_concat_grouped(xs: Sequence[torch.Tensor], z: torch.Tensor,
@@ -27,9 +72,14 @@ def backproj_concat_grouped(xs: Sequence[torch.Tensor], z: torch.Tensor,
                             biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
                             activation: str = "relu", backend: str = "auto") -> List[torch.Tensor]:
     """backproj_concat for every modality (one x, weight, bias each) from one z, in one launch."""
+    cast = _autocast_dtype(z)
+    if cast is not None:
+        z, xs, weights = _cast(z, cast), _cast_all(xs, cast), _cast_all(weights, cast)
+        biases = _cast_all(biases, cast)
     biases = checks.check_backproj_grouped(xs, z, weights, biases, activation)
     name = resolve_backend(backend, "backproj_concat_grouped", z.device, z.dtype)
-    return _grouped(name, list(xs), z, list(weights), biases, activation)
+    with _autocast_off(name, z.device, cast):
+        return _grouped(name, list(xs), z, list(weights), biases, activation)
 
 
 def _grouped(name, xs, z, weights, biases, activation) -> List[torch.Tensor]:
@@ -47,9 +97,13 @@ def fusion_head(hs: Sequence[torch.Tensor], weight: torch.Tensor,
 
     hs: K >= 1 tensors (B, D_j); weight: (Dz, sum D_j); bias: (Dz,) or None. Returns (B, Dz).
     """
+    cast = _autocast_dtype(weight)
+    if cast is not None:
+        hs, weight, bias = _cast_all(hs, cast), _cast(weight, cast), _cast(bias, cast)
     checks.check_fusion_head(hs, weight, bias, activation)
     name = resolve_backend(backend, "fusion_head", hs[0].device, hs[0].dtype)
-    return get_impl(name, "fusion_head")(list(hs), weight, bias, activation)
+    with _autocast_off(name, hs[0].device, cast):
+        return get_impl(name, "fusion_head")(list(hs), weight, bias, activation)
 
 
 def refine_step(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
@@ -62,14 +116,20 @@ def refine_step(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
 
     Returns (z, [backproj_concat(x_j, z, bp_weights[j], bp_biases[j]) for each modality j]).
     """
+    cast = _autocast_dtype(head_weight)
+    if cast is not None:
+        hs, xs, bp_weights = _cast_all(hs, cast), _cast_all(xs, cast), _cast_all(bp_weights, cast)
+        head_weight, head_bias = _cast(head_weight, cast), _cast(head_bias, cast)
+        bp_biases = _cast_all(bp_biases, cast)
     bp_biases = checks.check_refine_step(hs, head_weight, head_bias, xs, bp_weights, bp_biases,
                                          head_activation, backproj_activation)
     name = resolve_backend(backend, "refine_step", hs[0].device, hs[0].dtype)
     hs, xs, bp_weights = list(hs), list(xs), list(bp_weights)
-    impl = get_impl(name, "refine_step")
-    if impl is not None:
-        z, xs_out = impl(hs, head_weight, head_bias, xs, bp_weights, bp_biases,
-                         head_activation, backproj_activation)
-        return z, list(xs_out)
-    z = get_impl(name, "fusion_head")(hs, head_weight, head_bias, head_activation)
-    return z, _grouped(name, xs, z, bp_weights, bp_biases, backproj_activation)
+    with _autocast_off(name, hs[0].device, cast):
+        impl = get_impl(name, "refine_step")
+        if impl is not None:
+            z, xs_out = impl(hs, head_weight, head_bias, xs, bp_weights, bp_biases,
+                             head_activation, backproj_activation)
+            return z, list(xs_out)
+        z = get_impl(name, "fusion_head")(hs, head_weight, head_bias, head_activation)
+        return z, _grouped(name, xs, z, bp_weights, bp_biases, backproj_activation)
