@@ -316,7 +316,10 @@ def backward(grad_out: torch.Tensor, hs: List[torch.Tensor], weight: torch.Tenso
     dims = [h.shape[1] for h in hs]
     if len(hs) > MAX_K:
         grads = backward(grad_out, [torch.cat(hs, dim=1)], weight, pre, has_bias, activation)
-        return [*(g.contiguous() for g in torch.split(grads[0], dims, dim=1)), grads[1], grads[2]]
+        # clones, not .contiguous(): a piece that is contiguous already (B <= 1, zero width) would be
+        # a view, and a custom op's outputs must not alias each other
+        return [*(g.clone(memory_format=torch.contiguous_format) for g in torch.split(grads[0], dims, dim=1)),
+                grads[1], grads[2]]
     M, N, K = grad_out.shape[0], grad_out.shape[1], len(hs)
     dev, dtype = grad_out.device, hs[0].dtype
     grad_hs = [torch.empty((M, d), dtype=dtype, device=dev) for d in dims]

@@ -332,8 +332,10 @@ def backend_takes(pk, backend: str, op: str, device: str, dtype: torch.dtype) ->
 
 
 def run(device: str, backends: Sequence[str], seconds: float, seed: int, limits: bool,
-        max_cases: Optional[int] = None, budget: Optional[int] = None, out=sys.stdout) -> int:
+        max_cases: Optional[int] = None, budget: Optional[int] = None, out=None) -> int:
     import pf_kernels as pk
+
+    out = out or sys.stdout
 
     ops = ["backproj_concat", "fusion_head", "backproj_concat_grouped", "refine_step"]
     if hasattr(pk, "context_linear"):
