@@ -56,6 +56,7 @@ class Context:
     arch: Optional[str]
     cores: int
     skip_reason: Optional[str] = None
+    deadline: float = float("inf")  # time.time() after which no part starts and every part stops
 
 
 def probe() -> Context:
@@ -191,14 +192,14 @@ class Running:
 
     def poll(self) -> bool:
         """True when the part is finished."""
-        left = self.part.limit_s - (time.time() - self.start)
+        left = min(self.part.limit_s - (time.time() - self.start), self.ctx.deadline - time.time())
         try:
             out, _ = self.proc.communicate(timeout=max(0.1, min(left, 1.0)))
         except subprocess.TimeoutExpired:
             if left <= 0:
                 self.proc.kill()
                 out, _ = self.proc.communicate()
-                self.text += out + f"\n[timed out after {self.part.limit_s} s]\n"
+                self.text += out + f"\n[timed out after {time.time() - self.start:.0f} s]\n"
                 self.timed_out, self.rc = True, 124
                 return True
             return False
@@ -212,8 +213,9 @@ def run_parts(parts: List[Part], ctx: Context, results: Dict[str, str]) -> bool:
     ok = True
     running = []
     for part in parts:
-        if ctx.skip_reason:
-            results[part.name] = f"SKIPPED {part.name}: {ctx.skip_reason}"
+        if ctx.skip_reason or ctx.deadline - time.time() < 20:
+            why = ctx.skip_reason or "no time left before --deadline"
+            results[part.name] = f"SKIPPED {part.name}: {why}"
             print(results[part.name], flush=True)
             continue
         r = Running(part, ctx)
@@ -244,6 +246,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "results", "gpu"))
     parser.add_argument("--parts", default=",".join(DEFAULT_PARTS))
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds from the start after which no part starts and running parts stop")
     args = parser.parse_args(argv)
     wanted = args.parts.split(",")
     unknown = set(wanted) - {p.name for p in PARTS}
@@ -257,6 +261,8 @@ def main(argv=None) -> int:
     ctx = probe()
     ctx.out = args.out
     start = time.time()
+    if args.deadline is not None:
+        ctx.deadline = start + args.deadline
     versions = _versions()
     print(f"gpu-check: {ctx.gpu or 'no GPU'}; {versions}; {ctx.cores} cores", flush=True)
 
