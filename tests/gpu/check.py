@@ -103,7 +103,7 @@ def test_commands(ctx: Context):
             "--ignore=tests/test_triton_aot.py", "--ignore=tests/gpu", "-m", "not slow",
             "-k", "not every_autotune_config"]  # the configs part runs those
     if importlib.util.find_spec("xdist") is not None:
-        args += ["-n", str(min(8, ctx.cores))]
+        args += ["-n", str(max(1, min(12, ctx.cores - 4)))]
     if importlib.util.find_spec("pytest_timeout") is not None:
         args += ["--timeout", "120"]
     return [args]
@@ -158,9 +158,10 @@ PARTS = [
     Part("build", 180, "tests.log", build_commands, _last_lines(r"^\{|Successfully installed|error"),
          parallel=False),
     Part("tests", 170, "tests.log", test_commands, _pytest_counts,
-         env={"PF_KERNELS_TRITON_AUTOTUNE": "0"}),
+         env={"PF_KERNELS_TRITON_AUTOTUNE": "0", "PF_KERNELS_FAILURE_LOG": "{out}/failures.txt"}),
     Part("configs", 120, "checks.log", config_commands, _pytest_counts),
-    Part("differential", 120, "checks.log", differential_commands, _last_lines(r"^differential |^FAIL")),
+    Part("differential", 120, "checks.log", differential_commands, _last_lines(r"^differential |^FAIL"),
+         env={"PF_KERNELS_TRITON_AUTOTUNE": "0"}),  # else every new case shape autotunes every config
     Part("memcheck", 170, "checks.log", sanitizer_commands("memcheck", True), _sanitizer_summary),
     Part("racecheck", 170, "checks.log", sanitizer_commands("racecheck", True), _sanitizer_summary),
     Part("initcheck", 170, "checks.log", sanitizer_commands("initcheck", False), _sanitizer_summary),
@@ -183,7 +184,8 @@ class Running:
     def start_next(self) -> bool:
         if self.index >= len(self.commands):
             return False
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.part.env)
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   **{k: v.format(out=self.ctx.out) for k, v in self.part.env.items()})
         self.proc = subprocess.Popen(self.commands[self.index], cwd=ROOT, env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.text += f"$ {' '.join(self.commands[self.index])}\n"
