@@ -14,6 +14,7 @@ importable (pip's default isolated build environment has none), building the ker
 error that says so; PF_KERNELS_SKIP_EXTENSION=1 asks for a pure-Python install instead.
 """
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -139,8 +140,13 @@ class Plan:
         cxx_flags = ["-O3", "-fopenmp", "-DPF_KERNELS_BUILD"]
         extra_compile_args = {"cxx": cxx_flags}
         include_dirs = [os.path.join(ROOT, "csrc")]
+        link_args = ["-fopenmp"]
+        if sys.platform.startswith("linux"):
+            # The C++ runtime shared, as torch's: a compiler wrapper that links libstdc++ statically
+            # (seen on a GPU machine) makes a second copy that crashes on the first error message.
+            link_args += ["-Wl,--push-state,-Bdynamic", "-lstdc++", "-Wl,--pop-state"]
         kwargs = dict(include_dirs=include_dirs, extra_compile_args=extra_compile_args,
-                      extra_link_args=["-fopenmp"])
+                      extra_link_args=link_args)
         if self.with_cuda:
             self.archs, self.archs_from = cuda_archs(torch)
             os.environ["TORCH_CUDA_ARCH_LIST"] = self.archs  # what torch's BuildExtension compiles for
@@ -196,6 +202,14 @@ class Plan:
                 + "".join(f"{k} = {v!r}\n" for k, v in fields.items()))
 
 
+def _elf():
+    """pf_kernels/_elf.py, loaded by path: the package itself is not importable while it builds."""
+    spec = importlib.util.spec_from_file_location("pf_kernels_elf", os.path.join(PACKAGE_DIR, "_elf.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def public_version(version: str) -> str:
     return version.split("+")[0]  # 2.13.0+cpu -> 2.13.0, which torch==2.13.0 matches
 
@@ -242,6 +256,14 @@ def build_ext_class():
             log("\n".join([banner] + [f"  {name:<{width}} : {value}" for name, value in PLAN.config]
                           + ["=" * len(banner)]))
             super().run()
+            for ext in self.extensions:
+                built = self.get_ext_fullpath(ext.name)
+                if os.path.exists(built) and _elf().static_cxx_runtime(built):
+                    raise SetupError(
+                        f"\n{built} carries its own static copy of the C++ standard library "
+                        f"(compiler {os.environ.get('CXX', 'c++')!r} links it statically): beside the "
+                        "shared one torch uses it crashes the process on the first error message. "
+                        f"Build with a compiler that links libstdc++ dynamically, e.g. CXX=g++ {INSTALL}")
             write_build_info(PACKAGE_DIR if self.inplace else os.path.join(self.build_lib, "pf_kernels"))
 
     return BuildExt

@@ -29,13 +29,24 @@ class KernelsUnavailableWarning(UserWarning):
 @functools.lru_cache(maxsize=None)
 def build_problem() -> Optional[Tuple[str, str]]:
     """(kind, message) saying why pf_kernels._C cannot be used with this torch, found without loading
-    it: kind "skipped" (a pure-Python install on purpose), "missing" or "mismatch"; None where nothing
+    it: kind "skipped" (a pure-Python install on purpose), "missing", "mismatch" or "static-runtime";
+    None where nothing
     speaks against it (loading it then has the last word)."""
     try:
         from . import _build_info as info
     except ImportError:
         info = None  # a source tree built by hand or never built
-    built = importlib.util.find_spec(__package__ + "._C") is not None
+    spec = importlib.util.find_spec(__package__ + "._C")
+    built = spec is not None
+    origin = getattr(spec, "origin", None)
+    if built and origin and os.path.exists(origin):
+        from ._elf import static_cxx_runtime
+        if static_cxx_runtime(origin):
+            return "static-runtime", (
+                f"pf_kernels._C ({origin}) carries its own static copy of the C++ standard library, "
+                "which crashes the process beside torch's on the first error message: its kernels are "
+                "not loaded and only the torch and triton backends serve. Rebuild it with a compiler "
+                f"that links libstdc++ dynamically (e.g. CXX=g++): {BUILD_COMMAND}.")
     if not built:
         if info is not None and info.EXTENSION == "skipped":
             return "skipped", ("pf_kernels was installed without its compiled kernels, on purpose "
@@ -70,7 +81,7 @@ def warn_if_unusable() -> None:
     if problem is None:
         return
     kind, message = problem
-    if kind != "mismatch" and os.environ.get("PF_KERNELS_SKIP_EXTENSION", "0").strip().lower() in (
+    if kind in ("skipped", "missing") and os.environ.get("PF_KERNELS_SKIP_EXTENSION", "0").strip().lower() in (
             "1", "true", "yes", "on"):
         return  # the user runs without the kernels on purpose
     _warn_once(message)

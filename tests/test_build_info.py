@@ -96,3 +96,29 @@ def test_kernels_skipped_on_purpose_warn_unless_skipped_at_run_time_too(install,
     monkeypatch.setattr(_extension, "_warned", False)
     monkeypatch.setenv("PF_KERNELS_SKIP_EXTENSION", "1")
     assert warnings_at_import() == []
+
+
+def test_the_built_library_shares_the_cpp_runtime_with_torch():
+    # A _C with its own static libstdc++ segfaults on its first error message (seen on a GPU
+    # machine whose $CXX wrapper linked it statically); setup.py links it dynamically and checks.
+    from pf_kernels._elf import needed_libraries, static_cxx_runtime
+    spec = _extension.importlib.util.find_spec("pf_kernels._C")
+    if spec is None:
+        pytest.skip("pf_kernels._C is not built")
+    needed = needed_libraries(spec.origin)
+    assert needed is not None and any(n.startswith("libstdc++") for n in needed), needed
+    assert not static_cxx_runtime(spec.origin)
+    assert needed_libraries(__file__) is None  # not an ELF file
+
+
+def test_a_library_with_a_static_cpp_runtime_is_not_loaded(install, monkeypatch, tmp_path):
+    fake = tmp_path / "_C.so"
+    fake.write_bytes(b"stand-in")
+    install(build_info())
+    monkeypatch.setattr(_extension.importlib.util, "find_spec", lambda name, *a: types.SimpleNamespace(origin=str(fake)))
+    import pf_kernels._elf as elf
+    monkeypatch.setattr(elf, "static_cxx_runtime", lambda path: path == str(fake))
+    _extension.build_problem.cache_clear()
+    kind, message = _extension.build_problem()
+    assert kind == "static-runtime" and "libstdc++ dynamically" in message
+    assert any("static copy of the C++ standard library" in w for w in warnings_at_import())

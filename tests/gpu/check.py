@@ -2,8 +2,8 @@
 
 Uses the python that runs it (no venv, no downloads), builds pf_kernels._C in place for the local
 GPU's arch with every core, then runs, each part under its own time limit:
-  tests         the test suite on the GPU (cuda and triton backends against the reference, autocast,
-                torch.compile, opcheck), Triton autotuning replaced by one fixed config per kernel
+  tests         the tests of the GPU backends on the GPU (cuda and triton against the reference,
+                autocast, torch.compile, opcheck, convert), one fixed Triton config per kernel
   configs       every Triton autotune config of every kernel on a few shapes
   differential  random shapes/layouts/dtypes/activations per GPU backend vs a float64 reference,
                 plus the size limits (grids, shared memory, 32-bit offsets)
@@ -99,13 +99,15 @@ def build_commands(ctx: Context):
 
 
 def test_commands(ctx: Context):
+    # The tests a GPU adds to CI's: every test of a GPU backend or of mixed precision (CI runs the
+    # CPU-only rest on every commit). Autotune sweeps are the configs part's.
     args = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "tests",
             "--ignore=tests/test_triton_aot.py", "--ignore=tests/gpu", "-m", "not slow",
-            "-k", "not every_autotune_config"]  # the configs part runs those
+            "-k", "(cuda or triton or autocast) and not every_autotune_config"]
     if importlib.util.find_spec("xdist") is not None:
         args += ["-n", str(max(1, min(12, ctx.cores - 4)))]
     if importlib.util.find_spec("pytest_timeout") is not None:
-        args += ["--timeout", "120"]
+        args += ["--timeout", "240"]
     return [args]
 
 
@@ -157,7 +159,7 @@ def _sanitizer_summary(text: str, rc: int) -> str:
 PARTS = [
     Part("build", 180, "tests.log", build_commands, _last_lines(r"^\{|Successfully installed|error"),
          parallel=False),
-    Part("tests", 170, "tests.log", test_commands, _pytest_counts,
+    Part("tests", 200, "tests.log", test_commands, _pytest_counts,
          env={"PF_KERNELS_TRITON_AUTOTUNE": "0", "PF_KERNELS_FAILURE_LOG": "{out}/failures.txt"}),
     Part("configs", 120, "checks.log", config_commands, _pytest_counts),
     Part("differential", 120, "checks.log", differential_commands, _last_lines(r"^differential |^FAIL"),
