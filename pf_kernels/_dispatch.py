@@ -47,8 +47,17 @@ class Backend:
 
 
 _BACKENDS: Dict[str, Backend] = {}
-# Where "auto" looks, in order, per device type; "torch" serves everything else.
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+# Where "auto" looks, in order, per device type and, where measurements differ, per op ("*": the
+# rest); "torch" serves everything else. From the benchmarks (benchmarks/results/):
+# - H100 (torch 2.11, triton 3.6): the cuda kernels beat the triton ones on every row; triton's
+#   calls are host-bound (~200 us each through torch.library's triton_op), 0.2-0.4x eager.
+# - CPU: fusion_head's cpu kernel is one GEMM like eager's plus the op's call overhead: 0.92x eager
+#   over the grid, so auto keeps eager's; refine_step then composes torch's head with the cpu
+#   back-projections (pf_kernels.ops.refine_step).
+_AUTO_ORDER = {
+    "cuda": {"*": ("cuda", "triton", "torch")},
+    "cpu": {"*": ("cpu", "torch"), "fusion_head": ("torch",)},
+}
 
 
 def register_backend(name: str, device_types: Callable[[], Tuple[str, ...]],
@@ -132,7 +141,8 @@ def _resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype) ->
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
         source = f"the environment variable {ENV_VAR}"
     if backend == "auto":
-        for name in _AUTO_ORDER.get(device.type, ("torch",)):
+        order = _AUTO_ORDER.get(device.type, {})
+        for name in order.get(op, order.get("*", ("torch",))):
             if _refusal(_BACKENDS[name], op, device, dtype) is None:
                 return name
         return "torch"

@@ -123,13 +123,19 @@ def refine_step(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
         bp_biases = _cast_all(bp_biases, cast)
     bp_biases = checks.check_refine_step(hs, head_weight, head_bias, xs, bp_weights, bp_biases,
                                          head_activation, backproj_activation)
-    name = resolve_backend(backend, "refine_step", hs[0].device, hs[0].dtype)
+    device, dtype = hs[0].device, hs[0].dtype
+    name = resolve_backend(backend, "refine_step", device, dtype)
     hs, xs, bp_weights = list(hs), list(xs), list(bp_weights)
-    with _autocast_off(name, hs[0].device, cast):
-        impl = get_impl(name, "refine_step")
-        if impl is not None:
+    impl = get_impl(name, "refine_step")
+    if impl is not None:
+        with _autocast_off(name, device, cast):
             z, xs_out = impl(hs, head_weight, head_bias, xs, bp_weights, bp_biases,
                              head_activation, backproj_activation)
-            return z, list(xs_out)
-        z = get_impl(name, "fusion_head")(hs, head_weight, head_bias, head_activation)
-        return z, _grouped(name, xs, z, bp_weights, bp_biases, backproj_activation)
+        return z, list(xs_out)
+    # Composed from the backend's other ops; under "auto", from whichever backend auto picks for each.
+    head = name if backend != "auto" else resolve_backend(backend, "fusion_head", device, dtype)
+    with _autocast_off(head, device, cast):
+        z = get_impl(head, "fusion_head")(hs, head_weight, head_bias, head_activation)
+    bp = name if backend != "auto" else resolve_backend(backend, "backproj_concat_grouped", device, dtype)
+    with _autocast_off(bp, device, cast):
+        return z, _grouped(bp, xs, z, bp_weights, bp_biases, backproj_activation)
