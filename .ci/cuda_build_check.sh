@@ -142,7 +142,8 @@ import torch  # noqa: E402  (before the library, which links libtorch)
 spec = importlib.util.spec_from_file_location("_C", so_path)
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-ops = ["backproj_concat", "backproj_concat_backward", "fusion_head", "fusion_head_backward"]
+ops = ["backproj_concat", "backproj_concat_backward", "fusion_head", "fusion_head_backward",
+       "context_linear", "context_linear_backward"]
 for op in ops:
     for key in ("CUDA", "CPU"):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pf_kernels::{op}", key):
