@@ -108,17 +108,25 @@ class _OpaqueTracer(fx.Tracer):
 
 
 class _Hoisting:
-    """How encoder j runs with its first Linear hoisted: encoder(x~) = tail(act(linear(x~))).
+    """How an encoder runs with its first Linear hoisted: encoder(x~) = tail(act(linear(x~))).
 
     `tails` maps the encoder's training flag to the rest of the encoder as an fx.GraphModule that
     looks its submodules up in the live encoder (so .to(), load_state_dict and module swaps below
-    the first layer are seen), or is None for a bare nn.Linear encoder.
+    the first layer are seen), or is None for a bare nn.Linear encoder. `fused` holds the modules
+    the hoisted path replaces, by qualified name: if one is swapped out, the plan no longer holds.
     """
 
-    def __init__(self, linear: nn.Linear, activation: str, tails: Optional[Dict[bool, nn.Module]]):
+    def __init__(self, encoder: nn.Module, linear: nn.Linear, activation: str,
+                 tails: Optional[Dict[bool, nn.Module]], fused: Dict[str, nn.Module]):
+        self.encoder = encoder
         self.linear = linear
         self.activation = activation
         self.tails = tails
+        self.fused = fused
+
+    def holds_for(self, encoder: nn.Module) -> bool:
+        return encoder is self.encoder and all(encoder.get_submodule(name) is module
+                                               for name, module in self.fused.items())
 
     def tail(self, encoder: nn.Module, h: torch.Tensor) -> torch.Tensor:
         return h if self.tails is None else self.tails[encoder.training](h)
@@ -129,7 +137,8 @@ def _has_hooks(*modules: nn.Module) -> bool:
 
 
 def _plan_tail(encoder: nn.Module, context_dim: int):
-    """(linear, activation, graph that takes the activated output of the linear), or a reason string."""
+    """(linear, activation, {name: module} of the modules the hoisted path replaces, graph that
+    takes the activated output of the linear), or a reason string."""
     from .convert import _activation_of  # the one list of activation forms fx records
 
     try:
@@ -154,7 +163,8 @@ def _plan_tail(encoder: nn.Module, context_dim: int):
             and follower.args[:1] == (first,) and len(follower.args) == 1:
         fused, activation = follower, _activation_of(follower, modules)
     # Hooks of the modules the hoisted path does not call (the Sequentials were traced through).
-    skipped = [modules[n.target] for n in (first, fused) if n.op == "call_module"]
+    replaced = {n.target: modules[n.target] for n in (first, fused) if n.op == "call_module"}
+    skipped = list(replaced.values())
     skipped += [m for m in encoder.modules() if isinstance(m, nn.Sequential)]
     if _has_hooks(encoder, *skipped):
         return "it, a Sequential in it, or its first layer has forward hooks"
@@ -169,7 +179,7 @@ def _plan_tail(encoder: nn.Module, context_dim: int):
         if copied.op in ("call_module", "get_attr"):
             copied.target = f"encoder.{copied.target}"
         env[node] = copied
-    return linear, activation, tail
+    return linear, activation, replaced, tail
 
 
 def _tail_module(encoder: nn.Module, graph: fx.Graph) -> nn.Module:
@@ -193,7 +203,7 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
             return "it has forward hooks"
         if encoder.in_features <= context_dim:
             return f"it takes {encoder.in_features} <= context_dims features"
-        return _Hoisting(encoder, "none", None)
+        return _Hoisting(encoder, encoder, "none", None, {})
     tails = {}
     plan = None
     was_training = encoder.training
@@ -203,13 +213,13 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
             planned = _plan_tail(encoder, context_dim)
             if isinstance(planned, str):
                 return planned
-            if plan is not None and planned[:2] != plan[:2]:
+            if plan is not None and planned[:3] != plan[:3]:
                 return "its first layer differs between training and evaluation"
             plan = planned
-            tails[mode] = _tail_module(encoder, planned[2])
+            tails[mode] = _tail_module(encoder, planned[3])
     finally:
         encoder.training = was_training
-    return _Hoisting(plan[0], plan[1], tails)
+    return _Hoisting(encoder, plan[0], plan[1], tails, plan[2])
 
 
 class ProgressiveFusion(nn.Module):
@@ -226,8 +236,9 @@ class ProgressiveFusion(nn.Module):
     computed once per forward and each later step adds only the broadcast context term
     (pf_kernels.context_linear, fused with the activation that follows the Linear). Same
     parameters and state_dict; the same outputs up to rounding. `hoisted` lists the encoders
-    hoisted; the plan is made at construction: after replacing modules inside an encoder, set
-    `hoist = True` again.
+    hoisted, `hoisting_notes` why the others were not. The plan is made at construction (and when
+    `hoist` is set); an encoder whose hoisted Linear or fused activation is replaced later runs
+    unhoisted until `hoist = True` plans again.
     """
 
     def __init__(self, encoders: Sequence[nn.Module], encoder_dims: Sequence[int], fused_dim: int,
@@ -279,7 +290,8 @@ class ProgressiveFusion(nn.Module):
         context_linear)."""
         if not implements(self.backend, "context_linear"):
             return ()
-        return tuple(j for j, plan in enumerate(self._hoisting) if plan is not None)
+        return tuple(j for j, (plan, encoder) in enumerate(zip(self._hoisting, self.encoders))
+                     if plan is not None and plan.holds_for(encoder))
 
     def extra_repr(self) -> str:
         return f"iterations={self.iterations}, context_dims={self.context_dims}, hoisted={self.hoisted}"
@@ -311,8 +323,10 @@ class ProgressiveFusion(nn.Module):
         if not any(self._hoisting) or not implements(self.backend, "context_linear"):
             return (None,) * len(xs)
         # A Linear that does not take Dx + Dc features: the unhoisted path raises the usual error.
-        return tuple(plan if plan is not None and x.shape[-1] + c == plan.linear.in_features else None
-                     for plan, x, c in zip(self._hoisting, xs, self.context_dims))
+        # A plan whose modules were swapped out no longer holds: that encoder runs unhoisted.
+        return tuple(plan if plan is not None and x.shape[-1] + c == plan.linear.in_features
+                     and plan.holds_for(encoder) else None
+                     for plan, encoder, x, c in zip(self._hoisting, self.encoders, xs, self.context_dims))
 
     def forward(self, xs: Sequence[torch.Tensor], return_all_steps: bool = False):
         xs = self._check_inputs(xs)
