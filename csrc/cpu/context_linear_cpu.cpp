@@ -1,15 +1,15 @@
 // context_linear on CPU. Forward: the (B, H) context term once per batch row (two small linear
 // maps: the back-projection, rounded to the dtype as backproj_concat returns it, then W_c), then
-// one pass over p adding it, with relu in the same pass and the smooth activations applied per
-// cache-sized chunk with ATen's SIMD kernels. Backward: the term's gradient is grad_out (times
-// the output activation's derivative) summed over positions, then the small linear maps' backward.
+// the pass over p adding it and the output activation. Backward: the term's gradient is grad_out
+// (times the output activation's derivative) summed over positions, then the small linear maps'
+// backward. The passes over p-sized tensors are ATen's own kernels: they are dispatched to the
+// machine's widest SIMD (AVX2 / AVX-512), which this extension, built for the baseline ISA, cannot
+// match with loops of its own (measured: a hand-written add + relu loop ran at 0.4-0.5x of them).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <type_traits>
 #include <vector>
 
 #include "activations.h"
@@ -20,12 +20,7 @@
 namespace pf_kernels {
 namespace {
 
-using cpu::grain_for;
 using cpu::linear_acc;
-
-// Rows per chunk of the smooth-activation path: ~32K elements, so the chunk is still in cache
-// when ATen's activation runs over it and its call overhead is spread thin.
-constexpr int64_t kChunkElements = 1 << 15;
 
 // The context c = act(z @ bp_weight^T + bp_bias) rounded to scalar_t (as backproj_concat returns it),
 // and the term c @ proj_weight^T in the accumulation dtype: (B, H). Also returns c.
@@ -39,11 +34,12 @@ std::pair<at::Tensor, at::Tensor> context_term(const at::Tensor& z, const at::Te
   return {linear_acc<scalar_t, acc_t>(c, proj_weight, c10::nullopt), c};
 }
 
-// Rows of t (B, *positions, H) as an (n_rows, H) view with unit inner stride (a copy where
-// strides do not allow one).
-at::Tensor as_rows(const at::Tensor& t, int64_t n_rows) {
-  at::Tensor rows = t.reshape({n_rows, t.size(-1)});
-  return t.size(-1) > 1 && rows.stride(1) != 1 ? rows.contiguous() : rows;
+// The term viewed as (B, 1, ..., 1, H): broadcast over t's positions.
+at::Tensor over_positions(const at::Tensor& term, const at::Tensor& t) {
+  std::vector<int64_t> shape(t.dim(), 1);
+  shape.front() = term.size(0);
+  shape.back() = term.size(1);
+  return term.view(shape);
 }
 
 at::Tensor context_linear_cpu(const at::Tensor& p, const at::Tensor& z, const at::Tensor& bp_weight,
@@ -54,57 +50,22 @@ at::Tensor context_linear_cpu(const at::Tensor& p, const at::Tensor& z, const at
   const Activation out_act = parse_activation(std::string(out_activation_name));
   at::Tensor out = at::empty(p.sizes(), p.options());
   if (out.numel() == 0) return out;
-  const int64_t B = p.size(0), H = p.size(-1), n_rows = out.numel() / H, positions = n_rows / B;
-  const at::Tensor p_rows = as_rows(p, n_rows);
-
+  const bool wide = at::toOpMathType(p.scalar_type()) == p.scalar_type();  // fp32 / fp64
+  at::Tensor term;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "context_linear_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr bool kWide = std::is_same<scalar_t, acc_t>::value;  // fp32/fp64: y can be built in out
-    const at::Tensor term = context_term<scalar_t, acc_t>(z, bp_weight, bp_bias, proj_weight, act).first;
-    const acc_t* q_ptr = term.data_ptr<acc_t>();
-    const scalar_t* p_ptr = p_rows.data_ptr<scalar_t>();
-    const int64_t p_stride = p_rows.stride(0);
-    scalar_t* o_ptr = out.data_ptr<scalar_t>();
-    const bool smooth = out_act != Activation::None && out_act != Activation::Relu;
-    const bool relu = out_act == Activation::Relu;
-    const int64_t chunk_rows = std::max<int64_t>(1, kChunkElements / H);
-
-    at::parallel_for(0, n_rows, grain_for(H), [&](int64_t begin, int64_t end) {
-      // 16-bit outputs with a smooth activation: y in an fp32 buffer, activated, then rounded once.
-      std::vector<acc_t> buffer(!kWide && smooth ? std::min(end - begin, chunk_rows) * H : 0);
-      for (int64_t r0 = begin; r0 < end; r0 += chunk_rows) {
-        const int64_t r1 = std::min(end, r0 + chunk_rows);
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* __restrict__ pr = p_ptr + r * p_stride;
-          const acc_t* __restrict__ qr = q_ptr + (r / positions) * H;
-          if (!kWide && smooth) {
-            acc_t* __restrict__ yr = buffer.data() + (r - r0) * H;
-            for (int64_t h = 0; h < H; ++h) yr[h] = static_cast<acc_t>(pr[h]) + qr[h];
-          } else {
-            scalar_t* __restrict__ orow = o_ptr + r * H;
-            if (relu) {  // y < 0 ? 0 : y keeps NaN, as torch.relu does
-              for (int64_t h = 0; h < H; ++h) {
-                const acc_t y = static_cast<acc_t>(pr[h]) + qr[h];
-                orow[h] = static_cast<scalar_t>(y < acc_t(0) ? acc_t(0) : y);
-              }
-            } else {
-              for (int64_t h = 0; h < H; ++h) orow[h] = static_cast<scalar_t>(static_cast<acc_t>(pr[h]) + qr[h]);
-            }
-          }
-        }
-        if (smooth) {  // tanh / sigmoid / gelu over the chunk, with ATen's vectorised kernels
-          at::Tensor chunk = out.view({n_rows, H}).narrow(0, r0, r1 - r0);
-          if constexpr (kWide) {
-            activate_inplace(chunk, out_act);
-          } else {
-            at::Tensor y = at::from_blob(buffer.data(), {r1 - r0, H}, out.options().dtype(term.scalar_type()));
-            activate_inplace(y, out_act);
-            chunk.copy_(y);
-          }
-        }
-      }
-    });
+    term = over_positions(context_term<scalar_t, at::opmath_type<scalar_t>>(z, bp_weight, bp_bias, proj_weight, act).first, p);
   });
+  // The pass over p: ATen's vectorised binary kernel (it computes p + term in fp32 and rounds once
+  // into out; relu commutes with that rounding), then the activation in place. The smooth ones on
+  // 16-bit outputs go through an fp32 y, so that they too are rounded once.
+  if (out_act == Activation::None || out_act == Activation::Relu || wide) {
+    at::add_out(out, p, term);
+    activate_inplace(out, out_act);
+  } else {
+    at::Tensor y = at::add(p, term);
+    activate_inplace(y, out_act);
+    out.copy_(y);
+  }
   return out;
 }
 
@@ -121,8 +82,8 @@ Grads context_linear_backward_cpu(const at::Tensor& grad_out, const c10::optiona
   const bool from_p = saved.defined() && p.has_value() && p->defined();
   const at::ScalarType dtype = grad_out.scalar_type(), acc = at::toOpMathType(dtype);
   const int64_t B = grad_out.size(0), H = grad_out.size(-1);
-  const int64_t positions = B > 0 && H > 0 ? grad_out.numel() / (B * H) : 0;
-  at::Tensor grad_p = at::empty(out_act == Activation::None ? at::IntArrayRef{0} : grad_out.sizes(), grad_out.options());
+  std::vector<int64_t> positions;  // the dims the term was broadcast over
+  for (int64_t d = 1; d < grad_out.dim() - 1; ++d) positions.push_back(d);
   Grads grads;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "context_linear_bwd_cpu", [&] {
@@ -131,61 +92,26 @@ Grads context_linear_backward_cpu(const at::Tensor& grad_out, const c10::optiona
     at::Tensor c_acc = pre.clone();
     activate_inplace(c_acc, act);
     const at::Tensor c = c_acc.to(dtype);  // the context as the forward rounded it
-    at::Tensor term;
-    if (from_p) term = linear_acc<scalar_t, acc_t>(c, proj_weight, c10::nullopt);
 
-    // The term's gradient gq (B, H): grad_out (times out_act') summed over positions.
-    at::Tensor grad_term = at::zeros({B, H}, grad_out.options().dtype(acc));
-    if (positions > 0) {
-      const at::Tensor g = grad_out.reshape({B, positions, H});
-      if (out_act == Activation::None || out_act == Activation::Relu) {
-        // One pass: read grad_out (and the relu's source), write grad_p, accumulate per batch row.
-        const at::Tensor src = saved.defined() ? saved.reshape({B, positions, H}) : at::Tensor();
-        const scalar_t* g_ptr = g.data_ptr<scalar_t>();
-        const scalar_t* s_ptr = src.defined() ? src.data_ptr<scalar_t>() : nullptr;
-        const acc_t* q_ptr = term.defined() ? term.data_ptr<acc_t>() : nullptr;
-        scalar_t* gp_ptr = out_act == Activation::Relu ? grad_p.data_ptr<scalar_t>() : nullptr;
-        acc_t* gq_ptr = grad_term.data_ptr<acc_t>();
-        const int64_t gb = g.stride(0), gs = g.stride(1), gh = g.stride(2);
-        const int64_t sb = src.defined() ? src.stride(0) : 0, ss = src.defined() ? src.stride(1) : 0,
-                      sh = src.defined() ? src.stride(2) : 0;
-        at::parallel_for(0, B, grain_for(positions * H), [&](int64_t begin, int64_t end) {
-          for (int64_t b = begin; b < end; ++b) {
-            acc_t* __restrict__ sum = gq_ptr + b * H;
-            for (int64_t s = 0; s < positions; ++s) {
-              const scalar_t* __restrict__ gr = g_ptr + b * gb + s * gs;
-              if (gp_ptr == nullptr) {
-                if (gh == 1) {
-                  for (int64_t h = 0; h < H; ++h) sum[h] += static_cast<acc_t>(gr[h]);
-                } else {
-                  for (int64_t h = 0; h < H; ++h) sum[h] += static_cast<acc_t>(gr[h * gh]);
-                }
-                continue;
-              }
-              const scalar_t* __restrict__ sr = s_ptr + b * sb + s * ss;
-              const acc_t* __restrict__ qr = q_ptr != nullptr ? q_ptr + b * H : nullptr;
-              scalar_t* __restrict__ gpr = gp_ptr + (b * positions + s) * H;
-              for (int64_t h = 0; h < H; ++h) {
-                // relu' from y = p + term (16-bit) or from the output (y > 0 iff out > 0)
-                const acc_t y = static_cast<acc_t>(sr[h * sh]) + (qr != nullptr ? qr[h] : acc_t(0));
-                const scalar_t v = y > acc_t(0) ? gr[h * gh] : scalar_t(0);
-                gpr[h] = v;
-                sum[h] += static_cast<acc_t>(v);
-              }
-            }
-          }
-        });
-      } else {  // smooth activations: ATen's vectorised backward over the whole tensor
-        const int64_t n_rows = B * positions;
-        // (out of place: for fp32, .to(acc) is p itself)
-        const at::Tensor source = from_p ? at::add(as_rows(saved, n_rows).to(acc).reshape({B, positions, H}),
-                                                   term.unsqueeze(1))
-                                         : saved.reshape({B, positions, H});
-        const at::Tensor gp = activation_backward(from_p ? g.to(acc) : g, source, out_act, from_p);
-        grad_p.view({B, positions, H}).copy_(gp);
-        grad_term = gp.sum(at::IntArrayRef{1}, /*keepdim=*/false, acc);
+    // grad_p = grad_out * out_act' (grad_out itself without an output activation, returned by the
+    // autograd node), and the term's gradient: that summed over positions, in fp32. ATen's
+    // vectorised kernels for both passes.
+    at::Tensor grad_p = at::empty({0}, grad_out.options());
+    at::Tensor grad_term;
+    if (out_act == Activation::None) {
+      grad_term = positions.empty() ? grad_out.to(acc) : at::sum(grad_out, positions, false, acc);
+    } else {
+      at::Tensor grad_y;  // in fp32 for 16-bit dtypes, whose derivative comes from y = p + term
+      if (from_p) {
+        const at::Tensor term = linear_acc<scalar_t, acc_t>(c, proj_weight, c10::nullopt);
+        grad_y = activation_backward(grad_out.to(acc), at::add(saved, over_positions(term, saved)), out_act, true);
+      } else {
+        grad_y = activation_backward(grad_out, saved, out_act, false);
       }
+      grad_p = grad_y.to(dtype).contiguous();
+      grad_term = positions.empty() ? grad_y.to(acc) : at::sum(grad_y, positions, false, acc);
     }
+    grad_term = grad_term.reshape({B, H});
 
     // The small linear maps' backward: term = c @ W_c^T, then c = act(z @ W_bp^T + b_bp).
     auto [grad_c, grad_proj_weight, unused] =
