@@ -113,7 +113,8 @@ class _Hoisting:
     `tails` maps the encoder's training flag to the rest of the encoder as an fx.GraphModule that
     looks its submodules up in the live encoder (so .to(), load_state_dict and module swaps below
     the first layer are seen), or is None for a bare nn.Linear encoder. `fused` holds the modules
-    the hoisted path replaces, by qualified name: if one is swapped out, the plan no longer holds.
+    the hoisted path replaces, as (parent, name, module): if one is swapped out, the plan no longer
+    holds.
     """
 
     def __init__(self, encoder: nn.Module, linear: nn.Linear, activation: str,
@@ -122,14 +123,17 @@ class _Hoisting:
         self.linear = linear
         self.activation = activation
         self.tails = tails
-        self.fused = fused
+        self.fused = tuple((encoder.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], module)
+                           for name, module in fused.items())
 
     def holds_for(self, encoder: nn.Module) -> bool:
-        return encoder is self.encoder and all(encoder.get_submodule(name) is module
-                                               for name, module in self.fused.items())
+        # (checked every forward: dict lookups, not get_submodule's walk)
+        return encoder is self.encoder and all(parent._modules.get(name) is module
+                                               for parent, name, module in self.fused)
 
     def tail(self, encoder: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return h if self.tails is None else self.tails[encoder.training](h)
+        # .forward: our own GraphModule has no hooks, so skip __call__'s machinery
+        return h if self.tails is None else self.tails[encoder.training].forward(h)
 
 
 def _has_hooks(*modules: nn.Module) -> bool:
