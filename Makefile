@@ -3,17 +3,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The stack: one or more requirements, e.g. TORCH_SPEC="torch==2.11.0 triton==3.6.0" (the GPU machines').
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: test bench build clean
+.PHONY: test bench build clean gpu-check
 
 # The package is installed editable without its extension: `build` builds pf_kernels._C once, in place.
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(TORCH_SPEC)
 	PF_KERNELS_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
 	touch $@
 
@@ -26,6 +27,12 @@ test: build
 
 bench: build
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# On a lent GPU machine (DESIGN.md §8): the python given, no venv, no downloads; builds, tests,
+# checks and benchmarks (tests/gpu/check.py); with no GPU every part says SKIPPED and it exits 0.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(PYTHON) tests/gpu/check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info pf_kernels/*.so

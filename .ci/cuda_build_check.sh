@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # CI, no GPU needed: the CUDA kernels of pf_kernels._C compile and link against a CUDA build of
-# torch, ptxas reports no register spills for any kernel on any arch, and the built library
-# registers the CUDA kernels of every op.
+# torch, ptxas reports no register spills and no stack frame (local memory, or a call such as a
+# 64-bit division) for any kernel on any arch, every kernel is built for every arch, static shared
+# memory stays within 48 KiB, and the built library registers a CUDA kernel for every op that has a
+# CPU one.
 #
 # Builds into its own directory (never the in-place .so of the source tree). Knobs:
 #   PF_KERNELS_CUDA_VENV       venv with the CUDA build of torch (created if missing),
@@ -120,18 +122,22 @@ print(f"{'arch':6} {'regs':>4} {'spill st/ld':>11} {'stack':>5} {'smem':>6}  ker
 for (arch, name), k in rows:
     print(f"{arch:6} {k['regs'] if k['regs'] is not None else '?':>4} "
           f"{str(k['spill_st']) + '/' + str(k['spill_ld']):>11} {k['stack']:>5} {k['smem']:>6}  {short(name)}")
-    # smem: static shared memory; backproj_concat_fwd_kernel adds Dc * sizeof(dtype) dynamic at launch.
+    # smem: static shared memory, all there is (no kernel takes dynamic shared memory).
 
 failures = []
 if not kernels:
     failures.append("no ptxas output found: were the CUDA sources compiled with -Xptxas=-v?")
 archs = {arch for arch, _ in kernels}
 per_arch = {a: {n for (ar, n) in kernels if ar == a} for a in archs}
-if len({len(v) for v in per_arch.values()}) > 1:
-    failures.append(f"kernel counts differ per arch: { {a: len(v) for a, v in per_arch.items()} }")
+if len({frozenset(short(n) for n in v) for v in per_arch.values()}) > 1:
+    failures.append(f"kernels differ per arch: { {a: len(v) for a, v in per_arch.items()} }")
 for (arch, name), k in rows:
     if k["spill_st"] or k["spill_ld"]:
         failures.append(f"{arch} {short(name)} spills ({k['spill_st']} B stores, {k['spill_ld']} B loads)")
+    if k["stack"]:
+        failures.append(f"{arch} {short(name)} has a {k['stack']} B stack frame (local memory or a call)")
+    if k["smem"] > 48 * 1024:
+        failures.append(f"{arch} {short(name)} uses {k['smem']} B of static shared memory (> 48 KiB)")
     if k["regs"] is None:
         failures.append(f"{arch} {short(name)}: no register count in the ptxas output")
 for w in warnings:
@@ -142,15 +148,20 @@ import torch  # noqa: E402  (before the library, which links libtorch)
 spec = importlib.util.spec_from_file_location("_C", so_path)
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-ops = ["backproj_concat", "backproj_concat_backward", "fusion_head", "fusion_head_backward",
-       "context_linear", "context_linear_backward"]
+# Every op with a CPU kernel (test-only helpers, named _*, aside) has a CUDA kernel too.
+ops = sorted(name.split("::")[1] for name in torch._C._dispatch_get_registrations_for_dispatch_key("CPU")
+             if name.startswith("pf_kernels::") and not name.startswith("pf_kernels::_"))
+if len(ops) < 6:  # backproj_concat, fusion_head, context_linear and their backward ops
+    failures.append(f"{so_path} registers only {ops}")
 for op in ops:
     for key in ("CUDA", "CPU"):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pf_kernels::{op}", key):
             failures.append(f"{so_path} registers no {key} kernel for pf_kernels::{op}")
+if "pf_kernels::_launch_plan" not in torch._C._dispatch_get_all_op_names():
+    failures.append(f"{so_path} does not define pf_kernels::_launch_plan (the CPU tests of the launch arithmetic)")
 missing = [f for f in failures if "registers no" in f]
 print(f"{len(kernels)} kernel compilations on {', '.join(sorted(archs))}; CUDA and CPU kernels of "
-      f"{len(ops)} ops registered: {'NO' if missing else 'yes'}")
+      f"{len(ops)} ops ({', '.join(ops)}) registered: {'NO' if missing else 'yes'}")
 if failures:
     for f in failures:
         print(f"FAILED: {f}", file=sys.stderr)

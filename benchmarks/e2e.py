@@ -1,86 +1,326 @@
-"""End to end: a ProgressiveFusion model (K = 3, R = 3) with small encoders, one training step
-(forward + backward + Adam step) and inference, per backend, vs eager and torch.compile."""
+"""End to end: whole models, one training step (forward + backward + Adam) and inference, per provider.
+
+The models are a table (VARIANTS): a new row is a few lines. A variant that this install cannot
+build (an option ProgressiveFusion does not have yet, such as hoist=) gives rows marked n/a.
+Providers (E2E_PROVIDERS): the model on the torch backend (eager), on each fused backend, on auto,
+torch.compile of the eager model (proven compiled, see proof.py), and on a GPU the step captured in
+a CUDA graph (torch.cuda.graph, static shapes, after warm-up) with our ops inside, and without.
+"""
 from __future__ import annotations
 
 import copy
-from typing import List
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from pf_kernels.nn import ProgressiveFusion
+from pf_kernels.nn import FusionHead, ProgressiveFusion
 
+from .cases import TOLERANCE
+from .proof import FELL_BACK, ProvenCompile, describe_backends, fell_back_reason, record_backend_choice, timed_region
 from .timing import measure_side_by_side
 
+# Feature widths per modality: a vector and two sequences (T positions).
+INPUTS = {"narrow": (32, 16, 8), "wide": (768, 512, 64)}
+CONTEXT, ENCODED, FUSED, HIDDEN = 16, 64, 64, 64
 
-class PositionMLP(nn.Module):
-    """(B, *positions, D) -> (B, H): a per-position MLP, then the mean over positions."""
 
-    def __init__(self, d_in: int, d_out: int, hidden: int = 64):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+class NotAvailable(Exception):
+    """This install cannot build the variant (the row is marked n/a, with this reason)."""
 
-    def forward(self, x):
-        y = self.mlp(x)
+
+class MeanOverPositions(nn.Module):
+    """(B, *positions, H) -> (B, H); (B, H) stays."""
+
+    def forward(self, y):
         return y.flatten(1, -2).mean(1) if y.dim() > 2 else y
 
 
-def build(device, B: int, T: int):
-    dims, context, enc, fused = (32, 16, 8), 16, 64, 64
-    torch.manual_seed(0)
-    model = ProgressiveFusion([PositionMLP(d + context, enc) for d in dims], [enc] * 3, fused, context,
-                              iterations=3).to(device)
-    head = nn.Linear(fused, 1).to(device)
-    xs = [torch.randn(B, dims[0], device=device), torch.randn(B, T, dims[1], device=device),
-          torch.randn(B, T, dims[2], device=device)]
-    y = torch.randn(B, 1, device=device)
-    return model, head, xs, y
+def encoder(d_in: int, d_out: int) -> nn.Sequential:
+    """A per-position MLP, then the mean over positions. An nn.Sequential that begins with a Linear:
+    the form ProgressiveFusion can hoist."""
+    return nn.Sequential(nn.Linear(d_in, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, d_out), MeanOverPositions())
 
 
-# B = 8 is launch-bound (per-op overhead dominates), B = 256 is bound by the encoders' GEMMs.
-E2E_SIZES = ((8, 50), (256, 50))
+class LateFusion(nn.Module):
+    """Late fusion (R = 1, no context): encoders over the raw inputs, then the fusion head."""
+
+    def __init__(self, dims: Sequence[int]):
+        super().__init__()
+        self.encoders = nn.ModuleList(encoder(d, ENCODED) for d in dims)
+        self.fusion_head = FusionHead([ENCODED] * len(dims), FUSED)
+
+    @property
+    def backend(self) -> str:
+        return self.fusion_head.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.fusion_head.backend = value
+
+    def forward(self, xs):
+        return self.fusion_head([enc(x) for enc, x in zip(self.encoders, xs)])
 
 
-def e2e_rows(device, backends: List[str], with_compile: bool, quick: bool, progress) -> List[dict]:
-    rows = []
-    for B, T in E2E_SIZES:
-        rows += _rows_for_size(device, backends, with_compile, quick, progress, B, T)
-    return rows
+def progressive_fusion(iterations: int, **options) -> Callable[[Sequence[int]], nn.Module]:
+    def build(dims):
+        accepted = inspect.signature(ProgressiveFusion.__init__).parameters
+        missing = [k for k in options if k not in accepted]
+        if missing:
+            raise NotAvailable(f"ProgressiveFusion has no option {', '.join(missing)} in this version")
+        return ProgressiveFusion([encoder(d + CONTEXT, ENCODED) for d in dims], [ENCODED] * len(dims), FUSED,
+                                 CONTEXT, iterations=iterations, **options)
+    return build
 
 
-def _rows_for_size(device, backends, with_compile, quick, progress, B, T) -> List[dict]:
-    base, base_head, xs, y = build(device, B, T)
-    providers = {"eager": "torch", **{b: b for b in backends}}
+def late_fusion(dims):
+    return LateFusion(dims)
+
+
+@dataclass
+class Variant:
+    name: str
+    description: str
+    inputs: str                                  # a key of INPUTS
+    sizes: Tuple[Tuple[int, int], ...]           # (B, T)
+    build: Callable[[Sequence[int]], nn.Module]  # dims -> model; raises NotAvailable
+    quick: bool = False
+    autocast: Optional[torch.dtype] = None       # forward under torch.autocast in this dtype (fp32 weights)
+
+
+NARROW_SIZES = ((8, 50), (256, 50))  # B = 8 is launch-bound, B = 256 bound by the encoders' GEMMs
+WIDE_SIZES = ((8, 50), (64, 50))
+
+VARIANTS: List[Variant] = [
+    Variant("pf-r3", "ProgressiveFusion K=3 R=3 (its default options)", "narrow", NARROW_SIZES,
+            progressive_fusion(3), quick=True),
+    Variant("pf-r3-nohoist", "ProgressiveFusion K=3 R=3, hoist=False", "narrow", NARROW_SIZES,
+            progressive_fusion(3, hoist=False)),
+    Variant("pf-r3-hoist", "ProgressiveFusion K=3 R=3, hoist=True", "narrow", NARROW_SIZES,
+            progressive_fusion(3, hoist=True)),
+    Variant("late-r1", "late fusion (R=1)", "narrow", NARROW_SIZES, late_fusion),
+    Variant("pf-r3-wide", "ProgressiveFusion K=3 R=3, wide inputs", "wide", WIDE_SIZES, progressive_fusion(3)),
+    Variant("pf-r3-wide-nohoist", "ProgressiveFusion K=3 R=3, wide inputs, hoist=False", "wide", WIDE_SIZES,
+            progressive_fusion(3, hoist=False)),
+    Variant("pf-r3-wide-hoist", "ProgressiveFusion K=3 R=3, wide inputs, hoist=True", "wide", WIDE_SIZES,
+            progressive_fusion(3, hoist=True)),
+    Variant("late-r1-wide", "late fusion (R=1), wide inputs", "wide", WIDE_SIZES, late_fusion),
+    Variant("pf-r3-bf16", "ProgressiveFusion K=3 R=3 under bf16 autocast", "narrow", NARROW_SIZES,
+            progressive_fusion(3), autocast=torch.bfloat16),
+]
+# The plain model each variant's speed-up is also quoted against: the unhoisted PF on the torch backend.
+PLAIN_PF = {"narrow": ("pf-r3-nohoist", "pf-r3"), "wide": ("pf-r3-wide-nohoist", "pf-r3-wide")}
+
+
+def select_variants(names: Optional[Sequence[str]], quick: bool) -> List[Variant]:
+    if names:
+        known = {v.name: v for v in VARIANTS}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise SystemExit(f"unknown --e2e variant(s) {unknown}; known: {', '.join(known)}")
+        return [known[n] for n in names]
+    return [v for v in VARIANTS if v.quick or not quick]
+
+
+@dataclass
+class E2EProvider:
+    backend: str
+    wrap: Optional[str] = None   # None, "compile" or "cudagraph"
+
+
+def e2e_providers(device: torch.device, fused: Sequence[str], with_compile: bool) -> Dict[str, E2EProvider]:
+    providers = {"eager": E2EProvider("torch"), **{b: E2EProvider(b) for b in fused}, "auto": E2EProvider("auto")}
     if with_compile:
-        providers["compile"] = "torch"
+        providers["compile"] = E2EProvider("torch", "compile")
+    if device.type == "cuda":
+        providers["cudagraph"] = E2EProvider("auto", "cudagraph")
+        providers["cudagraph-eager"] = E2EProvider("torch", "cudagraph")
+    return providers
+
+
+def _inputs(device, dims, B: int, T: int):
+    torch.manual_seed(1)
+    xs = [torch.randn(B, dims[0], device=device)] + [torch.randn(B, T, d, device=device) for d in dims[1:]]
+    return xs, torch.randn(B, 1, device=device)
+
+
+class _Runner:
+    """One provider's callable for a task, built and warmed up; `first` is its first result (the
+    loss of the first training step, or the inference output), checked against eager's."""
+
+    def __init__(self, model, head, xs, y, task: str, provider: E2EProvider, device, autocast=None):
+        self.compiled: Optional[ProvenCompile] = None
+        self.status = "ok"
+        model.backend = provider.backend
+        params = [*model.parameters(), *head.parameters()]
+
+        def forward(xs_):
+            if autocast is None:
+                return head(model(xs_))
+            # A CUDA graph replays the casts it captured: autocast's cache of cast weights must be off.
+            with torch.autocast(device.type, dtype=autocast, cache_enabled=provider.wrap != "cudagraph"):
+                return head(model(xs_))
+
+        if provider.wrap == "compile":
+            self.compiled = ProvenCompile(forward)
+            forward = self.compiled
+        opt = torch.optim.Adam(params, lr=1e-3, capturable=provider.wrap == "cudagraph")
+
+        def train_step():
+            loss = nn.functional.mse_loss(forward(xs), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss
+
+        def infer():
+            with torch.no_grad():
+                return forward(xs)
+
+        step = train_step if task == "train" else infer
+        if provider.wrap == "compile":
+            self.ran = "torch (inductor)"
+            self.compiled.warm_up(lambda: self._keep_first(step), times=1)
+            self.status = self.compiled.check() or "ok"
+        elif provider.wrap == "cudagraph":
+            with record_backend_choice() as chosen:
+                self._keep_first(step)
+            self.ran = describe_backends(chosen) + " in a CUDA graph"
+            step = _capture(step, device)
+        else:
+            with record_backend_choice() as chosen:
+                self._keep_first(step)
+            self.ran = describe_backends(chosen)
+        self.step = step
+
+    def _keep_first(self, step):
+        self.first = step().detach().float()
+
+
+def _capture(step: Callable[[], object], device) -> Callable[[], None]:
+    """The step captured in a CUDA graph (warm-up on a side stream first, as torch.cuda.graph wants)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def e2e_rows(device, variants: Sequence[Variant], providers: Dict[str, E2EProvider], quick: bool, progress,
+             deadline=None, compile_sizes: Optional[int] = None) -> List[dict]:
+    """Rows for every variant x size x task x provider. compile_sizes: compile only at the first n
+    sizes of each variant (None: all); the others are marked."""
     rows = []
-    for task in ("train", "inference"):
-        runners = {}
-        for provider, backend in providers.items():
-            model, head = copy.deepcopy(base), copy.deepcopy(base_head)
-            model.backend = backend
-            forward = (lambda xs_, m=model, h=head: h(m(xs_)))
-            if provider == "compile":
-                forward = torch.compile(forward)
-            opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=1e-3)
-
-            def train_step(forward=forward, opt=opt):
-                loss = nn.functional.mse_loss(forward(xs), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            def infer(forward=forward, compiled=provider == "compile"):
-                with torch.no_grad() if compiled else torch.inference_mode():
-                    forward(xs)
-
-            runners[provider] = train_step if task == "train" else infer
-        stats = measure_side_by_side(runners, device, min_time_s=0.3 if quick else 1.0, warmup=3)
-        rows += [dict(task=task, provider=p, B=B, T=T, K=3, R=3, **stats[p]) for p in runners]
-        progress.step(f"e2e {task} B={B}")
-    for task in ("train", "inference"):
-        eager = next(r["median_s"] for r in rows if r["task"] == task and r["provider"] == "eager")
-        for r in rows:
-            if r["task"] == task:
-                r["speedup_vs_eager"] = eager / r["median_s"]
+    for variant in variants:
+        for i, (B, T) in enumerate(variant.sizes):
+            with_compile = compile_sizes is None or i < compile_sizes
+            for task in ("train", "inference"):
+                rows += _rows(device, variant, B, T, task, providers, quick, with_compile, deadline)
+                progress.step(f"e2e {variant.name} {task} B={B}")
+    _speedups(rows)
     return rows
+
+
+def _row(variant: Variant, B, T, task, provider, **extra) -> dict:
+    return dict(variant=variant.name, description=variant.description, inputs=variant.inputs, task=task,
+                dtype="float32" + (f", {str(variant.autocast).replace('torch.', '')} autocast" if variant.autocast else ""),
+                provider=provider, B=B, T=T, K=len(INPUTS[variant.inputs]), dims=list(INPUTS[variant.inputs]),
+                threads=torch.get_num_threads(), **extra)
+
+
+def _rows(device, variant, B, T, task, providers, quick, with_compile, deadline) -> List[dict]:
+    def marked(status, names=providers):
+        return [_row(variant, B, T, task, p, status=status, ran=None) for p in names]
+
+    if deadline is not None and deadline.passed():
+        return marked("skipped (time limit)")
+    dims = INPUTS[variant.inputs]
+    try:
+        torch.manual_seed(0)
+        base = variant.build(dims).to(device)
+    except NotAvailable as exc:
+        return marked(f"n/a: {exc}")
+    torch.manual_seed(0)
+    base_head = nn.Linear(FUSED, 1).to(device)
+    xs, y = _inputs(device, dims, B, T)
+
+    runners: Dict[str, _Runner] = {}
+    status: Dict[str, str] = {}
+    ran: Dict[str, Optional[str]] = {}
+    for name, provider in providers.items():
+        if provider.wrap == "compile" and not with_compile:
+            status[name] = "not compiled in --quick (first size only)"
+            continue
+        try:
+            runner = _Runner(copy.deepcopy(base), copy.deepcopy(base_head), xs, y, task, provider, device,
+                             variant.autocast)
+        except Exception as exc:  # the row says why; the others are still timed
+            status[name] = fell_back_reason(_text(exc), compiled=provider.wrap == "compile")
+            continue
+        ran[name] = runner.ran
+        if runner.status != "ok":
+            status[name] = runner.status
+            continue
+        runners[name] = runner
+
+    if "eager" in runners:
+        tol = TOLERANCE[variant.autocast or torch.float32]
+        ref = runners["eager"].first
+        for name, runner in list(runners.items()):
+            err = (runner.first - ref).norm().item() / max(ref.norm().item(), 1e-30)
+            if not err <= tol:
+                status[name] = f"wrong result: relative error {err:.2e} vs eager (bound {tol:g})"
+                del runners[name]
+
+    with timed_region():
+        measured = measure_side_by_side({n: r.step for n, r in runners.items()}, device,
+                                        min_time_s=0.2 if quick else 1.0, warmup=2)
+    rows = []
+    for name in providers:
+        extra = dict(ran=ran.get(name))
+        runner = runners.get(name)
+        if runner is not None and runner.compiled is not None:
+            extra.update(compile_s=runner.compiled.compile_s, graphs=runner.compiled.graphs)
+        result = measured.get(name)
+        if name in status:
+            rows.append(_row(variant, B, T, task, name, status=status[name], **extra))
+        elif "error" in result:
+            why = fell_back_reason(result["error"], compiled=runner.compiled is not None)
+            rows.append(_row(variant, B, T, task, name, status=why, **extra))
+        elif runner.compiled is not None and runner.compiled.recompiled_since_check():
+            rows.append(_row(variant, B, T, task, name, status=runner.compiled.recompiled_since_check(), **extra))
+        else:
+            rows.append(_row(variant, B, T, task, name, status="ok", **extra, **result))
+    return rows
+
+
+def _speedups(rows: List[dict]) -> None:
+    """speedup_vs_eager: against the same variant's eager row; speedup_vs_plain_pf: against the
+    unhoisted ProgressiveFusion on the torch backend with the same inputs and size."""
+    def median(variant, task, B, T, provider="eager"):
+        for r in rows:
+            if (r["variant"], r["task"], r["B"], r["T"], r["provider"], r["status"]) == (variant, task, B, T, provider, "ok"):
+                return r["median_s"]
+        return None
+
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        eager = median(r["variant"], r["task"], r["B"], r["T"])
+        r["speedup_vs_eager"] = eager / r["median_s"] if eager else None
+        plain = next((m for m in (median(v, r["task"], r["B"], r["T"]) for v in PLAIN_PF[r["inputs"]]) if m), None)
+        r["speedup_vs_plain_pf"] = plain / r["median_s"] if plain else None
+
+
+def _text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+__all__ = ["VARIANTS", "E2EProvider", "FELL_BACK", "e2e_providers", "e2e_rows", "select_variants"]

@@ -1,18 +1,18 @@
 """pytest-benchmark suite: `pytest benchmarks --benchmark-only` (kept out of the normal test run).
 
 Each op, forward+backward, on the quick grid, every provider on this device side by side; group by
-case so pytest-benchmark prints the providers of one case together."""
+case so pytest-benchmark prints the providers of one case together. `python -m benchmarks` is the
+main benchmark (torch.compile, what ran, bytes and roofline); this suite is for pytest-benchmark's
+own statistics and its --benchmark-compare."""
 import pytest
 import torch
 
-from pf_kernels import reference
-
-from .cases import BackendOps, all_cases
-from .run import OPS, fused_backends
+from .cases import EAGER, OPS, BackendOps, all_cases
+from .run import fused_backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-PROVIDERS = {"eager": reference, **{b: BackendOps(b) for b in fused_backends(DEVICE)}}
-CASES = all_cases(quick=True, ops=OPS)
+PROVIDERS = {"eager": EAGER, **{b: BackendOps(b) for b in fused_backends(DEVICE)}}
+CASES = all_cases(quick=True, ops=OPS, device_type=DEVICE.type)
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
@@ -20,6 +20,7 @@ CASES = all_cases(quick=True, ops=OPS)
 def test_fwd_bwd(benchmark, case, provider):
     benchmark.group = f"{case.op} {case.label} fwd+bwd"
     inputs = case.make_inputs(DEVICE, torch.float32)
+    leaves = [t for t in inputs if t.requires_grad]
     ops = PROVIDERS[provider]
     outs = case.call(ops, *inputs)
     outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
@@ -28,7 +29,7 @@ def test_fwd_bwd(benchmark, case, provider):
     def step():
         result = case.call(ops, *inputs)
         result = list(result) if isinstance(result, (tuple, list)) else [result]
-        torch.autograd.backward(result, grads)
+        torch.autograd.grad(result, leaves, grads)
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
 

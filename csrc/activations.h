@@ -1,5 +1,6 @@
-// Per-element math shared by the CPU and CUDA kernels: activations and their derivatives.
-// Compiled for the host in the CPU kernels, so the CPU tests exercise the same code the GPU runs.
+// Per-element math of the CUDA kernels: activations and their derivatives, NaN and inf handled as
+// torch does (forward and autograd). Compiled for the host too, in pf_kernels::_activation_reference,
+// so the CPU tests exercise the same code the GPU runs.
 #pragma once
 
 #include <cmath>
@@ -35,7 +36,7 @@ PF_HOST_DEVICE T activate(T y, Activation act) {
   using std::tanh;
   switch (act) {
     case Activation::Relu:
-      return y > T(0) ? y : T(0);
+      return y < T(0) ? T(0) : y;  // NaN stays NaN, as torch.relu
     case Activation::Gelu:
       // erfc, not 1 + erf: no cancellation for y << 0, where gelu(y) is tiny.
       return T(0.5) * y * erfc(-y * T(0.70710678118654752440));
@@ -56,7 +57,7 @@ PF_HOST_DEVICE T activation_grad(T y, Activation act) {
   using std::tanh;
   switch (act) {
     case Activation::Relu:
-      return y > T(0) ? T(1) : T(0);
+      return y <= T(0) ? T(0) : T(1);  // passes the gradient at NaN, as torch's threshold_backward
     case Activation::Gelu: {
       const T cdf = T(0.5) * erfc(-y * T(0.70710678118654752440));
       const T pdf = exp(T(-0.5) * y * y) * T(0.39894228040143267794);  // 1/sqrt(2 pi)
@@ -81,7 +82,7 @@ template <typename T>
 PF_HOST_DEVICE T grad_from_activated(T a, Activation act) {
   switch (act) {
     case Activation::Relu:
-      return a > T(0) ? T(1) : T(0);
+      return a <= T(0) ? T(0) : T(1);
     case Activation::Tanh:
       return T(1) - a * a;
     case Activation::Sigmoid:

@@ -3,6 +3,9 @@ from ._dispatch import available_backends
 from .ops import backproj_concat, backproj_concat_grouped, context_linear, fusion_head, refine_step
 from . import nn, reference
 from .convert import ConversionReport, Converted, convert
+from ._extension import warn_if_unusable
+
+warn_if_unusable()  # once, where the compiled kernels are not built or were built for another torch
 
 __version__ = "0.1.0"
 

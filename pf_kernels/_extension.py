@@ -1,11 +1,90 @@
 """Loads the compiled extension pf_kernels._C and registers what its ops need from Python:
 the fake (meta) implementations used by torch.compile and opcheck. Autograd is registered in C++
-(csrc/ops/), one node per call; the backward ops have their own device kernels."""
+(csrc/ops/), one node per call; the backward ops have their own device kernels.
+
+Also says once, at import, when this install's compiled kernels cannot be used: not built, or built
+against another torch (setup.py records which in pf_kernels/_build_info.py). Their backends are then
+unavailable, saying why, and never loaded: a library built against another libtorch may not fail
+cleanly."""
 from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+from typing import Optional, Tuple
 
 import torch
 
 _loaded = False
+_warned = False
+# The fix, in every message: what builds _C against the torch that runs.
+BUILD_COMMAND = "`pip install --no-build-isolation .` in pf_kernels' source (in a checkout: `make build`)"
+
+
+class KernelsUnavailableWarning(UserWarning):
+    """pf_kernels' compiled kernels cannot be used here: the cpu and cuda backends are unavailable."""
+
+
+@functools.lru_cache(maxsize=None)
+def build_problem() -> Optional[Tuple[str, str]]:
+    """(kind, message) saying why pf_kernels._C cannot be used with this torch, found without loading
+    it: kind "skipped" (a pure-Python install on purpose), "missing", "mismatch" or "static-runtime";
+    None where nothing
+    speaks against it (loading it then has the last word)."""
+    try:
+        from . import _build_info as info
+    except ImportError:
+        info = None  # a source tree built by hand or never built
+    spec = importlib.util.find_spec(__package__ + "._C")
+    built = spec is not None
+    origin = getattr(spec, "origin", None)
+    if built and origin and os.path.exists(origin):
+        from ._elf import static_cxx_runtime
+        if static_cxx_runtime(origin):
+            return "static-runtime", (
+                f"pf_kernels._C ({origin}) carries its own static copy of the C++ standard library, "
+                "which crashes the process beside torch's on the first error message: its kernels are "
+                "not loaded and only the torch and triton backends serve. Rebuild it with a compiler "
+                f"that links libstdc++ dynamically (e.g. CXX=g++): {BUILD_COMMAND}.")
+    if not built:
+        if info is not None and info.EXTENSION == "skipped":
+            return "skipped", ("pf_kernels was installed without its compiled kernels, on purpose "
+                               "(PF_KERNELS_SKIP_EXTENSION=1 at build time): only the torch and triton "
+                               f"backends serve. To have them: {BUILD_COMMAND}. PF_KERNELS_SKIP_EXTENSION=1 "
+                               "at run time silences this warning.")
+        return "missing", ("pf_kernels._C (the compiled cpu/cuda kernels) is not built: only the torch "
+                           f"and triton backends serve. Build it against this torch: {BUILD_COMMAND}.")
+    if info is None or info.EXTENSION != "built" or info.TORCH_VERSION is None:
+        return None
+    built_with = f"torch {info.TORCH_VERSION}" + (f" (CUDA {info.CUDA_VERSION})" if info.CUDA_VERSION else "")
+    running = f"torch {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else "")
+    if (info.TORCH_VERSION.split("+")[0] != torch.__version__.split("+")[0]
+            or (info.CUDA_VERSION is not None and info.CUDA_VERSION != torch.version.cuda)):
+        return "mismatch", (f"pf_kernels._C was built against {built_with} but this is {running}: its "
+                            "kernels are not loaded (the C++ ABI differs between torch versions) and "
+                            "only the torch and triton backends serve. Rebuild it against this torch: "
+                            f"{BUILD_COMMAND}.")
+    return None
+
+
+def _warn_once(message: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(message, KernelsUnavailableWarning, stacklevel=3)
+
+
+def warn_if_unusable() -> None:
+    """Called at `import pf_kernels`: one warning where the compiled kernels cannot be used."""
+    problem = build_problem()
+    if problem is None:
+        return
+    kind, message = problem
+    if kind in ("skipped", "missing") and os.environ.get("PF_KERNELS_SKIP_EXTENSION", "0").strip().lower() in (
+            "1", "true", "yes", "on"):
+        return  # the user runs without the kernels on purpose
+    _warn_once(message)
 
 
 def load() -> None:
@@ -13,13 +92,16 @@ def load() -> None:
     global _loaded
     if _loaded:
         return
+    problem = build_problem()
+    if problem is not None:
+        raise ImportError(problem[1])
     try:
         from . import _C  # noqa: F401  (loading the library registers torch.ops.pf_kernels.*)
     except ImportError as exc:
-        raise ImportError(
-            f"pf_kernels._C is not built or does not load with torch {torch.__version__} ({exc}); "
-            "build it with `pip install --no-build-isolation .` (or `make build`) against this torch"
-        ) from exc
+        message = (f"pf_kernels._C does not load with torch {torch.__version__} ({exc}); rebuild it "
+                   f"against this torch: {BUILD_COMMAND}")
+        _warn_once(message)
+        raise ImportError(message) from exc
     _register_fakes()
     _loaded = True
 

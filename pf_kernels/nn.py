@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from . import ops
 from ._dispatch import check_backend_name, implements
-from ._validation import check_activation
+from ._validation import ACTIVATIONS, check_activation
 from .reference import apply_activation
 
 
@@ -140,10 +140,30 @@ def _has_hooks(*modules: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
+# The activation modules a hoisted Linear's epilogue takes (exact types: a subclass may differ).
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+
+
+def _epilogue_of(node: fx.Node, source: fx.Node, modules: Dict[str, nn.Module]) -> Optional[str]:
+    """The name of one of our activations if node applies it to source alone, else None."""
+    from .convert.patterns import as_activation  # the one list of activation functions and methods
+
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        if node.args != (source,) or node.kwargs:
+            return None
+        if type(module) is nn.GELU:
+            return "gelu" if module.approximate == "none" else None
+        return _ACTIVATION_MODULES.get(type(module))
+    found = as_activation(node)
+    if found is None or found[1] is not source or found[0] not in ACTIVATIONS:
+        return None
+    return found[0]
+
+
 def _plan_tail(encoder: nn.Module, context_dim: int):
     """(linear, activation, {name: module} of the modules the hoisted path replaces, graph that
     takes the activated output of the linear), or a reason string."""
-    from .convert import _activation_of  # the one list of activation forms fx records
 
     try:
         graph = _OpaqueTracer().trace(encoder)
@@ -163,9 +183,9 @@ def _plan_tail(encoder: nn.Module, context_dim: int):
         return f"its first nn.Linear takes {linear.in_features} <= context_dims features"
     fused, activation = first, "none"
     follower = next(iter(first.users)) if len(first.users) == 1 else None
-    if follower is not None and _activation_of(follower, modules) is not None \
-            and follower.args[:1] == (first,) and len(follower.args) == 1:
-        fused, activation = follower, _activation_of(follower, modules)
+    epilogue = _epilogue_of(follower, first, modules) if follower is not None else None
+    if epilogue is not None:
+        fused, activation = follower, epilogue
     # Hooks of the modules the hoisted path does not call (the Sequentials were traced through).
     replaced = {n.target: modules[n.target] for n in (first, fused) if n.op == "call_module"}
     skipped = list(replaced.values())

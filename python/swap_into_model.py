@@ -1,13 +1,21 @@
 """Swap pf_kernels into a model written the usual way, and show what it buys.
 
-An ordinary PyTorch multimodal model (late fusion with backward connections: nn.Linear, torch.cat and
-a broadcast context, no pf_kernels in sight) is converted with pf_kernels.convert. The program prints
-what was swapped, checks that outputs and gradients match, and times a training step of both, side
-by side, on the current device.
+A multimodal model in MultiBench's style (pliang279/MultiBench: a wrapper that runs a list of
+encoders over a list of inputs in a Python loop and keeps `reps` and `fuseout` for the training
+loop, a ConcatWithLinear fusion; MLP, GRU and deep-averaging encoders; an MLP head), with
+backward connections added by hand (Progressive Fusion: the fused vector, projected per modality
+and broadcast over its positions, joins the modality's input for the next pass). No pf_kernels in
+sight. pf_kernels.convert
+captures its forward and swaps in the fused ops; the program prints what was swapped (and what
+was not, and why), how many fused calls one forward makes, the largest difference to the
+unconverted model (outputs, gradients, the attributes the training loop reads), and the time of a
+training step and of inference, both models timed side by side in rounds (medians).
 
-Run: python python/swap_into_model.py [--device cpu|cuda] [--batch 256] [--steps 3]
+Run: python python/swap_into_model.py [--device cpu|cuda] [--batch 256] [--rounds 30] [--backend auto]
+     [--steps 3] [--threads N]
 """
 import argparse
+import collections
 import copy
 import statistics
 import time
@@ -17,95 +25,196 @@ import torch.nn.functional as F
 from torch import nn
 
 import pf_kernels
+from pf_kernels import ops
 
 
-class Encoder(nn.Module):
-    """(B, *positions, D) -> (B, H): a per-position MLP, then the mean over positions."""
-
-    def __init__(self, d_in, d_out):
+class MLP(nn.Module):
+    def __init__(self, indim, hiddim, outdim):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(d_in, 64), nn.ReLU(), nn.Linear(64, d_out))
+        self.fc = nn.Linear(indim, hiddim)
+        self.fc2 = nn.Linear(hiddim, outdim)
 
     def forward(self, x):
-        y = self.net(x)
-        return y.flatten(1, -2).mean(1) if y.dim() > 2 else y
+        return self.fc2(F.relu(self.fc(x)))
 
 
-class ProgressiveLateFusion(nn.Module):
-    """Three modalities (a vector, a sequence, an image), late fusion, and backward connections."""
+class GRU(nn.Module):
+    """A batch-first GRU; its final hidden state."""
 
-    def __init__(self, dims=(32, 16, 8), context=16, hidden=64, fused=64, steps=3):
+    def __init__(self, indim, hiddim):
         super().__init__()
-        self.steps, self.context = steps, context
-        self.encoders = nn.ModuleList(Encoder(d + context, hidden) for d in dims)
-        self.fusion = nn.Linear(hidden * len(dims), fused)
-        self.back = nn.ModuleList(nn.Linear(fused, context) for _ in dims)
-        self.readout = nn.Linear(fused, 1)
+        self.gru = nn.GRU(indim, hiddim, batch_first=True)
 
-    def forward(self, vec, seq, img):
-        xs = [vec, seq, img]
-        contexts = [x.new_zeros(x.shape[:-1] + (self.context,)) for x in xs]
+    def forward(self, x):
+        return self.gru(x)[1][-1]
+
+
+class DAN(nn.Module):
+    """A deep averaging network over a channels-last image read as H*W positions: LayerNorm, a
+    Linear per position, the mean over positions, an MLP."""
+
+    def __init__(self, indim, hiddim, outdim):
+        super().__init__()
+        self.norm = nn.LayerNorm(indim)
+        self.embedding = nn.Linear(indim, hiddim)
+        self.mlp = MLP(hiddim, hiddim, outdim)
+
+    def forward(self, x):
+        embedded = F.relu(self.embedding(self.norm(x)))
+        return self.mlp(embedded.flatten(1, -2).mean(dim=1))
+
+
+class ConcatWithLinear(nn.Module):
+    def __init__(self, indim, outdim):
+        super().__init__()
+        self.fc = nn.Linear(indim, outdim)
+
+    def forward(self, modalities):
+        return F.relu(self.fc(torch.cat(modalities, dim=1)))
+
+
+class ProgressiveMMDL(nn.Module):
+    def __init__(self, encoders, fusion, head, fused_dim, context_dims, steps=3):
+        super().__init__()
+        self.encoders = nn.ModuleList(encoders)
+        self.fuse = fusion
+        self.head = head
+        self.back = nn.ModuleList(nn.Linear(fused_dim, c) for c in context_dims)
+        self.context_dims = context_dims
+        self.steps = steps
+        self.reps, self.fuseout = [], None
+
+    def forward(self, inputs):
+        z = None
         for _ in range(self.steps):
-            hs = [enc(torch.cat([x, c], dim=-1)) for enc, x, c in zip(self.encoders, xs, contexts)]
-            z = F.relu(self.fusion(torch.cat(hs, dim=-1)))
-            c_vec = torch.relu(self.back[0](z))
-            c_seq = torch.relu(self.back[1](z)).unsqueeze(1).expand(-1, seq.shape[1], -1)
-            c_img = torch.relu(self.back[2](z))[:, None, None, :].expand(-1, img.shape[1], img.shape[2], -1)
-            contexts = [c_vec, c_seq, c_img]
-        return self.readout(z)
+            outs = []
+            for i in range(len(inputs)):
+                x = inputs[i]
+                if z is None:
+                    context = x.new_zeros(*x.shape[:-1], self.context_dims[i])
+                else:
+                    c = torch.relu(self.back[i](z))
+                    context = c.view(c.shape[0], *([1] * (x.dim() - 2)), -1).expand(*x.shape[:-1], -1)
+                outs.append(self.encoders[i](torch.cat([x, context], dim=x.dim() - 1)))
+            self.reps = outs
+            z = self.fuse(outs)
+            self.fuseout = z
+        return self.head(z)
 
 
-def train_step_time(model, inputs, target, repeats):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+def build(dims=(32, 16, 8), context=16, hidden=64, fused=64, steps=3):
+    encoders = [MLP(dims[0] + context, hidden, hidden), GRU(dims[1] + context, hidden),
+                DAN(dims[2] + context, hidden, hidden)]
+    return ProgressiveMMDL(encoders, ConcatWithLinear(hidden * len(dims), fused), MLP(fused, hidden, 2),
+                           fused, [context] * len(dims), steps)
 
-    def step():
-        loss = F.mse_loss(model(*inputs), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if target.is_cuda:
-            torch.cuda.synchronize()
 
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def fused_calls_per_forward(model, inputs):
+    """Calls of pf_kernels.ops.fusion_head / .backproj_concat in one forward."""
+    counts = collections.Counter()
+    originals = {name: getattr(ops, name) for name in ("fusion_head", "backproj_concat")}
+
+    def counted(name, function):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return function(*args, **kwargs)
+        return call
+
+    for name, function in originals.items():
+        setattr(ops, name, counted(name, function))
+    try:
+        model(inputs)
+    finally:
+        for name, function in originals.items():
+            setattr(ops, name, function)
+    return dict(counts)
+
+
+def max_differences(reference, converted, inputs, target):
+    out_ref, out = reference(inputs), converted(inputs)
+    loss_ref, loss = F.cross_entropy(out_ref, target), F.cross_entropy(out, target)
+    grads_ref = torch.autograd.grad(loss_ref, list(reference.parameters()))
+    grads = torch.autograd.grad(loss, list(converted.parameters()))
+    return {"output": (out - out_ref).abs().max().item(),
+            "parameter gradients": max((g - r).abs().max().item() for g, r in zip(grads, grads_ref)),
+            "model.reps": max((a - b).abs().max().item() for a, b in zip(converted.reps, reference.reps)),
+            "model.fuseout": (converted.fuseout - reference.fuseout).abs().max().item()}
+
+
+def side_by_side(models, make_step, rounds, sync):
+    """Median seconds per call of each model's step, timed back to back in every round (a slow spell
+    of a shared machine hits both alike)."""
+    steps = {name: make_step(model) for name, model in models.items()}
+    for step in steps.values():  # warm-up (the converted model captures here if it has not)
+        for _ in range(3):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=30, help="timing rounds (0: no timing)")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--steps", type=int, default=3, help="refinement steps (Progressive Fusion's R)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (one is steadier on a shared machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = ProgressiveLateFusion().to(device)
-    B = args.batch
-    inputs = (torch.randn(B, 32, device=device), torch.randn(B, 50, 16, device=device),
-              torch.randn(B, 6, 6, 8, device=device))
-    target = torch.randn(B, 1, device=device)
+    B, T, H, W = args.batch, 50, 6, 6
+    inputs = [torch.randn(B, 32, device=device), torch.randn(B, T, 16, device=device),
+              torch.randn(B, H, W, 8, device=device)]
+    target = torch.randint(0, 2, (B,), device=device)
+    model = build(steps=args.steps).to(device)
+    reference = copy.deepcopy(model)
 
-    original = copy.deepcopy(model)
-    fused, report = pf_kernels.convert(model, backend="auto")
+    print(f"MultiBench-style progressive model: vector 32, sequence {T}x16, channels-last image {H}x{W}x8, "
+          f"{args.steps} steps, B={B}, fp32, {device}, backend={args.backend!r}, "
+          f"{torch.get_num_threads()} CPU thread(s)\n")
+    _, report = pf_kernels.convert(model, backend=args.backend, example_inputs=(inputs,))
     print(report)
+    calls = fused_calls_per_forward(model, inputs)
+    print("\nfused calls per forward: " + ", ".join(f"{op} {n}" for op, n in calls.items()))
+    diffs = max_differences(reference, model, inputs, target)
+    print("max |difference| to the unconverted model: " + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
 
-    out_a, out_b = original(*inputs), fused(*inputs)
-    grads_a = torch.autograd.grad(out_a.square().sum(), list(original.parameters()))
-    grads_b = torch.autograd.grad(out_b.square().sum(), list(fused.parameters()))
-    max_out = (out_a - out_b).abs().max().item()
-    max_grad = max((a - b).abs().max().item() for a, b in zip(grads_a, grads_b))
-    print(f"\nmax |difference|: output {max_out:.3g}, parameter gradients {max_grad:.3g}")
-    original.load_state_dict(fused.state_dict())  # the converted state_dict loads into the original
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    t_eager = train_step_time(original, inputs, target, args.repeats)
-    t_fused = train_step_time(fused, inputs, target, args.repeats)
-    print(f"training step on {device} (B={B}, 3 modalities, 3 steps), median of {args.repeats}: "
-          f"eager {t_eager * 1e3:.2f} ms, converted {t_fused * 1e3:.2f} ms, speed-up {t_eager / t_fused:.2f}x")
+    def training_step(net):
+        optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(net(inputs), target).backward()
+            optimizer.step()
+        return step
+
+    def inference(net):
+        def step():
+            with torch.no_grad():
+                net(inputs)
+        return step
+
+    if args.rounds <= 0:
+        return
+    print(f"\nmedian of {args.rounds} rounds, both models back to back in each:")
+    print(f"{'':16}{'eager':>12}{'converted':>12}{'speed-up':>10}")
+    for label, make_step in (("training step", training_step), ("inference", inference)):
+        t = side_by_side({"eager": reference, "converted": model}, make_step, args.rounds, sync)
+        print(f"{label:16}{t['eager'] * 1e3:>9.2f} ms{t['converted'] * 1e3:>9.2f} ms"
+              f"{t['eager'] / t['converted']:>9.2f}x")
 
 
 if __name__ == "__main__":

@@ -18,3 +18,13 @@ def _fresh_seed(request):
     # A different seed per test, fixed per test name so that a failure reproduces.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))  # hash() differs per process
     yield
+
+
+def pytest_runtest_logreport(report):
+    # `make gpu-check` sets PF_KERNELS_FAILURE_LOG: each failure is written the moment it happens,
+    # so a run cut short by its time limit still says what failed and why. Written by the
+    # controlling process only (pytest-xdist forwards its workers' reports there).
+    path = os.environ.get("PF_KERNELS_FAILURE_LOG")
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+        with open(path, "a") as f:
+            f.write(f"FAILED {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n\n")

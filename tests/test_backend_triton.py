@@ -1,7 +1,11 @@
 """The triton backend against the reference, on CPU tensors through the Triton interpreter (on CUDA
 tensors when a GPU is present): every op, odd shapes, B = 0, position dims none/(T,)/(H, W)/more,
 every activation, bias or not, strided inputs, fp32/bf16/fp16, forward and every gradient;
-torch.compile(fullgraph=True) and torch.library.opcheck on the registered ops.
+torch.compile(fullgraph=True) and torch.library.opcheck on the registered ops. Also: every autotune
+config of every kernel (forced one at a time), fp32 sigmoid/tanh to a relative bound, grid limits
+of every launch (arithmetic on meta tensors), the device guard, offsets beyond 2^31 (a subprocess
+with a 4 GB virtual buffer), no host synchronisation in any launch, autotune keys that do not
+change with the batch size within a power of two.
 
 TRITON_INTERPRET must be set before pf_kernels.triton is imported (the kernels are decorated then),
 so it is set here, at collection. backend="auto" still picks "cpu" for CPU tensors.
@@ -213,3 +217,331 @@ def test_opcheck_backward_ops():
     out, pre = torch.ops.pf_kernels_triton.fusion_head(hs, hw, hb, "gelu", True)
     torch.library.opcheck(torch.ops.pf_kernels_triton.fusion_head_backward.default,
                           (torch.randn_like(out), hs, hw, pre, True, "gelu"))
+
+
+# ------------------------------------------------------------ every config, knobs, autotune keys
+
+common = importlib.import_module("pf_kernels.triton._common")
+
+
+def _sweep_cases(dtype):
+    """A few cases that go beyond one block of every config (positions, features, batch rows, input
+    column tiles), and a position sum in two stages."""
+    yield backproj_call(BACKEND, "gelu"), backproj_call("torch", "gelu"), \
+        backproj_inputs(3, (5, 9), 40, 20, 37, True, dtype, DEVICE, noncontiguous=True)
+    yield backproj_call(BACKEND, "sigmoid"), backproj_call("torch", "sigmoid"), \
+        backproj_inputs(1, (700,), 3, 5, 4, False, dtype, DEVICE)
+    hs, w, b = fusion_inputs(70, (40, 3, 20), 70, True, dtype, DEVICE, noncontiguous=True)
+    yield fusion_call(BACKEND, "tanh"), fusion_call("torch", "tanh"), (w, b, *hs)
+
+
+@pytest.mark.parametrize("config", range(1, common.max_configs()), ids=lambda i: f"config{i}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_autotune_config(config, dtype):
+    # config 0 (every kernel's safe config) runs in all the other tests
+    with common.forced_config(config):
+        assert all(t.tuner().configs[0] is t.configs[config % len(t.configs)] for t in common.TUNED)
+        for fn, ref, args in _sweep_cases(dtype):
+            assert_matches_reference(fn, ref, args)
+        case = _refine_case(dtype, [(12, 3), (3, 3, 2, 1, 2)], (37, 2), dims=(9, 20), Dz=19,
+                            biases=(False, True), B=17, noncontiguous=True)
+        _check_refine(*case, "gelu", "tanh")
+
+
+def test_knobs_pick_configs_without_benchmarking(monkeypatch):
+    tuned = common.TUNED[0]
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.setattr(common, "AUTOTUNE", True)
+    monkeypatch.setattr(common, "_forced", None)
+    assert tuned.index() is None and tuned.tuner().configs == tuned.configs  # autotuned
+    monkeypatch.setattr(common, "AUTOTUNE", False)  # PF_KERNELS_TRITON_AUTOTUNE=0
+    assert tuned.index() == tuned.safe and tuned.tuner().configs == [tuned.configs[tuned.safe]]
+    with common.forced_config(len(tuned.configs) + 1):  # as PF_KERNELS_TRITON_CONFIG=i
+        assert tuned.tuner().configs == [tuned.configs[1 % len(tuned.configs)]]
+    monkeypatch.setenv(common.CONFIG_ENV, "1")
+    assert common._config_from_env() == 1
+    monkeypatch.setenv(common.CONFIG_ENV, "x")
+    with pytest.raises(ValueError, match=common.CONFIG_ENV):
+        common._config_from_env()
+    assert all(t.key == ["SIZE_CLASS"] for t in common.TUNED)
+
+
+class _Recorder:
+    """Stands in for the kernel launch: records every launch's Tuned name, grid per config and
+    arguments, and runs nothing (so launchers can be called on meta tensors of any size)."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, kernel, grid, args, kwargs, device):
+        self.launches.append((kernel, common.grids(kernel, grid), args, kwargs))
+
+
+def _all_ops_on(device, B, P, Dx, Dz, Dc, dims, modalities=2, dtype=torch.float32):
+    """Every op forward and backward launcher on tensors of these sizes (no autograd)."""
+    bp = importlib.import_module("pf_kernels.triton.backproj_concat")
+    fh = importlib.import_module("pf_kernels.triton.fusion_head")
+    rs = importlib.import_module("pf_kernels.triton.refine_step")
+
+    def e(*shape):
+        return torch.empty(*shape, dtype=dtype, device=device)
+
+    x, z, w, b = e(B, P, Dx), e(B, Dz), e(Dc, Dz), e(Dc)
+    out = bp._forward(x, z, w, b, "gelu")
+    bp._backward(out, z, w, b, "gelu", Dx)
+    hs, hw = [e(B, d) for d in dims], e(Dz, sum(dims))
+    z2, pre = fh._forward(hs, hw, e(Dz), "tanh", True)
+    fh.backward(z2, hs, hw, pre, True, "tanh")
+    if Dz <= rs.MAX_DZ:
+        xs = [e(B, P, Dx) for _ in range(modalities)]
+        rs._forward(hs, hw, e(Dz), xs, [w] * modalities, [b], 1, "relu", "sigmoid", True)
+
+
+@pytest.mark.parametrize("sizes", [
+    dict(B=3, P=2_200_000, Dx=4, Dz=8, Dc=5, dims=(3, 2)),  # a 130^3 volume: > 65535 position blocks
+    dict(B=100_000, P=1, Dx=4, Dz=16, Dc=5, dims=(5, 3)),  # batch > 65535
+    dict(B=2, P=3, Dx=4, Dz=100, Dc=3, dims=(3_000_000, 7)),  # > 65535 input column tiles
+    dict(B=2, P=3, Dx=4, Dz=5_000_000, Dc=3, dims=(3, 7)),  # > 65535 output column tiles
+], ids=["positions", "batch", "inputs", "outputs"])
+def test_grid_limits_of_every_launch(monkeypatch, sizes):
+    recorder = _Recorder()
+    monkeypatch.setattr(common, "_run", recorder)
+    for config in range(common.max_configs()):
+        with common.forced_config(config):
+            _all_ops_on("meta", **sizes)
+    assert recorder.launches
+    for kernel, grids, _args, _kwargs in recorder.launches:
+        for grid in grids:
+            assert all(0 <= n <= limit for n, limit in zip(grid, common.GRID_LIMITS)), (kernel, grid)
+
+
+def test_grid_beyond_every_limit_is_a_clear_error():
+    with pytest.raises(ValueError, match="grid axis 0"):
+        common.check_grid("k", (2 ** 31, 1, 1))
+    with pytest.raises(ValueError, match="grid axis 1"):
+        common.check_grid("k", (1, 65536, 1))
+
+
+def test_autotune_keys_bucket_the_batch_and_positions(monkeypatch):
+    # a new batch size or sequence length in the same power-of-two bucket must not re-benchmark
+    def keys(B, P):
+        recorder = _Recorder()
+        monkeypatch.setattr(common, "_run", recorder)
+        _all_ops_on("meta", B=B, P=P, Dx=6, Dz=24, Dc=10, dims=(7, 9), modalities=1)
+        return [(getattr(k, "fn", k), kw.get("SIZE_CLASS", a[-1])) for k, _g, a, kw in recorder.launches]
+
+    base = keys(40, 300)
+    assert base == keys(33, 300) == keys(63, 260) == keys(50, 511)
+    assert base != keys(65, 300)  # the next bucket
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                    reason="fake cuda:1 tensors need a second GPU where CUDA is real; this stand-in "
+                           "check runs wherever no GPU is visible (CI)")
+def test_launches_on_the_tensors_device(monkeypatch):
+    # Triton launches on the current device: tensors on cuda:1 with cuda:0 current need a guard.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    current = [0]
+    seen = []
+
+    class Device:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            self.previous, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.previous
+
+    class Kernel:
+        configs = [__import__("triton").Config({})]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(current[0])
+
+    class Stub:
+        name = "stub"
+
+        def tuner(self):
+            return Kernel()
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(common, "INTERPRET", True)  # call the stub as it is (no wrap_triton)
+    with FakeTensorMode():
+        on_1, on_0 = torch.empty(4, device="cuda:1"), torch.empty(4, device="cuda:0")
+    common.launch(Stub(), (1,), on_1, 3)
+    common.launch(Stub(), (1,), on_0, 3)
+    assert seen == [1, 0] and current[0] == 0
+
+
+def test_no_host_synchronisation_in_any_launch(monkeypatch):
+    # What would break CUDA-graph capture after a warm-up call (which compiles, and autotunes where
+    # that is on): reading a tensor's value on the host, or synchronising.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoHostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("_local_scalar_dense", "item", "equal", "is_nonzero"):
+                self.reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("torch.cuda.synchronize in a launch")
+
+    x, z, w, b = backproj_inputs(2, (3,), 3, 4, 5, True, device=DEVICE)
+    hs, hw, hb = fusion_inputs(2, (2, 4), 4, device=DEVICE)
+
+    def step():
+        out = pk.backproj_concat(x, z, w, b, "tanh", backend=BACKEND)
+        f = pk.fusion_head(hs, hw, hb, "gelu", backend=BACKEND)
+        zz, (xt,) = pk.refine_step(hs, hw, hb, [x], [w], [b], "relu", "sigmoid", backend=BACKEND)
+        torch.autograd.grad([out.sum(), f.sum(), zz.sum(), xt.sum()], [x, z, w, b, hw, hb, *hs])
+
+    step()  # the warm-up
+    monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
+    mode = NoHostReads()
+    with mode:
+        step()
+    assert not mode.reads
+
+
+def test_position_sum_in_two_stages_is_deterministic():
+    bp = importlib.import_module("pf_kernels.triton.backproj_concat")
+    B, P, Dc = 1, 700, 4
+    assert bp.chunks(B, P, Dc)[0] > 1  # this case takes the two-stage path
+    x, z, w, b = backproj_inputs(B, (P,), 3, 5, Dc, True, device=DEVICE)
+    g = torch.randn(B, P, 3 + Dc, dtype=torch.float64, device=DEVICE).float()
+    first = bp._backward(g, z.detach(), w.detach(), b.detach(), "gelu", 3)
+    again = bp._backward(g, z.detach(), w.detach(), b.detach(), "gelu", 3)
+    assert all(torch.equal(u, v) for u, v in zip(first, again))
+
+
+def test_fusion_head_bias_gradient_without_input_columns():
+    # every input 0 wide: no grad_weight tile at all, grad_bias must still be written
+    hs = [rand((5, 0), device=DEVICE, requires_grad=True) for _ in range(2)]
+    w, b = rand((4, 0), device=DEVICE, requires_grad=True), rand((4,), device=DEVICE, requires_grad=True)
+    for activation in ("relu", "sigmoid"):
+        assert_matches_reference(fusion_call(BACKEND, activation), fusion_call("torch", activation), (w, b, *hs))
+
+
+# ------------------------------------------------------------------ precision of the activations
+
+def _relative_error(got, exact):
+    return ((got.double() - exact).abs() / exact.abs().clamp_min(1e-300)).max().item()
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+def test_fp32_activation_and_derivative_to_a_relative_bound(activation):
+    # pre-activations that are exactly y: one input of width 1 times a weight of 1, no bias. Then
+    # the op's output is act(y) and the input's gradient (grad_out = 1) is act'(y), each rounded
+    # once; both must be within ~1e-6 relative of the exact values, not only close in absolute
+    # terms (sigmoid(-80) = 1.8e-35; tanh(1e-6) = 1e-6).
+    if activation == "sigmoid":
+        y = torch.cat([torch.linspace(-80, 30, 56), torch.tensor([-16.7, -10.0, -1e-3, 1e-3])])
+    else:
+        y = torch.cat([torch.linspace(-40, 40, 41), torch.tensor([1e-6, -3e-4, 0.1, -0.45, 0.55])])
+        y = y[y != 0]
+    y = y.to(torch.float32)
+    yd = y.double()
+    if activation == "sigmoid":
+        e = torch.exp(-yd.abs())
+        exact, exact_grad = torch.where(yd < 0, e, 1.0) / (1 + e), e / (1 + e) ** 2
+        eager = torch.sigmoid(y)
+    else:
+        e = torch.exp(-2 * yd.abs())
+        exact, exact_grad = torch.tanh(yd), 4 * e / (1 + e) ** 2
+        eager = torch.tanh(y)
+    one = torch.ones(1, 1, device=DEVICE)
+    h = y.to(DEVICE).reshape(-1, 1).requires_grad_(True)
+    results = {}
+    out = pk.fusion_head([h], one, None, activation, backend=BACKEND)
+    (grad,) = torch.autograd.grad(out, h, torch.ones_like(out))
+    results["fusion_head"] = (out[:, 0], grad[:, 0])
+    x = torch.zeros(len(y), 1, device=DEVICE)
+    out = pk.backproj_concat(x, h, one, None, activation, backend=BACKEND)
+    (grad,) = torch.autograd.grad(out, h, torch.ones_like(out))
+    results["backproj_concat"] = (out[:, 1], grad[:, 0])
+    z, (xt,) = pk.refine_step([h], one, None, [x], [one], [None], "none", activation, backend=BACKEND)
+    results["refine_step"] = (xt[:, 1], None)
+    bound = 1e-6
+    assert _relative_error(eager, exact) <= bound  # torch itself is this close
+    for op, (value, grad) in results.items():
+        assert _relative_error(value.cpu(), exact) <= bound, f"{op}: {activation}(y)"
+        if grad is not None:
+            assert _relative_error(grad.cpu(), exact_grad) <= bound, f"{op}: {activation}'(y)"
+
+
+def test_relu_keeps_nan_as_torch_does():
+    h = torch.tensor([[float("nan")], [-1.0], [2.0]], device=DEVICE)
+    out = pk.fusion_head([h], torch.ones(1, 1, device=DEVICE), None, "relu", backend=BACKEND)
+    torch.testing.assert_close(out.cpu(), torch.relu(h).cpu(), equal_nan=True)
+
+
+# ------------------------------------------------------------------ offsets beyond int32
+
+_WIDE_OFFSETS = r"""
+import torch, pf_kernels as pk
+from pf_kernels.triton._matmul import mm
+torch.manual_seed(0)
+S = 2 ** 29  # a feature stride: 4 features span more than 2^31 elements
+buf = torch.empty(4 * S + 64, dtype=torch.float16)  # 4 GB of address space, a few pages touched
+
+def view(shape, strides, offset=0):
+    v = buf.as_strided(shape, strides, offset)
+    v.copy_(torch.randn(shape, dtype=torch.float64).to(torch.float16))
+    return v
+
+def check(name, got, want, tol=2e-2):
+    for g, w in zip(got, want):
+        err = (g.double() - w.double()).abs().max().item()
+        assert err <= tol * max(1.0, w.double().abs().max().item()), (name, err)
+
+# matmul: K * stride past 2^31
+a = torch.randn(3, 5)
+b = view((5, 2), (S, 1), 7)
+check("mm", [mm(a, b, torch.float32)], [a.double() @ b.double()])
+# fusion_head: input feature stride and weight feature stride past 2^31
+h = view((3, 5), (1, S), 16).requires_grad_(True)
+w = view((2, 5), (1, S), 32).requires_grad_(True)
+for backend in ("triton", "torch"):
+    out = pk.fusion_head([h], w, None, "tanh", backend=backend)
+    grads = torch.autograd.grad(out, [h, w], torch.ones_like(out))
+    if backend == "triton":
+        got = [out, *grads]
+    else:
+        check("fusion_head", got, [out, *grads])
+# backproj_concat and refine_step: x's feature stride past 2^31
+x = view((2, 3, 5), (1, 2, S), 48).requires_grad_(True)
+z = torch.randn(2, 4, dtype=torch.float16)
+wz = torch.randn(3, 4, dtype=torch.float16)
+hz = torch.randn(2, 4, dtype=torch.float16)
+hw = torch.randn(4, 4, dtype=torch.float16)
+for backend in ("triton", "torch"):
+    out = pk.backproj_concat(x, z, wz, None, "relu", backend=backend)
+    zz, (xt,) = pk.refine_step([hz], hw, None, [x], [wz], [None], "relu", "relu", backend=backend)
+    (gx,) = torch.autograd.grad(out, [x], torch.ones_like(out))
+    if backend == "triton":
+        got = [out, xt, gx]
+    else:
+        check("backproj_concat/refine_step", got, [out, xt, gx])
+print("ok")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="on a GPU the limit cases of tests/gpu/differential.py (an output of 2^31+ "
+                           "elements) run the real kernels; the interpreter breaks on numpy >= 2.5 there")
+def test_offsets_beyond_int32():
+    # The kernels index with int64 where stride products can pass 2^31. In a subprocess: a wrapped
+    # offset would read outside the buffer (and may crash).
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = __import__("subprocess").run([sys.executable, "-c", _WIDE_OFFSETS], env=env, capture_output=True,
+                                        text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-4000:]

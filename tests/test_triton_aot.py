@@ -1,6 +1,8 @@
 """Every Triton kernel, for every autotune config, compiles ahead of time for sm_80 and sm_90 with
 no GPU; the result has no register spills, shared memory within the arch's limit, and tensor-core
-instructions where the kernel does matrix work.
+instructions where the kernel does matrix work. The head kernels compile for MAX_K inputs and
+refine_step for MAX_MODALITIES modalities with Dz = MAX_DZ (the one-launch limits, where registers
+run out first), with gelu (the most code). Run on each stack: the triton version here decides.
 
 What each tensor-core assertion covers:
 - bf16 (every config): sm_80 PTX holds mma.sync; sm_90 holds wgmma where the dot's M tile is >= 64
@@ -30,17 +32,17 @@ if not PTXAS.exists():
 
 aot = importlib.import_module("pf_kernels.triton.aot")
 ARCHS = (80, 90)
-MATRIX = [name for name, *_, matrix, _ in aot._kernel_specs("bfloat16") if matrix]
+MATRIX = [spec[0] for spec in aot._kernel_specs("bfloat16") if spec[5]]
 # (dtype, tf32, kernels or None for all)
 VARIANTS = [("bfloat16", False, None), ("float32", False, None), ("float32", True, MATRIX)]
 
 
 def _cases():
     for dtype, tf32, only in VARIANTS:
-        for name, _kernel, cfgs, *_ in aot._kernel_specs(dtype, tf32):
+        for name, tuned, *_ in aot._kernel_specs(dtype, tf32):
             if only is None or name in only:
                 for arch in ARCHS:
-                    for index in range(len(cfgs)):
+                    for index in range(len(tuned.configs)):
                         tag = f"sm{arch}-{'tf32' if tf32 else dtype}-{name}-c{index}"
                         yield pytest.param(arch, dtype, tf32, name, index, id=tag)
 

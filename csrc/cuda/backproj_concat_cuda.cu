@@ -1,10 +1,15 @@
 // backproj_concat on CUDA.
-// Forward, one launch: each block computes its batch row's context act(z[b] @ W^T + bias) into shared
-// memory, then writes its share of that row's positions (x part and context part) in one coalesced
-// pass. Several blocks may share a batch row when there are few rows; each recomputes the context
-// (Dc * Dz multiply-adds from L2), which the host bounds against the bytes the block writes.
+// Forward: one copy kernel writes every output row: x's features, then the context act(z[b] W^T + b)
+// broadcast over the positions, staged in shared memory kContextChunk features at a time (any Dc).
+// Tasks are (batch row, run of positions); blocks loop over them (any batch, any number of positions).
+// The context is computed inside the kernel (one launch) while that is cheap (launch_plan.h:
+// kInlineTaskMacs, kInlineTotalMacs); beyond, one cuBLAS GEMM computes z W^T once, in fp32 (tensor
+// cores for fp16/bf16 inputs, fp32 accumulation and output), and the kernel adds the bias and applies
+// the activation to it before rounding once to the output dtype, as the reference does.
 // Backward: one launch (two when positions are split across blocks) reduces grad_out's context
-// features over positions times act' into grad_pre (B, Dc) in fp32; the small GEMMs go to ATen.
+// features over positions times act' into grad_pre (B, Dc) in fp32; act' reads y from the saved output
+// or, where the rounded output loses it, from y recomputed (inline, or by the forward's GEMM, by the
+// same rule). The GEMMs of the gradients go to ATen, in fp32 as eager autograd of the reference does.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,134 +18,173 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <climits>
 #include <vector>
 
 #include "activations.h"
 #include "checks.h"
 #include "cuda/common.cuh"
+#include "cuda/launch_plan.h"
 
 namespace pf_kernels {
 namespace cuda {
 namespace {
 
-constexpr int kFwdThreads = 256;
+using plan::kBwdCols;
+using plan::kBwdRows;
+using plan::kContextChunk;
+using plan::kCopyThreads;
 
-// V elements per access: 16 bytes when the host found every row aligned, else 1.
-template <typename scalar_t, typename acc_t, int V>
-__global__ void __launch_bounds__(kFwdThreads)
-    backproj_concat_fwd_kernel(const scalar_t* __restrict__ x, int64_t x_row_stride, const scalar_t* __restrict__ z,
-                               const scalar_t* __restrict__ w, const scalar_t* __restrict__ bias,
-                               scalar_t* __restrict__ out, int64_t positions, int64_t rows_per_block,
-                               int64_t blocks_per_row, int64_t Dx, int64_t Dz, int64_t Dc, Activation act) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  scalar_t* ctx = reinterpret_cast<scalar_t*>(smem_raw);
-  const int64_t b = blockIdx.x / blocks_per_row;
-  const int64_t chunk = blockIdx.x - b * blocks_per_row;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+template <typename scalar_t, typename acc_t>
+struct ForwardArgs {
+  const scalar_t* x;  // (B * positions, Dx) rows of x_row_stride elements, unit inner stride
+  int64_t x_row_stride;
+  const scalar_t* z;      // (B, Dz) contiguous: inline context only
+  const scalar_t* w;      // (Dc, Dz) contiguous: inline context only
+  const acc_t* pre;       // (B, Dc) contiguous z W^T: GEMM context only
+  const scalar_t* bias;   // (Dc,) or null
+  scalar_t* out;          // (B * positions, Dx + Dc) contiguous
+  int64_t B, positions, rows_per_task, tasks_per_row, Dx, Dz, Dc;
+  int group;
+  Activation act;
+};
 
-  // The context: one warp per output feature, lanes across Dz (coalesced rows of W).
-  const scalar_t* zb = z + b * Dz;
-  for (int64_t c = warp; c < Dc; c += kFwdThreads / 32) {
-    const scalar_t* wc = w + c * Dz;
-    acc_t s = acc_t(0);
-    for (int64_t k = lane; k < Dz; k += 32) s += static_cast<acc_t>(zb[k]) * static_cast<acc_t>(wc[k]);
-    s = warp_sum(s);
-    if (lane == 0) {
-      if (bias != nullptr) s += static_cast<acc_t>(bias[c]);
-      ctx[c] = static_cast<scalar_t>(activate<acc_t>(s, act));
-    }
-  }
-  __syncthreads();
-
-  const int64_t row0 = chunk * rows_per_block;
-  const int64_t rows = positions - row0 < rows_per_block ? positions - row0 : rows_per_block;
-  if (rows <= 0) return;
-  const int64_t D = Dx + Dc;
-  const int64_t first = b * positions + row0;  // first global row of this block
-  scalar_t* o = out + first * D;
-  const scalar_t* xr = x + first * x_row_stride;
-  // In-block indices fit 32 bits (the host caps rows * D below 2^31): cheap division.
-  const uint32_t vec_per_row = static_cast<uint32_t>(D / V);
-  const uint32_t n = static_cast<uint32_t>(rows) * vec_per_row;
-  const uint32_t vx = static_cast<uint32_t>(Dx / V);
-  for (uint32_t i = threadIdx.x; i < n; i += kFwdThreads) {
-    const uint32_t r = i / vec_per_row;
-    const uint32_t v = i - r * vec_per_row;
-    if constexpr (V == 1) {
-      o[static_cast<int64_t>(r) * D + v] = v < vx ? xr[static_cast<int64_t>(r) * x_row_stride + v] : ctx[v - vx];
-    } else {
-      const uint4 val = v < vx ? *reinterpret_cast<const uint4*>(xr + static_cast<int64_t>(r) * x_row_stride +
-                                                                  static_cast<int64_t>(v) * V)
-                               : *reinterpret_cast<const uint4*>(ctx + static_cast<int64_t>(v - vx) * V);
-      *reinterpret_cast<uint4*>(o + static_cast<int64_t>(r) * D + static_cast<int64_t>(v) * V) = val;
-    }
+template <int V, typename scalar_t>
+__device__ __forceinline__ void copy_vec(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src) {
+  if constexpr (V == 1) {
+    *dst = *src;
+  } else {
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
   }
 }
 
-constexpr int kBwdCols = 32, kBwdRows = 8;
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t context_value(acc_t y, const scalar_t* __restrict__ bias, int64_t c,
+                                                  Activation act) {
+  if (bias != nullptr) y += static_cast<acc_t>(bias[c]);
+  return static_cast<scalar_t>(activate<acc_t>(y, act));
+}
 
-// Sums g[b, p, c] over p in this block's split of positions. With one split it finishes the job:
-// dst[b, c] = sum * act'(b, c); otherwise it writes the partial sum to dst[split, b, c] and a second
-// launch of this kernel (in_t = acc_t, over the splits) finishes. act' comes from the saved output a
-// (any position holds the context: position 0 is read), or from y recomputed here (from_y): for
-// gelu, and for tanh / sigmoid in 16-bit dtypes, where 1 - a^2 or a (1 - a) of a rounded a loses
-// most of its bits near saturation.
+// V elements per access: 16 bytes where launch_plan.h's backproj_vector_ok holds, else 1.
+template <typename scalar_t, typename acc_t, int V, bool kInline>
+__global__ void __launch_bounds__(kCopyThreads) backproj_concat_fwd_kernel(const ForwardArgs<scalar_t, acc_t> a) {
+  __shared__ __align__(16) unsigned char ctx_raw[kContextChunk * sizeof(scalar_t)];
+  scalar_t* ctx = reinterpret_cast<scalar_t*>(ctx_raw);
+  const int tid = threadIdx.x;
+  const int64_t D = a.Dx + a.Dc;
+  plan::for_each_backproj_task(blockIdx.x, gridDim.x, a.B, a.positions, a.rows_per_task, a.tasks_per_row,
+                               [&](int64_t b, int64_t row0, int64_t rows) {
+    const int64_t first = b * a.positions + row0;  // first output row of this task
+    scalar_t* o = a.out + first * D;
+    if (a.Dx > 0) {
+      const scalar_t* xr = a.x + first * a.x_row_stride;
+      const int64_t width = a.Dx / V;
+      for (plan::RowCursor k(tid, kCopyThreads, width); k.row < rows; k.next(width)) {
+        copy_vec<V>(o + k.row * D + k.col * V, xr + k.row * a.x_row_stride + k.col * V);
+      }
+    }
+    for (int64_t c0 = 0; c0 < a.Dc; c0 += kContextChunk) {
+      const int64_t cn = a.Dc - c0 < kContextChunk ? a.Dc - c0 : kContextChunk;
+      if constexpr (kInline) {
+        // Groups of `group` lanes per feature; the loop is uniform, so every lane reaches the shuffles.
+        const int g = a.group, lane = tid % 32;
+        const scalar_t* zb = a.z + b * a.Dz;
+        for (int64_t j0 = 0; j0 < cn; j0 += kCopyThreads / g) {
+          const int64_t j = j0 + tid / g;
+          const acc_t y = group_dot<scalar_t, acc_t>(zb, a.w + (c0 + j) * a.Dz, a.Dz, j < cn, lane % g, g);
+          if (j < cn && lane % g == 0) ctx[j] = context_value(y, a.bias, c0 + j, a.act);
+        }
+      } else {
+        const acc_t* pre = a.pre + b * a.Dc + c0;
+        for (int64_t j = tid; j < cn; j += kCopyThreads) ctx[j] = context_value(pre[j], a.bias, c0 + j, a.act);
+      }
+      __syncthreads();
+      const int64_t width = cn / V;  // cn is a multiple of V on the vector path
+      for (plan::RowCursor k(tid, kCopyThreads, width); k.row < rows; k.next(width)) {
+        copy_vec<V>(o + k.row * D + a.Dx + c0 + k.col * V, ctx + k.col * V);
+      }
+      __syncthreads();  // before the next chunk or task overwrites ctx
+    }
+  });
+}
+
+// Where act'(y) comes from (plan::YSource): the saved output act(y), z W^T from a GEMM, or inline.
+template <typename scalar_t, typename acc_t>
+struct ActGradSource {
+  const scalar_t* out_ctx;  // act(y) at position 0: out_ctx[b * o_sb + c * o_sc] (kYFromOutput)
+  int64_t o_sb, o_sc;
+  const acc_t* pre;        // (B, Dc) contiguous z W^T (kYFromGemm)
+  const scalar_t* z;       // (B, Dz) and (Dc, Dz) contiguous (kYInline)
+  const scalar_t* w;
+  const scalar_t* bias;    // (Dc,) or null
+  int64_t Dz;
+  Activation act;
+  int64_t y_source;
+};
+
+// Sums g[b * g_sb + p * g_sp + c * g_sc] over p in this task's split of positions. With one split it
+// finishes the job: dst[b, c] = sum * act'(b, c); otherwise it writes the partial sum to dst[split, b, c]
+// and a second launch (in_t = acc_t, over the splits) finishes. act' comes from the saved output
+// a = act(y) (any position holds the context: position 0 is read), or from y: for gelu, and for tanh /
+// sigmoid in 16-bit dtypes, where 1 - a^2 or a (1 - a) of a rounded a loses most of its bits near
+// saturation.
 template <typename in_t, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kBwdCols* kBwdRows)
     context_grad_kernel(const in_t* __restrict__ g, int64_t g_sb, int64_t g_sp, int64_t g_sc, int64_t positions,
-                        int64_t per_split, int64_t splits, const scalar_t* __restrict__ a, int64_t a_sb,
-                        int64_t a_sc, const scalar_t* __restrict__ z, const scalar_t* __restrict__ w,
-                        const scalar_t* __restrict__ bias, int64_t B, int64_t Dz, int64_t Dc, Activation act,
-                        bool from_y, acc_t* __restrict__ dst) {
+                        int64_t per_split, int64_t splits, int64_t B, int64_t Dc,
+                        const ActGradSource<scalar_t, acc_t> src, acc_t* __restrict__ dst) {
   __shared__ acc_t part[kBwdRows][kBwdCols + 1];
-  __shared__ acc_t pre[kBwdCols];
-  const int64_t c_tiles = (Dc + kBwdCols - 1) / kBwdCols;
-  int64_t bid = blockIdx.x;
-  const int64_t ct = bid % c_tiles;
-  bid /= c_tiles;
-  const int64_t split = bid % splits;
-  const int64_t b = bid / splits;
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t c = ct * kBwdCols + tx;
-
-  const int64_t p0 = split * per_split;
-  const int64_t p1 = positions < p0 + per_split ? positions : p0 + per_split;
-  acc_t s = acc_t(0);
-  if (c < Dc) {
-    const in_t* gp = g + b * g_sb + c * g_sc;
-    for (int64_t p = p0 + ty; p < p1; p += kBwdRows) s += static_cast<acc_t>(gp[p * g_sp]);
-  }
-  part[ty][tx] = s;
+  __shared__ acc_t y_tile[kBwdCols];
+  const int tx = threadIdx.x, ty = threadIdx.y;  // warp ty, lane tx
+  const int64_t c_tiles = plan::ceil_div(Dc, kBwdCols);
   const bool finish = splits == 1;
-  if (finish && from_y) {  // y for this tile's columns, one warp per column
-    for (int j = ty; j < kBwdCols; j += kBwdRows) {
-      const int64_t cc = ct * kBwdCols + j;
-      acc_t y = acc_t(0);
-      if (cc < Dc) {
-        for (int64_t k = tx; k < Dz; k += 32) y += static_cast<acc_t>(z[b * Dz + k]) * static_cast<acc_t>(w[cc * Dz + k]);
+  plan::for_each_grad_task(blockIdx.x, gridDim.x, B, c_tiles, splits, [&](int64_t b, int64_t split, int64_t c_tile) {
+    const int64_t c = c_tile * kBwdCols + tx;
+    const int64_t p0 = split * per_split;
+    const int64_t p1 = positions < p0 + per_split ? positions : p0 + per_split;
+    acc_t s = acc_t(0);
+    if (c < Dc) {
+      const in_t* gp = g + b * g_sb + c * g_sc;
+      for (int64_t p = p0 + ty; p < p1; p += kBwdRows) s += static_cast<acc_t>(gp[p * g_sp]);
+    }
+    part[ty][tx] = s;
+    if (finish && src.y_source == plan::kYInline) {  // y of the tile's features, one warp per feature
+      for (int j = ty; j < kBwdCols; j += kBwdRows) {
+        const int64_t cj = c_tile * kBwdCols + j;
+        const acc_t y = group_dot<scalar_t, acc_t>(src.z + b * src.Dz, src.w + cj * src.Dz, src.Dz, cj < Dc, tx, 32);
+        if (tx == 0) y_tile[j] = y;
       }
-      y = warp_sum(y);
-      if (tx == 0) pre[j] = y + (bias != nullptr && cc < Dc ? static_cast<acc_t>(bias[cc]) : acc_t(0));
     }
-  }
-  __syncthreads();
-  if (ty == 0 && c < Dc) {
-    acc_t t = acc_t(0);
+    __syncthreads();
+    if (ty == 0 && c < Dc) {
+      acc_t total = acc_t(0);
 #pragma unroll
-    for (int r = 0; r < kBwdRows; ++r) t += part[r][tx];
-    if (finish) {
-      const acc_t d = from_y ? activation_grad<acc_t>(pre[tx], act)
-                             : grad_from_activated<acc_t>(static_cast<acc_t>(a[b * a_sb + c * a_sc]), act);
-      dst[b * Dc + c] = t * d;
-    } else {
-      dst[(split * B + b) * Dc + c] = t;
+      for (int r = 0; r < kBwdRows; ++r) total += part[r][tx];
+      if (finish) {
+        acc_t d;
+        if (src.y_source == plan::kYFromOutput) {
+          d = grad_from_activated<acc_t>(static_cast<acc_t>(src.out_ctx[b * src.o_sb + c * src.o_sc]), src.act);
+        } else {
+          acc_t y = src.y_source == plan::kYInline ? y_tile[tx] : src.pre[b * Dc + c];
+          if (src.bias != nullptr) y += static_cast<acc_t>(src.bias[c]);
+          d = activation_grad<acc_t>(y, src.act);
+        }
+        dst[b * Dc + c] = total * d;
+      } else {
+        dst[(split * B + b) * Dc + c] = total;
+      }
     }
-  }
+    __syncthreads();  // before the next task overwrites part and y_tile
+  });
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// z W^T in the accumulation dtype on cuBLAS: fp16/bf16 inputs on tensor cores with an fp32 output
+// (no rounding to 16 bits before the activation); fp32 as eager F.linear does (TF32 only where the
+// user allowed it); fp64 in fp64.
+at::Tensor pre_activation_gemm(const at::Tensor& z, const at::Tensor& weight) {
+  const at::ScalarType dtype = z.scalar_type();
+  if (dtype == at::kHalf || dtype == at::kBFloat16) return at::mm(z, weight.t(), at::kFloat);
+  return at::mm(z, weight.t());
+}
 
 at::Tensor backproj_concat_cuda(const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, c10::string_view activation_name) {
@@ -153,49 +197,51 @@ at::Tensor backproj_concat_cuda(const at::Tensor& x, const at::Tensor& z, const 
   out_sizes.back() = D;
   at::Tensor out = at::empty(out_sizes, x.options());
   if (out.numel() == 0) return out;
-  TORCH_CHECK(D < INT_MAX, "pf_kernels: backproj_concat rows of ", D, " features are not supported");
   const int64_t n_rows = out.numel() / D;
   const int64_t positions = n_rows / B;
   // Rows of x with unit inner stride: a view where strides allow, a copy where not.
   at::Tensor x_rows = x.reshape({n_rows, Dx});
   if (Dx > 1 && x_rows.stride(1) != 1) x_rows = x_rows.contiguous();
   const int64_t x_row_stride = Dx > 0 ? x_rows.stride(0) : 0;
-  const at::Tensor zc = z.contiguous(), wc = weight.contiguous();
+  const plan::BackprojForward p = plan::backproj_forward(B, positions, Dx, Dz, Dc, sm_count());
+  const at::Tensor zc = p.inline_context ? z.contiguous() : z;
+  const at::Tensor wc = p.inline_context ? weight.contiguous() : weight;
   const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();
-
-  // Grid: blocks per batch row so the GPU is filled, but each block writes at least 4 elements per
-  // thread and a quarter as many elements as its context costs multiply-adds, at most 2^31 - 1.
-  const int64_t min_rows = std::max({int64_t{1}, ceil_div(Dc * Dz, 4 * D), ceil_div(4 * kFwdThreads, D)});
-  const int64_t max_rows = std::max<int64_t>(1, (INT_MAX - 1) / D);
-  int64_t blocks_per_row = std::min(std::max<int64_t>(1, ceil_div(target_blocks(), B)), ceil_div(positions, min_rows));
-  const int64_t rows_per_block = std::min(ceil_div(positions, blocks_per_row), max_rows);
-  blocks_per_row = ceil_div(positions, rows_per_block);
-  TORCH_CHECK(B * blocks_per_row <= INT_MAX, "pf_kernels: backproj_concat output too large for one launch");
+  const at::Tensor pre = p.inline_context ? at::Tensor() : pre_activation_gemm(z, weight).contiguous();
+  const auto stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "backproj_concat_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int kVec = 16 / sizeof(scalar_t);
-    const size_t smem = static_cast<size_t>(Dc) * sizeof(scalar_t);
-    const scalar_t* x_ptr = Dx > 0 ? x_rows.data_ptr<scalar_t>() : nullptr;
-    const bool vec = D % kVec == 0 && Dx % kVec == 0 && x_row_stride % kVec == 0 &&
-                     (x_ptr == nullptr || aligned16(x_ptr)) && aligned16(out.data_ptr());
+    ForwardArgs<scalar_t, acc_t> args;
+    args.x = Dx > 0 ? x_rows.data_ptr<scalar_t>() : nullptr;
+    args.x_row_stride = x_row_stride;
+    args.z = p.inline_context ? zc.data_ptr<scalar_t>() : nullptr;
+    args.w = p.inline_context ? wc.data_ptr<scalar_t>() : nullptr;
+    args.pre = pre.defined() ? pre.data_ptr<acc_t>() : nullptr;
+    args.bias = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
+    args.out = out.data_ptr<scalar_t>();
+    args.positions = positions;
+    args.rows_per_task = p.rows_per_task;
+    args.tasks_per_row = p.tasks_per_row;
+    args.B = B;
+    args.Dx = Dx;
+    args.Dz = Dz;
+    args.Dc = Dc;
+    args.group = static_cast<int>(p.group);
+    args.act = act;
+    const bool vec = plan::backproj_vector_ok(Dx, Dc, x_row_stride, reinterpret_cast<uintptr_t>(args.x) % 16,
+                                              reinterpret_cast<uintptr_t>(args.out) % 16, sizeof(scalar_t));
     auto launch = [&](auto kernel) {
-      if (smem > 48 * 1024) {
-        const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-        TORCH_CHECK(smem <= limit, "pf_kernels: backproj_concat context of ", Dc, " features (", smem,
-                    " bytes) exceeds the device's shared memory per block (", limit, " bytes)");
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      }
-      kernel<<<static_cast<unsigned>(B * blocks_per_row), kFwdThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-          x_ptr, x_row_stride, zc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
-          bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), positions, rows_per_block,
-          blocks_per_row, Dx, Dz, Dc, act);
+      kernel<<<launch_grid(p.grid), kCopyThreads, 0, stream>>>(args);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vec) {
-      launch(backproj_concat_fwd_kernel<scalar_t, acc_t, kVec>);
+      p.inline_context ? launch(backproj_concat_fwd_kernel<scalar_t, acc_t, kVec, true>)
+                       : launch(backproj_concat_fwd_kernel<scalar_t, acc_t, kVec, false>);
     } else {
-      launch(backproj_concat_fwd_kernel<scalar_t, acc_t, 1>);
+      p.inline_context ? launch(backproj_concat_fwd_kernel<scalar_t, acc_t, 1, true>)
+                       : launch(backproj_concat_fwd_kernel<scalar_t, acc_t, 1, false>);
     }
   });
   return out;
@@ -211,49 +257,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const at::ScalarType dtype = grad_out.scalar_type(), acc = at::toOpMathType(dtype);
   const int64_t positions = B > 0 && D > 0 ? grad_out.numel() / (B * D) : 0;
+  // z and W in the accumulation dtype: the operands of the gradients' GEMMs.
+  const at::Tensor w_acc = weight.to(acc), z_acc = z.to(acc);
 
   at::Tensor grad_pre;
   if (positions == 0 || Dc == 0) {
     grad_pre = at::zeros({B, Dc}, grad_out.options().dtype(acc));
   } else {
     grad_pre = at::empty({B, Dc}, grad_out.options().dtype(acc));
+    const bool from_y = act == Activation::Gelu ||
+                        (at::elementSize(dtype) == 2 && (act == Activation::Tanh || act == Activation::Sigmoid));
+    const plan::BackprojBackward p = plan::backproj_backward(B, positions, Dz, Dc, from_y, sm_count());
     const at::Tensor g = grad_out.reshape({B, positions, D}).narrow(-1, x_features, Dc);
     const at::Tensor a = out.reshape({B, positions, D}).select(1, 0).narrow(-1, x_features, Dc);
-    const at::Tensor zc = z.contiguous(), wc = weight.contiguous();
+    const bool y_inline = p.y_source == plan::kYInline;
+    const at::Tensor zc = y_inline ? z.contiguous() : z, wc = y_inline ? weight.contiguous() : weight;
     const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();
-    const int64_t c_tiles = ceil_div(Dc, kBwdCols);
-    // Split positions across blocks only when B * c_tiles blocks cannot fill the GPU, and keep at
-    // least 64 positions (8 per thread) per split.
-    int64_t splits = std::min(std::max<int64_t>(1, ceil_div(target_blocks(), B * c_tiles)), ceil_div(positions, 64));
-    const int64_t per_split = ceil_div(positions, splits);
-    splits = ceil_div(positions, per_split);
-    TORCH_CHECK(B * c_tiles * splits <= INT_MAX, "pf_kernels: backproj_concat_backward too large for one launch");
+    // The forward's GEMM: the same y (16-bit inputs on tensor cores, not an fp32 GEMM of z_acc, W_acc).
+    const at::Tensor pre =
+        p.y_source == plan::kYFromGemm ? pre_activation_gemm(z, weight).contiguous() : at::Tensor();
+    const at::Tensor partial = p.splits > 1 ? at::empty({p.splits, B, Dc}, grad_pre.options()) : grad_pre;
     const dim3 block(kBwdCols, kBwdRows);
     const auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "backproj_concat_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t* z_ptr = zc.data_ptr<scalar_t>();
-      const scalar_t* w_ptr = wc.data_ptr<scalar_t>();
-      const scalar_t* b_ptr = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
-      const scalar_t* a_ptr = a.data_ptr<scalar_t>();
-      const bool from_y = act == Activation::Gelu ||
-                          (sizeof(scalar_t) == 2 && (act == Activation::Tanh || act == Activation::Sigmoid));
-      at::Tensor partial = splits > 1 ? at::empty({splits, B, Dc}, grad_pre.options()) : grad_pre;
-      context_grad_kernel<scalar_t, scalar_t, acc_t>
-          <<<static_cast<unsigned>(B * c_tiles * splits), block, 0, stream>>>(
-              g.data_ptr<scalar_t>(), g.stride(0), g.stride(1), g.stride(2), positions, per_split, splits, a_ptr,
-              a.stride(0), a.stride(1), z_ptr, w_ptr, b_ptr, B, Dz, Dc, act, from_y, partial.data_ptr<acc_t>());
+      ActGradSource<scalar_t, acc_t> src;
+      src.out_ctx = a.data_ptr<scalar_t>();
+      src.o_sb = a.stride(0);
+      src.o_sc = a.stride(1);
+      src.pre = pre.defined() ? pre.data_ptr<acc_t>() : nullptr;
+      src.z = y_inline ? zc.data_ptr<scalar_t>() : nullptr;
+      src.w = y_inline ? wc.data_ptr<scalar_t>() : nullptr;
+      src.bias = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
+      src.Dz = Dz;
+      src.act = act;
+      src.y_source = p.y_source;
+      context_grad_kernel<scalar_t, scalar_t, acc_t><<<launch_grid(p.grid), block, 0, stream>>>(
+          g.data_ptr<scalar_t>(), g.stride(0), g.stride(1), g.stride(2), positions, p.per_split, p.splits, B, Dc,
+          src, partial.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (splits > 1) {  // sum the splits, times act'
-        context_grad_kernel<acc_t, scalar_t, acc_t><<<static_cast<unsigned>(B * c_tiles), block, 0, stream>>>(
-            partial.data_ptr<acc_t>(), Dc, B * Dc, 1, splits, splits, 1, a_ptr, a.stride(0), a.stride(1), z_ptr,
-            w_ptr, b_ptr, B, Dz, Dc, act, from_y, grad_pre.data_ptr<acc_t>());
+      if (p.splits > 1) {  // sum the splits (as positions of a (B, splits, Dc) view), times act'
+        context_grad_kernel<acc_t, scalar_t, acc_t><<<launch_grid(p.finish_grid), block, 0, stream>>>(
+            partial.data_ptr<acc_t>(), Dc, B * Dc, 1, p.splits, p.splits, 1, B, Dc, src, grad_pre.data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
   }
   // The small GEMMs in the accumulation dtype (cuBLAS), rounded once at the end.
-  const at::Tensor w_acc = weight.to(acc), z_acc = z.to(acc);
   at::Tensor grad_z = at::mm(grad_pre, w_acc).to(dtype);
   at::Tensor grad_weight = at::mm(grad_pre.t(), z_acc).to(dtype);
   at::Tensor grad_bias = has_bias(bias) ? grad_pre.sum(0).to(dtype) : at::empty({0}, grad_out.options());

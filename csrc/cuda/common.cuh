@@ -3,24 +3,46 @@
 
 #include <ATen/cuda/CUDAContext.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "activations.h"
+#include "cuda/launch_plan.h"
 
 namespace pf_kernels {
 namespace cuda {
 
+// Sum over the aligned groups of `group` lanes (a power of 2 up to 32) of a warp. Every lane of the
+// warp must call it (full mask), with the same group.
 template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+__device__ __forceinline__ T group_sum(T v, int group) {
+  for (int offset = group / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// sum_k z[k] * w[k] over k < n, split across a group of lanes (lane_in_group of group); every lane of
+// the warp calls it (valid = false: contributes 0). The group's lanes all get the sum.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t group_dot(const scalar_t* __restrict__ z, const scalar_t* __restrict__ w,
+                                           int64_t n, bool valid, int lane_in_group, int group) {
+  acc_t s = acc_t(0);
+  if (valid) {
+    for (int64_t k = lane_in_group; k < n; k += group) s += static_cast<acc_t>(z[k]) * static_cast<acc_t>(w[k]);
+  }
+  return group_sum(s, group);
+}
 
-// Enough blocks to fill the GPU a few times over.
-inline int64_t target_blocks() { return 8 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount); }
+inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// The blocks to launch for a planned grid. PF_KERNELS_CUDA_MAX_GRID (tests only: read per launch)
+// caps it, so that tiny calls make each block loop over several tasks, as a launch of more than
+// 2^31 - 1 tasks does.
+inline unsigned launch_grid(int64_t planned) {
+  const char* cap = std::getenv("PF_KERNELS_CUDA_MAX_GRID");
+  const int64_t limit = cap != nullptr ? std::max<int64_t>(1, std::atoll(cap)) : plan::kMaxGridX;
+  return static_cast<unsigned>(std::min(planned, limit));
+}
 
 }  // namespace cuda
 }  // namespace pf_kernels

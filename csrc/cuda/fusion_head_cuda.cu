@@ -1,8 +1,9 @@
 // fusion_head on CUDA: z = act([h_1..h_K] @ W^T + b).
 // Forward, one launch: a tiled GEMM whose A operand is read from the K inputs' own pointers and
-// strides (no concat), with bias and activation in the epilogue. fp16/bf16 use tensor cores (WMMA,
-// fp32 accumulate), fp32/fp64 a SIMT kernel. Up to kMaxInputs inputs travel in the kernel's
-// parameters; more are concatenated first (at::cat, one extra copy) and run as one input.
+// strides (no concat), with bias and activation in the epilogue. Blocks loop over the output tiles
+// (a 1-D grid: any batch, any Dz). fp16/bf16 use tensor cores (WMMA, fp32 accumulate), fp32/fp64 a
+// SIMT kernel. Up to kMaxInputs inputs travel in the kernel's parameters; more are concatenated
+// first (at::cat, one extra copy) and run as one input.
 // A k-tile never straddles two inputs: each input's last tile is zero-padded instead, which costs
 // at most one partial tile per input and keeps the loads free of per-element input lookups.
 // Backward: one elementwise kernel (grad_pre = grad_out * act'), then cuBLAS GEMMs via ATen.
@@ -23,6 +24,7 @@
 #include "activations.h"
 #include "checks.h"
 #include "cuda/common.cuh"
+#include "cuda/launch_plan.h"
 
 namespace pf_kernels {
 namespace cuda {
@@ -48,7 +50,7 @@ template <typename scalar_t, typename acc_t, int T>
 __global__ void __launch_bounds__(kSimtThreads)
     fusion_head_simt_kernel(const __grid_constant__ FusionInputs in, const scalar_t* __restrict__ w, int64_t ldw,
                             const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t M, int64_t N,
-                            Activation act) {
+                            int64_t m_tiles, int64_t n_tiles, Activation act) {
   constexpr int R = T / 16;  // outputs per thread along each dimension
   // k-major tiles; +4 keeps the transposed stores from hitting one bank.
   __shared__ acc_t As[kSimtBK][T + 4];
@@ -56,56 +58,58 @@ __global__ void __launch_bounds__(kSimtThreads)
   const int tid = threadIdx.x;
   const int tr = tid / 16, tc = tid % 16;  // thread owns rows tr + 16 i, columns tc + 16 j
   const int lk = tid % kSimtBK, lr = tid / kSimtBK;  // its loads: column lk of rows lr + 16 e
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * T, n0 = static_cast<int64_t>(blockIdx.x) * T;
-  acc_t acc[R][R];
+  plan::for_each_tile(blockIdx.x, gridDim.x, m_tiles, n_tiles, [&](int64_t m_tile, int64_t n_tile) {
+    const int64_t m0 = m_tile * T, n0 = n_tile * T;
+    acc_t acc[R][R];
 #pragma unroll
-  for (int i = 0; i < R; ++i)
+    for (int i = 0; i < R; ++i)
 #pragma unroll
-    for (int j = 0; j < R; ++j) acc[i][j] = acc_t(0);
+      for (int j = 0; j < R; ++j) acc[i][j] = acc_t(0);
 
-  for (int input = 0; input < in.count; ++input) {
-    const scalar_t* h = static_cast<const scalar_t*>(in.ptr[input]);
-    const int64_t rs = in.row_stride[input], cs = in.col_stride[input], width = in.width[input];
-    const scalar_t* wj = w + in.offset[input];
-    for (int64_t k0 = 0; k0 < width; k0 += kSimtBK) {
-      // Thread loads column lk (fixed) of rows lr + 16 e: k fastest across threads, so coalesced.
-      const bool k_in = k0 + lk < width;
-      const scalar_t* hp = h + (m0 + lr) * rs + (k0 + lk) * cs;
-      const scalar_t* wp = wj + (n0 + lr) * ldw + k0 + lk;
+    for (int input = 0; input < in.count; ++input) {
+      const scalar_t* h = static_cast<const scalar_t*>(in.ptr[input]);
+      const int64_t rs = in.row_stride[input], cs = in.col_stride[input], width = in.width[input];
+      const scalar_t* wj = w + in.offset[input];
+      for (int64_t k0 = 0; k0 < width; k0 += kSimtBK) {
+        // Thread loads column lk (fixed) of rows lr + 16 e: k fastest across threads, so coalesced.
+        const bool k_in = k0 + lk < width;
+        const scalar_t* hp = h + (m0 + lr) * rs + (k0 + lk) * cs;
+        const scalar_t* wp = wj + (n0 + lr) * ldw + k0 + lk;
 #pragma unroll
-      for (int e = 0; e < T / kSimtRowStep; ++e) {
-        const int rr = lr + e * kSimtRowStep;
-        As[lk][rr] = k_in && m0 + rr < M ? static_cast<acc_t>(hp[e * kSimtRowStep * rs]) : acc_t(0);
-        Bs[lk][rr] = k_in && n0 + rr < N ? static_cast<acc_t>(wp[e * kSimtRowStep * ldw]) : acc_t(0);
-      }
-      __syncthreads();
+        for (int e = 0; e < T / kSimtRowStep; ++e) {
+          const int rr = lr + e * kSimtRowStep;
+          As[lk][rr] = k_in && m0 + rr < M ? static_cast<acc_t>(hp[e * kSimtRowStep * rs]) : acc_t(0);
+          Bs[lk][rr] = k_in && n0 + rr < N ? static_cast<acc_t>(wp[e * kSimtRowStep * ldw]) : acc_t(0);
+        }
+        __syncthreads();
 #pragma unroll
-      for (int kk = 0; kk < kSimtBK; ++kk) {
-        acc_t a[R], b[R];
+        for (int kk = 0; kk < kSimtBK; ++kk) {
+          acc_t a[R], b[R];
 #pragma unroll
-        for (int i = 0; i < R; ++i) a[i] = As[kk][tr + 16 * i];
+          for (int i = 0; i < R; ++i) a[i] = As[kk][tr + 16 * i];
 #pragma unroll
-        for (int j = 0; j < R; ++j) b[j] = Bs[kk][tc + 16 * j];
+          for (int j = 0; j < R; ++j) b[j] = Bs[kk][tc + 16 * j];
 #pragma unroll
-        for (int i = 0; i < R; ++i)
+          for (int i = 0; i < R; ++i)
 #pragma unroll
-          for (int j = 0; j < R; ++j) acc[i][j] += a[i] * b[j];
-      }
-      __syncthreads();
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < R; ++i) {
-    const int64_t m = m0 + tr + 16 * i;
-#pragma unroll
-    for (int j = 0; j < R; ++j) {
-      const int64_t n = n0 + tc + 16 * j;
-      if (m < M && n < N) {
-        const acc_t y = acc[i][j] + (bias != nullptr ? static_cast<acc_t>(bias[n]) : acc_t(0));
-        out[m * N + n] = static_cast<scalar_t>(activate<acc_t>(y, act));
+            for (int j = 0; j < R; ++j) acc[i][j] += a[i] * b[j];
+        }
+        __syncthreads();
       }
     }
-  }
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const int64_t m = m0 + tr + 16 * i;
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        const int64_t n = n0 + tc + 16 * j;
+        if (m < M && n < N) {
+          const acc_t y = acc[i][j] + (bias != nullptr ? static_cast<acc_t>(bias[n]) : acc_t(0));
+          out[m * N + n] = static_cast<scalar_t>(activate<acc_t>(y, act));
+        }
+      }
+    }
+  });  // the k loop ended with a barrier: the next tile may overwrite the operand tiles
 }
 
 // ---- fp16 / bf16: tensor cores. Square tiles of T = 64 or 32; 4 warps in 2 x 2, each a (T/2)^2 block
@@ -136,7 +140,7 @@ template <typename scalar_t, int T>
 __global__ void __launch_bounds__(kTcThreads)
     fusion_head_wmma_kernel(const __grid_constant__ FusionInputs in, const scalar_t* __restrict__ w, int64_t ldw,
                             const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t M, int64_t N,
-                            Activation act) {
+                            int64_t m_tiles, int64_t n_tiles, Activation act) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   // bf16 WMMA needs sm_80; the host never launches this below sm_80 (it uses the SIMT kernel).
   if constexpr (WmmaType<scalar_t>::min_arch > 700) {
@@ -155,72 +159,70 @@ __global__ void __launch_bounds__(kTcThreads)
     const int tid = threadIdx.x, warp = tid / 32;
     const int wm = warp / 2, wn = warp % 2;
     const int lk = tid % kTcBK, lr = tid / kTcBK;  // loads: column lk of rows lr + 4 e
-    const int64_t m0 = static_cast<int64_t>(blockIdx.y) * T, n0 = static_cast<int64_t>(blockIdx.x) * T;
+    plan::for_each_tile(blockIdx.x, gridDim.x, m_tiles, n_tiles, [&](int64_t m_tile, int64_t n_tile) {
+      const int64_t m0 = m_tile * T, n0 = n_tile * T;
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[F][F];
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[F][F];
 #pragma unroll
-    for (int i = 0; i < F; ++i)
+      for (int i = 0; i < F; ++i)
 #pragma unroll
-      for (int j = 0; j < F; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+        for (int j = 0; j < F; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
-    for (int input = 0; input < in.count; ++input) {
-      const scalar_t* h = static_cast<const scalar_t*>(in.ptr[input]);
-      const int64_t rs = in.row_stride[input], cs = in.col_stride[input], width = in.width[input];
-      const scalar_t* wj = w + in.offset[input];
-      const int64_t h_step = kTcRowStep * rs, w_step = kTcRowStep * ldw;
-      for (int64_t k0 = 0; k0 < width; k0 += kTcBK) {
-        const bool k_in = k0 + lk < width;
-        const scalar_t* hp = h + (m0 + lr) * rs + (k0 + lk) * cs;
-        const scalar_t* wp = wj + (n0 + lr) * ldw + k0 + lk;
-        // Partly unrolled, pointers stepped: fully unrolled, the 32 hoisted 64-bit offsets spill.
+      for (int input = 0; input < in.count; ++input) {
+        const scalar_t* h = static_cast<const scalar_t*>(in.ptr[input]);
+        const int64_t rs = in.row_stride[input], cs = in.col_stride[input], width = in.width[input];
+        const scalar_t* wj = w + in.offset[input];
+        const int64_t h_step = kTcRowStep * rs, w_step = kTcRowStep * ldw;
+        for (int64_t k0 = 0; k0 < width; k0 += kTcBK) {
+          const bool k_in = k0 + lk < width;
+          const scalar_t* hp = h + (m0 + lr) * rs + (k0 + lk) * cs;
+          const scalar_t* wp = wj + (n0 + lr) * ldw + k0 + lk;
+          // Partly unrolled, pointers stepped: fully unrolled, the 32 hoisted 64-bit offsets spill.
 #pragma unroll 4
-        for (int e = 0; e < T / kTcRowStep; ++e) {
-          const int rr = lr + e * kTcRowStep;
-          As[rr * kTcLds + lk] = k_in && m0 + rr < M ? *hp : scalar_t(0.0f);
-          Bs[rr * kTcLds + lk] = k_in && n0 + rr < N ? *wp : scalar_t(0.0f);
-          hp += h_step;
-          wp += w_step;
+          for (int e = 0; e < T / kTcRowStep; ++e) {
+            const int rr = lr + e * kTcRowStep;
+            As[rr * kTcLds + lk] = k_in && m0 + rr < M ? *hp : scalar_t(0.0f);
+            Bs[rr * kTcLds + lk] = k_in && n0 + rr < N ? *wp : scalar_t(0.0f);
+            hp += h_step;
+            wp += w_step;
+          }
+          __syncthreads();
+#pragma unroll
+          for (int ks = 0; ks < kTcBK; ks += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, mma_t, wmma::row_major> fa[F];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, mma_t, wmma::col_major> fb[F];
+#pragma unroll
+            for (int i = 0; i < F; ++i)
+              wmma::load_matrix_sync(fa[i], reinterpret_cast<const mma_t*>(As + (wm * (T / 2) + i * 16) * kTcLds + ks), kTcLds);
+#pragma unroll
+            for (int j = 0; j < F; ++j)
+              wmma::load_matrix_sync(fb[j], reinterpret_cast<const mma_t*>(Bs + (wn * (T / 2) + j * 16) * kTcLds + ks), kTcLds);
+#pragma unroll
+            for (int i = 0; i < F; ++i)
+#pragma unroll
+              for (int j = 0; j < F; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+          }
+          __syncthreads();
         }
-        __syncthreads();
+      }
 #pragma unroll
-        for (int ks = 0; ks < kTcBK; ks += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, mma_t, wmma::row_major> fa[F];
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, mma_t, wmma::col_major> fb[F];
+      for (int i = 0; i < F; ++i)
 #pragma unroll
-          for (int i = 0; i < F; ++i)
-            wmma::load_matrix_sync(fa[i], reinterpret_cast<const mma_t*>(As + (wm * (T / 2) + i * 16) * kTcLds + ks), kTcLds);
-#pragma unroll
-          for (int j = 0; j < F; ++j)
-            wmma::load_matrix_sync(fb[j], reinterpret_cast<const mma_t*>(Bs + (wn * (T / 2) + j * 16) * kTcLds + ks), kTcLds);
-#pragma unroll
-          for (int i = 0; i < F; ++i)
-#pragma unroll
-            for (int j = 0; j < F; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        for (int j = 0; j < F; ++j)
+          wmma::store_matrix_sync(Cs + (wm * (T / 2) + i * 16) * kLdc + wn * (T / 2) + j * 16, acc[i][j], kLdc,
+                                  wmma::mem_row_major);
+      __syncthreads();
+      for (int e = tid; e < T * T; e += kTcThreads) {
+        const int r = e / T, c = e % T;
+        const int64_t m = m0 + r, n = n0 + c;
+        if (m < M && n < N) {
+          const float y = Cs[r * kLdc + c] + (bias != nullptr ? static_cast<float>(bias[n]) : 0.0f);
+          out[m * N + n] = static_cast<scalar_t>(activate<float>(y, act));
         }
-        __syncthreads();
       }
-    }
-#pragma unroll
-    for (int i = 0; i < F; ++i)
-#pragma unroll
-      for (int j = 0; j < F; ++j)
-        wmma::store_matrix_sync(Cs + (wm * (T / 2) + i * 16) * kLdc + wn * (T / 2) + j * 16, acc[i][j], kLdc,
-                                wmma::mem_row_major);
-    __syncthreads();
-    for (int e = tid; e < T * T; e += kTcThreads) {
-      const int r = e / T, c = e % T;
-      const int64_t m = m0 + r, n = n0 + c;
-      if (m < M && n < N) {
-        const float y = Cs[r * kLdc + c] + (bias != nullptr ? static_cast<float>(bias[n]) : 0.0f);
-        out[m * N + n] = static_cast<scalar_t>(activate<float>(y, act));
-      }
-    }
+      __syncthreads();  // the epilogue's reads of Cs before the next tile's operand tiles overwrite it
+    });
   }
-}
-
-// 64 x 64 tiles unless they leave most SMs idle (small batches): then 32 x 32, four times the blocks.
-inline int pick_tile(int64_t B, int64_t Dz) {
-  return ceil_div(B, 64) * ceil_div(Dz, 64) < at::cuda::getCurrentDeviceProperties()->multiProcessorCount ? 32 : 64;
 }
 
 // A template, so that `if constexpr` drops the tensor-core launch for fp32 / fp64.
@@ -232,19 +234,20 @@ void launch_fusion_head(const FusionInputs& in, const at::Tensor& wc, const at::
   const scalar_t* w_ptr = wc.data_ptr<scalar_t>();
   const scalar_t* b_ptr = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
   scalar_t* o_ptr = out.data_ptr<scalar_t>();
-  const int tile = pick_tile(B, Dz);
-  const dim3 grid(static_cast<unsigned>(ceil_div(Dz, tile)), static_cast<unsigned>(ceil_div(B, tile)));
+  const plan::FusionHead p = plan::fusion_head(B, Dz, sm_count());
+  const unsigned grid = launch_grid(p.grid);
   if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
     const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
     if (prop->major * 100 + prop->minor * 10 >= WmmaType<scalar_t>::min_arch) {
-      auto kernel = tile == 32 ? fusion_head_wmma_kernel<scalar_t, 32> : fusion_head_wmma_kernel<scalar_t, 64>;
-      kernel<<<grid, kTcThreads, 0, stream>>>(in, w_ptr, in_features, b_ptr, o_ptr, B, Dz, act);
+      auto kernel = p.tile == 32 ? fusion_head_wmma_kernel<scalar_t, 32> : fusion_head_wmma_kernel<scalar_t, 64>;
+      kernel<<<grid, kTcThreads, 0, stream>>>(in, w_ptr, in_features, b_ptr, o_ptr, B, Dz, p.m_tiles, p.n_tiles, act);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
   }
-  auto kernel = tile == 32 ? fusion_head_simt_kernel<scalar_t, acc_t, 32> : fusion_head_simt_kernel<scalar_t, acc_t, 64>;
-  kernel<<<grid, kSimtThreads, 0, stream>>>(in, w_ptr, in_features, b_ptr, o_ptr, B, Dz, act);
+  auto kernel =
+      p.tile == 32 ? fusion_head_simt_kernel<scalar_t, acc_t, 32> : fusion_head_simt_kernel<scalar_t, acc_t, 64>;
+  kernel<<<grid, kSimtThreads, 0, stream>>>(in, w_ptr, in_features, b_ptr, o_ptr, B, Dz, p.m_tiles, p.n_tiles, act);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -273,7 +276,6 @@ at::Tensor fusion_head_cuda(at::TensorList hs_in, const at::Tensor& weight, cons
   in.count = static_cast<int>(hs.size());
   const at::Tensor wc = weight.contiguous();
   const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();
-  TORCH_CHECK(ceil_div(B, 32) <= 65535, "pf_kernels: fusion_head batch of ", B, " rows is too large for one launch");
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fusion_head_cuda", [&] {
     launch_fusion_head<scalar_t>(in, wc, bc, out, in_features, B, Dz, act);
@@ -284,7 +286,7 @@ at::Tensor fusion_head_cuda(at::TensorList hs_in, const at::Tensor& weight, cons
 // grad_pre = grad_out * act'(y) in the accumulation dtype; act' from the output, or from y where
 // given (gelu; tanh / sigmoid in 16-bit dtypes, whose rounded outputs lose act' near saturation).
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(plan::kElementwiseThreads)
     fusion_head_grad_pre_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ o,
                                 const acc_t* __restrict__ y, acc_t* __restrict__ dst, int64_t n, Activation act) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
@@ -317,10 +319,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward
     const at::Tensor y = from_y
                              ? (has_bias(bias) ? at::addmm(bias->to(acc), h, w.t()) : at::mm(h, w.t())).contiguous()
                              : at::Tensor();
-    const int64_t blocks = std::min<int64_t>(ceil_div(n, 256), target_blocks() * 4);
+    const int64_t blocks = plan::elementwise_grid(n, sm_count());
+    const auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusion_head_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      fusion_head_grad_pre_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+      fusion_head_grad_pre_kernel<scalar_t, acc_t><<<launch_grid(blocks), plan::kElementwiseThreads, 0, stream>>>(
           g.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), y.defined() ? y.data_ptr<acc_t>() : nullptr,
           grad_pre.data_ptr<acc_t>(), n, act);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

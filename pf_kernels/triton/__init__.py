@@ -2,6 +2,23 @@
 
 Importing this package raises ImportError when triton is missing, so the backend registry reports
 the reason. Each op is registered with torch.library in the namespace pf_kernels_triton.
+
+Environment variables (read when this package is imported):
+- TRITON_INTERPRET=1: run the kernels in Triton's interpreter on CPU tensors (the tests here).
+- PF_KERNELS_TRITON_AUTOTUNE=0: no autotuning; every kernel runs one fixed, safe config and
+  nothing is benchmarked (quick test runs on a GPU; see _common.Tuned.safe).
+- PF_KERNELS_TRITON_CONFIG=i: every kernel runs its config i (i modulo the kernel's number of
+  configs), without benchmarking. For i in range(_common.max_configs()) every config of every
+  kernel runs; tests do the same in-process with `_common.forced_config(i)`.
+- PF_KERNELS_TRITON_TF32=1: fp32 matmuls in tf32 (default: exact fp32 dots).
+Otherwise each kernel autotunes over its configs on its first call per size class (sizes bucketed
+by powers of two, _common.size_class): a new batch size in the same bucket reuses the choice.
+
+CUDA graphs: launches do no host synchronisation, so a captured call works once the same shapes
+(the same size classes) have run eagerly before: autotuning (which benchmarks, synchronising) and
+Triton's compilation happen on those warm-up calls, never on the captured one. With
+PF_KERNELS_TRITON_AUTOTUNE=0 or PF_KERNELS_TRITON_CONFIG set, one warm-up call per shape still
+compiles the kernels.
 """
 try:
     import triton  # noqa: F401

@@ -1,9 +1,28 @@
-"""Shared by the Triton ops: interpreter detection, autotune configs, dot precision, strides of
-position dims, and the torch.library registration of an op."""
+"""Shared by the Triton ops; every op file (and any new one) builds on these helpers:
+
+- `autotune(name, kernel, options, key)`: a kernel with its autotune configs (a `Tuned`);
+  `size_class(*sizes)` buckets sizes for its key, so new batch sizes or sequence lengths within a
+  power of two reuse the tuned config instead of benchmarking again.
+- `launch(tuned, grid, *args, **kwargs)`: the one way a launcher starts a kernel: checks the grid
+  against CUDA's limits, runs on the tensors' device, and wraps the kernel for torch.compile.
+- `pointer_slots(tensors, n)` / `scalar_slots(values, n, fill)`: fixed-size argument lists for
+  kernels that take up to n inputs; unused pointer slots get a dummy tensor of their own.
+- `define_op(name, impl, fake)`: registers a launcher as the op pf_kernels_triton::name.
+- `dot_precision(dtype)`, `act_code(activation)`, `positions(t)`.
+
+Knobs (environment variables, read at import):
+- PF_KERNELS_TRITON_AUTOTUNE=0: every kernel runs one fixed, safe config (its `safe` index)
+  without benchmarking.
+- PF_KERNELS_TRITON_CONFIG=i: every kernel runs its config i (modulo its number of configs);
+  `forced_config(i)` does the same within a `with` block (tests sweep every config that way).
+Under TRITON_INTERPRET=1 a kernel runs its safe config unless one is forced (the interpreter has no
+GPU to time configs with).
+"""
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -14,17 +33,175 @@ from ._activations import CODES
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # fp32 matmuls: exact ("ieee") unless tf32 is allowed explicitly.
 TF32_ENV = "PF_KERNELS_TRITON_TF32"
+AUTOTUNE_ENV = "PF_KERNELS_TRITON_AUTOTUNE"
+CONFIG_ENV = "PF_KERNELS_TRITON_CONFIG"
+AUTOTUNE = os.environ.get(AUTOTUNE_ENV, "1") != "0"
 NAMESPACE = "pf_kernels_triton"
 MAX_POS_DIMS = 3  # position dims the kernels index with strides; more are merged by reshape
+# CUDA's grid limits per axis. Launchers put every program count on axis 0.
+GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
+
+
+def _config_from_env() -> Optional[int]:
+    value = os.environ.get(CONFIG_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"{CONFIG_ENV} must be a config index (0, 1, ...), got {value!r}")
+    return int(value)
+
+
+_forced: Optional[int] = _config_from_env()
 
 
 def configs(options: Sequence[dict]) -> List[triton.Config]:
-    """Autotune configs. Under the interpreter only the first: autotuning there would need a GPU
-    driver to time with (and would be slow)."""
-    made = [triton.Config({k: v for k, v in o.items() if k not in ("num_warps", "num_stages")},
+    """triton.Config objects from dicts of meta-parameters plus num_warps / num_stages."""
+    return [triton.Config({k: v for k, v in o.items() if k not in ("num_warps", "num_stages")},
                           num_warps=o.get("num_warps", 4), num_stages=o.get("num_stages", 2))
             for o in options]
-    return made[:1] if INTERPRET else made
+
+
+class Tuned:
+    """A @triton.jit kernel with its autotune configs (dicts, as `configs` takes them).
+
+    `tuner()` is what a launch runs: a triton.autotune over every config, keyed on `key` (names of
+    kernel arguments: bucket sizes with `size_class`); or, when a config is forced or autotuning is
+    off, an autotuner over that one config, which never benchmarks. `safe` is the config used when
+    autotuning is off: the one that fits every input the launcher passes.
+    """
+
+    def __init__(self, name: str, kernel, options: Sequence[dict], key: Sequence[str], safe: int = 0):
+        self.name = name
+        self.kernel = kernel
+        self.options = [dict(o) for o in options]
+        self.configs = configs(options)
+        self.key = list(key)
+        self.safe = safe
+        self._tuners = {}
+
+    def index(self) -> Optional[int]:
+        """The config a launch runs now, or None for all of them (autotuned)."""
+        if _forced is not None:
+            return _forced % len(self.configs)
+        if INTERPRET or not AUTOTUNE:
+            return self.safe
+        return None
+
+    def tuner(self):
+        i = self.index()
+        tuner = self._tuners.get(i)
+        if tuner is None:
+            chosen = self.configs if i is None else [self.configs[i]]
+            tuner = self._tuners[i] = triton.autotune(chosen, key=self.key)(self.kernel)
+        return tuner
+
+    def __repr__(self):
+        return f"Tuned({self.name}, {len(self.configs)} configs)"
+
+
+TUNED: List[Tuned] = []  # every kernel of this backend, for tests and the AOT compile
+
+
+def autotune(name: str, kernel, options: Sequence[dict], key: Sequence[str], safe: int = 0) -> Tuned:
+    tuned = Tuned(name, kernel, options, key, safe)
+    TUNED.append(tuned)
+    return tuned
+
+
+def max_configs() -> int:
+    """The largest number of configs of any kernel: forcing 0..max_configs()-1 runs them all."""
+    return max(len(t.configs) for t in TUNED)
+
+
+@contextlib.contextmanager
+def forced_config(index: Optional[int]) -> Iterator[None]:
+    """Within the block, every kernel runs config `index` (modulo its count); None: as configured."""
+    global _forced
+    previous, _forced = _forced, index
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def _hint(n) -> int:
+    """n's value; for a symbolic size under torch.compile its example value (reading it adds no
+    guard, so the graph does not specialise on it)."""
+    if isinstance(n, int):
+        return n
+    hint = getattr(getattr(n, "node", None), "hint", None)
+    return int(hint) if isinstance(hint, int) else 0
+
+
+def size_class(*sizes) -> int:
+    """An autotune key: each size's bit length (its power-of-two bucket), 6 bits each. Sizes in
+    the same buckets share one tuned config."""
+    key = 0
+    for i, n in enumerate(sizes):
+        key |= min(_hint(n).bit_length(), 63) << (6 * i)
+    return key
+
+
+def check_grid(name: str, grid: Sequence) -> None:
+    """ValueError when a grid exceeds CUDA's limits (the launch would fail with 'invalid argument')."""
+    for axis, (n, limit) in enumerate(zip(grid, GRID_LIMITS)):
+        if isinstance(n, int):
+            if n > limit:
+                raise ValueError(f"{name}: the input needs {n} programs on grid axis {axis}, more than "
+                                 f"CUDA's limit of {limit}; split the input")
+        else:  # symbolic under torch.compile: checked when the graph runs
+            torch._check(n <= limit, lambda: f"{name}: too many programs on grid axis {axis}")
+
+
+def grids(tuner, grid) -> List[Tuple]:
+    """The grid of every config the tuner may launch."""
+    if not callable(grid):
+        return [tuple(grid)]
+    return [tuple(grid(dict(c.kwargs))) for c in tuner.configs]
+
+
+def device_guard(device: Optional[torch.device]):
+    """Runs a launch on `device` when another CUDA device is current (Triton launches on the current
+    device). A no-op where CUDA was never initialised (CPU, fake tensors on a machine without GPU)."""
+    if (device is not None and device.type == "cuda" and device.index is not None
+            and torch.cuda.is_initialized() and torch.cuda.current_device() != device.index):
+        return torch.cuda.device(device.index)
+    return contextlib.nullcontext()
+
+
+def launch(tuned: Tuned, grid, *args, **kwargs) -> None:
+    """Launches `tuned` on `grid` (a tuple, or a function of the config's meta-parameters) with
+    the kernel's arguments. Host work only: no synchronisation, so launches can be captured in a
+    CUDA graph once every shape has been run (autotuned) before."""
+    kernel = tuned.tuner()
+    for g in grids(kernel, grid):
+        check_grid(tuned.name, g)
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    _run(kernel, grid, args, kwargs, device)
+
+
+def _run(kernel, grid, args, kwargs, device) -> None:
+    # Interpreted kernels are called as they are: wrap_triton cannot take them (torch 2.11 fails on
+    # them), and the interpreter's ops are opaque custom_ops anyway (see define_op).
+    fn = kernel if INTERPRET else torch.library.wrap_triton(kernel)
+    with device_guard(device):
+        fn[grid](*args, **kwargs)
+
+
+def pointer_slots(tensors: Sequence[torch.Tensor], n: int, like: torch.Tensor) -> List[torch.Tensor]:
+    """tensors padded to n with one empty dummy tensor (never read or written by the kernel). Unused
+    slots must not alias a real tensor: torch.compile's analysis may count every slot a kernel can
+    store through as written, and functionalization then returns the copy of the last slot."""
+    tensors = list(tensors)
+    if len(tensors) > n:
+        raise ValueError(f"at most {n} tensors per launch, got {len(tensors)}")
+    if len(tensors) == n:
+        return tensors
+    return tensors + [like.new_empty((0,))] * (n - len(tensors))
+
+
+def scalar_slots(values: Sequence, n: int, fill) -> list:
+    return list(values) + [fill] * (n - len(values))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -37,41 +214,65 @@ def act_code(activation: str) -> int:
     return CODES[activation]
 
 
+def _merged_positions(t: torch.Tensor) -> List[Tuple[int, int]]:
+    """(size, stride) of t's position dims (all but the first and last), size-1 dims dropped and
+    neighbours merged where their strides allow it (as a view would)."""
+    merged: List[Tuple[int, int]] = []
+    for size, stride in zip(t.shape[1:-1], t.stride()[1:-1]):
+        if size == 1:
+            continue
+        if merged and merged[-1][1] == stride * size:
+            merged[-1] = (merged[-1][0] * size, stride)
+        else:
+            merged.append((size, stride))
+    return merged
+
+
 def positions(t: torch.Tensor) -> Tuple[torch.Tensor, List[int], List[int]]:
-    """t (B, *S, D) as (t', sizes, strides) with exactly MAX_POS_DIMS position dims (size-1 dims
-    padded in front). More position dims than that are merged by reshape (a copy only where the
-    strides do not allow a view)."""
-    S = list(t.shape[1:-1])
-    if len(S) > MAX_POS_DIMS:
+    """t (B, *S, D) as (t', sizes, strides) of exactly MAX_POS_DIMS position dims: S merged where
+    the strides allow (no copy), then padded with size-1 dims at the end, so that the kernels'
+    position_offsets divide nothing for the usual layouts (S1 = S2 = 1 specialise to constants).
+    More dims than that which cannot merge: the leading ones are merged by reshape (a copy only
+    where the strides do not allow a view)."""
+    merged = _merged_positions(t)
+    if len(merged) > MAX_POS_DIMS:
+        S = list(t.shape[1:-1])
         lead = S[: len(S) - MAX_POS_DIMS + 1]
         n = 1
         for s in lead:
             n *= s
         t = t.reshape(t.shape[0], n, *S[len(lead):], t.shape[-1])
-        S = list(t.shape[1:-1])
-    pad = MAX_POS_DIMS - len(S)
-    sizes = [1] * pad + S
-    strides = [0] * pad + [t.stride(i + 1) for i in range(len(S))]
-    return t, sizes, strides
+        merged = _merged_positions(t)
+    count = 1
+    for size, _ in merged:
+        count *= size
+    if count >= 2 ** 31:
+        raise ValueError(f"{count} positions per batch row (shape {tuple(t.shape)}); the Triton kernels "
+                         f"take fewer than 2^31")
+    pad = MAX_POS_DIMS - len(merged)
+    return t, [m[0] for m in merged] + [1] * pad, [m[1] for m in merged] + [0] * pad
 
 
-def define_op(name: str, impl: Callable, fake: Callable):
-    """Registers impl as the op pf_kernels_triton::name.
+def define_op(name: str, impl: Callable, fake: Callable, kernels: Sequence[Tuned] = ()):
+    """Registers impl as the op pf_kernels_triton::name; `kernels` are the Tuned kernels it launches.
 
-    On the GPU: torch.library.triton_op, so torch.compile sees the kernels (wrap_triton). Under the
-    interpreter triton_op cannot serve: its fake implementation is the launcher itself, and an
-    interpreted kernel reads the data of fake tensors. There the op is a torch.library.custom_op
-    (opaque to torch.compile, no graph break) with its own fake implementation.
+    On the GPU: torch.library.triton_op, so torch.compile sees the kernels (wrap_triton); its fake
+    implementation is impl itself run on fake tensors, so impl must read no tensor data (only
+    shapes, strides, dtypes). Under the interpreter triton_op cannot serve (an interpreted kernel
+    reads the data of fake tensors): there the op is a torch.library.custom_op (opaque to
+    torch.compile, no graph break) with `fake` as its fake implementation; fake must give the same
+    shapes, strides and dtypes as impl (tests/test_triton_graph.py checks both against each other).
     """
     qualname = f"{NAMESPACE}::{name}"
     if INTERPRET:
         op = torch.library.custom_op(qualname, impl, mutates_args=())
         op.register_fake(fake)
-    else:
-        op = torch.library.triton_op(qualname, impl, mutates_args=())
+        return op
+    op = torch.library.triton_op(qualname, impl, mutates_args=())
+    # torch finds an op's kernels by reading impl's source for wrap_triton(<name>) calls, which
+    # `launch` hides; AOTAutograd's cache hashes the kernels' source through this table, so that
+    # a changed kernel is never served from a stale cache.
+    table = getattr(getattr(torch._library, "triton", None), "triton_ops_to_kernels", None)
+    if isinstance(table, dict):
+        table[qualname] = [t.kernel for t in kernels]
     return op
-
-
-def launch(kernel):
-    """The kernel as the launchers call it: wrapped for tracing where that applies."""
-    return torch.library.wrap_triton(kernel)

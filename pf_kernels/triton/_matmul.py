@@ -1,9 +1,13 @@
-"""A small strided matmul C = A @ B (fp32 accumulate, tl.dot), for the weight-side gradients."""
+"""A strided matmul C = act(A @ B + bias) (fp32 accumulate, tl.dot), for the back-projection's
+context and the weight-side gradients."""
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, configs, dot_precision, launch
+from ._activations import act
+from ._common import INTERPRET, act_code, autotune, dot_precision, launch, size_class
 
 # Triton 3.9's interpreter multiplies bf16 operands as their raw uint16 bits in tl.dot; there we
 # upcast them to fp32 (exact products, fp32 accumulation as on the GPU). Compiled kernels never do.
@@ -13,8 +17,8 @@ MM_CONFIGS = [
     dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=2),
     dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=3),
 ]
-MM_CONFIGS_FP32 = [  # fp32 dots hold more in registers
-    dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=2),
+MM_CONFIGS_FP32 = [  # fp32 (FMA) dots hold their whole BK slice in registers per thread
+    dict(BM=32, BN=32, BK=16, num_warps=4, num_stages=2),
     dict(BM=64, BN=64, BK=16, num_warps=8, num_stages=3),
 ]
 
@@ -40,44 +44,54 @@ def dot_split(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbk, sbn, scm, scn,
-              PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
-    offs_n = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
+def mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, sam, sak, sbk, sbn, scm, scn, sbias, SIZE_CLASS,
+              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # one axis of programs (CUDA limits axes 1 and 2 to 65535): tile (pid // tiles_n, pid % tiles_n)
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BN)
+    offs_m = (pid // tiles_n).to(tl.int64) * BM + tl.arange(0, BM)
+    offs_n = (pid % tiles_n).to(tl.int64) * BN + tl.arange(0, BN)
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = tl.zeros([BM, BN], tl.float32)
     for k0 in range(0, K, BK):
-        offs_k = k0 + tl.arange(0, BK)
+        offs_k = (k0 + tl.arange(0, BK)).to(tl.int64)  # K * stride may pass 2^31 (K = batch)
         mask_k = offs_k < K
         a = tl.load(a_ptr + offs_m[:, None] * sam + offs_k[None, :] * sak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptr + offs_k[:, None] * sbk + offs_n[None, :] * sbn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = dot_split(a.to(tl.float32), b, acc, PREC)
-    tl.store(c_ptr + offs_m[:, None] * scm + offs_n[None, :] * scn, acc.to(c_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+        if a.dtype == b.dtype:
+            acc = dot(a, b, acc, PREC)
+        else:
+            acc = dot_split(a.to(tl.float32), b, acc, PREC)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n * sbias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + offs_m[:, None] * scm + offs_n[None, :] * scn,
+             act(acc, ACT).to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-mm_tuned = triton.autotune(configs(MM_CONFIGS), key=["M", "N", "K"])(mm_kernel)
-mm_tuned_fp32 = triton.autotune(configs(MM_CONFIGS_FP32), key=["M", "N", "K"])(mm_kernel)
+mm_tuned = autotune("mm", mm_kernel, MM_CONFIGS, key=["SIZE_CLASS"])
+mm_tuned_fp32 = autotune("mm_fp32", mm_kernel, MM_CONFIGS_FP32, key=["SIZE_CLASS"])
 
 
-def mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a (M, K) @ b (K, N) -> (M, N) in out_dtype; any strides; a may be fp32 while b is 16-bit."""
+def mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None,
+       activation: str = "none") -> torch.Tensor:
+    """act(a (M, K) @ b (K, N) + bias (N,)) -> (M, N) contiguous in out_dtype; any strides; a may be
+    fp32 while b is 16-bit (a gradient times an input)."""
     M, K = a.shape
     N = b.shape[1]
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
         return c
-    if K == 0:
-        return c.zero_()
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))
+        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
 
-    launch(mm_tuned_fp32 if b.dtype == torch.float32 else mm_tuned)[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                           c.stride(0), c.stride(1), PREC=dot_precision(b.dtype))
+    launch(mm_tuned_fp32 if b.dtype == torch.float32 else mm_tuned, grid,
+           a, b, c, bias if bias is not None else c.new_empty((0,)), M, N, K,
+           a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+           bias.stride(0) if bias is not None else 0, size_class(M, N, K),
+           HAS_BIAS=bias is not None, ACT=act_code(activation), PREC=dot_precision(b.dtype))
     return c

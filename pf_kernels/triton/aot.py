@@ -19,12 +19,13 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in maximum per block
 
 
 def _kernel_specs(dtype: str, tf32: bool = False):
-    """(name, jit kernel, configs, fp32 pointer args, unit-stride args, fixed constexprs, does
-    matrix work, the M extent of its dot for a config).
+    """(name, Tuned, fp32 pointer args, unit-stride args, fixed constexprs, does matrix work, the M
+    extent of its dot for a config) for every kernel launch variant of this dtype.
 
     Compiled as the JIT specialises for contiguous inputs: innermost strides equal to 1 become
-    constexprs, pointers are 16-byte aligned. The activation is gelu (the most code), K = 3 inputs,
-    3 modalities, Dz at refine_step's one-launch limit.
+    constexprs, pointers are 16-byte aligned. The activation is gelu (the most code); the head
+    kernels take MAX_K inputs and refine_step MAX_MODALITIES modalities with Dz = MAX_DZ: the
+    one-launch limits, where registers run out first.
     """
     bp = importlib.import_module("pf_kernels.triton.backproj_concat")
     fh = importlib.import_module("pf_kernels.triton.fusion_head")
@@ -32,26 +33,34 @@ def _kernel_specs(dtype: str, tf32: bool = False):
     mmm = importlib.import_module("pf_kernels.triton._matmul")
     prec = "ieee" if dtype == "float32" and not tf32 else "tf32"
     fp32 = dtype == "float32"  # the fp32 launchers use their own configs where they differ
-    hk = {f"sk{j}" for j in range(8)}
+
+    def by_dtype(tuned16, tuned32):
+        return tuned32 if fp32 else tuned16
+
+    K, NMOD = fh.MAX_K, rs.MAX_MODALITIES
+    hk = {f"sk{j}" for j in range(K)}
+    mm = by_dtype(mmm.mm_tuned, mmm.mm_tuned_fp32)
+    bm = lambda c: c["BM"]  # noqa: E731
     return [
-        ("backproj_fwd", bp.backproj_fwd_kernel, bp.FWD_CONFIGS, set(), {"sxd", "szk", "swk", "sb"},
-         dict(HAS_BIAS=True, ACT=2), False, None),
-        ("backproj_grad_pre", bp.backproj_grad_pre_kernel, bp.GRAD_PRE_CONFIGS, {"gp_ptr"},
-         {"sgd", "szk", "swk", "sb"}, dict(HAS_BIAS=True, ACT=2), False, None),
-        ("mm", mmm.mm_kernel, fp32 and mmm.MM_CONFIGS_FP32 or mmm.MM_CONFIGS, {"a_ptr"}, {"sak", "sbn", "scn"}, dict(PREC=prec), True,
-         lambda c: c["BM"]),
-        ("fusion_fwd", fh.fusion_fwd_kernel, fp32 and fh.FWD_CONFIGS_FP32 or fh.FWD_CONFIGS, {"pre_ptr"}, hk | {"swk", "sb", "son"},
-         dict(K=3, HAS_BIAS=True, ACT=2, SAVE_PRE=True, PREC=prec), True, lambda c: c["BM"]),
-        ("fusion_grad_h", fh.fusion_grad_h_kernel, fp32 and fh.GRAD_H_CONFIGS_FP32 or fh.GRAD_H_CONFIGS,
-         {"pre_ptr"}, {"sgn", "swk"},
-         dict(K=3, ACT=2, PREC=prec), True, lambda c: c["BM"]),
-        ("fusion_grad_w", fh.fusion_grad_w_kernel, fp32 and fh.GRAD_W_CONFIGS_FP32 or fh.GRAD_W_CONFIGS,
-         {"pre_ptr"}, hk | {"sgn"},
-         dict(K=3, HAS_BIAS=True, ACT=2, PREC=prec), True, lambda c: c["BN"]),
-        ("refine_step", rs.refine_step_kernel, fp32 and rs.STEP_CONFIGS_FP32 or rs.STEP_CONFIGS, {"pre_ptr"},
-         hk | {"shk", "shb"} | {f"{n}{j}" for n in ("sxd", "swk", "sb") for j in range(4)},
-         dict(K=3, NMOD=3, HAS_HEAD_BIAS=True, BIAS_MASK=0b101, HEAD_ACT=2, ACT=2, SAVE_PRE=True,
-              PREC=prec, BZ=rs.MAX_DZ), True, lambda c: c["BM"]),
+        ("backproj_fill", bp.backproj_fill, set(), {"sxd"}, {}, False, None),
+        ("backproj_reduce", bp.backproj_reduce, {"pre_ptr", "out_ptr"}, {"sgd"},
+         dict(ACT=2, FINISH=True), False, None),
+        # the weight-side gradients: an fp32 gradient times an input (grad_z = grad_pre @ W)
+        ("mm_grad", mm, {"a_ptr"}, {"sak", "sbn", "scn", "sbias"},
+         dict(HAS_BIAS=False, ACT=0, PREC=prec), True, bm),
+        # the back-projection's context: act(z @ W.T + b)
+        ("mm_context", mm, set(), {"sak", "sbk", "scn", "sbias"},
+         dict(HAS_BIAS=True, ACT=2, PREC=prec), True, bm),
+        ("fusion_fwd", by_dtype(fh.fusion_fwd, fh.fusion_fwd_fp32), {"pre_ptr"}, hk | {"swk", "sb", "son"},
+         dict(K=K, H_UNIT=True, HAS_BIAS=True, ACT=2, SAVE_PRE=True, PREC=prec), True, bm),
+        ("fusion_grad_h", by_dtype(fh.fusion_grad_h, fh.fusion_grad_h_fp32), {"pre_ptr"}, {"sgn", "swk"},
+         dict(K=K, ACT=2, PREC=prec), True, bm),
+        ("fusion_grad_w", by_dtype(fh.fusion_grad_w, fh.fusion_grad_w_fp32), {"pre_ptr"}, hk | {"sgn"},
+         dict(K=K, H_UNIT=True, HAS_BIAS=True, ACT=2, PREC=prec), True, lambda c: c["BN"]),
+        ("refine_step", by_dtype(rs.refine_step_tuned, rs.refine_step_tuned_fp32), {"pre_ptr"},
+         hk | {"shk", "shb"} | {f"{n}{j}" for n in ("sxd", "swk", "sb") for j in range(NMOD)},
+         dict(K=K, H_UNIT=True, NMOD=NMOD, HAS_HEAD_BIAS=True, BIAS_MASK=0b0101, HEAD_ACT=2, ACT=2, SAVE_PRE=True,
+              PREC=prec, BZ=rs.MAX_DZ), True, bm),
     ]
 
 
@@ -74,10 +83,11 @@ def compile_all(arch: int, dtype: str, only=None, tf32: bool = False):
     target = GPUTarget("cuda", arch, 32)
     ty = DTYPE_NAMES[dtype]
     records = []
-    for name, kernel, cfgs, fp32_ptrs, unit, fixed, matrix, dot_m in _kernel_specs(dtype, tf32):
+    for name, tuned, fp32_ptrs, unit, fixed, matrix, dot_m in _kernel_specs(dtype, tf32):
         if only and name not in only:
             continue
-        for index, cfg in enumerate(cfgs):
+        kernel = tuned.kernel
+        for index, cfg in enumerate(tuned.options):
             meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
             constexprs = {**fixed, **meta, **{n: 1 for n in unit}}
             signature, attrs = {}, {}

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from ._activations import act, act_grad
-from ._common import act_code, configs, define_op, dot_precision, launch
+from ._common import (act_code, autotune, define_op, dot_precision, launch, pointer_slots, scalar_slots,
+                      size_class)
 from ._matmul import dot, dot_split
 
 MAX_K = 8
@@ -24,25 +25,26 @@ FWD_CONFIGS = [
     dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=3),
 ]
 GRAD_H_CONFIGS = [  # tiles of (batch rows, input features), reduction over Dz
-    dict(BM=64, BN=32, BK=64, num_warps=4, num_stages=2),
-    dict(BM=128, BN=32, BK=64, num_warps=8, num_stages=3),
+    dict(BM=64, BN=32, BK=32, num_warps=4, num_stages=2),
+    dict(BM=128, BN=32, BK=32, num_warps=8, num_stages=3),
 ]
 GRAD_W_CONFIGS = [  # tiles of (Dz, input features), reduction over the batch
-    dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=2),
+    dict(BM=32, BN=64, BK=32, num_warps=4, num_stages=2),
     dict(BM=32, BN=128, BK=32, num_warps=8, num_stages=3),
 ]
-# fp32 dots (FMA, or tf32) hold more in registers than 16-bit tensor-core dots: smaller tiles.
+# fp32 dots (FMA unless tf32 is allowed) hold their whole reduction slice (BK in the forward, BN in
+# grad_h, BM in grad_w) in registers per thread: small reduction tiles.
 FWD_CONFIGS_FP32 = [
-    dict(BM=32, BN=32, BK=32, num_warps=4, num_stages=2),
+    dict(BM=32, BN=32, BK=16, num_warps=4, num_stages=2),
     dict(BM=64, BN=64, BK=16, num_warps=8, num_stages=3),
 ]
 GRAD_H_CONFIGS_FP32 = [
-    dict(BM=32, BN=32, BK=16, num_warps=4, num_stages=2),
-    dict(BM=64, BN=32, BK=64, num_warps=8, num_stages=3),
+    dict(BM=32, BN=16, BK=32, num_warps=4, num_stages=2),
+    dict(BM=64, BN=16, BK=64, num_warps=8, num_stages=3),
 ]
 GRAD_W_CONFIGS_FP32 = [
-    dict(BM=32, BN=32, BK=32, num_warps=4, num_stages=2),
-    dict(BM=32, BN=128, BK=32, num_warps=8, num_stages=3),
+    dict(BM=16, BN=32, BK=32, num_warps=4, num_stages=2),
+    dict(BM=16, BN=64, BK=64, num_warps=8, num_stages=3),
 ]
 
 
@@ -69,44 +71,92 @@ def pick(J: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
 
 
 @triton.jit
+def col_tiles(D0, D1, D2, D3, D4, D5, D6, D7, K: tl.constexpr, BK: tl.constexpr):
+    """The number of BK-wide column tiles over the K inputs (each input's columns tiled apart)."""
+    tiles = 0
+    for j in tl.static_range(K):
+        tiles += tl.cdiv(pick(j, D0, D1, D2, D3, D4, D5, D6, D7), BK)
+    return tiles
+
+
+@triton.jit
+def tile_columns(t, D0, D1, D2, D3, D4, D5, D6, D7, K: tl.constexpr, BK: tl.constexpr):
+    """Column tile t, counting every input's BK-wide tiles in turn: (its input j, that input's
+    width, its first column in the concatenation, the tile's first column within it). Integers
+    only: torch's analysis of what a kernel writes counts every argument of a call that a store's
+    address depends on as written."""
+    j = 0
+    D = D0
+    col = 0
+    k0 = 0
+    first = 0
+    start = 0
+    for i in tl.static_range(K):
+        Di = pick(i, D0, D1, D2, D3, D4, D5, D6, D7)
+        tiles = tl.cdiv(Di, BK)
+        hit = (t >= first) & (t < first + tiles)
+        j = tl.where(hit, i, j)
+        D = tl.where(hit, Di, D)
+        col = tl.where(hit, start, col)
+        k0 = tl.where(hit, (t - first) * BK, k0)
+        first += tiles
+        start += Di
+    return j, D, col, k0
+
+
+@triton.jit
+def select(j, a0, a1, a2, a3, a4, a5, a6, a7, K: tl.constexpr):
+    """The j-th of a0..a7 for a run-time j < K (scalar selects: the kernels keep one copy of their
+    loop body, not K)."""
+    r = a0
+    for i in tl.static_range(1, K):
+        r = tl.where(j == i, pick(i, a0, a1, a2, a3, a4, a5, a6, a7), r)
+    return r
+
+
+@triton.jit
 def head_tile(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
               sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
-              w_ptr, swn, swk, offs_m, mask_m, offs_n, mask_n,
-              K: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """[h_0..h_{K-1}] @ W.T on one (rows, outputs) tile in fp32, each input read from its own pointer."""
+              w_ptr, swn, swk, offs_m, mask_m, offs_n, mask_n, K: tl.constexpr, H_UNIT: tl.constexpr,
+              PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """[h_0..h_{K-1}] @ W.T on one (rows, outputs) tile in fp32: one loop over the column tiles of
+    every input, each read through its own pointer. H_UNIT: every input's feature stride is 1."""
     acc = tl.zeros([BM, BN], tl.float32)
-    col = 0  # first column of input j in W
-    for j in tl.static_range(K):
-        hp = pick(j, h0, h1, h2, h3, h4, h5, h6, h7)
-        D = pick(j, D0, D1, D2, D3, D4, D5, D6, D7)
-        sm = pick(j, sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7)
-        sk = pick(j, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7)
-        for k0 in range(0, D, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            mask_k = offs_k < D
-            a = tl.load(hp + offs_m[:, None] * sm + offs_k[None, :] * sk,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            wt = tl.load(w_ptr + offs_n[None, :] * swn + (col + offs_k)[:, None] * swk,
-                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = dot(a, wt, acc, PREC)
-        col += D
+    tiles = col_tiles(D0, D1, D2, D3, D4, D5, D6, D7, K, BK)
+    for t in range(0, tiles):
+        j, D, col, k0 = tile_columns(t, D0, D1, D2, D3, D4, D5, D6, D7, K, BK)
+        hp = select(j, h0, h1, h2, h3, h4, h5, h6, h7, K)
+        sm = select(j, sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, K)
+        offs_k = (k0 + tl.arange(0, BK)).to(tl.int64)  # feature strides may be large
+        mask_k = offs_k < D
+        if H_UNIT:
+            a_ptrs = hp + offs_m[:, None] * sm + offs_k[None, :]
+        else:
+            a_ptrs = hp + offs_m[:, None] * sm + offs_k[None, :] * select(j, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7, K)
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        wt = tl.load(w_ptr + offs_n[None, :] * swn + (col + offs_k)[:, None] * swk,
+                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = dot(a, wt, acc, PREC)
     return acc
 
 
 @triton.jit
 def fusion_fwd_kernel(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
                       sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
-                      w_ptr, b_ptr, out_ptr, pre_ptr, M, N, swn, swk, sb, som, son,
-                      K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                      w_ptr, b_ptr, out_ptr, pre_ptr, M, N, swn, swk, sb, som, son, SIZE_CLASS,
+                      K: tl.constexpr, H_UNIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                       SAVE_PRE: tl.constexpr, PREC: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    offs_m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    offs_n = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
+    # one axis of programs (CUDA limits axes 1 and 2 to 65535): tile (pid // tiles_n, pid % tiles_n)
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BN)
+    offs_m = (pid // tiles_n).to(tl.int64) * BM + tl.arange(0, BM)
+    offs_n = (pid % tiles_n).to(tl.int64) * BN + tl.arange(0, BN)
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = head_tile(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
                     sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
-                    w_ptr, swn, swk, offs_m, mask_m, offs_n, mask_n, K, PREC, BM, BN, BK)
+                    w_ptr, swn, swk, offs_m, mask_m, offs_n, mask_n, K, H_UNIT, PREC, BM, BN, BK)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n * sb, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -129,92 +179,89 @@ def grad_pre_tile(g_ptr, pre_ptr, offs_m, offs_n, mask, sgm, sgn, N, ACT: tl.con
 
 @triton.jit
 def fusion_grad_h_kernel(g0, g1, g2, g3, g4, g5, g6, g7, D0, D1, D2, D3, D4, D5, D6, D7,
-                         go_ptr, pre_ptr, w_ptr, M, N, sgm, sgn, swn, swk,
+                         go_ptr, pre_ptr, w_ptr, M, N, sgm, sgn, swn, swk, SIZE_CLASS,
                          K: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # axis 1 enumerates the column tiles of every input in turn: tile t belongs to one input j.
-    offs_m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    # program (row tile, column tile t) on one axis; column tile t belongs to one input, whose own
+    # gradient (contiguous, D wide) it writes.
+    pid = tl.program_id(0)
+    tiles = col_tiles(D0, D1, D2, D3, D4, D5, D6, D7, K, BK)
+    offs_m = (pid // tiles).to(tl.int64) * BM + tl.arange(0, BM)
     mask_m = offs_m < M
-    t = tl.program_id(1)
-    first = 0
-    col = 0
-    for j in tl.static_range(K):
-        D = pick(j, D0, D1, D2, D3, D4, D5, D6, D7)
-        tiles = tl.cdiv(D, BK)
-        if (t >= first) & (t < first + tiles):
-            gp = pick(j, g0, g1, g2, g3, g4, g5, g6, g7)
-            offs_k = (t - first) * BK + tl.arange(0, BK)
-            mask_k = offs_k < D
-            acc = tl.zeros([BM, BK], tl.float32)
-            for n0 in range(0, N, BN):
-                offs_n = n0 + tl.arange(0, BN)
-                mask_n = offs_n < N
-                g = grad_pre_tile(go_ptr, pre_ptr, offs_m, offs_n, mask_m[:, None] & mask_n[None, :],
-                                  sgm, sgn, N, ACT)
-                wt = tl.load(w_ptr + offs_n[:, None] * swn + (col + offs_k)[None, :] * swk,
-                             mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-                acc = dot_split(g, wt, acc, PREC)
-            tl.store(gp + offs_m[:, None] * D + offs_k[None, :], acc.to(gp.dtype.element_ty),
-                     mask=mask_m[:, None] & mask_k[None, :])
-        first += tiles
-        col += D
+    j, D, col, k0 = tile_columns(pid % tiles, D0, D1, D2, D3, D4, D5, D6, D7, K, BK)
+    gp = select(j, g0, g1, g2, g3, g4, g5, g6, g7, K)
+    offs_k = (k0 + tl.arange(0, BK)).to(tl.int64)
+    mask_k = offs_k < D
+    acc = tl.zeros([BM, BK], tl.float32)
+    for n0 in range(0, N, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        mask_n = offs_n < N
+        g = grad_pre_tile(go_ptr, pre_ptr, offs_m, offs_n, mask_m[:, None] & mask_n[None, :],
+                          sgm, sgn, N, ACT)
+        wt = tl.load(w_ptr + offs_n[:, None] * swn + (col + offs_k)[None, :] * swk,
+                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = dot_split(g, wt, acc, PREC)
+    tl.store(gp + offs_m[:, None] * D + offs_k[None, :], acc.to(gp.dtype.element_ty),
+             mask=mask_m[:, None] & mask_k[None, :])
 
 
 @triton.jit
 def fusion_grad_w_kernel(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
                          sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
-                         go_ptr, pre_ptr, gw_ptr, gb_ptr, M, N, sgm, sgn,
-                         K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                         go_ptr, pre_ptr, gw_ptr, gb_ptr, M, N, sgm, sgn, SIZE_CLASS,
+                         K: tl.constexpr, H_UNIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                          PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # Program (n-tile, t): grad_W[n-tile, columns of tile t] = grad_pre[:, n-tile].T @ h_j[:, tile];
-    # the programs of tile 0 also write grad_bias[n-tile] = grad_pre[:, n-tile].sum(0).
-    offs_n = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
+    # Program (n-tile, t) on one axis: grad_W[n-tile, columns of tile t] = grad_pre[:, n-tile].T @
+    # h_j[:, tile]; the programs of tile 0 also write grad_bias[n-tile] = grad_pre[:, n-tile].sum(0).
+    # With no input columns at all the grid has one program per n-tile, for grad_bias alone.
+    pid = tl.program_id(0)
+    tiles = col_tiles(D0, D1, D2, D3, D4, D5, D6, D7, K, BK)
+    offs_n = (pid // tl.maximum(tiles, 1)).to(tl.int64) * BN + tl.arange(0, BN)
     mask_n = offs_n < N
-    t = tl.program_id(1)
+    t = pid % tl.maximum(tiles, 1)
     Dsum = D0 + D1 + D2 + D3 + D4 + D5 + D6 + D7  # unused slots are passed as 0
-    first = 0
-    col = 0
-    for j in tl.static_range(K):
-        D = pick(j, D0, D1, D2, D3, D4, D5, D6, D7)
-        tiles = tl.cdiv(D, BK)
-        if (t >= first) & (t < first + tiles):
-            hp = pick(j, h0, h1, h2, h3, h4, h5, h6, h7)
-            sm = pick(j, sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7)
-            sk = pick(j, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7)
-            offs_k = (t - first) * BK + tl.arange(0, BK)
-            mask_k = offs_k < D
-            acc = tl.zeros([BN, BK], tl.float32)
-            bacc = tl.zeros([BN], tl.float32)
-            for m0 in range(0, M, BM):
-                offs_m = (m0 + tl.arange(0, BM)).to(tl.int64)
-                mask_m = offs_m < M
-                g = grad_pre_tile(go_ptr, pre_ptr, offs_m, offs_n, mask_m[:, None] & mask_n[None, :],
-                                  sgm, sgn, N, ACT)
-                a = tl.load(hp + offs_m[:, None] * sm + offs_k[None, :] * sk,
-                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                acc = dot_split(tl.trans(g), a, acc, PREC)
-                if HAS_BIAS:
-                    bacc += tl.sum(g, axis=0)
-            tl.store(gw_ptr + offs_n[:, None] * Dsum + (col + offs_k)[None, :],
-                     acc.to(gw_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
-            if HAS_BIAS:
-                if t == 0:
-                    tl.store(gb_ptr + offs_n, bacc.to(gb_ptr.dtype.element_ty), mask=mask_n)
-        first += tiles
-        col += D
+    j, D, col, k0 = tile_columns(t, D0, D1, D2, D3, D4, D5, D6, D7, K, BK)
+    hp = select(j, h0, h1, h2, h3, h4, h5, h6, h7, K)
+    sm = select(j, sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, K)
+    offs_k = (k0 + tl.arange(0, BK)).to(tl.int64)
+    mask_k = offs_k < D
+    acc = tl.zeros([BN, BK], tl.float32)
+    bacc = tl.zeros([BN], tl.float32)
+    for m0 in range(0, M, BM):
+        offs_m = (m0 + tl.arange(0, BM)).to(tl.int64)
+        mask_m = offs_m < M
+        g = grad_pre_tile(go_ptr, pre_ptr, offs_m, offs_n, mask_m[:, None] & mask_n[None, :],
+                          sgm, sgn, N, ACT)
+        if H_UNIT:
+            a_ptrs = hp + offs_m[:, None] * sm + offs_k[None, :]
+        else:
+            a_ptrs = hp + offs_m[:, None] * sm + offs_k[None, :] * select(j, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7, K)
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        acc = dot_split(tl.trans(g), a, acc, PREC)
+        if HAS_BIAS:
+            bacc += tl.sum(g, axis=0)
+    tl.store(gw_ptr + offs_n[:, None] * Dsum + (col + offs_k)[None, :],
+             acc.to(gw_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+    if HAS_BIAS:
+        if t == 0:
+            tl.store(gb_ptr + offs_n, bacc.to(gb_ptr.dtype.element_ty), mask=mask_n)
 
 
-fusion_fwd = triton.autotune(configs(FWD_CONFIGS), key=["M", "N", "K"])(fusion_fwd_kernel)
-fusion_fwd_fp32 = triton.autotune(configs(FWD_CONFIGS_FP32), key=["M", "N", "K"])(fusion_fwd_kernel)
 # One autotuner per dtype class, each over its own configs (the launcher picks by dtype).
-fusion_grad_h = triton.autotune(configs(GRAD_H_CONFIGS), key=["M", "N", "K"])(fusion_grad_h_kernel)
-fusion_grad_w = triton.autotune(configs(GRAD_W_CONFIGS), key=["M", "N", "K"])(fusion_grad_w_kernel)
-fusion_grad_h_fp32 = triton.autotune(configs(GRAD_H_CONFIGS_FP32), key=["M", "N", "K"])(fusion_grad_h_kernel)
-fusion_grad_w_fp32 = triton.autotune(configs(GRAD_W_CONFIGS_FP32), key=["M", "N", "K"])(fusion_grad_w_kernel)
+fusion_fwd = autotune("fusion_fwd", fusion_fwd_kernel, FWD_CONFIGS, key=["SIZE_CLASS"])
+fusion_fwd_fp32 = autotune("fusion_fwd_fp32", fusion_fwd_kernel, FWD_CONFIGS_FP32, key=["SIZE_CLASS"])
+fusion_grad_h = autotune("fusion_grad_h", fusion_grad_h_kernel, GRAD_H_CONFIGS, key=["SIZE_CLASS"])
+fusion_grad_h_fp32 = autotune("fusion_grad_h_fp32", fusion_grad_h_kernel, GRAD_H_CONFIGS_FP32,
+                              key=["SIZE_CLASS"])
+fusion_grad_w = autotune("fusion_grad_w", fusion_grad_w_kernel, GRAD_W_CONFIGS, key=["SIZE_CLASS"])
+fusion_grad_w_fp32 = autotune("fusion_grad_w_fp32", fusion_grad_w_kernel, GRAD_W_CONFIGS_FP32,
+                              key=["SIZE_CLASS"])
 
 
-def _slots(values, fill):
-    return list(values) + [fill] * (MAX_K - len(values))
+def unit_feature_strides(hs: List[torch.Tensor]) -> bool:
+    """Every input's features are contiguous (the kernels then index them without a multiply, and
+    Triton can vectorise the loads)."""
+    return all(h.stride(1) == 1 or h.shape[1] <= 1 for h in hs)
 
 
 def launch_forward(hs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -222,22 +269,25 @@ def launch_forward(hs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[
     """Writes fusion_head(hs, ...) into out (any strides) and its fp32 pre-activation into pre
     (contiguous) when given. At most MAX_K inputs."""
     M, N = out.shape
-    if M == 0:
+    if M == 0 or N == 0:
         return
     K = len(hs)
     dims = [h.shape[1] for h in hs]
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))
+        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
 
-    launch(fusion_fwd_fp32 if out.dtype == torch.float32 else fusion_fwd)[grid](
-        *_slots(hs, hs[0]), *_slots(dims, 0), *_slots([h.stride(0) for h in hs], 0),
-        *_slots([h.stride(1) for h in hs], 0),
-        weight, bias if bias is not None else weight, out, pre if pre is not None else out,
-        M, N, weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
-        out.stride(0), out.stride(1),
-        K=K, HAS_BIAS=bias is not None, ACT=act_code(activation), SAVE_PRE=pre is not None,
-        PREC=dot_precision(out.dtype))
+    launch(fusion_fwd_fp32 if out.dtype == torch.float32 else fusion_fwd, grid,
+           *pointer_slots(hs, MAX_K, hs[0]), *scalar_slots(dims, MAX_K, 0),
+           *scalar_slots([h.stride(0) for h in hs], MAX_K, 0),
+           *scalar_slots([h.stride(1) for h in hs], MAX_K, 0),
+           weight, bias if bias is not None else weight.new_empty((0,)), out,
+           pre if pre is not None else out.new_empty((0,), dtype=torch.float32),
+           M, N, weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
+           out.stride(0), out.stride(1), size_class(M, N, sum(dims)),
+           K=K, H_UNIT=unit_feature_strides(hs), HAS_BIAS=bias is not None, ACT=act_code(activation),
+           SAVE_PRE=pre is not None,
+           PREC=dot_precision(out.dtype))
 
 
 def _forward(hs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -261,47 +311,55 @@ def _forward_fake(hs, weight, bias, activation, save_pre):
 
 def backward(grad_out: torch.Tensor, hs: List[torch.Tensor], weight: torch.Tensor,
              pre: torch.Tensor, has_bias: bool, activation: str) -> List[torch.Tensor]:
-    """[grad_h_1..grad_h_K, grad_weight, grad_bias (empty without bias)]; pre as _forward saved."""
+    """[grad_h_1..grad_h_K, grad_weight, grad_bias (empty without bias)]; pre as _forward saved.
+    All contiguous."""
     dims = [h.shape[1] for h in hs]
     if len(hs) > MAX_K:
         grads = backward(grad_out, [torch.cat(hs, dim=1)], weight, pre, has_bias, activation)
-        return [*(g.contiguous() for g in torch.split(grads[0], dims, dim=1)), grads[1], grads[2]]
+        # clones, not .contiguous(): a piece that is contiguous already (B <= 1, zero width) would be
+        # a view, and a custom op's outputs must not alias each other
+        return [*(g.clone(memory_format=torch.contiguous_format) for g in torch.split(grads[0], dims, dim=1)),
+                grads[1], grads[2]]
     M, N, K = grad_out.shape[0], grad_out.shape[1], len(hs)
     dev, dtype = grad_out.device, hs[0].dtype
     grad_hs = [torch.empty((M, d), dtype=dtype, device=dev) for d in dims]
-    grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    grad_w = torch.empty((N, sum(dims)), dtype=dtype, device=dev)
     grad_b = torch.empty((N,) if has_bias else (0,), dtype=dtype, device=dev)
     act_id = act_code(activation)
-    pre = pre if act_id != 0 else grad_out  # never read for "none"
+    pre = pre if act_id != 0 else grad_out.new_empty((0,), dtype=torch.float32)  # never read
     prec = dot_precision(dtype)
-    if M > 0:
+    key = size_class(M, N, sum(dims))
+    if M > 0 and sum(dims) > 0:
         def grid_h(meta):
-            return (triton.cdiv(M, meta["BM"]), sum(triton.cdiv(d, meta["BK"]) for d in dims))
+            return (triton.cdiv(M, meta["BM"]) * sum(triton.cdiv(d, meta["BK"]) for d in dims),)
 
-        launch(fusion_grad_h_fp32 if dtype == torch.float32 else fusion_grad_h)[grid_h](
-            *_slots(grad_hs, grad_hs[0]), *_slots(dims, 0), grad_out, pre, weight, M, N,
-            grad_out.stride(0), grad_out.stride(1), weight.stride(0), weight.stride(1),
-            K=K, ACT=act_id, PREC=prec)
+        launch(fusion_grad_h_fp32 if dtype == torch.float32 else fusion_grad_h, grid_h,
+               *pointer_slots(grad_hs, MAX_K, grad_hs[0]), *scalar_slots(dims, MAX_K, 0),
+               grad_out, pre, weight, M, N, grad_out.stride(0), grad_out.stride(1),
+               weight.stride(0), weight.stride(1), key, K=K, ACT=act_id, PREC=prec)
+    if N > 0:
+        def grid_w(meta):
+            return (triton.cdiv(N, meta["BN"]) * torch.sym_max(1, sum(triton.cdiv(d, meta["BK"]) for d in dims)),)
 
-    def grid_w(meta):
-        return (triton.cdiv(N, meta["BN"]), sum(triton.cdiv(d, meta["BK"]) for d in dims))
-
-    launch(fusion_grad_w_fp32 if dtype == torch.float32 else fusion_grad_w)[grid_w](
-        *_slots(hs, hs[0]), *_slots(dims, 0), *_slots([h.stride(0) for h in hs], 0),
-        *_slots([h.stride(1) for h in hs], 0), grad_out, pre, grad_w,
-        grad_b if has_bias else grad_w, M, N, grad_out.stride(0), grad_out.stride(1),
-        K=K, HAS_BIAS=has_bias, ACT=act_id, PREC=prec)
+        launch(fusion_grad_w_fp32 if dtype == torch.float32 else fusion_grad_w, grid_w,
+               *pointer_slots(hs, MAX_K, hs[0]), *scalar_slots(dims, MAX_K, 0),
+               *scalar_slots([h.stride(0) for h in hs], MAX_K, 0),
+               *scalar_slots([h.stride(1) for h in hs], MAX_K, 0), grad_out, pre, grad_w,
+               grad_b if has_bias else grad_w.new_empty((0,)), M, N, grad_out.stride(0),
+               grad_out.stride(1), key, K=K, H_UNIT=unit_feature_strides(hs), HAS_BIAS=has_bias, ACT=act_id,
+               PREC=prec)
     return [*grad_hs, grad_w, grad_b]
 
 
 def _backward_fake(grad_out, hs, weight, pre, has_bias, activation):
     M, N = grad_out.shape
-    return [*[h.new_empty((M, h.shape[1])) for h in hs], torch.empty_like(weight),
+    return [*[h.new_empty((M, h.shape[1])) for h in hs], weight.new_empty((N, weight.shape[1])),
             weight.new_empty((N,) if has_bias else (0,))]
 
 
-fusion_head_op = define_op("fusion_head", _forward, _forward_fake)
-fusion_head_backward_op = define_op("fusion_head_backward", backward, _backward_fake)
+fusion_head_op = define_op("fusion_head", _forward, _forward_fake, [fusion_fwd, fusion_fwd_fp32])
+fusion_head_backward_op = define_op("fusion_head_backward", backward, _backward_fake,
+                                    [fusion_grad_h, fusion_grad_h_fp32, fusion_grad_w, fusion_grad_w_fp32])
 
 
 def _setup_context(ctx, inputs, output):

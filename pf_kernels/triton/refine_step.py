@@ -2,14 +2,16 @@
 launch.
 
 Program (batch-row block, split s) computes its rows of z = act_h(sum_j h_j @ W_h[:, cols_j].T + b_h)
-in registers (all of Dz at once), rounds z to the input dtype as the op returns it, then for every
-modality j computes ctx_j = act(z @ W_j.T + b_j) block by block (tl.dot) and writes it with x_j into
-x~_j for its share of the positions (split s takes every nsplit-th position block, so small batches
-still fill the GPU; each split recomputes its rows of z, which is cheap next to the copies).
+in registers (all of Dz at once), rounds z to the input dtype as the op returns it and stores it;
+then, reading those rows back in BK-wide chunks, for every modality j it computes
+ctx_j = act(z @ W_j.T + b_j) block by block (tl.dot) and writes it with x_j into x~_j for its share
+of the positions (split s takes every nsplit-th position block, so small batches still fill the GPU;
+each split recomputes its rows of z, which is cheap next to the copies).
 Outside the single-launch limits (Dz > MAX_DZ, more than MAX_K head inputs or MAX_MODALITIES
 modalities) the step is composed from fusion_head and backproj_concat. The backward composes the
 other ops' backward kernels.
 """
+import functools
 from typing import List, Optional
 
 import torch
@@ -17,21 +19,23 @@ import triton
 import triton.language as tl
 
 from ._activations import act
-from ._common import act_code, configs, define_op, dot_precision, launch, positions
+from ._common import (act_code, autotune, define_op, dot_precision, launch, pointer_slots, positions,
+                      scalar_slots, size_class)
 from ._matmul import dot
 from .backproj_concat import backproj_concat_backward_op, backproj_concat_op, position_offsets
-from .fusion_head import MAX_K, fusion_head_backward_op, fusion_head_op, head_tile, needs_grad
+from .fusion_head import (MAX_K, fusion_head_backward_op, fusion_head_op, head_tile, needs_grad,
+                          unit_feature_strides)
 
-MAX_DZ = 128  # z rows live in registers: [BM, Dz] fp32 and the [Dz, BC] weight tiles
+MAX_DZ = 128  # the head's [BM, Dz] fp32 accumulator lives in registers
 MAX_MODALITIES = 4
 
 STEP_CONFIGS = [  # the 3-D copy tiles [BM, BP, BD|BC] hold at most 16 elements per thread
-    dict(BM=16, BK=32, BC=32, BP=4, BD=32, num_warps=4, num_stages=2),
-    dict(BM=32, BK=32, BC=32, BP=4, BD=32, num_warps=8, num_stages=2),
+    dict(BM=16, BK=32, BC=32, BP=2, BD=32, num_warps=4, num_stages=2),
+    dict(BM=16, BK=32, BC=32, BP=4, BD=32, num_warps=8, num_stages=2),
 ]
-STEP_CONFIGS_FP32 = [  # fp32 dots hold more in registers: narrower weight tiles
-    dict(BM=16, BK=16, BC=16, BP=4, BD=32, num_warps=4, num_stages=2),
-    dict(BM=16, BK=16, BC=16, BP=2, BD=64, num_warps=4, num_stages=2),
+STEP_CONFIGS_FP32 = [  # fp32 (FMA) dots hold their whole K slice in registers per thread
+    dict(BM=16, BK=16, BC=32, BP=4, BD=32, num_warps=8, num_stages=2),
+    dict(BM=16, BK=16, BC=32, BP=2, BD=32, num_warps=4, num_stages=2),
 ]
 
 
@@ -58,8 +62,8 @@ def refine_step_kernel(
         X0, X1, X2, X3, C0, C1, C2, C3,  # Dx_j, Dc_j
         sxb0, sxb1, sxb2, sxb3, sxa0, sxa1, sxa2, sxa3, sxe0, sxe1, sxe2, sxe3,
         sxf0, sxf1, sxf2, sxf3, sxd0, sxd1, sxd2, sxd3,
-        swc0, swc1, swc2, swc3, swk0, swk1, swk2, swk3, sb0, sb1, sb2, sb3,
-        K: tl.constexpr, NMOD: tl.constexpr, HAS_HEAD_BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
+        swc0, swc1, swc2, swc3, swk0, swk1, swk2, swk3, sb0, sb1, sb2, sb3, SIZE_CLASS,
+        K: tl.constexpr, H_UNIT: tl.constexpr, NMOD: tl.constexpr, HAS_HEAD_BIAS: tl.constexpr, BIAS_MASK: tl.constexpr,
         HEAD_ACT: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr, PREC: tl.constexpr,
         BZ: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
         BD: tl.constexpr):
@@ -72,15 +76,19 @@ def refine_step_kernel(
     # z rows in registers: the fusion head over the K inputs.
     acc = head_tile(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
                     sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
-                    hw_ptr, shn, shk, offs_m, mask_m, offs_z, mask_z, K, PREC, BM, BZ, BK)
+                    hw_ptr, shn, shk, offs_m, mask_m, offs_z, mask_z, K, H_UNIT, PREC, BM, BZ, BK)
     if HAS_HEAD_BIAS:
         acc += tl.load(hb_ptr + offs_z * shb, mask=mask_z, other=0.0).to(tl.float32)[None, :]
-    zq = act(acc, HEAD_ACT).to(z_ptr.dtype.element_ty)  # the back-projections read z as returned
+    # z as the op returns it. Every split of a row block stores the same values; each reads them
+    # back in BK-wide chunks for the back-projections below (a whole [BM, Dz] dot operand would not
+    # fit the registers of fp32 FMA dots).
+    zq = act(acc, HEAD_ACT).to(z_ptr.dtype.element_ty)
     mask_mz = mask_m[:, None] & mask_z[None, :]
-    if split == 0:
-        tl.store(z_ptr + offs_m[:, None] * Dz + offs_z[None, :], zq, mask=mask_mz)
-        if SAVE_PRE:
+    tl.store(z_ptr + offs_m[:, None] * Dz + offs_z[None, :], zq, mask=mask_mz)
+    if SAVE_PRE:
+        if split == 0:
             tl.store(pre_ptr + offs_m[:, None] * Dz + offs_z[None, :], acc, mask=mask_mz)
+    tl.debug_barrier()  # this program's z stores are visible to all its threads
     for j in tl.static_range(NMOD):
         xp = pick4(j, x0, x1, x2, x3)
         op = pick4(j, o0, o1, o2, o3)
@@ -102,40 +110,42 @@ def refine_step_kernel(
         Dout = Dx + Dc
         # x_j's features into x~_j, for this split's position blocks.
         for p0 in range(split * BP, P, nsplit * BP):
-            offs_p = (p0 + tl.arange(0, BP)).to(tl.int64)
+            offs_p = p0 + tl.arange(0, BP)
             mask_bp = mask_m[:, None, None] & (offs_p < P)[None, :, None]
             src = xp + offs_m[:, None, None] * sxb + position_offsets(offs_p, S1, S2, sxa, sxe, sxf)[None, :, None]
             dst = op + (offs_m[:, None, None] * P + offs_p[None, :, None]) * Dout
             for d0 in range(0, Dx, BD):
-                offs_d = d0 + tl.arange(0, BD)
+                offs_d = (d0 + tl.arange(0, BD)).to(tl.int64)  # feature strides may be large
                 mask = mask_bp & (offs_d < Dx)[None, None, :]
                 v = tl.load(src + offs_d[None, None, :] * sxd, mask=mask)
                 tl.store(dst + offs_d[None, None, :], v, mask=mask)
         # the context, block by block of Dc, broadcast over this split's positions.
         for c0 in range(0, Dc, BC):
-            offs_c = c0 + tl.arange(0, BC)
+            offs_c = (c0 + tl.arange(0, BC)).to(tl.int64)
             mask_c = offs_c < Dc
-            wt = tl.load(wp + offs_c[None, :] * swc + offs_z[:, None] * swk,
-                         mask=mask_z[:, None] & mask_c[None, :], other=0.0)
-            ctx = dot(zq, wt, tl.zeros([BM, BC], tl.float32), PREC)
+            ctx = tl.zeros([BM, BC], tl.float32)
+            for k0 in range(0, Dz, BK):
+                offs_k = k0 + tl.arange(0, BK)
+                mask_k = offs_k < Dz
+                zc = tl.load(z_ptr + offs_m[:, None] * Dz + offs_k[None, :],
+                             mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                wt = tl.load(wp + offs_c[None, :] * swc + offs_k.to(tl.int64)[:, None] * swk,
+                             mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+                ctx = dot(zc, wt, ctx, PREC)
             if (BIAS_MASK >> j) & 1:
                 ctx += tl.load(bp + offs_c * sb, mask=mask_c, other=0.0).to(tl.float32)[None, :]
             ctx = act(ctx, ACT).to(op.dtype.element_ty)
             for p0 in range(split * BP, P, nsplit * BP):
-                offs_p = (p0 + tl.arange(0, BP)).to(tl.int64)
+                offs_p = p0 + tl.arange(0, BP)
                 mask = (mask_m[:, None, None] & (offs_p < P)[None, :, None]) & mask_c[None, None, :]
                 dst = op + (offs_m[:, None, None] * P + offs_p[None, :, None]) * Dout + Dx
                 tl.store(dst + offs_c[None, None, :], tl.broadcast_to(ctx[:, None, :], [BM, BP, BC]),
                          mask=mask)
 
 
-refine_step_tuned = triton.autotune(configs(STEP_CONFIGS), key=["M", "Dz", "K", "NMOD"])(refine_step_kernel)
-refine_step_tuned_fp32 = triton.autotune(configs(STEP_CONFIGS_FP32), key=["M", "Dz", "K", "NMOD"])(
-    refine_step_kernel)
-
-
-def _slots(values, fill, n):
-    return list(values) + [fill] * (n - len(values))
+refine_step_tuned = autotune("refine_step", refine_step_kernel, STEP_CONFIGS, key=["SIZE_CLASS"])
+refine_step_tuned_fp32 = autotune("refine_step_fp32", refine_step_kernel, STEP_CONFIGS_FP32,
+                                  key=["SIZE_CLASS"])
 
 
 def fits_one_launch(hs, head_weight, xs) -> bool:
@@ -173,34 +183,38 @@ def _forward(hs: List[torch.Tensor], head_weight: torch.Tensor, head_bias: Optio
 
     def grid(meta):
         rows = triton.cdiv(M, meta["BM"])
-        blocks = max(triton.cdiv(s[0] * s[1] * s[2], meta["BP"]) for s in sizes)
+        blocks = functools.reduce(torch.sym_max, [triton.cdiv(s[0] * s[1] * s[2], meta["BP"]) for s in sizes])
         # enough programs to fill a large GPU (a few hundred), never more than position blocks
-        return (rows, max(1, min(blocks, triton.cdiv(512, rows))))
+        return (rows, torch.sym_max(1, torch.sym_min(blocks, triton.cdiv(512, rows))))
 
-    launch(refine_step_tuned_fp32 if dtype == torch.float32 else refine_step_tuned)[grid](
-        *_slots(hs, hs[0], MAX_K), *_slots(dims, 0, MAX_K),
-        *_slots([h.stride(0) for h in hs], 0, MAX_K), *_slots([h.stride(1) for h in hs], 0, MAX_K),
-        head_weight, head_bias if head_bias is not None else head_weight, z,
-        pre if keep else z, M, Dz, head_weight.stride(0), head_weight.stride(1),
-        head_bias.stride(0) if head_bias is not None else 0,
-        *_slots(x3, x3[0], MAX_MODALITIES), *_slots(outs, outs[0], MAX_MODALITIES),
-        *_slots(bp_weights, bp_weights[0], MAX_MODALITIES),
-        *_slots([b if b is not None else w for b, w in zip(bp_biases, bp_weights)], bp_weights[0],
-                MAX_MODALITIES),
-        *_slots([s[0] * s[1] * s[2] for s in sizes], 0, MAX_MODALITIES),
-        *_slots([s[1] for s in sizes], 1, MAX_MODALITIES), *_slots([s[2] for s in sizes], 1, MAX_MODALITIES),
-        *_slots([x.shape[-1] for x in xs], 0, MAX_MODALITIES),
-        *_slots([w.shape[0] for w in bp_weights], 0, MAX_MODALITIES),
-        *_slots([x.stride(0) for x in x3], 0, MAX_MODALITIES),
-        *_slots([s[0] for s in strides], 0, MAX_MODALITIES), *_slots([s[1] for s in strides], 0, MAX_MODALITIES),
-        *_slots([s[2] for s in strides], 0, MAX_MODALITIES),
-        *_slots([x.stride(-1) for x in x3], 0, MAX_MODALITIES),
-        *_slots([w.stride(0) for w in bp_weights], 0, MAX_MODALITIES),
-        *_slots([w.stride(1) for w in bp_weights], 0, MAX_MODALITIES),
-        *_slots([b.stride(0) if b is not None else 0 for b in bp_biases], 0, MAX_MODALITIES),
-        K=len(hs), NMOD=n, HAS_HEAD_BIAS=head_bias is not None, BIAS_MASK=bias_mask,
-        HEAD_ACT=act_code(head_activation), ACT=act_code(backproj_activation), SAVE_PRE=keep,
-        PREC=dot_precision(dtype), BZ=max(16, triton.next_power_of_2(Dz)))
+    launch(refine_step_tuned_fp32 if dtype == torch.float32 else refine_step_tuned, grid,
+           *pointer_slots(hs, MAX_K, hs[0]), *scalar_slots(dims, MAX_K, 0),
+           *scalar_slots([h.stride(0) for h in hs], MAX_K, 0),
+           *scalar_slots([h.stride(1) for h in hs], MAX_K, 0),
+           head_weight, head_bias if head_bias is not None else head_weight.new_empty((0,)), z,
+           pre if keep else pre.new_empty((0,)), M, Dz, head_weight.stride(0), head_weight.stride(1),
+           head_bias.stride(0) if head_bias is not None else 0,
+           *pointer_slots(x3, MAX_MODALITIES, x3[0]), *pointer_slots(outs, MAX_MODALITIES, outs[0]),
+           *pointer_slots(bp_weights, MAX_MODALITIES, bp_weights[0]),
+           *pointer_slots([b if b is not None else w.new_empty((0,)) for b, w in zip(bp_biases, bp_weights)],
+                          MAX_MODALITIES, bp_weights[0]),
+           *scalar_slots([s[0] * s[1] * s[2] for s in sizes], MAX_MODALITIES, 0),
+           *scalar_slots([s[1] for s in sizes], MAX_MODALITIES, 1),
+           *scalar_slots([s[2] for s in sizes], MAX_MODALITIES, 1),
+           *scalar_slots([x.shape[-1] for x in xs], MAX_MODALITIES, 0),
+           *scalar_slots([w.shape[0] for w in bp_weights], MAX_MODALITIES, 0),
+           *scalar_slots([x.stride(0) for x in x3], MAX_MODALITIES, 0),
+           *scalar_slots([s[0] for s in strides], MAX_MODALITIES, 0),
+           *scalar_slots([s[1] for s in strides], MAX_MODALITIES, 0),
+           *scalar_slots([s[2] for s in strides], MAX_MODALITIES, 0),
+           *scalar_slots([x.stride(-1) for x in x3], MAX_MODALITIES, 0),
+           *scalar_slots([w.stride(0) for w in bp_weights], MAX_MODALITIES, 0),
+           *scalar_slots([w.stride(1) for w in bp_weights], MAX_MODALITIES, 0),
+           *scalar_slots([b.stride(0) if b is not None else 0 for b in bp_biases], MAX_MODALITIES, 0),
+           size_class(M, Dz, sum(dims), functools.reduce(torch.sym_max, [s[0] * s[1] * s[2] for s in sizes])),
+           K=len(hs), H_UNIT=unit_feature_strides(hs), NMOD=n, HAS_HEAD_BIAS=head_bias is not None, BIAS_MASK=bias_mask,
+           HEAD_ACT=act_code(head_activation), ACT=act_code(backproj_activation), SAVE_PRE=keep,
+           PREC=dot_precision(dtype), BZ=max(16, triton.next_power_of_2(Dz)))
     return [z, pre, *outs]
 
 
@@ -212,7 +226,7 @@ def _forward_fake(hs, head_weight, head_bias, xs, bp_weights, bp_biases, bias_ma
             *[x.new_empty((*x.shape[:-1], x.shape[-1] + w.shape[0])) for x, w in zip(xs, bp_weights)]]
 
 
-refine_step_op = define_op("refine_step", _forward, _forward_fake)
+refine_step_op = define_op("refine_step", _forward, _forward_fake, [refine_step_tuned, refine_step_tuned_fp32])
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,0 +1,170 @@
+"""What bounds each op: torch.profiler over each provider's call, one short per-kernel table per row.
+
+    python -m benchmarks.profile --device cuda --dtype bf16 --out $OUT/profile
+    python -m benchmarks.profile --ops backproj_concat --cases "B=4096" --providers eager triton
+
+For each op on the --quick grid (or the rows whose label holds one of --cases), each provider
+(eager and every fused backend, by default) and mode: the wall time per call (timed without the
+profiler), the device time per call and the number of kernels per call, and the kernels: name,
+launches per call, total and mean device time. A row where the device is busy a small share of
+the wall time is bound by launches and host work; otherwise its device time is compared with the
+floor max(bytes / copy bandwidth, FLOPs / matmul rate) measured in the same run. On a CPU the
+"kernels" are the ops (aten::, pf_kernels::, autograd) by self CPU time. Writes profile.txt and profile.json into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+from collections import defaultdict
+from typing import Dict, List
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from .cases import EAGER, OPS, BackendOps, Case, all_cases
+from .proof import ProvenCompile
+from .report import short_dtype
+from .run import DTYPES, _outputs, _rotating, device_name, fused_backends
+from .timing import copy_bandwidth, matmul_rate, measure
+
+
+def kernel_table(prof, device: torch.device, calls: int) -> List[dict]:
+    """Per kernel (CUDA) or aten op (CPU): launches per call, total and mean time, by total time."""
+    totals: Dict[str, List[float]] = defaultdict(list)
+    for evt in prof.events():
+        if device.type == "cuda":
+            if evt.device_type == DeviceType.CUDA:
+                totals[evt.name].append(evt.time_range.elapsed_us())
+        elif evt.device_type == DeviceType.CPU and "::" in evt.name:  # aten, pf_kernels and autograd ops
+            totals[evt.name].append(evt.self_cpu_time_total)
+    table = [dict(name=name, per_call=len(ts) / calls, total_us=sum(ts), mean_us=sum(ts) / len(ts))
+             for name, ts in totals.items()]
+    return sorted(table, key=lambda k: -k["total_us"])
+
+
+def profile_row(case: Case, provider: str, mode: str, dtype, device, calls: int, copy_gbps: float,
+                matmul_gflops: float) -> dict:
+    rotation = [case.make_inputs(device, dtype) for _ in range(2)]
+    with torch.no_grad():
+        shapes = [o.shape for o in _outputs(case.call(EAGER, *rotation[0]))]
+    grads = [[torch.randn(s, device=device, dtype=dtype) for s in shapes] for _ in rotation]
+    if provider == "compile":  # inductor's kernels for the same op: what the competitor does
+        fn = ProvenCompile(lambda *a: case.call(EAGER, *a))
+    else:
+        ops = EAGER if provider == "eager" else BackendOps(provider)
+        fn = (lambda *a: case.call(ops, *a))
+    run_once = _rotating(fn, rotation, grads, mode)
+    grad_mode = torch.no_grad() if mode == "fwd" else contextlib.nullcontext()
+    row = dict(op=case.op, case=case.label, provider=provider, mode=mode, dtype=str(dtype))
+    with grad_mode:
+        try:
+            if provider == "compile":
+                fn.warm_up(run_once, times=2)
+                if fn.check():
+                    raise RuntimeError(fn.check())
+            wall = measure(run_once, device, min_time_s=0.1, warmup=3)["median_s"]
+            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+                for _ in range(calls):
+                    run_once()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            return row
+    kernels = kernel_table(prof, device, calls)
+    memory_us = case.bytes(mode, dtype) / (copy_gbps * 1e9) * 1e6
+    compute_us = case.flops(mode) / (matmul_gflops * 1e9) * 1e6
+    row.update(wall_us=wall * 1e6, device_us_per_call=sum(k["total_us"] for k in kernels) / calls,
+               kernels_per_call=sum(k["per_call"] for k in kernels), floor_us=max(memory_us, compute_us),
+               floor_kind="memory" if memory_us >= compute_us else "compute",
+               bytes=case.bytes(mode, dtype), flops=case.flops(mode), kernels=kernels)
+    row["bound"] = _bound(row, device)
+    return row
+
+
+def _bound(row: dict, device) -> str:
+    if device.type != "cuda":
+        return f"CPU: wall {row['wall_us'] / max(row['floor_us'], 1e-9):.1f}x the {row['floor_kind']} floor"
+    busy = row["device_us_per_call"] / max(row["wall_us"], 1e-9)
+    if busy < 0.6:
+        return (f"launch/host-bound: the device is busy {busy:.0%} of the wall time "
+                f"({row['kernels_per_call']:.0f} kernels per call)")
+    return (f"device-bound ({busy:.0%} busy): device time {row['device_us_per_call'] / max(row['floor_us'], 1e-9):.2f}x "
+            f"the {row['floor_kind']} floor")
+
+
+def format_row(row: dict, top: int) -> str:
+    title = f"{row['op']} {row['case']} {row['mode']} {short_dtype(row['dtype'])} {row['provider']}"
+    if "error" in row:
+        return f"## {title}\n  error: {row['error']}"
+    lines = [f"## {title}",
+             f"  wall {row['wall_us']:.1f} us/call, device {row['device_us_per_call']:.1f} us/call, "
+             f"{row['kernels_per_call']:.1f} kernels/call, floor {row['floor_us']:.1f} us "
+             f"({row['bytes'] / 1e6:.2f} MB, {row['flops'] / 1e6:.1f} MFLOP)",
+             f"  bound: {row['bound']}",
+             f"  {'kernel':70s} {'per call':>8s} {'total us':>10s} {'mean us':>9s}"]
+    for k in row["kernels"][:top]:
+        lines.append(f"  {k['name'][:70]:70s} {k['per_call']:8.1f} {k['total_us']:10.1f} {k['mean_us']:9.2f}")
+    if len(row["kernels"]) > top:
+        lines.append(f"  ... {len(row['kernels']) - top} more")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--cases", nargs="+", help="label substrings, e.g. 'B=4096' (default: the --quick grid)")
+    parser.add_argument("--providers", nargs="+",
+                        help="default: eager and every fused backend of the device; 'compile' adds inductor's kernels")
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    parser.add_argument("--calls", type=int, default=20, help="profiled calls per row")
+    parser.add_argument("--top", type=int, default=8, help="kernels listed per row")
+    parser.add_argument("--time-limit", type=float, metavar="S", help="rows not started after S seconds are left out")
+    parser.add_argument("--out", default="results/profile")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    cases = all_cases(quick=not args.cases, ops=args.ops, device_type=device.type)
+    if args.cases:
+        cases = [c for c in cases if any(s in c.label for s in args.cases)]
+    providers = args.providers or ["eager", *fused_backends(device)]
+    copy_gbps = copy_bandwidth(device)
+    mm = matmul_rate(device, dtype)
+    meta = dict(device=str(device), device_name=device_name(device), torch=torch.__version__, dtype=str(dtype),
+                threads=torch.get_num_threads(), copy_gbps=copy_gbps, matmul_gflops=mm, calls=args.calls)
+    rows = []
+    for case in cases:
+        for mode in args.modes:
+            for provider in providers:
+                if args.time_limit and time.perf_counter() - started > args.time_limit:
+                    rows.append(dict(op=case.op, case=case.label, provider=provider, mode=mode, dtype=str(dtype),
+                                     error="skipped (time limit)"))
+                    continue
+                rows.append(profile_row(case, provider, mode, dtype, device, args.calls, copy_gbps, mm))
+    os.makedirs(args.out, exist_ok=True)
+    title = (f"{meta['device_name']} ({device}), torch {meta['torch']}, {short_dtype(str(dtype))}, {meta['threads']} threads; "
+             f"measured now: copy {copy_gbps:.1f} GB/s, matmul {mm:.0f} GFLOP/s; {args.calls} profiled calls per row")
+    text = "\n\n".join([title, *(format_row(r, args.top) for r in rows)])
+    with open(os.path.join(args.out, "profile.txt"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.out, "profile.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1, default=str)
+    # The console gets one line per row (the reply of a GPU run carries only the end of the output).
+    for r in rows:
+        what = f"{r['op']:15s} {r['case']:20s} {r['mode']:7s} {r['provider']:7s}"
+        print(f"{what} " + (f"error {r['error'][:80]}" if "error" in r else
+                            f"wall {r['wall_us']:9.1f} us  device {r['device_us_per_call']:9.1f} us  "
+                            f"{r['kernels_per_call']:4.1f} kernels  {r['bound']}"))
+    print(f"wrote {os.path.join(args.out, 'profile.txt')} and profile.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Capturing the user's forward as it really runs, and putting the rewritten graph in its place.
+
+The capture is torch.compile (dynamo) with a backend of ours that rewrites the torch-level graph it
+is handed and returns it to run eagerly (no AOTAutograd, no inductor). Why dynamo:
+- it runs the forward's Python with the real inputs' structure: `len(inputs)`, loops over list
+  inputs, attribute reads, `if x.dim() > 2` all just work, and submodules that fx cannot trace
+  alone are inlined into their parent's graph;
+- attribute writes (`self.reps = outs`) are replayed after the graph runs, so the model's
+  attributes after a forward are what they always were;
+- the graph runs as ordinary eager ops on the model's own Parameters (they are graph inputs), so
+  autograd, optimizers, DDP's gradient hooks and the state_dict are untouched;
+- guards recapture when the input structure, dtype, device, train/eval or grad mode changes; the
+  first change of batch size recaptures with a symbolic batch size (torch.compile's automatic
+  dynamic shapes), and that graph serves every batch size after it. (Marking the example's batch
+  dim dynamic up front would save that one recapture, but a symbolic capture costs 3-5x a static
+  one on this CPU, paid even by models that only ever see one batch size.)
+The model keeps its class: only its instance gets a `forward` attribute (a ConvertedForward) that
+runs the class's forward through the compiled function. Each converted model compiles its own copy
+of the forward's code, so converting many models does not use up torch.compile's recompile limit
+for that code, and other compiled uses of the class are unaffected.
+"""
+from __future__ import annotations
+
+import functools
+import types
+from typing import Optional
+
+import torch
+import torch._dynamo
+from torch import nn
+from torch.utils import _pytree
+
+from .report import ConversionReport
+from .rewrite import FusedCalls, rewrite_graph
+
+
+class _DynamoSettings:
+    """Dynamo settings for the duration of a converted forward (they matter when it compiles).
+
+    suppress_errors: where dynamo itself fails, the forward runs eagerly instead of raising.
+    allow_rnn (models with an nn.LSTM/GRU/RNN): trace them instead of breaking the graph there (a
+    break in a loop over encoders makes dynamo skip the whole forward).
+    optimize_ddp off (inside DDP's forward): our graphs run eager ops, so DDP's per-parameter hooks
+    already overlap the all-reduce; the DDP optimizer would only cut the graph (and patterns) into
+    buckets.
+    """
+
+    def __init__(self, rnn: bool):
+        self.values = {"suppress_errors": True}
+        if rnn:
+            self.values["allow_rnn"] = True
+        self.saved = []
+
+    def __enter__(self):
+        config = torch._dynamo.config
+        values = self.values
+        if _inside_ddp():
+            values = dict(values, optimize_ddp=False)
+        self.saved.append({k: getattr(config, k) for k in values})
+        for k, v in values.items():
+            setattr(config, k, v)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.pop().items():
+            setattr(torch._dynamo.config, k, v)
+
+
+def _inside_ddp() -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel._get_active_ddp_module() is not None
+
+
+def _own_copy(function: types.FunctionType) -> types.FunctionType:
+    """The same function with its own code object (dynamo keeps its cache per code object)."""
+    copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__qualname__ = function.__qualname__
+    copy.__dict__.update(function.__dict__)
+    return copy
+
+
+class ConvertedForward:
+    """Installed as `model.forward`: the model's own forward, captured and rewritten by torch.compile.
+
+    Pickling and deepcopy give a model converted afresh (to the same backend)."""
+
+    def __init__(self, module: nn.Module, calls: FusedCalls, report: ConversionReport,
+                 previous=None):
+        self.module = module
+        self.calls = calls
+        self.report = report
+        self.previous = previous  # an instance-level forward the model had before, if any
+        # the model's own forward, bound here (torch.compile cannot trace the binding itself)
+        self.original = previous if previous is not None else types.MethodType(type(module).forward, module)
+        functools.update_wrapper(self, self.original)  # its name, doc and signature
+        self._compiled = None
+        self._settings = None
+
+    def _setup(self):
+        original = self.original
+        target = original
+        if isinstance(original, types.MethodType) and isinstance(original.__func__, types.FunctionType):
+            target = types.MethodType(_own_copy(original.__func__), original.__self__)
+        self._compiled = torch.compile(target, backend=self._backend)
+        self._settings = _DynamoSettings(any(isinstance(m, nn.RNNBase) for m in self.module.modules()))
+
+    def _backend(self, gm: torch.fx.GraphModule, example_inputs):
+        gm.meta["pf_kernels_root"] = type(self.module).__name__  # names the model's own code in the report
+        rewrite_graph(gm, self.calls, self.report)
+        return gm.forward
+
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            # The converted model inside the user's own torch.compile: that compile sees the plain
+            # forward (it does not run our rewrite).
+            return self.original(*args, **kwargs)
+        if self._compiled is None:
+            if not torch._dynamo.is_dynamo_supported():
+                uninstall(self.module)
+                self.report.add_left_alone("torch.compile does not run on this Python/platform: "
+                                           f"{type(self.module).__name__} keeps its own forward")
+                return self.original(*args, **kwargs)
+            self._setup()
+        before = len(self.report.captures)
+        with self._settings:
+            out = self._compiled(*args, **kwargs)
+        captured = len(self.report.captures) - before
+        if captured > 1:
+            self.report.add_left_alone(
+                f"torch.compile split {type(self.module).__name__}.forward into {captured} graphs (graph breaks; "
+                "torch._dynamo.explain(model)(*inputs) says where and why): a pattern across a break is not seen")
+        if captured and not self.report.replaced:
+            uninstall(self.module)
+            self.report.add_left_alone(f"nothing to swap in {type(self.module).__name__}.forward: "
+                                       "the model keeps its own forward")
+        return out
+
+    def __reduce__(self):
+        return (_reinstalled, (self.module, self.calls.backend, self.previous))
+
+
+def _reinstalled(module, backend, previous):
+    return ConvertedForward(module, FusedCalls(backend), ConversionReport(), previous)
+
+
+def installed(module: nn.Module) -> Optional[ConvertedForward]:
+    forward = module.__dict__.get("forward")
+    return forward if isinstance(forward, ConvertedForward) else None
+
+
+def install(module: nn.Module, calls: FusedCalls, report: ConversionReport) -> ConvertedForward:
+    forward = ConvertedForward(module, calls, report, module.__dict__.get("forward"))
+    module.forward = forward
+    return forward
+
+
+def uninstall(module: nn.Module) -> None:
+    forward = installed(module)
+    if forward is None:
+        return
+    if forward.previous is not None:
+        module.forward = forward.previous
+    else:
+        del module.forward
+
+
+def run_example(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """One forward on the example inputs, so that the graph is captured (and the report written)
+    now. The model's buffers (BatchNorm statistics) and the RNG state are restored afterwards."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    devices = sorted({t.device.index or 0 for t in _pytree.tree_leaves((args, kwargs, list(module.parameters())))
+                      if isinstance(t, torch.Tensor) and t.is_cuda})
+    with torch.random.fork_rng(devices=devices):
+        module(*args, **kwargs)
+    with torch.no_grad():
+        for buffer, value in saved:
+            buffer.copy_(value)

@@ -1,0 +1,519 @@
+"""The patterns convert() swaps, read off the torch.fx graph that torch.compile captures.
+
+The graph is torch-level (torch.cat, F.linear, torch.relu, Tensor.unsqueeze, ...: dynamo inlines
+nn.Module calls, parameters arrive as graph inputs) and every node carries its example value, so
+a pattern can check dims, dtypes and devices instead of guessing them from the code.
+
+A pattern scans the graph and proposes
+- Matches: one fused call that would compute `anchor` and make the nodes in `nodes` dead, and
+- Misses: a cat/linear that looks like the pattern but must not be swapped, with the reason.
+The rewrite keeps the non-overlapping matches that save the most ops (views are free), a tie going
+to the pattern listed first in PATTERNS. To add a pattern: subclass Pattern, write find(), insert
+an instance in PATTERNS at its rank, and give FusedCalls (rewrite.py) the function it emits.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+SUPPORTED_ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")
+_ACTIVATION_FUNCTIONS = {torch.relu: "relu", torch.relu_: "relu", F.relu: "relu", F.relu_: "relu",
+                         torch.tanh: "tanh", torch.tanh_: "tanh", F.tanh: "tanh",
+                         torch.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid", F.sigmoid: "sigmoid",
+                         F.gelu: "gelu"}
+_ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu", "tanh": "tanh", "tanh_": "tanh",
+                       "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
+# Activations the fused ops do not apply: named in the report when they sit where ours would.
+_OTHER_ACTIVATIONS = {F.leaky_relu, F.leaky_relu_, F.elu, F.selu, F.celu, F.silu, F.mish, F.softplus,
+                      F.hardtanh, F.relu6, F.hardswish, F.hardsigmoid, F.logsigmoid, F.softsign}
+_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+# Ops that carry a fused vector z unchanged in meaning (what a back-projection may read z through).
+_TRANSPARENT_FUNCTIONS = {F.dropout, torch.dropout, F.alpha_dropout, F.feature_alpha_dropout,
+                          F.layer_norm}
+_TRANSPARENT_METHODS = {"clone", "contiguous"}
+# Ops a context may reach the cat through: each only inserts, expands or repeats singleton dims
+# (checked per op by _broadcast_axes).
+_BROADCAST_METHODS = {"unsqueeze", "expand", "expand_as", "repeat", "view", "reshape", "contiguous",
+                      "clone", "to"}
+_BROADCAST_FUNCTIONS = {torch.unsqueeze, torch.reshape, torch.broadcast_to, operator.getitem}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading nodes
+def value(node) -> Optional[torch.Tensor]:
+    """The example value dynamo recorded for node (a FakeTensor), if node is a tensor."""
+    if not isinstance(node, fx.Node):
+        return None
+    v = node.meta.get("example_value")
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def same_size(a, b) -> bool:
+    """a == b for sizes that may be symbolic (dynamic batch), without adding guards."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return bool(statically_known_true(a == b))
+
+
+def _is_one(size) -> bool:
+    return same_size(size, 1)
+
+
+@dataclass
+class Linear:
+    node: fx.Node
+    input: fx.Node
+    weight: fx.Node
+    bias: Optional[fx.Node]
+
+
+def as_linear(node) -> Optional[Linear]:
+    """F.linear(input, weight, bias) (nn.Linear once dynamo has inlined it), else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target is not F.linear:
+        return None
+    inp, weight, bias = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    if value(inp) is None or value(weight) is None or value(weight).dim() != 2:
+        return None
+    if bias is not None and value(bias) is None:
+        return None
+    return Linear(node, inp, weight, bias)
+
+
+@dataclass
+class Cat:
+    node: fx.Node
+    tensors: List[fx.Node]
+    dim: int  # normalised: 0 <= dim < ndim
+
+
+def as_cat(node) -> Optional[Cat]:
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _CAT_FUNCTIONS:
+        return None
+    tensors, dim, out = _arg(node, 0, "tensors"), _arg(node, 1, "dim", 0), value(node)
+    if out is None or not isinstance(dim, int) or not isinstance(tensors, (list, tuple)) or not tensors:
+        return None
+    if not all(value(t) is not None and value(t).dim() == out.dim() for t in tensors):
+        return None
+    return Cat(node, list(tensors), dim % out.dim())
+
+
+def as_activation(node) -> Optional[Tuple[str, fx.Node]]:
+    """(name, input) if node applies an activation to one tensor. The name is one of
+    SUPPORTED_ACTIVATIONS, or another activation's name (which no fused op applies)."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.op == "call_method" and node.target in _ACTIVATION_METHODS and len(node.args) == 1:
+        return _ACTIVATION_METHODS[node.target], node.args[0]
+    if node.op != "call_function":
+        return None
+    if node.target in _ACTIVATION_FUNCTIONS:
+        name = _ACTIVATION_FUNCTIONS[node.target]
+        if name == "gelu" and _arg(node, 1, "approximate", "none") != "none":
+            return "gelu(approximate='tanh')", node.args[0]
+        return name, node.args[0]
+    if node.target in _OTHER_ACTIVATIONS:
+        return node.target.__name__, node.args[0]
+    return None
+
+
+def _transparent_input(node: fx.Node) -> Optional[fx.Node]:
+    """The input of a dropout/norm/copy/activation node (z read through it keeps its meaning)."""
+    act = as_activation(node)
+    if act is not None:
+        return act[1]
+    if node.op == "call_function" and node.target in _TRANSPARENT_FUNCTIONS or \
+            node.op == "call_method" and node.target in _TRANSPARENT_METHODS:
+        first = node.args[0] if node.args else None
+        return first if isinstance(first, fx.Node) else None
+    return None
+
+
+def _is_pf_kernels_fusion(node: fx.Node) -> bool:
+    """The output of a pf_kernels fusion op (a FusionHead or ProgressiveFusion in the model)."""
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    name = str(node.target) if node.op == "call_function" else ""
+    return name.startswith("pf_kernels") and (".fusion_head" in name or ".refine_step" in name)
+
+
+def is_fused_vector(node: fx.Node) -> bool:
+    """Whether node is a late-fusion output: linear(cat(>= 2 tensors, last dim)) or a pf_kernels
+    fusion op, read through dropout, layer norm, copies or activations."""
+    for _ in range(16):  # a short walk: z is close to the head that made it
+        if _is_pf_kernels_fusion(node):
+            return True
+        linear = as_linear(node)
+        if linear is not None:
+            cat = as_cat(linear.input)
+            return cat is not None and len(cat.tensors) >= 2 and cat.dim == value(cat.node).dim() - 1
+        node = _transparent_input(node)
+        if node is None:
+            return False
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Describing nodes for the report
+def where(node: fx.Node) -> str:
+    """'module.path (file.py:line)' of the user code that made node."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = ""
+    if stack:
+        path = list(stack.values())[-1][0]
+        # dynamo names the root L['self'] (or whatever forward's first parameter is called)
+        if path.startswith("L['"):
+            path = path.split("]", 1)[1].lstrip(".")
+    trace = node.meta.get("stack_trace") or ""
+    source = ""
+    for line in reversed(trace.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("File "):
+            parts = line.split('"')
+            lineno = line.split(", line ")[1].split(",")[0] if ", line " in line else "?"
+            if len(parts) >= 2:
+                source = f"{parts[1].rsplit('/', 1)[-1]}:{lineno}"
+            break
+    if not path:  # code of the converted model's own forward
+        owner = node.graph.owning_module
+        path = f"{owner.meta.get('pf_kernels_root', '')}.forward" if owner is not None else "forward"
+    return f"{path} ({source})" if source else path
+
+
+def shape_text(node) -> str:
+    v = value(node)
+    if v is None:
+        return "?"
+    dims = ["B" if i == 0 else (str(s) if isinstance(s, int) else "?") for i, s in enumerate(v.shape)]
+    return "(" + ", ".join(dims) + ")"
+
+
+def _applied(activation: str, inner: str) -> str:
+    return inner if activation == "none" else f"{activation}({inner})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Matches and misses
+@dataclass(eq=False)
+class Match:
+    op: str                 # the fused op, e.g. "fusion_head"
+    pivot: fx.Node          # the node that defines the pattern (its cat or linear)
+    anchor: fx.Node         # the node whose value the fused call replaces
+    nodes: Set[fx.Node]     # computed by the fused call alone (dead once anchor is replaced)
+    inputs: List[fx.Node]   # what the fused call reads
+    walked: List[fx.Node]   # every node of the pattern (shared ones are erased if left unused)
+    emit: Callable          # emit(graph, remap, calls) -> the fused call node, inserted at the cursor
+    formula: str
+    where: str
+    rank: int = 0           # the pattern's place in PATTERNS: lower wins a tie
+
+    @property
+    def score(self) -> int:
+        """How many ops the fused call saves: the nodes it takes over, views (which move no data)
+        not counted."""
+        return sum(not _is_view(n) for n in self.nodes)
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in ("unsqueeze", "view", "expand", "expand_as", "to") or \
+            node.target == "reshape" and _keeps_storage(node)
+    if node.op == "call_function":
+        return node.target in (torch.unsqueeze, torch.broadcast_to, operator.getitem) or \
+            node.target is torch.reshape and _keeps_storage(node)
+    return False
+
+
+def _keeps_storage(node: fx.Node) -> bool:
+    before = value(node.args[0])
+    return before is not None and before.is_contiguous()
+
+
+@dataclass
+class Miss:
+    pivot: fx.Node
+    formula: str
+    where: str
+    reason: str
+
+
+def _exclusive(chain: Sequence[fx.Node], owners: Set[fx.Node]) -> Set[fx.Node]:
+    """The prefix of chain (ordered from the pattern's output inwards) that only the pattern uses."""
+    inside = set(owners)
+    for node in chain:
+        if all(user in inside for user in node.users):
+            inside.add(node)
+        else:
+            break
+    return inside
+
+
+def _dtype_reason(operands: Sequence[Optional[fx.Node]], result: fx.Node, what: str) -> Optional[str]:
+    """Why the fused op cannot take these operands (mixed dtypes or devices, autocast), or None."""
+    values = [value(n) for n in operands if n is not None]
+    dtypes = {v.dtype for v in values}
+    devices = {v.device for v in values}
+    if len(devices) > 1:
+        return f"its operands are on several devices ({', '.join(sorted(str(d) for d in devices))})"
+    if len(dtypes) > 1:
+        return f"its operands have mixed dtypes ({', '.join(sorted(str(d) for d in dtypes))})"
+    out = value(result)
+    if out is not None and dtypes and out.dtype not in dtypes:
+        return (f"the {what} returns {out.dtype} from {dtypes.pop()} operands (autocast): the fused "
+                "ops compute in their operands' dtype")
+    return None
+
+
+class Pattern:
+    op: str = ""
+    rank: int = 0
+
+    def find(self, graph: fx.Graph) -> Iterable[Union[Match, Miss]]:
+        raise NotImplementedError
+
+
+class FusionHeadPattern(Pattern):
+    """act(linear(cat([h_1..h_K], last dim))) -> fusion_head. N-D inputs (B, *S, D_j) run as
+    (B*S, D_j) rows, so early fusion over positions (a cat on dim 2 of 3-D inputs) fuses too."""
+
+    op = "fusion_head"
+
+    def find(self, graph):
+        for node in graph.nodes:
+            linear = as_linear(node)
+            cat = as_cat(linear.input) if linear is not None else None
+            if cat is None:
+                continue
+            out = value(cat.node)
+            act = self._activation(linear)
+            act_name = act[0] if act else "none"
+            formula = _applied(act_name, f"linear(cat({len(cat.tensors)} inputs, dim={cat.dim}))")
+            site = f"cat at {where(cat.node)}, linear at {where(linear.node)}"
+            if cat.dim != out.dim() - 1:
+                yield Miss(linear.node, formula, site,
+                           f"the cat joins dim {cat.dim} of {out.dim()}-D tensors (positions, not features): "
+                           "fusion_head concatenates features (the last dim)")
+                continue
+            if out.dim() < 2:
+                yield Miss(linear.node, formula, site, "the inputs are 1-D: fusion_head takes (B, D_j) rows")
+                continue
+            reason = _dtype_reason([*cat.tensors, linear.weight, linear.bias], linear.node, "linear")
+            if reason:
+                yield Miss(linear.node, formula, site, reason)
+                continue
+            anchor = act[1] if act else linear.node
+            nodes = {linear.node} | ({act[1]} if act else set())
+            if all(user is linear.node for user in cat.node.users):
+                nodes.add(cat.node)
+            hs, weight, bias = list(cat.tensors), linear.weight, linear.bias
+
+            def emit(graph, remap, calls, hs=hs, weight=weight, bias=bias, act_name=act_name):
+                return graph.call_function(calls.fusion_head,
+                                           ([remap(h) for h in hs], remap(weight), remap(bias), act_name))
+
+            if out.dim() > 2:
+                formula += f" over positions {shape_text(cat.node)}"
+            yield Match(self.op, linear.node, anchor, nodes, [*hs, weight] + ([bias] if bias is not None else []),
+                        [anchor, linear.node, cat.node], emit, formula, site, self.rank)
+
+    @staticmethod
+    def _activation(linear: Linear) -> Optional[Tuple[str, fx.Node]]:
+        """(name, node) of a supported activation that alone reads the linear's output."""
+        users = list(linear.node.users)
+        if len(users) != 1:
+            return None
+        act = as_activation(users[0])
+        if act is None or act[0] not in SUPPORTED_ACTIVATIONS or act[1] is not linear.node:
+            return None
+        return act[0], users[0]
+
+
+def _trace_context(node: fx.Node):
+    """Walks back from a cat input through broadcast ops to act(linear(z)).
+    Returns (linear, activation name, [broadcast nodes from the cat inwards], [act node]) or None."""
+    chain = []
+    for _ in range(16):
+        if node.op == "call_method" and node.target in _BROADCAST_METHODS or \
+                node.op == "call_function" and node.target in _BROADCAST_FUNCTIONS:
+            if not node.args or not isinstance(node.args[0], fx.Node):
+                return None
+            chain.append(node)
+            node = node.args[0]
+        else:
+            break
+    act_nodes = []
+    act = as_activation(node)
+    if act is not None:
+        act_nodes.append(node)
+        name, node = act
+    else:
+        name = "none"
+    linear = as_linear(node)
+    if linear is None:
+        return None
+    return linear, name, chain, act_nodes
+
+
+def _broadcast_axes(chain: List[fx.Node]):
+    """Follows the context (B, Dc) through the broadcast ops of chain (ordered from the cat inwards).
+    Returns its axes as a list of 'B' (batch), 'F' (features), 1 (singleton) or 'E' (expanded
+    singleton), or a str naming the op that is not a pure broadcast and why."""
+    axes: List[Union[str, int]] = ["B", "F"]
+    for node in reversed(chain):
+        kind = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+        before, after = value(node.args[0]), value(node)
+        if before is None or after is None:
+            return f"`{kind}`, whose result is no tensor"
+        if after.dtype != before.dtype or after.device != before.device:
+            return f"`{kind}`, which changes its dtype or device"
+        if kind in ("contiguous", "clone", "to"):
+            continue
+        if kind == "unsqueeze":
+            dim = _arg(node, 1, "dim")
+            if not isinstance(dim, int):
+                return "`unsqueeze`, with a dim computed at run time"
+            axes.insert(dim % (len(axes) + 1), 1)
+        elif kind == "getitem":
+            new = _index_axes(node.args[1], axes)
+            if isinstance(new, str):
+                return new
+            axes = new
+        elif kind in ("expand", "expand_as", "broadcast_to", "repeat"):
+            grown = after.dim() - len(axes)
+            if grown < 0:
+                return f"`{kind}`, which drops dims"
+            new = [1 if _is_one(s) else "E" for s in after.shape[:grown]]
+            for axis, old, size in zip(axes, before.shape, after.shape[grown:]):
+                if axis in ("B", "F"):
+                    if not same_size(old, size):
+                        return f"`{kind}`, which repeats its {'batch' if axis == 'B' else 'feature'} dim"
+                    new.append(axis)
+                else:
+                    new.append(1 if _is_one(size) else "E")
+            axes = new
+        elif kind in ("view", "reshape"):
+            if "E" in axes:
+                return f"`{kind}`, applied to an already expanded context"
+            big = [i for i, s in enumerate(after.shape) if not _is_one(s)]
+            b_size, f_size = before.shape[axes.index("B")], before.shape[axes.index("F")]
+            if len(big) != 2 or not same_size(after.shape[big[0]], b_size) or \
+                    not same_size(after.shape[big[1]], f_size):
+                return (f"`{kind}` to {tuple(after.shape)}, which moves more than singleton dims (or "
+                        "a batch or context of size 1 leaves it ambiguous)")
+            axes = [1] * after.dim()
+            axes[big[0]], axes[big[1]] = "B", "F"
+        else:
+            return f"`{kind}`, which is not a broadcast"
+    return axes
+
+
+def _index_axes(index, axes):
+    """Axes after indexing with full slices, None and Ellipsis only (c[:, None, :] and the like)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if not all(i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in index):
+        return "`getitem`, which selects elements instead of only inserting dims"
+    named = sum(isinstance(i, slice) for i in index)
+    if sum(i is Ellipsis for i in index) > 1 or named > len(axes):
+        return "`getitem`, with more dims than the context has"
+    rest, new = list(axes), []
+    for i in index:
+        if i is None:
+            new.append(1)
+        elif i is Ellipsis:  # every axis the slices do not name
+            new.extend(rest[:len(axes) - named])
+            rest = rest[len(axes) - named:]
+        else:
+            new.append(rest.pop(0))
+    return new + rest
+
+
+class BackprojConcatPattern(Pattern):
+    """cat([x, broadcast(act(linear(z)))], feature dim) -> backproj_concat: the context is one
+    vector per example, broadcast over every position of x (none for a vector modality; (T,) for a
+    sequence; (H, W) for an image, channels-last (B, H, W, C) or channels-first (B, C, H, W) with
+    dim=1). Without positions to broadcast over, z must be a fused vector (a late-fusion output):
+    otherwise the cat is an ordinary layer's output joined to x, not a back-projection."""
+
+    op = "backproj_concat"
+
+    def find(self, graph):
+        for node in graph.nodes:
+            cat = as_cat(node)
+            if cat is None:
+                continue
+            traced = [_trace_context(t) for t in cat.tensors]
+            if len(cat.tensors) != 2 or traced[1] is None:
+                # Near-misses worth a line: a broadcast context in the wrong place.
+                broadcast = [i for i, t in enumerate(traced) if t and t[2]]
+                if broadcast:
+                    what = (f"a cat of {len(cat.tensors)} tensors" if len(cat.tensors) != 2 else
+                            "the context comes first in the cat")
+                    yield Miss(cat.node, f"cat({len(cat.tensors)} tensors, dim={cat.dim}) with a broadcast "
+                               f"linear output as input {broadcast[0]}", f"cat at {where(cat.node)}",
+                               f"{what}: backproj_concat writes [x, context] (x first, one context)")
+                continue
+            out = value(cat.node)
+            x, context = cat.tensors
+            linear, act_name, chain, act_nodes = traced[1]
+            positions = out.dim() - 2
+            formula = (f"cat([x {shape_text(x)}, {_applied(act_name, 'linear(z)')}"
+                       f"{' broadcast' if positions else ''}], dim={cat.dim})")
+            site = f"cat at {where(cat.node)}, context linear at {where(linear.node)}"
+            reason = self._reason(cat, x, linear, act_name, chain)
+            if reason:
+                yield Miss(cat.node, formula, site, reason)
+                continue
+            walked = [*chain, *act_nodes, linear.node]
+            nodes = _exclusive(walked, {cat.node})
+            z, weight, bias, dim = linear.input, linear.weight, linear.bias, cat.dim
+
+            def emit(graph, remap, calls, x=x, z=z, weight=weight, bias=bias, act_name=act_name, dim=dim):
+                return graph.call_function(calls.backproj_concat,
+                                           (remap(x), remap(z), remap(weight), remap(bias), act_name, dim))
+
+            yield Match(self.op, cat.node, cat.node, nodes,
+                        [x, z, weight] + ([bias] if bias is not None else []),
+                        [cat.node, *walked], emit, formula, site, self.rank)
+
+    @staticmethod
+    def _reason(cat: Cat, x: fx.Node, linear: Linear, act_name: str, chain) -> Optional[str]:
+        out = value(cat.node)
+        if act_name not in SUPPORTED_ACTIVATIONS:
+            return (f"the context is {act_name}(linear(z)): backproj_concat applies "
+                    f"{', '.join(SUPPORTED_ACTIVATIONS)}")
+        if value(linear.node).dim() != 2:
+            return (f"the context linear's output is {value(linear.node).dim()}-D: backproj_concat "
+                    "projects one vector z (B, Dz) per example")
+        if cat.dim == 0:
+            return "the cat joins the batch dim"
+        axes = _broadcast_axes(chain)
+        if isinstance(axes, str):
+            return f"the context reaches the cat through {axes}"
+        expected = ["B"] + [None] * (out.dim() - 1)
+        expected[cat.dim] = "F"
+        if len(axes) != out.dim() or axes[0] != "B" or axes[cat.dim] != "F" or \
+                any(a not in (1, "E") for i, a in enumerate(axes) if i not in (0, cat.dim)):
+            return (f"the context's batch and feature dims end up at {axes.index('B') if 'B' in axes else '?'} "
+                    f"and {axes.index('F') if 'F' in axes else '?'}, not at 0 and {cat.dim}")
+        if out.dim() == 2 and not is_fused_vector(linear.input):
+            return ("nothing is broadcast and z is not a late-fusion output (linear over a concat, or a "
+                    "pf_kernels fusion op): this is an ordinary layer's output joined to x, not a "
+                    "back-projection")
+        return _dtype_reason([x, linear.input, linear.weight, linear.bias], linear.node, "context linear")
+
+
+# In rank order: the first wins a tie (the fusion head, as a reading that fuses as much).
+PATTERNS: List[Pattern] = [FusionHeadPattern(), BackprojConcatPattern()]
+for _rank, _pattern in enumerate(PATTERNS):
+    _pattern.rank = _rank

@@ -1,0 +1,54 @@
+"""What convert() did: every swap, every near-miss with its whole reason, every captured graph."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, NamedTuple
+
+from torch import nn
+
+
+@dataclass
+class ConversionReport:
+    """Live: torch.compile captures the model's forward at its first call (or at convert() when
+    given example_inputs) and again whenever its guards fail (a new mode, dtype, device, input
+    structure), and each capture adds what it found here. Entries are listed once each."""
+
+    replaced: List[str] = field(default_factory=list)
+    left_alone: List[str] = field(default_factory=list)
+    backends_set: List[str] = field(default_factory=list)
+    captures: List[str] = field(default_factory=list)
+    # The fused op of each entry of `replaced`, in the same order.
+    replaced_ops: List[str] = field(default_factory=list)
+
+    def add_replaced(self, op: str, line: str) -> None:
+        if line not in self.replaced:
+            self.replaced.append(line)
+            self.replaced_ops.append(op)
+
+    def add_left_alone(self, line: str) -> None:
+        if line not in self.left_alone:
+            self.left_alone.append(line)
+
+    @property
+    def counts(self) -> Dict[str, int]:
+        """Sites swapped per fused op, e.g. {"fusion_head": 3, "backproj_concat": 6}."""
+        return dict(Counter(self.replaced_ops))
+
+    def __str__(self) -> str:
+        counts = ", ".join(f"{n} {op}" for op, n in self.counts.items()) or "nothing"
+        lines = [f"pf_kernels.convert: {counts} swapped, {len(self.left_alone)} left alone, "
+                 f"{len(self.backends_set)} module backend(s) set, {len(self.captures)} graph(s) captured"]
+        if not self.captures:
+            lines.append("  (no forward captured yet: the patterns are found at the first call, "
+                         "or at convert() when given example_inputs)")
+        lines += [f"  captured:   {c}" for c in self.captures]
+        lines += [f"  replaced:   {r}" for r in self.replaced]
+        lines += [f"  backend:    {b}" for b in self.backends_set]
+        lines += [f"  left alone: {a}" for a in self.left_alone]
+        return "\n".join(lines)
+
+
+class Converted(NamedTuple):
+    model: nn.Module
+    report: ConversionReport

@@ -1,0 +1,316 @@
+"""`make gpu-check`: everything a lent GPU machine must verify, in one prepared command.
+
+Uses the python that runs it (no venv, no downloads), builds pf_kernels._C in place for the local
+GPU's arch with every core, then runs, each part under its own time limit:
+  tests         the tests of the GPU backends on the GPU (cuda and triton against the reference,
+                autocast, torch.compile, opcheck, convert), one fixed Triton config per kernel
+  configs       every Triton autotune config of every kernel on a few shapes
+  differential  random shapes/layouts/dtypes/activations per GPU backend vs a float64 reference,
+                plus the size limits (grids, shared memory, 32-bit offsets)
+  memcheck, racecheck, initcheck
+                compute-sanitizer over tiny calls of every CUDA kernel (tests/gpu/cuda_kernel_calls.py)
+  graphs        a ProgressiveFusion training step captured in a CUDA graph and replayed vs eager
+  bench         python -m benchmarks --device cuda --quick (results in bench/)
+  profile       (on request) python -m benchmarks.profile: what bounds each op (results in profile/)
+The parts after the build run side by side (16 cores), except the benchmark, which runs alone.
+Prints one PASS/FAIL/SKIPPED line per part, writes summary.txt and the logs and benchmark files
+into one folder (results/gpu, or $OUT where that is set: at most 8 files). With no GPU every part
+says SKIPPED and why, and it exits 0 (CI runs that dry run). Exit 1 if any part failed.
+
+  make gpu-check [PYTHON=python3] [GPU_CHECK_ARGS="--parts build,tests --out DIR"]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PY = sys.executable
+
+
+@dataclass
+class Part:
+    name: str
+    limit_s: int
+    log: str  # log file name in the output folder
+    command: Callable[["Context"], Optional[List[List[str]]]]  # commands, or None = skip
+    summarize: Callable[[str, int], str]  # (log text, return code) -> counts for the summary line
+    parallel: bool = True
+    env: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    out: str
+    gpu: Optional[str]
+    arch: Optional[str]
+    cores: int
+    skip_reason: Optional[str] = None
+    deadline: float = float("inf")  # time.time() after which no part starts and every part stops
+
+
+def probe() -> Context:
+    cores = os.cpu_count() or 1
+    try:
+        import torch
+    except ImportError as exc:
+        return Context("", None, None, cores, f"torch is not importable ({exc})")
+    if not torch.cuda.is_available():
+        return Context("", None, None, cores, f"no CUDA GPU visible to torch {torch.__version__}")
+    major, minor = torch.cuda.get_device_capability()
+    return Context("", torch.cuda.get_device_name(), f"{major}.{minor}", cores)
+
+
+def _pytest_counts(text: str, rc: int) -> str:
+    lines = [l for l in text.splitlines() if re.search(r"\d+ (passed|failed|error)", l)]
+    return lines[-1].strip("= ") if lines else f"no pytest summary (exit {rc})"
+
+
+def _last_lines(pattern: str):
+    def summarize(text: str, rc: int) -> str:
+        found = [l.strip() for l in text.splitlines() if re.search(pattern, l)]
+        return "; ".join(found[-6:]) if found else f"exit {rc}, no summary line"
+    return summarize
+
+
+def build_commands(ctx: Context):
+    # setup.py builds for the visible GPU's arch with every core; FORCE_CUDA makes a silent
+    # CPU-only build impossible.
+    env = ["env", "PF_KERNELS_FORCE_CUDA=1"]
+    has_pip = subprocess.run([PY, "-m", "pip", "--version"], capture_output=True).returncode == 0
+    if has_pip:  # the path a user takes (README): pip, no build isolation, offline, editable in place
+        build = [*env, PY, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-v", "-e", "."]
+    else:  # a venv made without pip: the same build, not through pip
+        build = [*env, PY, "setup.py", "build_ext", "--inplace"]
+    return [build,
+            [PY, "-c", "import pf_kernels, json; r = pf_kernels.available_backends(); "
+             "print(json.dumps({k: v['available'] or v['reason'] for k, v in r.items()})); "
+             "assert r['cuda']['available'] and r['triton']['available'], 'a GPU backend is missing'"]]
+
+
+def test_commands(ctx: Context):
+    # The tests a GPU adds to CI's: every test of a GPU backend or of mixed precision (CI runs the
+    # CPU-only rest on every commit). Autotune sweeps are the configs part's.
+    args = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "tests",
+            "--ignore=tests/test_triton_aot.py", "--ignore=tests/gpu", "-m", "not slow",
+            "-k", "(cuda or triton or autocast) and not every_autotune_config"]
+    if importlib.util.find_spec("xdist") is not None:
+        args += ["-n", str(max(1, min(12, ctx.cores - 4)))]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        args += ["--timeout", "240"]
+    return [args]
+
+
+def config_commands(ctx: Context):
+    return [[PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+             "tests/test_backend_triton.py", "-k", "every_autotune_config"]]
+
+
+def differential_commands(ctx: Context):
+    return [[PY, "tests/gpu/differential.py", "--device", "cuda", "--backends", "cuda,triton",
+             "--seconds", "30", "--limits"]]
+
+
+def sanitizer_commands(tool_name: str, filtered: bool):
+    def commands(ctx: Context):
+        tool = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+        if not os.path.exists(tool):
+            return None
+        help_text = subprocess.run([tool, "--help"], capture_output=True, text=True).stdout
+        # Our kernels only (torch's own are not ours to check); initcheck unfiltered, since
+        # memory written by unchecked kernels (randn, casts, cuBLAS) would look uninitialised.
+        only_ours = ["--kernel-name", "kns=pf_kernels"] if filtered and "--kernel-name" in help_text else []
+        return [[tool, "--tool", tool_name, "--error-exitcode", "1", "--print-limit", "20", *only_ours,
+                 PY, "tests/gpu/cuda_kernel_calls.py"]]
+    return commands
+
+
+def graph_commands(ctx: Context):
+    return [[PY, "tests/gpu/graph_capture.py", "--device", "cuda"]]
+
+
+def bench_commands(ctx: Context):
+    # --time-limit marks rows it cannot start in time as skipped (the part's limit is the backstop)
+    return [[PY, "-m", "benchmarks", "--device", "cuda", "--quick", "--time-limit", "110",
+             "--out", os.path.join(ctx.out, "bench")]]
+
+
+def profile_commands(ctx: Context):
+    return [[PY, "-m", "benchmarks.profile", "--device", "cuda", "--dtype", "bf16", "--time-limit", "90",
+             "--out", os.path.join(ctx.out, "profile")]]
+
+
+def _sanitizer_summary(text: str, rc: int) -> str:
+    errors = re.findall(r"ERROR SUMMARY: (\d+) error", text)
+    calls = [l.strip() for l in text.splitlines() if l.startswith(("cuda_kernel_calls:", "FAIL"))]
+    return f"{'+'.join(errors) or '?'} errors; " + "; ".join(calls[-3:])
+
+
+PARTS = [
+    Part("build", 180, "tests.log", build_commands, _last_lines(r"^\{|Successfully installed|error"),
+         parallel=False),
+    Part("tests", 200, "tests.log", test_commands, _pytest_counts,
+         env={"PF_KERNELS_TRITON_AUTOTUNE": "0", "PF_KERNELS_FAILURE_LOG": "{out}/failures.txt"}),
+    Part("configs", 120, "checks.log", config_commands, _pytest_counts),
+    Part("differential", 120, "checks.log", differential_commands, _last_lines(r"^differential |^FAIL"),
+         env={"PF_KERNELS_TRITON_AUTOTUNE": "0"}),  # else every new case shape autotunes every config
+    Part("memcheck", 170, "checks.log", sanitizer_commands("memcheck", True), _sanitizer_summary),
+    Part("racecheck", 170, "checks.log", sanitizer_commands("racecheck", True), _sanitizer_summary),
+    Part("initcheck", 170, "checks.log", sanitizer_commands("initcheck", False), _sanitizer_summary),
+    Part("graphs", 90, "checks.log", graph_commands, _last_lines(r"^graph ")),
+    Part("bench", 180, "bench.log", bench_commands, _last_lines(r"geomean|wrote|rows"), parallel=False),
+    # issue 12's profile: not run by default (--parts ...,profile), for a visit with time to spare
+    Part("profile", 150, "bench.log", profile_commands, _last_lines(r"bound|wrote"), parallel=False),
+]
+DEFAULT_PARTS = ("build", "tests", "configs", "differential", "memcheck", "racecheck", "initcheck", "graphs",
+                 "bench")
+
+
+class Running:
+    def __init__(self, part: Part, ctx: Context):
+        self.part, self.ctx = part, ctx
+        self.commands = part.command(ctx)
+        self.text, self.rc, self.start, self.index, self.proc = "", 0, time.time(), 0, None
+        self.timed_out = False
+
+    def start_next(self) -> bool:
+        if self.index >= len(self.commands):
+            return False
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   **{k: v.format(out=self.ctx.out) for k, v in self.part.env.items()})
+        self.proc = subprocess.Popen(self.commands[self.index], cwd=ROOT, env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.text += f"$ {' '.join(self.commands[self.index])}\n"
+        self.index += 1
+        return True
+
+    def poll(self) -> bool:
+        """True when the part is finished."""
+        left = min(self.part.limit_s - (time.time() - self.start), self.ctx.deadline - time.time())
+        try:
+            out, _ = self.proc.communicate(timeout=max(0.1, min(left, 1.0)))
+        except subprocess.TimeoutExpired:
+            if left <= 0:
+                self.proc.kill()
+                out, _ = self.proc.communicate()
+                self.text += out + f"\n[timed out after {time.time() - self.start:.0f} s]\n"
+                self.timed_out, self.rc = True, 124
+                return True
+            return False
+        self.text += out
+        self.rc = self.rc or self.proc.returncode
+        return not self.start_next()
+
+
+def run_parts(parts: List[Part], ctx: Context, results: Dict[str, str]) -> bool:
+    """Runs the parts (side by side when parallel), writes their logs; True if all passed."""
+    ok = True
+    running = []
+    for part in parts:
+        if ctx.skip_reason or ctx.deadline - time.time() < 20:
+            why = ctx.skip_reason or "no time left before --deadline"
+            results[part.name] = f"SKIPPED {part.name}: {why}"
+            print(results[part.name], flush=True)
+            continue
+        r = Running(part, ctx)
+        if r.commands is None:
+            results[part.name] = f"SKIPPED {part.name}: its tool is not installed"
+            print(results[part.name], flush=True)
+            continue
+        r.start_next()
+        running.append(r)
+    while any(r.proc is not None for r in running):
+        for r in running:
+            if r.proc is not None and r.poll():
+                r.proc = None
+    for r in running:
+        elapsed = time.time() - r.start
+        status = "PASS" if r.rc == 0 else "FAIL"
+        ok &= r.rc == 0
+        counts = r.part.summarize(r.text, r.rc)
+        results[r.part.name] = f"{status} {r.part.name}: {counts} ({elapsed:.0f} s" + \
+            (", timed out)" if r.timed_out else ")")
+        with open(os.path.join(ctx.out, r.part.log), "a") as f:
+            f.write(f"##### {r.part.name}: {status}\n{r.text}\n")
+        print(results[r.part.name], flush=True)
+    return ok
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "results", "gpu"))
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS))
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds from the start after which no part starts and running parts stop")
+    args = parser.parse_args(argv)
+    wanted = args.parts.split(",")
+    unknown = set(wanted) - {p.name for p in PARTS}
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; parts: {[p.name for p in PARTS]}")
+    os.makedirs(args.out, exist_ok=True)
+    for p in PARTS:
+        log = os.path.join(args.out, p.log)
+        if os.path.exists(log):
+            os.remove(log)
+    ctx = probe()
+    ctx.out = args.out
+    start = time.time()
+    if args.deadline is not None:
+        ctx.deadline = start + args.deadline
+    versions = _versions()
+    print(f"gpu-check: {ctx.gpu or 'no GPU'}; {versions}; {ctx.cores} cores", flush=True)
+
+    results: Dict[str, str] = {}
+    selected = [p for p in PARTS if p.name in wanted]
+    ok = True
+    build = [p for p in selected if p.name == "build"]
+    if build:
+        ok &= run_parts(build, ctx, results)
+        if not ok:
+            ctx.skip_reason = "the build failed"
+    ok &= run_parts([p for p in selected if p.parallel], ctx, results)
+    ok &= run_parts([p for p in selected if not p.parallel and p.name != "build"], ctx, results)
+
+    total = time.time() - start
+    lines = [f"gpu-check {datetime.date.today().isoformat()}: {ctx.gpu or 'no GPU'}; {versions}; "
+             f"{ctx.cores} cores; {total:.0f} s"] + [results[p.name] for p in selected if p.name in results]
+    with open(os.path.join(args.out, "summary.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+        for p in selected:  # the tail of each failed part's log, so the summary alone says why
+            if results.get(p.name, "").startswith("FAIL"):
+                text = open(os.path.join(args.out, p.log)).read()
+                section = text[text.rfind(f"##### {p.name}:"):]
+                f.write(f"\n--- {p.name}: last lines of {p.log}\n" + "\n".join(section.splitlines()[-40:]) + "\n")
+    print(f"gpu-check: {'all passed' if ok and not ctx.skip_reason else 'FAILED' if not ok else 'SKIPPED'}"
+          f" in {total:.0f} s; summary in {os.path.join(args.out, 'summary.txt')}")
+    return 0 if ok else 1
+
+
+def _versions() -> str:
+    parts = [f"python {platform.python_version()}"]
+    for name in ("torch", "triton"):
+        try:
+            module = __import__(name)
+            parts.append(f"{name} {module.__version__}")
+        except Exception:
+            parts.append(f"{name} missing")
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if os.path.exists(nvcc):
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+        m = re.search(r"release ([\d.]+)", out)
+        parts.append(f"nvcc {m.group(1) if m else '?'}")
+    return ", ".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""Independent differential check of every op on one or more backends.
+
+Random cases, reproducible from (seed, case index): batch sizes from 0 up, odd feature widths,
+0-4 position dims, non-contiguous and misaligned inputs (permuted storage, strided slices, a
+storage offset of one element, which breaks 16-byte vector access), every activation, bias or not,
+fp32/bf16/fp16 (and fp64 where the backend takes it), K > 8 head inputs and more modalities than
+the one-launch kernels take. Each case's forward and every gradient are held against a float64
+reference written here, independently of pf_kernels.reference, by the rule of the test suite:
+error <= 2 x (error of eager PyTorch in the same dtype) + a floor. `--limits` adds the sizes where
+launch grids, shared memory and 32-bit offsets run out (GPU only: gigabytes).
+
+  python tests/gpu/differential.py --device cuda --backends cuda,triton --seconds 60 [--limits]
+
+On a CPU (the cpu backend, triton under TRITON_INTERPRET=1) it is the CPU-verifiable twin of the
+GPU run; tests/test_gpu_check.py runs it so. Prints each failure with what reproduces it and one
+summary line per backend; exits 1 on any failure.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+import traceback
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")
+FLOORS = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def act64(y: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "none":
+        return y
+    if name == "relu":
+        return torch.relu(y)  # keeps NaN, as every backend must
+    if name == "gelu":
+        return 0.5 * y * torch.erfc(-y / math.sqrt(2.0))
+    if name == "tanh":
+        return torch.tanh(y)
+    return torch.sigmoid(y)
+
+
+def broadcast_to_positions(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """c (B, D) over like's positions (B, *S, _) -> (B, *S, D)."""
+    return c.view(c.shape[0], *([1] * (like.dim() - 2)), c.shape[1]).expand(*like.shape[:-1], c.shape[1])
+
+
+# The ops, written from their definitions (DESIGN.md §1, §7), in whatever dtype they are given:
+# float64 for the reference, the case's dtype for eager PyTorch.
+def plain_backproj(x, z, w, b, a):
+    ctx = act64(F.linear(z, w, b), a)
+    return torch.cat([x, broadcast_to_positions(ctx, x)], -1)
+
+
+def plain_head(hs, w, b, a):
+    return act64(F.linear(torch.cat(hs, -1), w, b), a)
+
+
+def plain_context_linear(p, z, bw, bb, pw, a, out_a):
+    term = F.linear(act64(F.linear(z, bw, bb), a), pw)
+    return act64(p + broadcast_to_positions(term, p), out_a)
+
+
+class Case:
+    """One random call: tensors (leaves) and how to call an op on them."""
+
+    def __init__(self, op: str, dtype: torch.dtype, tensors: List[Optional[torch.Tensor]],
+                 call: Callable, plain: Callable, desc: str):
+        self.op, self.dtype, self.tensors, self.call, self.plain, self.desc = op, dtype, tensors, call, plain, desc
+
+
+def make_tensor(shape, dtype, device, rng: random.Random, layout: str, scale: float = 1.0) -> torch.Tensor:
+    """Fresh normal values in one of several memory layouts (never zeros)."""
+    shape = tuple(shape)
+    n = math.prod(shape)
+    gen = torch.Generator(device="cpu").manual_seed(rng.getrandbits(62))
+    if layout == "offset":  # one element into its storage: misaligned for vector access
+        base = (torch.randn(n + 1, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+        return base[1:].view(shape)
+    if layout == "permuted" and len(shape) >= 2:
+        t = (torch.randn(*reversed(shape), generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+        return t.permute(*reversed(range(len(shape))))
+    if layout == "strided" and len(shape) >= 1:
+        t = (torch.randn(*shape[:-1], 2 * shape[-1] + 1, generator=gen, dtype=torch.float64) * scale)
+        return t.to(dtype).to(device)[..., 1::2]
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def draw_positions(rng: random.Random, max_positions: int) -> List[int]:
+    rank = rng.choice([0, 0, 1, 1, 1, 2, 2, 3, 4])
+    sizes = []
+    for _ in range(rank):
+        sizes.append(rng.choice([1, 2, 3, 5, 7, 16, 31, 64, 100, 257]))
+    while math.prod(sizes or [1]) > max_positions:
+        sizes[sizes.index(max(sizes))] //= 2
+    return sizes
+
+
+def draw_case(op: str, dtype: torch.dtype, device: str, rng: random.Random, budget: int) -> Case:
+    """A random call of op whose largest tensor has about `budget` elements at most."""
+    def width(lo=1, hi=300):
+        return rng.choice([lo, lo + 1, 3, 7, 8, 16, 31, 33, 64, 100, 127, 128, 130, 255, hi])
+
+    def layout():
+        return rng.choice(["contiguous", "contiguous", "permuted", "strided", "offset"])
+
+    def t(shape, scale=1.0):
+        return make_tensor(shape, dtype, device, rng, layout(), scale)
+
+    B = rng.choice([0, 1, 2, 3, 5, 8, 17, 33, 64, 130, 257, 1000])
+    a, bias = rng.choice(ACTIVATIONS), rng.random() < 0.7
+
+    def fit(S, row, shrink_batch=True):
+        """Positions S shrunk, then B (before any tensor is made), until B * prod(S) * row <= budget."""
+        nonlocal B
+        S = list(S)
+        while B * math.prod(S or [1]) * row > budget and S and max(S) > 1:
+            S[S.index(max(S))] //= 2
+        while shrink_batch and B * math.prod(S or [1]) * row > budget and B > 1:
+            B //= 2
+        return S
+
+    if op == "backproj_concat":
+        Dx, Dz, Dc = width(0), width(), width()
+        S = fit(draw_positions(rng, 4096), Dx + Dc)
+        x, z, w = t((B, *S, Dx)), t((B, Dz)), t((Dc, Dz), Dz ** -0.5)
+        b = t((Dc,)) if bias else None
+        return Case(op, dtype, [x, z, w, b],
+                    lambda ops, x, z, w, b: ops.backproj_concat(x, z, w, b, a),
+                    lambda x, z, w, b: plain_backproj(x, z, w, b, a),
+                    f"B={B} S={S} Dx={Dx} Dz={Dz} Dc={Dc} act={a} bias={bias}")
+    if op == "fusion_head":
+        dims = [width(0, 200) for _ in range(rng.choice([1, 2, 3, 4, 8, 9, 11]))]
+        if sum(dims) == 0:
+            dims[0] = 5
+        Dz = width()
+        fit([], sum(dims) + Dz)
+        hs = [t((B, d)) for d in dims]
+        w, b = t((Dz, sum(dims)), sum(dims) ** -0.5), (t((Dz,)) if bias else None)
+        k = len(dims)
+        return Case(op, dtype, [*hs, w, b],
+                    lambda ops, *ts: ops.fusion_head(list(ts[:k]), ts[k], ts[k + 1], a),
+                    lambda *ts: plain_head(list(ts[:k]), ts[k], ts[k + 1], a),
+                    f"B={B} dims={dims} Dz={Dz} act={a} bias={bias}")
+    if op == "backproj_concat_grouped":
+        m, Dz = rng.choice([1, 2, 3, 5]), width()
+        Dxs = [width(0) for _ in range(m)]
+        fit([], max(Dxs) + 300)
+        xs = [t((B, *fit(draw_positions(rng, 1024), Dx + 300, False), Dx)) for Dx in Dxs]
+        ws = [t((width(), Dz), Dz ** -0.5) for _ in range(m)]
+        bs = [t((w.shape[0],)) if rng.random() < 0.7 else None for w in ws]
+        z = t((B, Dz))
+
+        def call(ops, z, *ts):
+            return ops.backproj_concat_grouped(list(ts[:m]), z, list(ts[m:2 * m]), list(ts[2 * m:]), a)
+
+        def plain(z, *ts):
+            return [plain_backproj(x, z, w, b_, a) for x, w, b_ in zip(ts[:m], ts[m:2 * m], ts[2 * m:])]
+
+        return Case(op, dtype, [z, *xs, *ws, *bs], call, plain,
+                    f"B={B} xs={[tuple(x.shape) for x in xs]} Dz={Dz} Dc={[w.shape[0] for w in ws]} act={a}")
+    if op == "refine_step":
+        dims = [width(1, 130) for _ in range(rng.choice([1, 2, 3, 8, 9]))]
+        m, Dz = rng.choice([1, 2, 3, 4, 5]), rng.choice([1, 7, 33, 64, 127, 128, 129, 200])
+        head_a = rng.choice(ACTIVATIONS)
+        Dxs = [width(0, 64) for _ in range(m)]
+        fit([], max(sum(dims) + Dz, max(Dxs) + 64))
+        hs = [t((B, d)) for d in dims]
+        hw, hb = t((Dz, sum(dims)), sum(dims) ** -0.5), (t((Dz,)) if bias else None)
+        xs = [t((B, *fit(draw_positions(rng, 512), Dx + 64, False), Dx)) for Dx in Dxs]
+        ws = [t((width(1, 64), Dz), Dz ** -0.5) for _ in range(m)]
+        bs = [t((w.shape[0],)) if rng.random() < 0.7 else None for w in ws]
+        k = len(dims)
+
+        def call(ops, hw, hb, *ts):
+            z, outs = ops.refine_step(list(ts[:k]), hw, hb, list(ts[k:k + m]), list(ts[k + m:k + 2 * m]),
+                                      list(ts[k + 2 * m:]), head_a, a)
+            return [z, *outs]
+
+        def plain(hw, hb, *ts):
+            z = plain_head(list(ts[:k]), hw, hb, head_a)
+            return [z, *(plain_backproj(x, z, w, b_, a) for x, w, b_ in
+                         zip(ts[k:k + m], ts[k + m:k + 2 * m], ts[k + 2 * m:]))]
+
+        return Case(op, dtype, [hw, hb, *hs, *xs, *ws, *bs], call, plain,
+                    f"B={B} dims={dims} Dz={Dz} xs={[tuple(x.shape) for x in xs]} head={head_a} bp={a}")
+    if op == "context_linear":
+        H, Dz, Dc = width(), width(), width(1, 64)
+        S = fit(draw_positions(rng, 4096), H)
+        out_a = rng.choice(ACTIVATIONS)
+        p, z = t((B, *S, H)), t((B, Dz))
+        bw, bb = t((Dc, Dz), Dz ** -0.5), (t((Dc,)) if bias else None)
+        pw = t((H, Dc), Dc ** -0.5)
+        return Case(op, dtype, [p, z, bw, bb, pw],
+                    lambda ops, p, z, bw, bb, pw: ops.context_linear(p, z, bw, bb, pw, a, out_a),
+                    lambda p, z, bw, bb, pw: plain_context_linear(p, z, bw, bb, pw, a, out_a),
+                    f"B={B} S={S} H={H} Dz={Dz} Dc={Dc} act={a} out_act={out_a} bias={bias}")
+    raise ValueError(op)
+
+
+class BackendOps:
+    """pf_kernels' functional ops bound to one backend."""
+
+    def __init__(self, pk, backend: str):
+        self.pk, self.backend = pk, backend
+
+    def __getattr__(self, op):
+        fn = getattr(self.pk, op)
+        return lambda *args: fn(*args, backend=self.backend)
+
+
+def _as_list(out) -> List[torch.Tensor]:
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def _forward_backward(fn: Callable, leaves: Sequence[Optional[torch.Tensor]], grad_seed: int,
+                      dtype_of_grads: Optional[torch.dtype] = None):
+    """Outputs and the gradient of every leaf for random output gradients (drawn from grad_seed)."""
+    inputs = [t.detach().clone().requires_grad_(True) if t is not None else None for t in leaves]
+    outs = _as_list(fn(*inputs))
+    gen = torch.Generator(device="cpu").manual_seed(grad_seed)
+    gouts = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype).to(o.device) for o in outs]
+    wanted = [t for t in inputs if t is not None]
+    grads = torch.autograd.grad(outs, wanted, gouts, allow_unused=True) if wanted else []
+    grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, wanted)]
+    return [o.detach() for o in outs], list(grads)
+
+
+def _error(got: torch.Tensor, want: torch.Tensor) -> float:
+    if got.numel() == 0:
+        return 0.0
+    diff = (got.double() - want).abs()
+    both_nan = torch.isnan(got.double()) & torch.isnan(want)
+    diff = torch.where(both_nan, torch.zeros_like(diff), diff)
+    return float("inf") if torch.isnan(diff).any() else diff.max().item()
+
+
+def check_case(case: Case, backend_ops: BackendOps, grad_seed: int) -> List[str]:
+    """Problems found (empty when the case passes)."""
+    exact_leaves = [t.double() if t is not None else None for t in case.tensors]
+    exact_out, exact_grads = _forward_backward(case.plain, exact_leaves, grad_seed)
+    eager_out, eager_grads = _forward_backward(case.plain, case.tensors, grad_seed)
+    got_out, got_grads = _forward_backward(lambda *ts: case.call(backend_ops, *ts), case.tensors, grad_seed)
+    problems = []
+    pairs = [(f"output {i}", g, e, r) for i, (g, e, r) in enumerate(zip(got_out, eager_out, exact_out))]
+    pairs += [(f"grad {i}", g, e, r) for i, (g, e, r) in enumerate(zip(got_grads, eager_grads, exact_grads))]
+    if len(got_out) != len(exact_out):
+        problems.append(f"{len(got_out)} outputs, expected {len(exact_out)}")
+    for what, got, eager, exact in pairs:
+        if got.shape != exact.shape:
+            problems.append(f"{what}: shape {tuple(got.shape)}, expected {tuple(exact.shape)}")
+            continue
+        want_dtype = case.dtype if what.startswith("output") else eager.dtype
+        if got.dtype != want_dtype:
+            problems.append(f"{what}: dtype {got.dtype}, expected {want_dtype}")
+        err, eager_err = _error(got, exact), _error(eager, exact)
+        scale = max(1.0, exact.abs().max().item()) if exact.numel() else 1.0
+        bound = 2 * eager_err + FLOORS[case.dtype] * scale
+        if not err <= bound:
+            problems.append(f"{what}: error {err:.3g} > bound {bound:.3g} (eager {eager_err:.3g}, scale {scale:.3g})")
+    return problems
+
+
+def limit_cases(device: str, dtype: torch.dtype) -> List[tuple]:
+    """(name, make() -> (x, z, w, b), positions to check) at the sizes where launch grids, shared
+    memory and 32-bit offsets run out. Checked on sampled positions against float64."""
+    def backproj(B, S, Dx, Dz, Dc, dt=dtype):
+        g = torch.Generator(device=device).manual_seed(B + Dc)
+        x = torch.randn(B, *S, Dx, device=device, dtype=dt, generator=g)
+        z = torch.randn(B, Dz, device=device, dtype=dt, generator=g)
+        w = torch.randn(Dc, Dz, device=device, dtype=dt, generator=g) * Dz ** -0.5
+        b = torch.randn(Dc, device=device, dtype=dt, generator=g)
+        return x, z, w, b
+    return [
+        ("batch > 65535 (grid y/z)", lambda: backproj(70_000, (), 3, 5, 4)),
+        ("batch > 2,097,120", lambda: backproj(2_200_000, (), 2, 3, 2)),
+        ("positions > 2^21 (P blocks on grid y)", lambda: backproj(1, (2_200_000,), 2, 3, 2)),
+        ("Dc = 60000 (beyond shared memory)", lambda: backproj(2, (3,), 5, 8, 60_000)),
+        ("output >= 2^31 elements (int32 offsets)", lambda: backproj(4, (1 << 20,), 512, 8, 8, torch.bfloat16)),
+    ]
+
+
+def check_limit(name: str, make: Callable, backend_ops: BackendOps, act: str = "tanh") -> List[str]:
+    x, z, w, b = make()
+    B, Dx = x.shape[0], x.shape[-1]
+    out = backend_ops.backproj_concat(x, z, w, b, act)
+    problems = []
+    if out.shape != (*x.shape[:-1], Dx + w.shape[0]):
+        return [f"shape {tuple(out.shape)}"]
+    ctx = act64(F.linear(z.double(), w.double(), b.double()), act)
+    xf, of = x.reshape(B, -1, Dx), out.reshape(B, -1, out.shape[-1])
+    P = xf.shape[1]
+    for p in sorted({0, 1, P // 2, P - 2, P - 1} & set(range(P))):
+        for bi in sorted({0, B // 2, B - 1}):
+            if not torch.equal(of[bi, p, :Dx], xf[bi, p]):
+                problems.append(f"x part differs at b={bi} p={p}")
+            err = (of[bi, p, Dx:].double() - ctx[bi]).abs().max().item()
+            if err > 4 * FLOORS[x.dtype]:
+                problems.append(f"context differs at b={bi} p={p}: {err:.3g}")
+    # backward: the context gradient is grad_out's context part summed over positions
+    g = torch.randn_like(out)
+    zz, ww, bb = (t.detach().clone().requires_grad_(True) for t in (z, w, b))
+    gz, gw, gb = torch.autograd.grad(backend_ops.backproj_concat(x, zz, ww, bb, act), (zz, ww, bb), g)
+    z64, w64, b64 = (t.double().requires_grad_(True) for t in (z, w, b))
+    gsum = g.reshape(B, -1, g.shape[-1])[..., Dx:].double().sum(1)
+    want = torch.autograd.grad(act64(F.linear(z64, w64, b64), act), (z64, w64, b64), gsum)
+    for n, got, ref in zip(("grad_z", "grad_weight", "grad_bias"), (gz, gw, gb), want):
+        scale = max(1.0, ref.abs().max().item())
+        err = (got.double() - ref).abs().max().item()
+        if err > 8 * FLOORS[x.dtype] * scale * max(1.0, math.log2(P)):
+            problems.append(f"{n}: error {err:.3g} (scale {scale:.3g})")
+    del x, z, w, b, out, g
+    return problems
+
+
+def default_budget(device: str, backend: str) -> int:
+    """Elements of the largest tensor of a case: big enough for several blocks and tails, small
+    enough for many cases in the time budget (the Triton interpreter runs ~1e5 times slower)."""
+    if device == "cuda":
+        return 1 << 22
+    return 1 << 12 if backend == "triton" else 1 << 17
+
+
+def backend_takes(pk, backend: str, op: str, device: str, dtype: torch.dtype) -> bool:
+    from pf_kernels._dispatch import _BACKENDS, _refusal
+    return _refusal(_BACKENDS[backend], op, torch.device(device), dtype) is None
+
+
+def run(device: str, backends: Sequence[str], seconds: float, seed: int, limits: bool,
+        max_cases: Optional[int] = None, budget: Optional[int] = None, out=None) -> int:
+    import pf_kernels as pk
+
+    out = out or sys.stdout
+
+    ops = ["backproj_concat", "fusion_head", "backproj_concat_grouped", "refine_step"]
+    if hasattr(pk, "context_linear"):
+        ops.append("context_linear")
+    failures = 0
+    for backend in backends:
+        info = pk.available_backends()[backend]
+        if not info["available"] or (device not in info["devices"] and "*" not in info["devices"]):
+            print(f"differential {backend}: SKIPPED ({info['reason'] or 'does not serve ' + device})", file=out)
+            continue
+        dtypes = [d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+                  if backend_takes(pk, backend, "fusion_head", device, d)]
+        backend_ops = BackendOps(pk, backend)
+        rng = random.Random(seed)
+        start, count, failed, per_op = time.perf_counter(), 0, 0, {}
+        while time.perf_counter() - start < seconds and (max_cases is None or count < max_cases):
+            index = count
+            case_rng = random.Random(rng.getrandbits(62))
+            op = ops[index % len(ops)]
+            dtype = dtypes[(index // len(ops)) % len(dtypes)]
+            if not backend_takes(pk, backend, op, device, dtype):
+                count += 1
+                continue
+            case = None
+            try:
+                case = draw_case(op, dtype, device, case_rng, budget or default_budget(device, backend))
+                problems = check_case(case, backend_ops, grad_seed=index)
+            except Exception as exc:  # a crash is a failure of this case, with its trace
+                problems = [f"raised {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}"]
+            per_op[op] = per_op.get(op, 0) + 1
+            if problems:
+                failed += 1
+                desc = case.desc if case is not None else "(case not drawn)"
+                print(f"FAIL {backend} case {index} (seed {seed}) {op} {str(dtype)[6:]} {desc}: "
+                      + "; ".join(problems[:4]), file=out)
+            count += 1
+        limit_results = []
+        if limits:
+            for dtype in (torch.float32,):
+                for name, make in limit_cases(device, dtype):
+                    try:
+                        problems = check_limit(name, make, backend_ops)
+                    except Exception as exc:
+                        problems = [f"raised {type(exc).__name__}: {str(exc)[:300]}"]
+                    torch.cuda.empty_cache() if device == "cuda" else None
+                    limit_results.append((name, problems))
+                    if problems:
+                        failed += 1
+                        print(f"FAIL {backend} limit case {name}: " + "; ".join(problems[:4]), file=out)
+        elapsed = time.perf_counter() - start
+        print(f"differential {backend}: {count} cases ({', '.join(f'{k} {v}' for k, v in per_op.items())})"
+              f"{f', {len(limit_results)} limit cases' if limits else ''}, {failed} failed, "
+              f"dtypes {[str(d)[6:] for d in dtypes]}, {elapsed:.0f} s", file=out)
+        failures += failed
+    return failures
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated; default: cuda,triton on cuda, cpu,triton on cpu")
+    parser.add_argument("--seconds", type=float, default=30.0, help="time budget per backend")
+    parser.add_argument("--max-cases", type=int, default=None)
+    parser.add_argument("--budget", type=int, default=None, help="elements of a case's largest tensor")
+    parser.add_argument("--seed", type=int, default=int(os.environ.get("PF_DIFF_SEED", "20261126")))
+    parser.add_argument("--limits", action="store_true", help="the GPU limit cases (gigabytes)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("differential: SKIPPED (no CUDA device)")
+        return 0
+    if args.device == "cpu" and "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton.language is imported: the CPU twin of triton
+    backends = (args.backends or ("cuda,triton" if args.device == "cuda" else "cpu,triton")).split(",")
+    failures = run(args.device, backends, args.seconds, args.seed, args.limits, args.max_cases, args.budget)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

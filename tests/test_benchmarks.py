@@ -1,0 +1,146 @@
+"""The benchmark says what ran: every provider times a tiny case, the torch.compile column is a
+compiled graph (proven), and a provider that falls back or errors is marked, not timed."""
+import copy
+import json
+
+import pytest
+import torch
+
+import pf_kernels as pk
+from benchmarks import e2e, report
+from benchmarks.cases import EAGER, tiny_cases
+from benchmarks.proof import FELL_BACK, ProvenCompile, fell_back_reason, record_backend_choice, timed_region
+from benchmarks.run import Deadline, add_ratios, op_providers, time_group
+from benchmarks.timing import measure_side_by_side
+from pf_kernels._dispatch import resolve_backend
+
+CPU = torch.device("cpu")
+BACKPROJ, FUSION, REFINE = tiny_cases()
+
+
+def _time(case, mode, providers, with_compile=True):
+    rows = time_group(case, mode, torch.float32, CPU, providers, with_compile, min_time=0.0, deadline=Deadline(None))
+    add_ratios(rows, copy_gbps=1.0, matmul_gflops={"torch.float32": 1.0})
+    return {r["provider"]: r for r in rows}
+
+
+# The providers `python -m benchmarks` has on this CPU. The triton backend serves CPU tensors only under
+# its interpreter (switched on for the test session by conftest): a test of that backend, not of this.
+PROVIDERS = [p for p in op_providers(CPU, with_compile=True) if p != "triton"]
+
+
+def test_every_provider_times_a_tiny_case_and_compile_really_compiled():
+    providers = PROVIDERS
+    assert providers[0] == "eager" and "auto" in providers and providers[-1] == "compile"
+    rows = _time(BACKPROJ, "fwd", providers)
+    for name, row in rows.items():
+        assert row["status"] == "ok", (name, row["status"])
+        assert row["median_s"] > 0 and row["p20_s"] <= row["median_s"] <= row["p80_s"]
+        assert row["threads"] == torch.get_num_threads() and row["dtype"] == "torch.float32"
+        assert row["bytes"] == BACKPROJ.bytes("fwd", torch.float32) and row["fraction_of_copy_bw"] > 0
+    assert rows["compile"]["ran"] == "inductor" and rows["compile"]["graphs"] >= 1
+    assert rows["compile"]["compile_s"] > 0
+    assert rows["auto"]["ran"] == resolve_backend("auto", "backproj_concat", CPU, torch.float32)
+    for name in providers:
+        if name not in ("eager", "auto", "compile"):
+            assert rows[name]["ran"] == name
+
+
+@pytest.mark.parametrize("case", [FUSION, REFINE], ids=["fusion_head", "refine_step"])
+def test_fused_providers_time_fwd_and_bwd_of_every_op(case):
+    providers = [p for p in PROVIDERS if p != "compile"]
+    for mode in ("fwd", "fwd+bwd"):
+        rows = _time(case, mode, providers)
+        assert all(r["status"] == "ok" for r in rows.values()), {p: r["status"] for p, r in rows.items()}
+
+
+def test_a_graph_break_is_marked_fell_back_not_timed():
+    case = copy.copy(BACKPROJ)
+
+    def call_with_a_graph_break(ops, *args):
+        if ops is EAGER:  # what the compile provider compiles
+            torch._dynamo.graph_break()
+        return BACKPROJ.call(ops, *args)
+
+    case.call = call_with_a_graph_break
+    rows = _time(case, "fwd", ["eager", "compile"])
+    assert rows["eager"]["status"] == "ok"
+    assert rows["compile"]["status"].startswith(FELL_BACK) and "median_s" not in rows["compile"]
+
+
+def test_a_recompile_while_timing_is_caught_not_run_eagerly():
+    fn = ProvenCompile(lambda x: x * 2 + 1, backend="eager")  # the check is the same for every backend
+    inputs = [torch.randn(3), torch.randn(4)]  # the second shape fails the first graph's guards
+    fn.warm_up(lambda: fn(inputs[0]), times=1)
+    assert fn.check() is None and fn.graphs == 1
+    calls = iter(range(10**6))
+    with timed_region():
+        result = measure_side_by_side({"compile": lambda: fn(inputs[next(calls) % 2])}, CPU, min_time_s=0.0,
+                                      warmup=1)
+    assert "error" in result["compile"]
+    assert fell_back_reason(result["compile"]["error"]).startswith(f"{FELL_BACK}: a guard failed")
+    assert fn.recompiled_since_check() is None  # it raised instead of compiling a second graph
+
+
+def test_a_frame_with_nothing_to_compile_is_reported():
+    fn = ProvenCompile(lambda x: x, backend="eager")
+    fn.warm_up(lambda: fn(torch.randn(2)), times=1)
+    assert fn.check().startswith(FELL_BACK)
+
+
+def test_an_erroring_or_wrong_provider_is_marked(monkeypatch):
+    # The cuda backend cannot serve CPU tensors: asked for by name, it raises.
+    rows = _time(BACKPROJ, "fwd", ["eager", "cuda"])
+    assert rows["cuda"]["status"].startswith("error: ") and "median_s" not in rows["cuda"]
+    real = pk.backproj_concat
+    monkeypatch.setattr(pk, "backproj_concat", lambda x, z, w, b, act, backend: real(x, z, w * 1.1, b, act))
+    rows = _time(BACKPROJ, "fwd", ["eager", "auto"])
+    assert rows["auto"]["status"].startswith("wrong result")
+
+
+def test_record_backend_choice_sees_what_auto_dispatched_to():
+    x, z, w, b = BACKPROJ.make_inputs(CPU, torch.float32)
+    with record_backend_choice() as chosen:
+        pk.backproj_concat(x, z, w, b, backend="auto")
+        pk.backproj_concat(x, z, w, b, backend="torch")
+    assert chosen == [resolve_backend("auto", "backproj_concat", CPU, torch.float32), "torch"]
+    assert pk.ops.resolve_backend is resolve_backend  # restored
+
+
+def test_e2e_rows_say_what_ran_and_mark_unavailable_variants():
+    tiny = e2e.Variant("tiny-pf", "tiny", "narrow", ((2, 3),), e2e.progressive_fusion(2))
+    missing = e2e.Variant("tiny-x", "an option this version lacks", "narrow", ((2, 3),),
+                          e2e.progressive_fusion(2, no_such_option=True))
+
+    class Quiet:
+        def step(self, what):
+            pass
+
+    providers = e2e.e2e_providers(CPU, [], with_compile=False)
+    rows = e2e.e2e_rows(CPU, [tiny, missing], providers, quick=True, progress=Quiet())
+    ok = [r for r in rows if r["variant"] == "tiny-pf"]
+    assert {(r["task"], r["provider"]) for r in ok} == {(t, p) for t in ("train", "inference") for p in providers}
+    assert all(r["status"] == "ok" and r["median_s"] > 0 for r in ok), [r["status"] for r in ok]
+    auto = next(r for r in ok if r["provider"] == "auto")
+    assert auto["ran"] == resolve_backend("auto", "refine_step", CPU, torch.float32)
+    assert next(r for r in ok if r["provider"] == "eager")["ran"] == "torch"
+    assert all(r["status"].startswith("n/a") for r in rows if r["variant"] == "tiny-x")
+
+
+def test_compare_and_markdown_read_saved_runs(tmp_path):
+    rows = list(_time(BACKPROJ, "fwd", ["eager", "auto"]).values())
+    meta = dict(device="cpu", device_name="test cpu", threads=1, torch=torch.__version__, triton=None, date="2026-01-01",
+                commit=None, providers=["eager", "auto"], dtypes=["torch.float32"], copy_gbps=1.0, argv=["--quick"])
+    old = dict(meta=meta, rows=rows, e2e=[])
+    slower = copy.deepcopy(old)
+    for r in slower["rows"]:
+        for k in ("median_s", "p20_s", "p80_s"):
+            r[k] *= 10
+    paths = []
+    for name, result in (("old", old), ("new", slower)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(result))
+    text = report.compare_text(json.loads(paths[1].read_text()), json.loads(paths[0].read_text()))
+    assert text.count("slower") >= 2 and "10.00x time" in text
+    table = report.markdown(old)
+    assert "| `backproj_concat` | fwd | fp32 |" in table

@@ -1,0 +1,84 @@
+"""A converted model under DistributedDataParallel (gloo, 2 processes on this CPU) trains exactly as
+the unconverted model does: same gradients after DDP's all-reduce, same parameters after the steps."""
+import copy
+import datetime
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch._dynamo
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+import pf_kernels as pk
+from tests.convert_cases import counting_fused_calls, small_progressive_inputs, small_progressive_model
+
+WORLD = 2
+STEPS = 3
+
+
+def _worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    try:
+        torch.manual_seed(0)  # the same initial weights on both ranks
+        model, expected = small_progressive_model()
+        reference = copy.deepcopy(model)
+        _, report = pk.convert(model)  # captured at the first call, inside DDP's forward
+        # tiny buckets: torch.compile's DDP optimizer would cut the graph at every one
+        ddp = DistributedDataParallel(model, bucket_cap_mb=1e-4)
+        ddp_ref = DistributedDataParallel(reference, bucket_cap_mb=1e-4)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        opt_ref = torch.optim.SGD(ddp_ref.parameters(), lr=0.1, momentum=0.9)
+        grad_diff, calls = 0.0, None
+        for step in range(STEPS):
+            torch.manual_seed(100 + 10 * step + rank)  # each rank its own batch
+            (inputs,), target = small_progressive_inputs(), torch.randint(0, 2, (4,))
+            for net, optimizer in ((ddp_ref, opt_ref), (ddp, opt)):
+                optimizer.zero_grad()
+                with counting_fused_calls() as counted:
+                    loss = torch.nn.functional.cross_entropy(net(inputs), target)
+                loss.backward()
+                if net is ddp:
+                    calls = dict(counted)
+            grad_diff = max([grad_diff] + [(p.grad - q.grad).abs().max().item()
+                                           for p, q in zip(model.parameters(), reference.parameters())])
+            opt_ref.step()
+            opt.step()
+        param_diff = max((p - q).abs().max().item() for p, q in zip(model.parameters(), reference.parameters()))
+        # DDP all-reduced: every rank holds the same parameters
+        gathered = [torch.zeros(1) for _ in range(WORLD)]
+        dist.all_gather(gathered, torch.stack([p.sum() for p in model.parameters()]).sum().reshape(1))
+        result = {"grad_diff": grad_diff, "param_diff": param_diff, "calls": calls, "expected": expected,
+                  "counts": report.counts,
+                  "rank_spread": (gathered[0] - gathered[1]).abs().item()}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo in this torch")
+def test_converted_model_under_ddp_trains_like_the_original(tmp_path):
+    # fork where it is safe: the workers start with torch and pf_kernels imported (spawn imports
+    # them again in each: several seconds here). A CUDA build of torch starts autograd device
+    # threads at the first backward, after which a forked child cannot run backward; a CPU-only
+    # build starts none (and each worker runs one OpenMP thread).
+    method = "fork" if torch.version.cuda is None and "fork" in mp.get_all_start_methods() else "spawn"
+    torch._dynamo.reset()
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method=method)
+    for rank in range(WORLD):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["calls"] == result["expected"] == result["counts"], result
+        assert result["grad_diff"] < 1e-5 and result["param_diff"] < 1e-5, result
+        assert result["rank_spread"] < 1e-5, result

@@ -1,0 +1,259 @@
+"""convert() on models written the way multimodal repositories write them (tests/convert_cases.py):
+the model stays the user's (class, attributes, parameters, state_dict, methods), outputs and
+gradients equal the unconverted model's on every backend that runs here, the fused ops are called
+as often as the patterns say, and training code keeps working."""
+import copy
+import importlib.util
+import io
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree
+from torch import nn
+
+import pf_kernels as pk
+from pf_kernels.nn import ProgressiveFusion
+from tests.convert_cases import fresh_dynamo  # noqa: F401  (a fixture)
+from tests.convert_cases import (MMDL, TanhProgressive, assert_same_model, conv_transformer_inputs,
+                                 conv_transformer_model, counting_fused_calls, cpu_backends,
+                                 late_fusion_inputs, late_fusion_model, progressive_inputs, progressive_model,
+                                 small_progressive_inputs, small_progressive_model, tanh_progressive_inputs,
+                                 tanh_progressive_model)
+
+BACKENDS = cpu_backends()
+# triton runs under the interpreter here: ~0.3 s per kernel launch, so on one small model only
+FAST_BACKENDS = [b for b in BACKENDS if b != "triton"]
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
+
+def _check_every_backend(model, reference, args, expected, backends=FAST_BACKENDS):
+    for backend in backends:
+        pk.convert(model, backend=backend)  # a converted model: switches backend, no new capture
+        with counting_fused_calls() as calls:
+            assert_same_model(reference, model, args)
+        assert dict(calls) == expected, backend
+
+
+def test_late_fusion_mmdl_stays_the_users_model():
+    model, expected = late_fusion_model()
+    reference = copy.deepcopy(model)
+    parameters = list(model.parameters())
+    args = late_fusion_inputs()
+    converted, report = pk.convert(model, backend="torch", example_inputs=args)
+    assert converted is model and type(model) is MMDL and isinstance(model, nn.Module)
+    assert report.counts == expected, str(report)
+    _check_every_backend(model, reference, args, expected)
+    assert len(report.captures) == 1, str(report)  # switching backends captured nothing new
+    # The same Parameter objects (an optimizer made before convert() still trains the model),
+    # the attributes MultiBench's training loop reads, the other methods.
+    assert all(a is b for a, b in zip(model.parameters(), parameters))
+    assert len(model.reps) == 3 and model.fuseout.shape == (5, 22)
+    for rep, rep_ref in zip(model.reps, reference.reps):
+        torch.testing.assert_close(rep, rep_ref)
+    torch.testing.assert_close(model.fuseout, reference.fuseout)
+    assert model.num_modalities() == 3
+    assert set(vars(model)) - set(vars(reference)) == {"forward"}  # the instance's forward, nothing else
+    fresh, _ = late_fusion_model()
+    fresh.load_state_dict(model.state_dict())  # the state_dict still loads into the plain model
+
+
+def test_progressive_mmdl_swaps_heads_and_back_projections():
+    model, expected = progressive_model()
+    reference = copy.deepcopy(model)
+    args = progressive_inputs()
+    _, report = pk.convert(model, backend="cpu" if "cpu" in BACKENDS else "torch", example_inputs=args)
+    assert report.counts == expected, str(report)
+    # The image's cat([img, context], dim=3) in steps 2 and 3: the back-projection reading (the
+    # context's Linear and ReLU, and the cat) ties with the head reading (the cat, the per-pixel
+    # Linear and ReLU), and the head wins; the view and expand are free and do not count.
+    lost = [line for line in report.left_alone if "read as fusion_head instead" in line]
+    assert len(lost) == 2 and all("fuses 3 ops to this reading's 3" in line for line in lost), str(report)
+    _check_every_backend(model, reference, args, expected)
+    assert len(report.captures) == 1
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend does not run on CPU tensors here")
+def test_triton_backend_under_the_interpreter():
+    model, expected = small_progressive_model()
+    reference = copy.deepcopy(model)
+    args = small_progressive_inputs()
+    _, report = pk.convert(model, backend="triton", example_inputs=args)
+    assert report.counts == expected, str(report)
+    _check_every_backend(model, reference, args, expected, ["triton"])
+
+
+def test_channels_first_image_and_transformer():
+    model, expected = conv_transformer_model()
+    reference = copy.deepcopy(model)
+    args = conv_transformer_inputs()
+    _, report = pk.convert(model, backend="torch", example_inputs=args)
+    assert report.counts == expected, str(report)
+    assert any("dim=1" in line and "backproj_concat" in line for line in report.replaced)
+    _check_every_backend(model, reference, args, expected)
+
+
+def test_encoders_ending_in_tanh_linear_keep_the_fusion_head():
+    """Issue 13 item 5: the head's cat([h_1, h_2]) is a fusion head, not a back-projection of the last
+    encoder's Linear; contexts that are not broadcast lose the tie to the encoders' heads."""
+    model, expected = tanh_progressive_model()
+    reference = copy.deepcopy(model)
+    args = tanh_progressive_inputs()
+    _, report = pk.convert(model, backend="cpu" if "cpu" in BACKENDS else "torch", example_inputs=args)
+    assert report.counts == expected, str(report)
+    lost = [line for line in report.left_alone if "read as fusion_head instead" in line]
+    assert len(lost) == 4, str(report)  # 2 modalities x steps 2 and 3
+    assert all(line.endswith("(a tie goes to the pattern ranked first)") for line in lost)
+    with counting_fused_calls() as calls:
+        assert_same_model(reference, model, args)
+    assert dict(calls) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (the same models run on CPU above)")
+@pytest.mark.parametrize("make, inputs", [(progressive_model, progressive_inputs),
+                                          (conv_transformer_model, conv_transformer_inputs)],
+                         ids=["progressive", "conv_transformer"])
+def test_on_cuda(make, inputs):
+    model, expected = make()
+    model = model.cuda()
+    reference = copy.deepcopy(model)
+    args = torch.utils._pytree.tree_map(lambda t: t.cuda() if isinstance(t, torch.Tensor) else t, inputs())
+    info = pk.available_backends()
+    backends = [b for b in ("triton", "cuda") if info[b]["available"] and "cuda" in info[b]["devices"]]
+    _, report = pk.convert(model, backend="auto", example_inputs=args)
+    assert report.counts == expected, str(report)
+    # fp32 GEMMs in another order than cuBLAS's: a little more room than on CPU
+    for backend in ["auto", "torch", *backends]:
+        pk.convert(model, backend=backend)
+        with counting_fused_calls() as calls:
+            assert_same_model(reference, model, args, rtol=1e-4, atol=2e-5)
+        assert dict(calls) == expected, backend
+
+
+def _multibench_style_training(model, batches, validation):
+    """A training loop as MultiBench writes it: RMSprop over model.parameters(), the objective reads
+    model.reps and model.fuseout after the forward, gradient clipping; then a validation pass."""
+    optimizer = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    objective_args = {}
+    losses = []
+    model.train()
+    for inputs, target in batches:
+        optimizer.zero_grad()
+        out = model(inputs)
+        objective_args["reps"], objective_args["fused"] = model.reps, model.fuseout
+        loss = F.cross_entropy(out, target) + 1e-3 * sum(r.square().mean() for r in objective_args["reps"]) \
+            + 1e-3 * objective_args["fused"].square().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 8)
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        val = F.cross_entropy(model(validation[0]), validation[1]).item()
+    return losses, val
+
+
+def test_training_loop_that_reads_model_attributes():
+    model, expected = progressive_model(steps=2)
+    reference = copy.deepcopy(model)
+    batches = [(progressive_inputs(B=6)[0], torch.randint(0, 2, (6,))) for _ in range(3)]
+    validation = (progressive_inputs(B=6)[0], torch.randint(0, 2, (6,)))
+    pk.convert(model, example_inputs=(batches[0][0],))
+    losses_ref, val_ref = _multibench_style_training(reference, batches, validation)
+    with counting_fused_calls() as calls:
+        losses, val = _multibench_style_training(model, batches, validation)
+    assert dict(calls) == {op: 4 * n for op, n in expected.items()}  # 3 steps and the validation
+    torch.testing.assert_close(losses, losses_ref, rtol=1e-5, atol=1e-6)
+    assert val == pytest.approx(val_ref, rel=1e-5)
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, p_ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_without_example_inputs_the_first_call_captures_and_batch_sizes_vary():
+    model, expected = tanh_progressive_model(steps=2)
+    reference = copy.deepcopy(model)
+    _, report = pk.convert(model, backend="torch")
+    assert not report.captures and "no forward captured yet" in str(report)
+    for B in (4, 7, 3, 9):  # the second size recaptures with a symbolic batch size, once
+        with counting_fused_calls() as calls:
+            assert_same_model(reference, model, tanh_progressive_inputs(B))
+        assert dict(calls) == expected
+    assert len(report.captures) == 2 and "dynamic shapes" in report.captures[1], str(report)
+
+
+def test_deepcopy_and_pickle_give_converted_models():
+    model, expected = tanh_progressive_model(steps=2)
+    args = tanh_progressive_inputs()
+    expected_out = model(*args)
+    pk.convert(model, backend="torch")  # not captured yet: the copies capture on their own
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # MultiBench saves whole models
+    buffer.seek(0)
+    for copied in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert type(copied) is TanhProgressive and copied is not model
+        assert copied.forward.module is copied  # converted, and converting itself, not the original
+        with counting_fused_calls() as calls:
+            torch.testing.assert_close(copied(*args), expected_out)
+        assert dict(calls) == expected
+        assert all(a is not b for a, b in zip(copied.parameters(), model.parameters()))
+
+
+def test_the_users_own_torch_compile_of_a_converted_model():
+    model, _ = tanh_progressive_model(steps=1)
+    reference = copy.deepcopy(model)
+    pk.convert(model, backend="torch")
+    args = tanh_progressive_inputs()
+    compiled = torch.compile(model, backend="eager")  # traces the plain forward: no nested capture
+    torch.testing.assert_close(compiled(*args), reference(*args))
+    assert not pk.convert(model, backend="torch").report.captures
+
+
+def test_nothing_to_swap_leaves_the_forward_alone():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    converted, report = pk.convert(model, example_inputs=(torch.randn(2, 3),))
+    assert converted is model and "forward" not in vars(model) and not report.replaced
+    assert any("nothing to swap" in line for line in report.left_alone)
+
+
+def test_unconvert_and_nested_conversions():
+    model, _ = tanh_progressive_model(steps=2)
+    inner = model.encoders[0]
+    pk.convert(inner)
+    assert "forward" in vars(inner)
+    _, report = pk.convert(model)  # the model's capture covers the submodule's
+    assert "forward" not in vars(inner) and "forward" in vars(model)
+    assert any("earlier conversion is undone" in line for line in report.left_alone)
+    from pf_kernels.convert import unconvert
+    assert unconvert(model) is model and "forward" not in vars(model)
+
+
+def test_pf_kernels_modules_get_the_backend_and_bad_arguments_are_refused():
+    model = ProgressiveFusion([nn.Linear(4 + 2, 6), nn.Linear(3 + 2, 6)], [6, 6], 5, 2)
+    converted, report = pk.convert(model, backend="torch")
+    assert converted is model and model.backend == "torch" and "forward" not in vars(model)
+    assert len(report.backends_set) == 3
+    with pytest.raises(ValueError, match="backend"):
+        pk.convert(model, backend="nonsense")
+    with pytest.raises(TypeError, match="model"):
+        pk.convert("not a model")
+    with pytest.raises(TypeError, match=r"example_inputs=\(\[x1, x2\],\)"):
+        pk.convert(nn.Linear(2, 2), example_inputs=[torch.randn(1, 2)])
+    with pytest.raises(TypeError, match="example_kwargs"):
+        pk.convert(nn.Linear(2, 2), example_kwargs=[1])
+
+
+def test_swap_into_model_program_runs(monkeypatch, capsys):
+    path = Path(__file__).resolve().parents[1] / "python" / "swap_into_model.py"
+    spec = importlib.util.spec_from_file_location("swap_into_model", path)
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    # no timing rounds: one capture, the report, the counts and the differences
+    monkeypatch.setattr(sys, "argv", ["swap_into_model.py", "--batch", "4", "--rounds", "0", "--steps", "2",
+                                      "--device", "cpu"])
+    program.main()
+    out = capsys.readouterr().out
+    # the fusion and the vector encoder's first Linear per step; the sequence and the image in step 2
+    assert "fused calls per forward: fusion_head 4, backproj_concat 2" in out, out
+    assert "max |difference| to the unconverted model: output" in out

@@ -1,0 +1,204 @@
+"""convert()'s patterns, one way of writing them at a time: the ways a back-projection's context is
+broadcast and the dims that name the features, the forms of a fusion head, and the near-misses the
+report must explain (whole reasons). Outputs and gradients equal the unconverted model's."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pf_kernels as pk
+from tests.convert_cases import fresh_dynamo  # noqa: F401  (a fixture)
+from tests.convert_cases import assert_same_model, counting_fused_calls, cpu_backends
+
+BACKEND = "cpu" if "cpu" in cpu_backends() else "torch"
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
+
+def _convert_and_check(model, args, expected, backend=BACKEND):
+    reference = copy.deepcopy(model)
+    _, report = pk.convert(model, backend=backend, example_inputs=args)
+    assert report.counts == expected, str(report)
+    with counting_fused_calls() as calls:
+        assert_same_model(reference, model, args)
+    assert dict(calls) == expected, str(report)
+    return report
+
+
+def _flat(outputs):
+    return torch.cat([o.flatten(1) for o in outputs], dim=1)
+
+
+class BroadcastForms(nn.Module):
+    """A fusion head, then one back-projection of its output per way of writing the broadcast, and
+    one context shared by two modalities."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.head = nn.Linear(4 + 5, 6)
+        self.back = nn.ModuleList(nn.Linear(6, d) for _ in range(8))
+        self.shared = nn.Linear(6, 2)
+        self.weight = nn.Parameter(torch.randn(d, 6) * 0.4)  # a functional back-projection
+        self.bias = nn.Parameter(torch.randn(d) * 0.1)
+
+    def forward(self, seq, img, img_cf, vec, h1, h2):
+        z = torch.relu(self.head(torch.cat([h1, h2], -1)))
+        B, T = seq.shape[:2]
+        c = [torch.relu(self.back[0](z)), torch.sigmoid(self.back[1](z)), torch.tanh(self.back[2](z)),
+             F.gelu(self.back[3](z)), self.back[4](z), self.back[5](z).relu(), F.relu(self.back[6](z)),
+             torch.sigmoid(self.back[7](z)), torch.tanh(F.linear(z, self.weight, self.bias))]
+        shared = torch.tanh(self.shared(z))
+        return _flat([
+            torch.cat([seq, c[0].unsqueeze(1).expand(-1, T, -1)], dim=-1),
+            torch.cat([seq, c[1][:, None, :].expand(B, T, 3)], dim=2),
+            torch.cat([seq, c[2].unsqueeze(-2).repeat(1, T, 1)], 2),
+            torch.cat([seq, c[3].view(B, 1, -1).expand_as(seq[..., :3])], -1),
+            torch.cat([img, torch.broadcast_to(c[4][:, None, None], img.shape[:-1] + (3,))], 3),
+            torch.cat([img_cf, c[5][..., None, None].expand(-1, -1, *img_cf.shape[2:])], dim=1),
+            torch.cat([img, c[6].reshape(B, 1, 1, 3).expand(-1, img.shape[1], img.shape[2], -1)], -1),
+            torch.cat([vec, c[7]], dim=1),
+            torch.cat([seq, torch.unsqueeze(c[8], 1).expand(-1, T, -1).contiguous()], -1),
+            torch.cat([seq, shared.unsqueeze(1).expand(-1, T, -1)], -1),
+            torch.cat([vec, shared], -1),
+        ])
+
+
+def test_every_way_of_broadcasting_the_context_and_naming_the_feature_dim():
+    B, T = 4, 5
+    args = (torch.randn(B, T, 4), torch.randn(B, 3, 2, 4), torch.randn(B, 4, 3, 2), torch.randn(B, 7),
+            torch.randn(B, 4), torch.randn(B, 5))
+    report = _convert_and_check(BroadcastForms(), args, {"fusion_head": 1, "backproj_concat": 11})
+    assert not report.left_alone, str(report)
+
+
+class HeadForms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.e = nn.Linear(7, 4), nn.Linear(7, 4), nn.Linear(7, 4, bias=False)
+        self.c = nn.Sequential(nn.Linear(7, 4), nn.GELU(), nn.Linear(4, 2))
+        self.w = nn.Parameter(torch.randn(3, 5) * 0.4)
+        self.bias = nn.Parameter(torch.randn(3) * 0.1)
+        self.f = nn.Linear(3 + 4 + 3, 2)
+        self.kept = None
+
+    def forward(self, h1, h2, s1, s2):
+        y1 = torch.sigmoid(self.a(torch.cat([h1, h2], dim=1)))       # dim=1 on 2-D
+        pre = self.b(torch.cat((h1, h2), -1))
+        y2 = pre.relu() + pre                                        # the linear's output is read twice
+        y3 = self.c(torch.cat([h1, h2], -1))                         # an nn.Sequential head with GELU
+        y4 = F.linear(torch.cat([s1, s2], dim=2), self.w, self.bias).tanh()  # early fusion over positions
+        cat = torch.cat([h1, h2], 1)
+        self.kept = cat                                              # the concat is kept as well
+        y5 = self.e(cat)
+        y6 = self.f(torch.cat([h1, h2, h1], -1))                     # three inputs, one of them twice
+        return _flat([y1, y2, y3, y4, y5, y6])
+
+
+def test_fusion_head_forms():
+    B = 5
+    args = (torch.randn(B, 3), torch.randn(B, 4), torch.randn(B, 6, 2), torch.randn(B, 6, 3))
+    model = HeadForms()
+    report = _convert_and_check(model, args, {"fusion_head": 6})
+    assert not report.left_alone, str(report)
+    assert model.kept.shape == (B, 7)
+    assert sum("over positions" in line for line in report.replaced) == 1
+
+
+class NearMisses(nn.Module):
+    """Cats and linears that look like the patterns but must not be swapped."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4 + 5, 6)
+        self.back = nn.ModuleList(nn.Linear(6, 2) for _ in range(8))
+        self.other = nn.Linear(3, 2)
+        self.positions = nn.Linear(2, 3)
+
+    def forward(self, seq, vec, u, h1, h2, seq2):
+        z = torch.relu(self.head(torch.cat([h1, h2], -1)))
+        T = seq.shape[1]
+
+        def spread(c):
+            return c.unsqueeze(1).expand(-1, T, -1)
+
+        return _flat([
+            torch.cat([spread(torch.relu(self.back[0](z))), seq], -1),
+            torch.cat([seq, spread(F.leaky_relu(self.back[1](z)))], -1),
+            torch.cat([seq, spread(F.gelu(self.back[2](z), approximate="tanh"))], -1),
+            torch.cat([vec, torch.tanh(self.other(u))], -1),
+            torch.cat([seq, spread(torch.relu(self.back[3](z))), seq], -1),
+            torch.cat([seq, spread(torch.relu(self.back[4](z)))], dim=1),
+            torch.cat([seq, torch.relu(self.back[5](spread(z)))], -1),
+            torch.cat([seq.double(), spread(torch.relu(self.back[6](z))).to(torch.float64)], -1).float(),
+            torch.cat([seq, spread(torch.relu(self.back[7](z))).reshape(seq.shape[0], T, 2)], -1),
+            self.positions(torch.cat([seq, seq2], dim=1)),
+        ])
+
+
+NEAR_MISS_REASONS = [
+    "the context comes first in the cat: backproj_concat writes [x, context] (x first, one context)",
+    "the context is leaky_relu(linear(z)): backproj_concat applies none, relu, gelu, tanh, sigmoid",
+    "the context is gelu(approximate='tanh')(linear(z)): backproj_concat applies none, relu, gelu, tanh, "
+    "sigmoid",
+    "nothing is broadcast and z is not a late-fusion output (linear over a concat, or a pf_kernels fusion "
+    "op): this is an ordinary layer's output joined to x, not a back-projection",
+    "a cat of 3 tensors: backproj_concat writes [x, context] (x first, one context)",
+    "the context's batch and feature dims end up at 0 and 2, not at 0 and 1",
+    "the context linear's output is 3-D: backproj_concat projects one vector z (B, Dz) per example",
+    "the context reaches the cat through `to`, which changes its dtype or device",
+    "the context reaches the cat through `reshape`, applied to an already expanded context",
+    "the cat joins dim 1 of 3-D tensors (positions, not features): fusion_head concatenates features "
+    "(the last dim)",
+]
+
+
+def test_near_misses_are_reported_with_their_whole_reason():
+    B, T = 3, 4
+    args = (torch.randn(B, T, 2), torch.randn(B, 5), torch.randn(B, 3), torch.randn(B, 4),
+            torch.randn(B, 5), torch.randn(B, 2, 2))
+    report = _convert_and_check(NearMisses(), args, {"fusion_head": 1})
+    text = "\n".join(report.left_alone)
+    for reason in NEAR_MISS_REASONS:
+        assert reason in text, f"missing: {reason}\n{report}"
+    assert all(": not swapped: " in line for line in report.left_alone)
+
+
+def test_autocast_is_left_alone_and_still_right():
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU())
+    wrapper = _HeadOnly(model)
+    args = (torch.randn(3, 5), torch.randn(3, 3))
+    reference = copy.deepcopy(wrapper)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, report = pk.convert(wrapper, backend=BACKEND, example_inputs=args)
+        torch.testing.assert_close(wrapper(*args), reference(*args))
+    assert any("(autocast): the fused ops compute in their operands' dtype" in line
+               for line in report.left_alone), str(report)
+
+
+class _HeadOnly(nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, a, b):
+        return self.head(torch.cat([a, b], -1))
+
+
+class WithGraphBreak(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(7, 6)
+        self.back = nn.Linear(6, 2)
+
+    def forward(self, seq, h1, h2):
+        z = torch.tanh(self.head(torch.cat([h1, h2], -1)))
+        if z.sum() > 0:  # data-dependent control flow: torch.compile breaks the graph here
+            z = -z
+        return torch.cat([seq, torch.relu(self.back(z)).unsqueeze(1).expand(-1, seq.shape[1], -1)], -1)
+
+
+def test_a_graph_break_is_reported_and_each_side_converted():
+    args = (torch.randn(3, 4, 2), torch.randn(3, 3), torch.randn(3, 4))
+    report = _convert_and_check(WithGraphBreak(), args, {"fusion_head": 1, "backproj_concat": 1})
+    assert any("into 2 graphs (graph breaks" in line for line in report.left_alone), str(report)

@@ -1,0 +1,86 @@
+"""The GPU check's CPU twins, so that `make gpu-check` cannot rot between GPU visits: the
+orchestrator (its dry run, its time limits and summary), the differential check on the CPU
+backends (and that it can fail), and the graph-capture script's eager halves."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.gpu import check, differential, graph_capture
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is what a machine without a GPU does")
+def test_dry_run_skips_every_part_and_exits_0(tmp_path):
+    done = subprocess.run([sys.executable, "tests/gpu/check.py", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert summary[0].startswith("gpu-check ") and "no GPU" in summary[0]
+    assert [line.split()[1].rstrip(":") for line in summary[1:]] == list(check.DEFAULT_PARTS)
+    assert all(line.startswith("SKIPPED") for line in summary[1:])
+
+
+def test_parts_report_pass_fail_and_time_limits(tmp_path):
+    def part(name, code, limit=30, log="checks.log"):
+        return check.Part(name, limit, log, lambda ctx: [[sys.executable, "-c", code]],
+                          check._pytest_counts)
+
+    ctx = check.Context(str(tmp_path), "stand-in", "9.0", 2)
+    results = {}
+    ok = check.run_parts([part("good", "print('3 passed in 0.1s')"),
+                          part("bad", "import sys; print('1 failed, 2 passed'); sys.exit(1)"),
+                          part("slow", "import time; time.sleep(30)", limit=2)], ctx, results)
+    assert not ok
+    assert results["good"].startswith("PASS good: 3 passed")
+    assert results["bad"].startswith("FAIL bad: 1 failed, 2 passed")
+    assert results["slow"].startswith("FAIL slow:") and "timed out" in results["slow"]
+    assert "##### bad: FAIL" in (tmp_path / "checks.log").read_text()
+
+
+def test_commands_build_through_pip_and_keep_to_the_limits():
+    ctx = check.Context("/tmp/out", "stand-in", "9.0", 16)
+    build = check.build_commands(ctx)[0]
+    assert "PF_KERNELS_FORCE_CUDA=1" in build and ("--no-build-isolation" in build or "build_ext" in build)
+    tests = check.test_commands(ctx)[0]
+    assert "--ignore=tests/gpu" in tests
+    default = [p for p in check.PARTS if p.name in check.DEFAULT_PARTS]
+    assert sum(p.limit_s for p in default if not p.parallel) + \
+        max(p.limit_s for p in default if p.parallel) <= 600, "one device call is at most 10 minutes"
+
+
+def test_differential_check_passes_on_the_cpu_backends(capsys):
+    report = __import__("pf_kernels").available_backends()
+    backends = [b for b in ("cpu", "triton") if report[b]["available"] and "cpu" in report[b]["devices"]]
+    failures = differential.run("cpu", backends, seconds=60, seed=7, limits=False, max_cases=10,
+                                budget=1 << 10)
+    out = capsys.readouterr().out
+    assert failures == 0, out
+    for backend in backends:
+        assert f"differential {backend}: 10 cases" in out
+
+
+def test_differential_check_catches_a_wrong_kernel():
+    import pf_kernels as pk
+    import random
+
+    class OffByALittle(differential.BackendOps):
+        def __getattr__(self, op):
+            fn = super().__getattr__(op)
+            return lambda *args: [o * (1 + 1e-3) for o in differential._as_list(fn(*args))]
+
+    rng = random.Random(3)
+    case = differential.draw_case("fusion_head", torch.float32, "cpu", rng, 1 << 10)
+    while case.tensors[0].shape[0] == 0:
+        case = differential.draw_case("fusion_head", torch.float32, "cpu", rng, 1 << 10)
+    assert differential.check_case(case, differential.BackendOps(pk, "torch"), 0) == []
+    problems = differential.check_case(case, OffByALittle(pk, "torch"), 0)
+    assert problems and "output 0" in problems[0]
+
+
+def test_graph_capture_script_runs_its_eager_halves_on_cpu(capsys):
+    assert graph_capture.main(["--device", "cpu", "--backends", "torch", "--steps", "2"]) == 0
+    assert "graph torch: ok" in capsys.readouterr().out
