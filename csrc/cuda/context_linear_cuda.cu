@@ -7,8 +7,10 @@
 // in a fixed order, so the result is deterministic) reduces grad_out (times out_act', also written
 // as grad_p) over positions into the term's gradient (B, H) in fp32; the rest is small cuBLAS GEMMs
 // and one elementwise kernel for act'.
-// Any size: 1-D grids with grid-stride loops, 64-bit offsets, fixed shared memory (none tied to
-// H or Dc); no host synchronisation, so the op can be captured in a CUDA graph.
+// Any size: 1-D grids with grid-stride loops (cuda/launch_plan.h: the grids, the backward's splits and
+// its task walk are backproj_concat's, whose position reduction this is), 64-bit offsets and no 64-bit
+// division, fixed shared memory (none tied to H or Dc); no host synchronisation, so the op can be
+// captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -30,12 +32,10 @@ namespace pf_kernels {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = plan::kElementwiseThreads;
+using plan::kBwdCols;
+using plan::kBwdRows;
 
-// Grid for a grid-stride loop over n items, kThreads per block: enough blocks to fill the GPU.
-unsigned grid_for(int64_t n) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(n, kThreads), 4 * target_blocks())));
-}
 
 // c[i] = act(pre[i]) rounded to scalar_t, kept in fp32 (the GEMM that follows reads fp32).
 template <typename scalar_t, typename acc_t>
@@ -58,21 +58,25 @@ __global__ void __launch_bounds__(kThreads) activation_grad_kernel(acc_t* __rest
   }
 }
 
-// out[r, h] = out_act(p[r, h] + term[r / positions, h]) over n_rows rows of H features; V elements
-// per access (16 bytes when the host found every row aligned, else 1). index_t: 32 bits where the
-// vector count fits (cheap division), else 64.
-template <typename scalar_t, typename acc_t, int V, typename index_t>
+// out[b, s, h] = out_act(p[b, s, h] + term[b, h]) over B batch rows of `positions` rows of H
+// features, V elements per access (16 bytes when every row is aligned, else 1). Each thread walks
+// (batch row, item) with a RowCursor; an item (position, vector) splits with one 32-bit division
+// (the host checks positions * H / V < 2^32).
+template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
     broadcast_add_kernel(const scalar_t* __restrict__ p, int64_t p_row_stride, const acc_t* __restrict__ term,
-                         scalar_t* __restrict__ out, index_t n_vec, index_t vec_per_row, index_t positions, int64_t H,
-                         Activation out_act) {
-  for (index_t i = blockIdx.x * static_cast<index_t>(kThreads) + threadIdx.x; i < n_vec;
-       i += static_cast<index_t>(gridDim.x) * kThreads) {
-    const index_t r = i / vec_per_row;
-    const int64_t h = static_cast<int64_t>(i - r * vec_per_row) * V;
-    const scalar_t* pr = p + static_cast<int64_t>(r) * p_row_stride + h;
-    const acc_t* qr = term + static_cast<int64_t>(r / positions) * H + h;
-    scalar_t* o = out + static_cast<int64_t>(r) * H + h;
+                         scalar_t* __restrict__ out, int64_t B, int64_t positions, int64_t H, Activation out_act) {
+  const uint32_t per_row = static_cast<uint32_t>(H / V);
+  const int64_t items = positions * per_row;
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  for (plan::RowCursor t(start, static_cast<int64_t>(gridDim.x) * kThreads, items); t.row < B; t.next(items)) {
+    const uint32_t item = static_cast<uint32_t>(t.col);
+    const uint32_t s = item / per_row;
+    const int64_t h = static_cast<int64_t>(item - s * per_row) * V;
+    const int64_t r = t.row * positions + s;
+    const scalar_t* pr = p + r * p_row_stride + h;
+    const acc_t* qr = term + t.row * H + h;
+    scalar_t* o = out + r * H + h;
     if constexpr (V == 1) {
       *o = static_cast<scalar_t>(activate<acc_t>(static_cast<acc_t>(*pr) + *qr, out_act));
     } else {
@@ -90,41 +94,34 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-constexpr int kSumCols = 32, kSumRows = 8;
-
-// dst[split, b, h] = sum over this split's positions s of g'[b, s, h], where g' = g * out_act'
+// dst[split, b, h] = sum over this split's positions q of g'[b, q, h], where g' = g * out_act'
 // (from the saved output `src`, or from y = src + term[b] when src is p: from_p), written to grad_p
-// (contiguous, B x positions x H) when it is given. With out_act none and no grad_p, a plain sum:
-// also the second pass, over the splits' partial sums. Tiles of 32 features x 8 position lanes,
-// (b, feature tile, split) flattened into a grid-stride loop; fixed order, so deterministic.
+// (contiguous, B x positions x H) when it is given. With grad_p null, a plain sum: also the second
+// pass, over the splits' partial sums. Tiles of 32 features x 8 position lanes, walked as
+// backproj_concat's backward walks them; a fixed order, so deterministic.
 template <typename in_t, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kSumCols* kSumRows)
+__global__ void __launch_bounds__(kBwdCols* kBwdRows)
     position_sum_kernel(const in_t* __restrict__ g, int64_t g_sb, int64_t g_sp, int64_t g_sh,
                         const scalar_t* __restrict__ src, int64_t s_sb, int64_t s_sp, int64_t s_sh,
                         const acc_t* __restrict__ term, bool from_p, Activation out_act, scalar_t* __restrict__ grad_p,
-                        int64_t B, int64_t positions, int64_t H, int64_t per_split, int64_t splits,
+                        int64_t B, int64_t positions, int64_t H, int64_t h_tiles, int64_t per_split, int64_t splits,
                         acc_t* __restrict__ dst) {
-  __shared__ acc_t part[kSumRows][kSumCols + 1];
+  __shared__ acc_t part[kBwdRows][kBwdCols + 1];
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t h_tiles = (H + kSumCols - 1) / kSumCols;
-  const int64_t n_tiles = B * h_tiles * splits;
-  for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
-    const int64_t ht = tile % h_tiles;
-    const int64_t split = (tile / h_tiles) % splits;
-    const int64_t b = tile / (h_tiles * splits);
-    const int64_t h = ht * kSumCols + tx;
+  plan::for_each_grad_task(blockIdx.x, gridDim.x, B, h_tiles, splits, [&](int64_t b, int64_t split, int64_t tile) {
+    const int64_t h = tile * kBwdCols + tx;
     const int64_t p0 = split * per_split;
     const int64_t p1 = positions < p0 + per_split ? positions : p0 + per_split;
     acc_t s = acc_t(0);
     if (h < H) {
       const in_t* gp = g + b * g_sb + h * g_sh;
       if (grad_p == nullptr) {
-        for (int64_t q = p0 + ty; q < p1; q += kSumRows) s += static_cast<acc_t>(gp[q * g_sp]);
+        for (int64_t q = p0 + ty; q < p1; q += kBwdRows) s += static_cast<acc_t>(gp[q * g_sp]);
       } else {
         const scalar_t* sp = src + b * s_sb + h * s_sh;
         const acc_t t = from_p ? term[b * H + h] : acc_t(0);
         scalar_t* gpp = grad_p + b * positions * H + h;
-        for (int64_t q = p0 + ty; q < p1; q += kSumRows) {
+        for (int64_t q = p0 + ty; q < p1; q += kBwdRows) {
           const acc_t a = static_cast<acc_t>(sp[q * s_sp]);
           const acc_t d = from_p ? activation_grad<acc_t>(a + t, out_act) : grad_from_activated<acc_t>(a, out_act);
           const acc_t v = static_cast<acc_t>(gp[q * g_sp]) * d;
@@ -138,14 +135,12 @@ __global__ void __launch_bounds__(kSumCols* kSumRows)
     if (ty == 0 && h < H) {
       acc_t total = acc_t(0);
 #pragma unroll
-      for (int k = 0; k < kSumRows; ++k) total += part[k][tx];
+      for (int k = 0; k < kBwdRows; ++k) total += part[k][tx];
       dst[(split * B + b) * H + h] = total;
     }
-    __syncthreads();  // part is reused by the next tile
-  }
+    __syncthreads();  // part is reused by the next task
+  });
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Rows of t (B, *positions, H) as an (n_rows, H) view with unit inner stride (a copy where
 // strides do not allow one).
@@ -164,9 +159,11 @@ std::pair<at::Tensor, at::Tensor> context(const at::Tensor& z, const at::Tensor&
   at::Tensor c = keep_pre ? at::empty_like(pre) : pre;
   const int64_t n = pre.numel();
   if (n > 0) {
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    const unsigned grid = launch_grid(plan::elementwise_grid(n, sm_count()));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "context_linear_context_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      context_kernel<scalar_t, acc_t><<<grid_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      context_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
           pre.data_ptr<acc_t>(), c.data_ptr<acc_t>(), n, act);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -192,33 +189,23 @@ at::Tensor context_linear_cuda(const at::Tensor& p, const at::Tensor& z, const a
   const at::Tensor p_rows = as_rows(p, n_rows);
   const int64_t p_stride = p_rows.stride(0);
 
+  // A batch row's (position, vector) items are split with a 32-bit division.
+  TORCH_CHECK(positions * H < (int64_t{1} << 32), "pf_kernels: context_linear (CUDA) takes at most 2^32 - 1 "
+              "elements per batch row, got ", positions, " x ", H);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "context_linear_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int kVec = 16 / sizeof(scalar_t);
     const scalar_t* p_ptr = p_rows.data_ptr<scalar_t>();
-    const bool vec = H % kVec == 0 && p_stride % kVec == 0 && aligned16(p_ptr) && aligned16(out.data_ptr());
-    const int64_t V = vec ? kVec : 1;
-    const int64_t n_vec = n_rows * (H / V);
+    // backproj_concat's rule for its x part: every row 16-byte aligned, H a multiple of the vector
+    const bool vec = plan::backproj_vector_ok(H, 0, p_stride, reinterpret_cast<uintptr_t>(p_ptr) % 16,
+                                              reinterpret_cast<uintptr_t>(out.data_ptr()) % 16, sizeof(scalar_t));
+    const int64_t items = n_rows * (vec ? H / kVec : H);
+    auto kernel = vec ? broadcast_add_kernel<scalar_t, acc_t, kVec> : broadcast_add_kernel<scalar_t, acc_t, 1>;
     const auto stream = at::cuda::getCurrentCUDAStream();
-    auto launch = [&](auto kernel, auto index) {
-      using index_t = decltype(index);
-      kernel<<<grid_for(n_vec), kThreads, 0, stream>>>(p_ptr, p_stride, term.data_ptr<acc_t>(),
-                                                        out.data_ptr<scalar_t>(), static_cast<index_t>(n_vec),
-                                                        static_cast<index_t>(H / V),
-                                                        static_cast<index_t>(positions), H, out_act);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    // 32-bit indices while the last index plus one grid stride still fits.
-    const bool narrow = n_vec + static_cast<int64_t>(grid_for(n_vec)) * kThreads < UINT_MAX;
-    if (vec && narrow) {
-      launch(broadcast_add_kernel<scalar_t, acc_t, kVec, uint32_t>, uint32_t{});
-    } else if (vec) {
-      launch(broadcast_add_kernel<scalar_t, acc_t, kVec, int64_t>, int64_t{});
-    } else if (narrow) {
-      launch(broadcast_add_kernel<scalar_t, acc_t, 1, uint32_t>, uint32_t{});
-    } else {
-      launch(broadcast_add_kernel<scalar_t, acc_t, 1, int64_t>, int64_t{});
-    }
+    const unsigned grid = launch_grid(plan::elementwise_grid(items, sm_count()));
+    kernel<<<grid, kThreads, 0, stream>>>(
+        p_ptr, p_stride, term.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), B, positions, H, out_act);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
@@ -254,32 +241,25 @@ Grads context_linear_backward_cuda(const at::Tensor& grad_out, const c10::option
     grad_term = at::empty({B, H}, grad_out.options().dtype(acc));
     const at::Tensor g = grad_out.reshape({B, positions, H});
     const at::Tensor src = saved.defined() ? saved.reshape({B, positions, H}) : at::Tensor();
-    const int64_t h_tiles = ceil_div(H, kSumCols);
-    // Split positions across blocks only when B * h_tiles blocks cannot fill the GPU, and keep at
-    // least 64 positions (8 per thread) per split.
-    int64_t splits = std::min(std::max<int64_t>(1, ceil_div(target_blocks(), B * h_tiles)), ceil_div(positions, 64));
-    const int64_t per_split = ceil_div(positions, splits);
-    splits = ceil_div(positions, per_split);
-    const dim3 block(kSumCols, kSumRows);
+    // backproj_concat's reduction over positions (its Dc features are our H; no y to compute)
+    const plan::BackprojBackward pl = plan::backproj_backward(B, positions, 0, H, false, sm_count());
+    const dim3 block(kBwdCols, kBwdRows);
     const auto stream = at::cuda::getCurrentCUDAStream();
-    auto tiles_grid = [&](int64_t tiles) {
-      return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(tiles, 4 * target_blocks())));
-    };
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "context_linear_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      at::Tensor partial = splits > 1 ? at::empty({splits, B, H}, grad_term.options()) : grad_term;
-      position_sum_kernel<scalar_t, scalar_t, acc_t><<<tiles_grid(B * h_tiles * splits), block, 0, stream>>>(
+      at::Tensor partial = pl.splits > 1 ? at::empty({pl.splits, B, H}, grad_term.options()) : grad_term;
+      position_sum_kernel<scalar_t, scalar_t, acc_t><<<launch_grid(pl.grid), block, 0, stream>>>(
           g.data_ptr<scalar_t>(), g.stride(0), g.stride(1), g.stride(2),
           src.defined() ? src.data_ptr<scalar_t>() : nullptr, src.defined() ? src.stride(0) : 0,
           src.defined() ? src.stride(1) : 0, src.defined() ? src.stride(2) : 0,
           term.defined() ? term.data_ptr<acc_t>() : nullptr, from_p, out_act,
-          epilogue ? grad_p.data_ptr<scalar_t>() : nullptr, B, positions, H, per_split, splits,
+          epilogue ? grad_p.data_ptr<scalar_t>() : nullptr, B, positions, H, pl.c_tiles, pl.per_split, pl.splits,
           partial.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (splits > 1) {  // the splits' partial sums, in a fixed order
-        position_sum_kernel<acc_t, scalar_t, acc_t><<<tiles_grid(B * h_tiles), block, 0, stream>>>(
+      if (pl.splits > 1) {  // the splits' partial sums, in a fixed order
+        position_sum_kernel<acc_t, scalar_t, acc_t><<<launch_grid(pl.finish_grid), block, 0, stream>>>(
             partial.data_ptr<acc_t>(), H, B * H, 1, nullptr, 0, 0, 0, nullptr, false, Activation::None, nullptr, B,
-            splits, H, splits, 1, grad_term.data_ptr<acc_t>());
+            pl.splits, H, pl.c_tiles, pl.splits, 1, grad_term.data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
@@ -289,8 +269,10 @@ Grads context_linear_backward_cuda(const at::Tensor& grad_out, const c10::option
   const at::Tensor grad_proj_weight = at::mm(grad_term.t(), c).to(dtype);
   at::Tensor grad_pre = at::mm(grad_term, w_c);  // grad of c, then times act'(pre) in place
   if (act != Activation::None && grad_pre.numel() > 0) {
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    const unsigned grid = launch_grid(plan::elementwise_grid(grad_pre.numel(), sm_count()));
     AT_DISPATCH_FLOATING_TYPES(acc, "context_linear_act_grad_cuda", [&] {
-      activation_grad_kernel<scalar_t><<<grid_for(grad_pre.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      activation_grad_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
           grad_pre.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(), grad_pre.numel(), act);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
