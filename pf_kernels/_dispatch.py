@@ -19,7 +19,9 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 ENV_VAR = "PF_KERNELS_BACKEND"
-OPS = ("backproj_concat", "backproj_concat_grouped", "fusion_head", "refine_step")
+OPS = ("backproj_concat", "backproj_concat_grouped", "fusion_head", "refine_step", "context_linear")
+# Ops that pf_kernels.ops composes from a backend's other ops where the backend lacks its own.
+_COMPOSED = ("backproj_concat_grouped", "refine_step")
 
 
 @dataclass
@@ -105,7 +107,7 @@ def _refusal(backend: Backend, op: str, device: torch.device, dtype: torch.dtype
     if "*" not in devices and device.type not in devices:
         return f"backend {backend.name!r} serves {', '.join(devices)} tensors, not {device.type}"
     module = backend.load()
-    if not hasattr(module, op) and op not in ("backproj_concat_grouped", "refine_step"):
+    if not hasattr(module, op) and op not in _COMPOSED:
         return f"backend {backend.name!r} does not implement {op}"
     unsupported = getattr(module, "unsupported", None)
     if unsupported is not None:
@@ -153,6 +155,23 @@ def _resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype) ->
         raise RuntimeError(f"{op} on {dtype} {device.type} tensors: {why} "
                            f"(asked for by {source}; backend='auto' picks one that can)")
     return backend
+
+
+@torch.compiler.assume_constant_result
+def implements(backend: str, op: str) -> bool:
+    """Whether `backend` (for "auto": the backend the environment variable names, if any) has op.
+
+    For callers that can compose a result another way (ProgressiveFusion without hoisting) instead
+    of asking a backend for an op it lacks. "auto" always serves; an unknown or unavailable backend
+    counts as serving, so that calling the op raises its own error saying why.
+    """
+    name = backend
+    if name == "auto":
+        name = os.environ.get(ENV_VAR, "auto") or "auto"
+    if name == "auto" or name not in _BACKENDS:
+        return True
+    module = _BACKENDS[name].load()
+    return module is None or hasattr(module, op) or op in _COMPOSED
 
 
 def check_backend_name(backend) -> None:

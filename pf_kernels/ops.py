@@ -139,3 +139,24 @@ def refine_step(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
     bp = name if backend != "auto" else resolve_backend(backend, "backproj_concat_grouped", device, dtype)
     with _autocast_off(bp, device, cast):
         return z, _grouped(bp, xs, z, bp_weights, bp_biases, backproj_activation)
+
+
+def context_linear(p: torch.Tensor, z: torch.Tensor, bp_weight: torch.Tensor,
+                   bp_bias: Optional[torch.Tensor], proj_weight: torch.Tensor,
+                   activation: str = "relu", out_activation: str = "none",
+                   backend: str = "auto") -> torch.Tensor:
+    """A hoisted refinement step's first layer: out_act(p + act(z @ bp_weight.T + bp_bias) @ proj_weight.T),
+    the (B, H) context term broadcast over p's positions.
+
+    p: (B, *S, H), the encoder's first Linear applied to x alone (x @ W_x.T + b, computed once per
+    forward); z: (B, Dz); bp_weight: (Dc, Dz), bp_bias: (Dc,) or None (the back-projection);
+    proj_weight: (H, Dc), the Linear's context columns W_c. Equals that Linear applied to
+    backproj_concat(x, z, bp_weight, bp_bias, activation), then out_activation, up to rounding.
+    """
+    cast = _autocast_dtype(p)
+    if cast is not None:
+        p, z, bp_weight, bp_bias, proj_weight = (_cast(t, cast) for t in (p, z, bp_weight, bp_bias, proj_weight))
+    checks.check_context_linear(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation)
+    name = resolve_backend(backend, "context_linear", p.device, p.dtype)
+    with _autocast_off(name, p.device, cast):
+        return get_impl(name, "context_linear")(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation)

@@ -2,11 +2,12 @@
 fp16, bf16) and down every code path (the copy kernel with the context inline or from a GEMM, 16-byte
 vectors or scalars, one or several shared-memory chunks, one or several tasks per batch row and per
 block; the backward in one pass or split, act' from the output, inline y or a GEMM's y; fusion_head on
-WMMA or SIMT with 32- or 64-wide tiles, more than 8 inputs, empty inputs, B = 0), each compared with
-the reference (float64 on the CPU, so no torch kernel runs on the GPU for it). One line per call; exit
-status 1 on any mismatch or on a code path left uncovered.
+WMMA or SIMT with 32- or 64-wide tiles, more than 8 inputs, empty inputs, B = 0; context_linear with
+16-byte or scalar access, its backward in one pass or split, act' from the output or from p), each
+compared with the reference (float64 on the CPU, so no torch kernel runs on the GPU for it). One line
+per call; exit status 1 on any mismatch or on a code path left uncovered.
 
-Made for compute-sanitizer (a few seconds of GPU work, ~120 calls), e.g.
+Made for compute-sanitizer (a few seconds of GPU work, ~140 calls), e.g.
     compute-sanitizer --tool memcheck --kernel-name kns=pf_kernels --error-exitcode 1 \\
         python tests/gpu/cuda_kernel_calls.py
 Without a GPU it says SKIPPED and exits 0. `--plan-only [--sm-count N]` checks on any machine, from
@@ -55,15 +56,29 @@ FUSION = [
     ("an empty input", 3, (0, 5), 4, "contig", None),
     ("B = 0", 0, (3, 5), 4, "contig", None),
 ]
+# (label, B, positions, H, Dz, Dc, layout, activation or None) of context_linear; its output
+# activation rotates. layout: contig, strided (p, z strided, bp_weight transposed; proj_weight is
+# always a column slice of a wider Linear weight), offset (p a view one element into wider rows).
+CONTEXT = [
+    ("vector", 3, (5,), 16, 6, 8, "contig", None),
+    ("scalar, strided", 3, (5,), 5, 6, 7, "strided", None),
+    ("unaligned view", 2, (5,), 16, 6, 8, "offset", "tanh"),
+    ("split backward", 2, (600,), 8, 48, 16, "contig", "gelu"),
+    ("no positions", 70, (), 16, 33, 8, "contig", None),
+    ("two position dims", 3, (4, 5), 6, 5, 7, "strided", None),
+    ("B = 0", 0, (5,), 4, 6, 3, "contig", None),
+]
 # Rerun with the grid capped at 3 blocks: each block loops over several tasks (as past 2^31 - 1).
 CAPPED = ("inline many tasks, split backward", "gemm 3 chunks", "gemm split backward", "inline 3 chunks",
-          "odd widths, strided", "64-wide tiles", "several k tiles")
+          "odd widths, strided", "64-wide tiles", "several k tiles", "split backward", "two position dims")
 
 REQUIRED_PATHS = {
     "fwd:inline", "fwd:gemm", "fwd:vector", "fwd:scalar", "fwd:chunks>1", "fwd:tasks/row>1",
     "bwd:one pass", "bwd:split", "bwd:y from output", "bwd:y inline", "bwd:y from gemm", "grid:capped",
     "fusion:wmma32", "fusion:wmma64", "fusion:simt32", "fusion:simt64", "fusion:K>8",
     "fusion bwd:y from output", "fusion bwd:y", "B=0", "Dx=0", "Dz=0", "Dc=0",
+    "context fwd:vector", "context fwd:scalar", "context bwd:one pass", "context bwd:split",
+    "context bwd:grad_out is grad_p", "context bwd:act' from output", "context bwd:act' from p",
 }
 
 
@@ -125,6 +140,38 @@ def fusion_paths(hs, Dz, activation, dtype, sm_count):
     return paths
 
 
+def context_args(B, S, H, Dz, Dc, layout, bias, dtype, device):
+    from tests.cases import context_inputs
+    args = context_inputs(B, S, H, Dz, Dc, bias, dtype, device, noncontiguous=layout == "strided")
+    if layout == "offset":  # rows start one element into wider rows: never 16-byte aligned
+        p = torch.randn(B, *S, H + 1, dtype=torch.float64, device=device).to(dtype)[..., 1:].requires_grad_()
+        args = (p, *args[1:])
+    return args
+
+
+def context_paths(p, out_activation, sm_count):
+    B, H = p.shape[0], p.shape[-1]
+    P = 1
+    for size in p.shape[1:-1]:
+        P *= size
+    if B == 0 or P == 0 or H == 0:
+        return {"B=0"} if B == 0 else set()
+    rows = p.reshape(B * P, H)
+    if H > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    # the kernels use backproj_concat's vector rule (Dc = 0) and its backward reduction plan (Dc = H)
+    vector = plan("backproj_vector_ok", H, 0, rows.stride(0), rows.data_ptr() % 16, 0, p.element_size())[0]
+    splits = plan("backproj_backward", B, P, 0, H, 0, sm_count)[1]
+    if out_activation == "none":
+        source = "grad_out is grad_p"
+    elif out_activation == "gelu" or p.element_size() == 2:
+        source = "act' from p"
+    else:
+        source = "act' from output"
+    return {f"context fwd:{'vector' if vector else 'scalar'}", f"context bwd:{'split' if splits > 1 else 'one pass'}",
+            f"context bwd:{source}"}
+
+
 def on_cpu(fn):
     """fn on CPU copies of the arguments, its outputs moved back: the reference runs no GPU kernel."""
     def run(*args):
@@ -136,7 +183,7 @@ def on_cpu(fn):
 
 def calls(device, sm_count):
     """Yields (label, paths, check): check() runs the call and compares it (GPU only)."""
-    from tests.cases import assert_matches_reference, backproj_call, fusion_call, fusion_inputs
+    from tests.cases import assert_matches_reference, backproj_call, context_call, fusion_call, fusion_inputs
     for capped in (False, True):
         for i, (label, B, S, Dx, Dz, Dc, layout, act) in enumerate(BACKPROJ):
             if capped and label not in CAPPED:
@@ -162,6 +209,19 @@ def calls(device, sm_count):
                         f"{str(dtype)[6:]}{' grid<=3' if capped else ''}")
                 yield name, paths, capped, lambda a=(w, b, *hs), act_=activation: assert_matches_reference(
                     fusion_call("cuda", act_), on_cpu(fusion_call("torch", act_)), a)
+        for i, (label, B, S, H, Dz, Dc, layout, act) in enumerate(CONTEXT):
+            if capped and label not in CAPPED:
+                continue
+            for j, dtype in enumerate(DTYPES if not capped else (torch.float32, torch.bfloat16)):
+                activation = act or ACTIVATIONS[(i + j) % len(ACTIVATIONS)]
+                out_activation = ACTIVATIONS[(i + 2 * j + 1) % len(ACTIVATIONS)]
+                bias = (i + j) % 2 == 0
+                args = context_args(B, S, H, Dz, Dc, layout, bias, dtype, device)
+                paths = context_paths(args[0], out_activation, sm_count) | ({"grid:capped"} if capped else set())
+                name = (f"context_linear {label}: B={B} S={S} H={H} Dz={Dz} Dc={Dc} {layout} {activation} "
+                        f"out {out_activation} bias={bias} {str(dtype)[6:]}{' grid<=3' if capped else ''}")
+                yield name, paths, capped, lambda a=args, act_=activation, out_=out_activation: \
+                    assert_matches_reference(context_call("cuda", act_, out_), on_cpu(context_call("torch", act_, out_)), a)
 
 
 def main(argv=None) -> int:
