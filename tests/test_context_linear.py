@@ -269,7 +269,7 @@ def test_a_backend_without_the_op_is_skipped_by_auto_and_named_when_asked_for(mo
     assert not _dispatch.implements("triton", "context_linear")
     assert _dispatch.implements("triton", "refine_step") and _dispatch.implements("auto", "context_linear")
     # auto as it orders backends on a GPU, here on CPU tensors: triton first, then the next.
-    monkeypatch.setitem(_dispatch._AUTO_ORDER, "cpu", ("triton", "cpu", "torch"))
+    monkeypatch.setitem(_dispatch._AUTO_ORDER, "cpu", {"*": ("triton", "cpu", "torch")})
     monkeypatch.setattr(_dispatch, "_RESOLVED", {})
     assert _dispatch.resolve_backend("auto", "backproj_concat", cpu, torch.float32) == "triton"
     expected = "cpu" if HAS_C else "torch"
