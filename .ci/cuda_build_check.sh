@@ -151,7 +151,7 @@ spec.loader.exec_module(module)
 # Every op with a CPU kernel (test-only helpers, named _*, aside) has a CUDA kernel too.
 ops = sorted(name.split("::")[1] for name in torch._C._dispatch_get_registrations_for_dispatch_key("CPU")
              if name.startswith("pf_kernels::") and not name.startswith("pf_kernels::_"))
-if len(ops) < 4:
+if len(ops) < 6:  # backproj_concat, fusion_head, context_linear and their backward ops
     failures.append(f"{so_path} registers only {ops}")
 for op in ops:
     for key in ("CUDA", "CPU"):

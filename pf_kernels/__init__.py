@@ -1,6 +1,6 @@
 """pf_kernels: fused kernels for Progressive Fusion multimodal models (arXiv 2209.00302)."""
 from ._dispatch import available_backends
-from .ops import backproj_concat, backproj_concat_grouped, fusion_head, refine_step
+from .ops import backproj_concat, backproj_concat_grouped, context_linear, fusion_head, refine_step
 from . import nn, reference
 from .convert import ConversionReport, Converted, convert
 from ._extension import warn_if_unusable
@@ -10,4 +10,4 @@ warn_if_unusable()  # once, where the compiled kernels are not built or were bui
 __version__ = "0.1.0"
 
 __all__ = ["available_backends", "backproj_concat", "backproj_concat_grouped", "fusion_head",
-           "refine_step", "convert", "Converted", "ConversionReport", "nn", "reference", "__version__"]
+           "refine_step", "context_linear", "convert", "Converted", "ConversionReport", "nn", "reference", "__version__"]

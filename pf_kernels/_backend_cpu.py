@@ -8,3 +8,4 @@ load()
 # The op overloads themselves: no Python between the dispatcher and the caller.
 backproj_concat = torch.ops.pf_kernels.backproj_concat.default
 fusion_head = torch.ops.pf_kernels.fusion_head.default
+context_linear = torch.ops.pf_kernels.context_linear.default

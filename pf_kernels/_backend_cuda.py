@@ -12,3 +12,4 @@ if not torch.cuda.is_available():
 
 backproj_concat = torch.ops.pf_kernels.backproj_concat.default
 fusion_head = torch.ops.pf_kernels.fusion_head.default
+context_linear = torch.ops.pf_kernels.context_linear.default

@@ -19,7 +19,9 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 ENV_VAR = "PF_KERNELS_BACKEND"
-OPS = ("backproj_concat", "backproj_concat_grouped", "fusion_head", "refine_step")
+OPS = ("backproj_concat", "backproj_concat_grouped", "fusion_head", "refine_step", "context_linear")
+# Ops that pf_kernels.ops composes from a backend's other ops where the backend lacks its own.
+_COMPOSED = ("backproj_concat_grouped", "refine_step")
 
 
 @dataclass
@@ -47,8 +49,17 @@ class Backend:
 
 
 _BACKENDS: Dict[str, Backend] = {}
-# Where "auto" looks, in order, per device type; "torch" serves everything else.
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+# Where "auto" looks, in order, per device type and, where measurements differ, per op ("*": the
+# rest); "torch" serves everything else. From the benchmarks (benchmarks/results/):
+# - H100 (torch 2.11, triton 3.6): the cuda kernels beat the triton ones on every row; triton's
+#   calls are host-bound (~200 us each through torch.library's triton_op), 0.2-0.4x eager.
+# - CPU: fusion_head's cpu kernel is one GEMM like eager's plus the op's call overhead: 0.92x eager
+#   over the grid, so auto keeps eager's; refine_step then composes torch's head with the cpu
+#   back-projections (pf_kernels.ops.refine_step).
+_AUTO_ORDER = {
+    "cuda": {"*": ("cuda", "triton", "torch")},
+    "cpu": {"*": ("cpu", "torch"), "fusion_head": ("torch",)},
+}
 
 
 def register_backend(name: str, device_types: Callable[[], Tuple[str, ...]],
@@ -96,7 +107,7 @@ def _refusal(backend: Backend, op: str, device: torch.device, dtype: torch.dtype
     if "*" not in devices and device.type not in devices:
         return f"backend {backend.name!r} serves {', '.join(devices)} tensors, not {device.type}"
     module = backend.load()
-    if not hasattr(module, op) and op not in ("backproj_concat_grouped", "refine_step"):
+    if not hasattr(module, op) and op not in _COMPOSED:
         return f"backend {backend.name!r} does not implement {op}"
     unsupported = getattr(module, "unsupported", None)
     if unsupported is not None:
@@ -132,7 +143,8 @@ def _resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype) ->
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
         source = f"the environment variable {ENV_VAR}"
     if backend == "auto":
-        for name in _AUTO_ORDER.get(device.type, ("torch",)):
+        order = _AUTO_ORDER.get(device.type, {})
+        for name in order.get(op, order.get("*", ("torch",))):
             if _refusal(_BACKENDS[name], op, device, dtype) is None:
                 return name
         return "torch"
@@ -143,6 +155,23 @@ def _resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype) ->
         raise RuntimeError(f"{op} on {dtype} {device.type} tensors: {why} "
                            f"(asked for by {source}; backend='auto' picks one that can)")
     return backend
+
+
+@torch.compiler.assume_constant_result
+def implements(backend: str, op: str) -> bool:
+    """Whether `backend` (for "auto": the backend the environment variable names, if any) has op.
+
+    For callers that can compose a result another way (ProgressiveFusion without hoisting) instead
+    of asking a backend for an op it lacks. "auto" always serves; an unknown or unavailable backend
+    counts as serving, so that calling the op raises its own error saying why.
+    """
+    name = backend
+    if name == "auto":
+        name = os.environ.get(ENV_VAR, "auto") or "auto"
+    if name == "auto" or name not in _BACKENDS:
+        return True
+    module = _BACKENDS[name].load()
+    return module is None or hasattr(module, op) or op in _COMPOSED
 
 
 def check_backend_name(backend) -> None:

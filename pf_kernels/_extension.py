@@ -135,3 +135,22 @@ def _register_fakes() -> None:
     def _fusion_head_backward(grad_out, hs, weight, bias, out, activation):
         grad_bias = grad_out.new_empty(bias.shape if bias is not None else (0,))
         return [h.new_empty(h.shape) for h in hs], weight.new_empty(weight.shape), grad_bias
+
+    @torch.library.register_fake(lib + "context_linear")
+    def _context_linear(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation):
+        torch._check(p.dim() >= 2, lambda: f"p must be (B, *positions, H), got {tuple(p.shape)}")
+        torch._check(z.dim() == 2 and z.shape[0] == p.shape[0], lambda: f"z must be (B, Dz), got {tuple(z.shape)}")
+        torch._check(bp_weight.dim() == 2 and bp_weight.shape[1] == z.shape[1],
+                     lambda: f"bp_weight must be (Dc, {z.shape[1]}), got {tuple(bp_weight.shape)}")
+        torch._check(proj_weight.dim() == 2 and proj_weight.shape[0] == p.shape[-1]
+                     and proj_weight.shape[1] == bp_weight.shape[0],
+                     lambda: f"proj_weight must be ({p.shape[-1]}, {bp_weight.shape[0]}), got {tuple(proj_weight.shape)}")
+        return p.new_empty(p.shape)
+
+    @torch.library.register_fake(lib + "context_linear_backward")
+    def _context_linear_backward(grad_out, out, p, z, bp_weight, bp_bias, proj_weight, activation, out_activation):
+        # grad_p is empty without an output activation: p's gradient is grad_out itself.
+        grad_p = grad_out.new_empty(grad_out.shape if out_activation != "none" else (0,))
+        grad_bias = grad_out.new_empty(bp_bias.shape if bp_bias is not None else (0,))
+        return (grad_p, z.new_empty(z.shape), bp_weight.new_empty(bp_weight.shape), grad_bias,
+                proj_weight.new_empty(proj_weight.shape))

@@ -50,6 +50,15 @@ def _fusion_head_ok(hs, weight, bias, activation) -> bool:
     return _linear_ok(weight, bias, in_features, dtype, device)
 
 
+def _context_linear_ok(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation) -> bool:
+    if type(out_activation) is not str or out_activation not in _ACTIVATION_SET \
+            or not _backproj_ok(p, z, bp_weight, bp_bias, activation):
+        return False
+    return isinstance(proj_weight, _Tensor) and proj_weight.dtype == p.dtype and proj_weight.device == p.device \
+        and proj_weight.dim() == 2 and proj_weight.shape[0] == p.shape[-1] \
+        and proj_weight.shape[1] == bp_weight.shape[0]
+
+
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
 
@@ -180,3 +189,17 @@ def check_refine_step(hs, head_weight, head_bias, xs, bp_weights, bp_biases,
     # A zero-stride stand-in with z's shape, dtype and device: the back-projections read z.
     z_like = hs[0].new_empty(()).expand(hs[0].shape[0], head_weight.shape[0])
     return check_backproj_grouped(xs, z_like, bp_weights, bp_biases, backproj_activation, what)
+
+
+def check_context_linear(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation) -> None:
+    if _context_linear_ok(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation):
+        return
+    what = "context_linear"
+    check_backproj_concat(p, z, bp_weight, bp_bias, activation, what, "p", "bp_weight", "bp_bias")
+    check_tensor(proj_weight, "proj_weight")
+    H, Dc = p.shape[-1], bp_weight.shape[0]
+    if proj_weight.dim() != 2 or proj_weight.shape[0] != H or proj_weight.shape[1] != Dc:
+        raise ValueError(f"{what}: proj_weight must be (H, Dc) = ({H}, {Dc}): H from p "
+                         f"{tuple(p.shape)}, Dc from bp_weight {tuple(bp_weight.shape)}; got {_describe(proj_weight)}")
+    check_same_dtype_device([("p", p), ("proj_weight", proj_weight)], what)
+    check_activation(out_activation, "out_activation")

@@ -3,14 +3,16 @@ between backends and with the plain-PyTorch modules they replace."""
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
 
 from . import ops
-from ._dispatch import check_backend_name
-from ._validation import check_activation
+from ._dispatch import check_backend_name, implements
+from ._validation import ACTIVATIONS, check_activation
+from .reference import apply_activation
 
 
 class _LinearParams(nn.Module):
@@ -97,6 +99,153 @@ class FusionHead(_LinearParams):
                 f"bias={self.bias is not None}, backend={self.backend!r}")
 
 
+class _OpaqueTracer(fx.Tracer):
+    """Traces an encoder's own forward only: nn.Sequential is looked into, every other submodule
+    is an opaque call (it may be untraceable, and what it does with its input is its business)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return not isinstance(m, nn.Sequential)
+
+
+class _Hoisting:
+    """How an encoder runs with its first Linear hoisted: encoder(x~) = tail(act(linear(x~))).
+
+    `tails` maps the encoder's training flag to the rest of the encoder as an fx.GraphModule that
+    looks its submodules up in the live encoder (so .to(), load_state_dict and module swaps below
+    the first layer are seen), or is None for a bare nn.Linear encoder. `fused` holds the modules
+    the hoisted path replaces, as (parent, name, module): if one is swapped out, the plan no longer
+    holds.
+    """
+
+    def __init__(self, encoder: nn.Module, linear: nn.Linear, activation: str,
+                 tails: Optional[Dict[bool, nn.Module]], fused: Dict[str, nn.Module]):
+        self.encoder = encoder
+        self.linear = linear
+        self.activation = activation
+        self.tails = tails
+        self.fused = tuple((encoder.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], module)
+                           for name, module in fused.items())
+
+    def holds_for(self, encoder: nn.Module) -> bool:
+        # (checked every forward: dict lookups, not get_submodule's walk)
+        return encoder is self.encoder and all(parent._modules.get(name) is module
+                                               for parent, name, module in self.fused)
+
+    def tail(self, encoder: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        # .forward: our own GraphModule has no hooks, so skip __call__'s machinery
+        return h if self.tails is None else self.tails[encoder.training].forward(h)
+
+
+def _has_hooks(*modules: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+# The activation modules a hoisted Linear's epilogue takes (exact types: a subclass may differ).
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+
+
+def _epilogue_of(node: fx.Node, source: fx.Node, modules: Dict[str, nn.Module]) -> Optional[str]:
+    """The name of one of our activations if node applies it to source alone, else None."""
+    from .convert.patterns import as_activation  # the one list of activation functions and methods
+
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        if node.args != (source,) or node.kwargs:
+            return None
+        if type(module) is nn.GELU:
+            return "gelu" if module.approximate == "none" else None
+        return _ACTIVATION_MODULES.get(type(module))
+    found = as_activation(node)
+    if found is None or found[1] is not source or found[0] not in ACTIVATIONS:
+        return None
+    return found[0]
+
+
+def _plan_tail(encoder: nn.Module, context_dim: int):
+    """(linear, activation, {name: module} of the modules the hoisted path replaces, graph that
+    takes the activated output of the linear), or a reason string."""
+
+    try:
+        graph = _OpaqueTracer().trace(encoder)
+    except Exception as exc:  # fx raises many kinds
+        return f"torch.fx cannot trace it ({type(exc).__name__})"
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        return f"its forward takes {len(inputs)} arguments"
+    users = list(inputs[0].users)
+    modules = dict(encoder.named_modules())
+    first = users[0] if len(users) == 1 else None
+    if first is None or first.op != "call_module" or type(modules.get(first.target)) is not nn.Linear \
+            or first.args != (inputs[0],) or first.kwargs:
+        return "its input goes to something other than one nn.Linear"
+    linear = modules[first.target]
+    if linear.in_features <= context_dim:
+        return f"its first nn.Linear takes {linear.in_features} <= context_dims features"
+    fused, activation = first, "none"
+    follower = next(iter(first.users)) if len(first.users) == 1 else None
+    epilogue = _epilogue_of(follower, first, modules) if follower is not None else None
+    if epilogue is not None:
+        fused, activation = follower, epilogue
+    # Hooks of the modules the hoisted path does not call (the Sequentials were traced through).
+    replaced = {n.target: modules[n.target] for n in (first, fused) if n.op == "call_module"}
+    skipped = list(replaced.values())
+    skipped += [m for m in encoder.modules() if isinstance(m, nn.Sequential)]
+    if _has_hooks(encoder, *skipped):
+        return "it, a Sequential in it, or its first layer has forward hooks"
+    # The rest: every node after the fused one, reading the fused node's output from a placeholder;
+    # module and attribute paths are resolved through `encoder`, the live module.
+    tail = fx.Graph()
+    env = {fused: tail.placeholder("h")}
+    for node in graph.nodes:
+        if node.op == "placeholder" or node is first or node is fused:
+            continue
+        copied = tail.node_copy(node, lambda n: env[n])
+        if copied.op in ("call_module", "get_attr"):
+            copied.target = f"encoder.{copied.target}"
+        env[node] = copied
+    return linear, activation, replaced, tail
+
+
+def _tail_module(encoder: nn.Module, graph: fx.Graph) -> nn.Module:
+    holder = nn.Module()
+    holder.encoder = encoder
+    gm = fx.GraphModule(holder, graph, f"{type(encoder).__name__}Tail")
+    gm.encoder = encoder  # the live encoder, not the copies of the attributes it referenced
+    return gm
+
+
+def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]:
+    """How to hoist encoder's first Linear out of the refinement loop, or why it cannot be.
+
+    Detected: a bare nn.Linear; any module whose forward torch.fx can trace (nn.Sequential looked
+    into, nested or not; every other submodule an opaque call) in which the input goes to exactly
+    one nn.Linear and nowhere else, e.g. an nn.Sequential that begins with one, or a module whose
+    forward starts with `self.mlp(x)`; one of our activations right after that Linear is fused.
+    """
+    if type(encoder) is nn.Linear:
+        if _has_hooks(encoder):
+            return "it has forward hooks"
+        if encoder.in_features <= context_dim:
+            return f"it takes {encoder.in_features} <= context_dims features"
+        return _Hoisting(encoder, encoder, "none", None, {})
+    tails = {}
+    plan = None
+    was_training = encoder.training
+    try:
+        for mode in (was_training, not was_training):  # fx records `self.training` as a constant
+            encoder.training = mode
+            planned = _plan_tail(encoder, context_dim)
+            if isinstance(planned, str):
+                return planned
+            if plan is not None and planned[:3] != plan[:3]:
+                return "its first layer differs between training and evaluation"
+            plan = planned
+            tails[mode] = _tail_module(encoder, planned[3])
+    finally:
+        encoder.training = was_training
+    return _Hoisting(encoder, plan[0], plan[1], tails, plan[2])
+
+
 class ProgressiveFusion(nn.Module):
     """Progressive Fusion (Shankar et al., arXiv 2209.00302) around any K encoders.
 
@@ -105,12 +254,21 @@ class ProgressiveFusion(nn.Module):
     encoders and fuses, and every step but the last back-projects the fused vector z into each
     modality's input (broadcast over its positions) for the next. forward(xs) returns z_R, or the
     list [z_1..z_R] with return_all_steps=True.
+
+    Hoisting (hoist=True, the default): where encoder j begins with an nn.Linear over its input
+    (see plan_hoisting for the forms detected), W x~ + b = (W_x x + b) + W_c c, so W_x x + b is
+    computed once per forward and each later step adds only the broadcast context term
+    (pf_kernels.context_linear, fused with the activation that follows the Linear). Same
+    parameters and state_dict; the same outputs up to rounding. `hoisted` lists the encoders
+    hoisted, `hoisting_notes` why the others were not. The plan is made at construction (and when
+    `hoist` is set); an encoder whose hoisted Linear or fused activation is replaced later runs
+    unhoisted until `hoist = True` plans again.
     """
 
     def __init__(self, encoders: Sequence[nn.Module], encoder_dims: Sequence[int], fused_dim: int,
                  context_dims: Union[int, Sequence[int]], iterations: int = 2,
                  fusion_activation: str = "relu", context_activation: str = "relu", bias: bool = True,
-                 backend: str = "auto", device=None, dtype=None):
+                 backend: str = "auto", device=None, dtype=None, hoist: bool = True):
         super().__init__()
         encoders = list(encoders)
         if not encoders:
@@ -132,6 +290,35 @@ class ProgressiveFusion(nn.Module):
         self.back_projections = nn.ModuleList(
             BackProjection(fused_dim, c, context_activation, bias, backend, device, dtype)
             for c in context_dims)
+        self.hoist = hoist
+
+    @property
+    def hoist(self) -> bool:
+        return self._hoist
+
+    @hoist.setter
+    def hoist(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"hoist must be a bool, got {type(value).__name__}")
+        self._hoist = value
+        # Plain attributes, not submodules: the plans reference the encoders' own modules.
+        plans = [plan_hoisting(e, c) if value else "hoist=False" for e, c in zip(self.encoders, self.context_dims)]
+        self._hoisting: Tuple[Optional[_Hoisting], ...] = tuple(p if isinstance(p, _Hoisting) else None for p in plans)
+        self.hoisting_notes: Tuple[str, ...] = tuple(
+            f"encoder {j}: {'hoisted, ' + p.activation + ' fused' if isinstance(p, _Hoisting) else 'not hoisted: ' + p}"
+            for j, p in enumerate(plans))
+
+    @property
+    def hoisted(self) -> Tuple[int, ...]:
+        """The encoders whose first Linear runs once per forward (empty where the backend has no
+        context_linear)."""
+        if not implements(self.backend, "context_linear"):
+            return ()
+        return tuple(j for j, (plan, encoder) in enumerate(zip(self._hoisting, self.encoders))
+                     if plan is not None and plan.holds_for(encoder))
+
+    def extra_repr(self) -> str:
+        return f"iterations={self.iterations}, context_dims={self.context_dims}, hoisted={self.hoisted}"
 
     @property
     def backend(self) -> str:
@@ -156,25 +343,57 @@ class ProgressiveFusion(nn.Module):
                                  f"got shape {tuple(x.shape)}")
         return list(xs)
 
+    def _hoisting_for(self, xs: List[torch.Tensor]) -> Tuple[Optional[_Hoisting], ...]:
+        if not any(self._hoisting) or not implements(self.backend, "context_linear"):
+            return (None,) * len(xs)
+        # A Linear that does not take Dx + Dc features: the unhoisted path raises the usual error.
+        # A plan whose modules were swapped out no longer holds: that encoder runs unhoisted.
+        return tuple(plan if plan is not None and x.shape[-1] + c == plan.linear.in_features
+                     and plan.holds_for(encoder) else None
+                     for plan, encoder, x, c in zip(self._hoisting, self.encoders, xs, self.context_dims))
+
     def forward(self, xs: Sequence[torch.Tensor], return_all_steps: bool = False):
         xs = self._check_inputs(xs)
-        # Step 1 sees a zero context.
-        inputs = [torch.cat([x, x.new_zeros(*x.shape[:-1], c)], dim=-1)
-                  for x, c in zip(xs, self.context_dims)]
-        head = self.fusion_head
+        hoisting = self._hoisting_for(xs)
+        # Step 1 sees a zero context: a hoisted encoder's first layer is x W_x^T + b (kept for the
+        # later steps, with W_c), the others read [x, 0].
+        projections: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        inputs = []
+        for j, (x, plan, c) in enumerate(zip(xs, hoisting, self.context_dims)):
+            if plan is None:
+                inputs.append(torch.cat([x, x.new_zeros(*x.shape[:-1], c)], dim=-1))
+                continue
+            weight, dx = plan.linear.weight, x.shape[-1]
+            p = F.linear(x, weight[:, :dx], plan.linear.bias)
+            projections[j] = (p, weight[:, dx:])
+            inputs.append(apply_activation(p, plan.activation))
         steps = []
         for step in range(self.iterations):
-            hs = [encoder(x) for encoder, x in zip(self.encoders, inputs)]
+            hs = [encoder(x) if plan is None else plan.tail(encoder, x)
+                  for encoder, plan, x in zip(self.encoders, hoisting, inputs)]
             if step == self.iterations - 1:
-                z = head(hs)
-            elif len({bp.activation for bp in self.back_projections}) > 1:
-                z = head(hs)
-                inputs = [bp(x, z) for bp, x in zip(self.back_projections, xs)]
+                z = self.fusion_head(hs)
             else:
-                z, inputs = ops.refine_step(
-                    hs, head.weight, head.bias, xs,
-                    [bp.weight for bp in self.back_projections],
-                    [bp.bias for bp in self.back_projections],
-                    head.activation, self.back_projections[0].activation, backend=self.backend)
+                z, inputs = self._refine(hs, xs, hoisting, projections)
             steps.append(z)
         return steps if return_all_steps else steps[-1]
+
+    def _refine(self, hs, xs, hoisting, projections):
+        """z from hs, and every encoder's input (or hoisted first layer's output) for the next step."""
+        head, bps = self.fusion_head, self.back_projections
+        plain = [j for j, plan in enumerate(hoisting) if plan is None]
+        inputs = [None] * len(xs)
+        if plain and len({bps[j].activation for j in plain}) == 1:
+            z, outs = ops.refine_step(
+                hs, head.weight, head.bias, [xs[j] for j in plain], [bps[j].weight for j in plain],
+                [bps[j].bias for j in plain], head.activation, bps[plain[0]].activation, backend=self.backend)
+        else:
+            z = head(hs)
+            outs = [bps[j](xs[j], z) for j in plain]
+        for j, out in zip(plain, outs):
+            inputs[j] = out
+        for j, (p, context_weight) in projections.items():
+            bp = bps[j]
+            inputs[j] = ops.context_linear(p, z, bp.weight, bp.bias, context_weight, bp.activation,
+                                           hoisting[j].activation, backend=self.backend)
+        return z, inputs

@@ -123,13 +123,40 @@ def refine_step(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
         bp_biases = _cast_all(bp_biases, cast)
     bp_biases = checks.check_refine_step(hs, head_weight, head_bias, xs, bp_weights, bp_biases,
                                          head_activation, backproj_activation)
-    name = resolve_backend(backend, "refine_step", hs[0].device, hs[0].dtype)
+    device, dtype = hs[0].device, hs[0].dtype
+    name = resolve_backend(backend, "refine_step", device, dtype)
     hs, xs, bp_weights = list(hs), list(xs), list(bp_weights)
-    with _autocast_off(name, hs[0].device, cast):
-        impl = get_impl(name, "refine_step")
-        if impl is not None:
+    impl = get_impl(name, "refine_step")
+    if impl is not None:
+        with _autocast_off(name, device, cast):
             z, xs_out = impl(hs, head_weight, head_bias, xs, bp_weights, bp_biases,
                              head_activation, backproj_activation)
-            return z, list(xs_out)
-        z = get_impl(name, "fusion_head")(hs, head_weight, head_bias, head_activation)
-        return z, _grouped(name, xs, z, bp_weights, bp_biases, backproj_activation)
+        return z, list(xs_out)
+    # Composed from the backend's other ops; under "auto", from whichever backend auto picks for each.
+    head = name if backend != "auto" else resolve_backend(backend, "fusion_head", device, dtype)
+    with _autocast_off(head, device, cast):
+        z = get_impl(head, "fusion_head")(hs, head_weight, head_bias, head_activation)
+    bp = name if backend != "auto" else resolve_backend(backend, "backproj_concat_grouped", device, dtype)
+    with _autocast_off(bp, device, cast):
+        return z, _grouped(bp, xs, z, bp_weights, bp_biases, backproj_activation)
+
+
+def context_linear(p: torch.Tensor, z: torch.Tensor, bp_weight: torch.Tensor,
+                   bp_bias: Optional[torch.Tensor], proj_weight: torch.Tensor,
+                   activation: str = "relu", out_activation: str = "none",
+                   backend: str = "auto") -> torch.Tensor:
+    """A hoisted refinement step's first layer: out_act(p + act(z @ bp_weight.T + bp_bias) @ proj_weight.T),
+    the (B, H) context term broadcast over p's positions.
+
+    p: (B, *S, H), the encoder's first Linear applied to x alone (x @ W_x.T + b, computed once per
+    forward); z: (B, Dz); bp_weight: (Dc, Dz), bp_bias: (Dc,) or None (the back-projection);
+    proj_weight: (H, Dc), the Linear's context columns W_c. Equals that Linear applied to
+    backproj_concat(x, z, bp_weight, bp_bias, activation), then out_activation, up to rounding.
+    """
+    cast = _autocast_dtype(p)
+    if cast is not None:
+        p, z, bp_weight, bp_bias, proj_weight = (_cast(t, cast) for t in (p, z, bp_weight, bp_bias, proj_weight))
+    checks.check_context_linear(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation)
+    name = resolve_backend(backend, "context_linear", p.device, p.dtype)
+    with _autocast_off(name, p.device, cast):
+        return get_impl(name, "context_linear")(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation)

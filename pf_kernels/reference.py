@@ -75,3 +75,20 @@ def refine_step(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
     """
     z = fusion_head(hs, head_weight, head_bias, head_activation)
     return z, backproj_concat_grouped(xs, z, bp_weights, bp_biases, backproj_activation)
+
+
+def context_linear(p: torch.Tensor, z: torch.Tensor, bp_weight: torch.Tensor,
+                   bp_bias: Optional[torch.Tensor], proj_weight: torch.Tensor,
+                   activation: str = "relu", out_activation: str = "none") -> torch.Tensor:
+    """out_act(p + act(z @ bp_weight.T + bp_bias) @ proj_weight.T broadcast over p's positions).
+
+    The encoder's first Linear applied to backproj_concat(x, z, bp_weight, bp_bias, activation),
+    with p = x @ W_x.T + b computed once and proj_weight = W_c (the Linear's context columns).
+    The context is rounded to p's dtype, as backproj_concat returns it; the projection, the sum
+    and out_act are accumulated in fp32 and rounded once.
+    """
+    context = linear_act(z, bp_weight, bp_bias, activation)
+    acc = accumulate_dtype(p.dtype)
+    term = F.linear(context.to(acc), proj_weight.to(acc))
+    term = term.view(term.shape[0], *([1] * (p.dim() - 2)), term.shape[1])
+    return apply_activation(p.to(acc) + term, out_activation).to(p.dtype)

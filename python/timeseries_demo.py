@@ -37,7 +37,9 @@ What it reports
 - robustness: test MSE when Gaussian noise of scale s * std(x_j) is added to one modality at test time,
   s in 0.0, 0.1, ..., 0.8 (the paper's levels), summarised as the paper does: the relative drop
   mse(s) / mse(0) - 1 averaged over the levels, and the area under the MSE-vs-noise curve;
-- the wall-clock of one training epoch of the R = 3 model with the chosen fused backend vs `torch`.
+- the wall-clock of one training epoch of the R = 3 model with the chosen fused backend vs `torch`,
+  and its cost relative to late fusion before and after hoisting (ProgressiveFusion computes each
+  encoder's first Linear over x once per forward, not once per step; `hoist=False` turns it off).
 Writes results/timeseries_demo.json and results/timeseries_demo.png.
 """
 from __future__ import annotations
@@ -139,24 +141,27 @@ class ProgressiveModel(nn.Module):
     """pf_kernels.nn.ProgressiveFusion around the same encoders (inputs widened by the context)."""
 
     def __init__(self, channels: Sequence[int], hidden: int, encoder_dim: int, fused_dim: int,
-                 context_dim: int, iterations: int, backend: str):
+                 context_dim: int, iterations: int, backend: str, hoist: bool = True):
         super().__init__()
         encoders = [SeriesEncoder(c + context_dim, hidden, encoder_dim) for c in channels]
+        # SeriesEncoder begins with self.step(x), a Sequential whose first layer is an nn.Linear:
+        # ProgressiveFusion hoists it (x's projection once per forward, not once per step).
         self.fusion = ProgressiveFusion(encoders, [encoder_dim] * len(channels), fused_dim, context_dim,
-                                        iterations=iterations, context_activation="tanh", backend=backend)
+                                        iterations=iterations, context_activation="tanh", backend=backend,
+                                        hoist=hoist)
         self.readout = nn.Linear(fused_dim, 1)
 
     def forward(self, xs):
         return self.readout(self.fusion(xs))
 
 
-def build_model(name: str, cfg: dict, backend: str) -> nn.Module:
+def build_model(name: str, cfg: dict, backend: str, hoist: bool = True) -> nn.Module:
     iterations = MODELS[name]
     channels = [cfg["channels"]] * cfg["modalities"]
     if iterations == 1:
         return LateFusion(channels, cfg["hidden"], cfg["encoder_dim"], cfg["fused_dim"], backend)
     return ProgressiveModel(channels, cfg["hidden"], cfg["encoder_dim"], cfg["fused_dim"],
-                            cfg["context_dim"], iterations, backend)
+                            cfg["context_dim"], iterations, backend, hoist)
 
 
 def count_params(model: nn.Module) -> int:
@@ -255,24 +260,29 @@ def area_under_curve(robust_mse: Sequence[float]) -> float:
                zip(robust_mse, robust_mse[1:], NOISE_LEVELS, NOISE_LEVELS[1:]))
 
 
-def time_epochs(cfg: dict, data, backend: str, device: torch.device, epochs: int) -> float:
-    """Median seconds per training epoch of the R = 3 model on this backend."""
+def time_epochs(cfg: dict, data, device: torch.device, epochs: int, variants: Dict[str, tuple]) -> Dict[str, float]:
+    """Median seconds per training epoch of each variant (model name, backend, hoist), timed side by
+    side: one epoch of each per round, so a slow spell of the machine hits all alike."""
     (train_x, train_y), _, _ = data
-    torch.manual_seed(0)
-    model = build_model("progressive_fusion_r3", cfg, backend).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    gen = torch.Generator().manual_seed(0)
-    train_epoch(model, opt, train_x, train_y, cfg["batch"], gen)  # warm-up
-    times = []
+    runs = {}
+    for key, (name, backend, hoist) in variants.items():
+        torch.manual_seed(0)
+        model = build_model(name, cfg, backend, hoist).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+        gen = torch.Generator().manual_seed(0)
+        train_epoch(model, opt, train_x, train_y, cfg["batch"], gen)  # warm-up
+        runs[key] = (model, opt, gen)
+    times = {key: [] for key in variants}
     for _ in range(epochs):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        train_epoch(model, opt, train_x, train_y, cfg["batch"], gen)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for key, (model, opt, gen) in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            train_epoch(model, opt, train_x, train_y, cfg["batch"], gen)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,6 +306,10 @@ def print_table(results: Dict[str, dict], timing: dict) -> None:
         print(f"\ntraining epoch of the R = 3 model ({timing['samples']} samples, batch {timing['batch']}, "
               f"{timing['device']}): backend {timing['fused_backend']!r} {timing['fused_s']:.3f} s, "
               f"'torch' {timing['torch_s']:.3f} s -> {timing['speedup']:.2f}x")
+        print(f"cost of Progressive Fusion R = 3 relative to late fusion ({timing['late_fusion_s']:.3f} s), "
+              f"backend {timing['fused_backend']!r}: {timing['pf_cost_unhoisted']:.2f}x unhoisted "
+              f"({timing['unhoisted_s']:.3f} s), {timing['pf_cost_hoisted']:.2f}x hoisted "
+              f"(encoders {list(timing['hoisted'])} hoisted)")
 
 
 def save_plot(results: Dict[str, dict], path: str) -> bool:
@@ -396,9 +410,15 @@ def main(argv=None) -> dict:
     timing = {}
     if run["timing_epochs"]:
         data = (split(run["train"], 10_001), None, None)
-        fused_s = time_epochs(cfg, data, args.backend, device, run["timing_epochs"])
-        torch_s = time_epochs(cfg, data, "torch", device, run["timing_epochs"])
-        timing = {"fused_backend": fused, "fused_s": fused_s, "torch_s": torch_s, "speedup": torch_s / fused_s,
+        pf = "progressive_fusion_r3"
+        t = time_epochs(cfg, data, device, run["timing_epochs"], {
+            "fused": (pf, args.backend, True), "torch": (pf, "torch", True),
+            "unhoisted": (pf, args.backend, False), "late_fusion": ("late_fusion", args.backend, True)})
+        hoisted = build_model(pf, cfg, args.backend).fusion.hoisted
+        timing = {"fused_backend": fused, "fused_s": t["fused"], "torch_s": t["torch"],
+                  "speedup": t["torch"] / t["fused"], "unhoisted_s": t["unhoisted"],
+                  "late_fusion_s": t["late_fusion"], "pf_cost_unhoisted": t["unhoisted"] / t["late_fusion"],
+                  "pf_cost_hoisted": t["fused"] / t["late_fusion"], "hoisted": list(hoisted),
                   "samples": run["train"], "batch": cfg["batch"], "device": str(device),
                   "threads": torch.get_num_threads()}
 

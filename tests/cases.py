@@ -134,6 +134,46 @@ FUSION_SHAPES = [
 ]
 
 
+# (B, S, H, Dz, Dc) for context_linear: odd sizes, B = 0, one position, several position dims, and
+# sizes past the CPU kernel's small-GEMM loops and its activation chunk.
+CONTEXT_SHAPES = [
+    (3, (), 5, 7, 3),
+    (2, (1,), 4, 6, 5),
+    (4, (9,), 3, 17, 11),
+    (0, (5,), 4, 6, 3),
+    (2, (3, 5), 6, 5, 7),
+    (3, (2, 3, 2), 1, 3, 2),
+    (5, (33,), 65, 33, 19),
+    (64, (9,), 70, 40, 20),
+]
+
+
+def context_inputs(B, S, H, Dz, Dc, bias=True, dtype=torch.float32, device="cpu", noncontiguous=False,
+                   requires_grad=True, x_features=6):
+    """(p, z, bp_weight, bp_bias, proj_weight). proj_weight is always what hoisting passes: the last
+    Dc columns of a Linear weight (H, x_features + Dc); noncontiguous also makes p and z strided and
+    bp_weight transposed storage."""
+    p = rand((B, *S, H), dtype, device, noncontiguous, requires_grad)
+    z = rand((B, Dz), dtype, device, noncontiguous, requires_grad)
+    if noncontiguous:
+        bp_weight = (rand((Dz, Dc), torch.float64, device) * Dz ** -0.5).to(dtype).t()
+    else:
+        bp_weight = (rand((Dc, Dz), torch.float64, device) * Dz ** -0.5).to(dtype)
+    bp_bias = rand((Dc,), dtype, device) if bias else None
+    linear_weight = (rand((H, x_features + Dc), torch.float64, device) * Dc ** -0.5).to(dtype)
+    proj_weight = linear_weight[:, x_features:]
+    leaves = [bp_weight, bp_bias, proj_weight]
+    for t in leaves:
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    return p, z, bp_weight, bp_bias, proj_weight
+
+
+def context_call(backend: str, activation: str, out_activation: str) -> Callable:
+    """context_linear on one backend, as a function of (p, z, bp_weight, bp_bias, proj_weight)."""
+    return lambda p, z, w, b, pw: pk.context_linear(p, z, w, b, pw, activation, out_activation, backend=backend)
+
+
 def backproj_call(backend: str, activation: str) -> Callable:
     """backproj_concat on one backend, as a function of (x, z, weight, bias)."""
     return lambda x, z, w, b: pk.backproj_concat(x, z, w, b, activation, backend=backend)
@@ -166,19 +206,26 @@ def assert_refine_step_matches_reference(backend: str, activation: str, device="
 
 def assert_ops_compile_without_graph_breaks(backend: str, device="cpu") -> None:
     """Every op on one backend under torch.compile(fullgraph=True): no graph break, and outputs and
-    gradients equal to eager."""
+    gradients equal to eager. (context_linear where the backend has it: triton gets it later.)"""
     import torch._dynamo
+    from pf_kernels._dispatch import implements
 
     x, z, w, b = backproj_inputs(3, (4,), 5, 6, 7, True, device=device)
     hs, hw, hb = fusion_inputs(3, (3, 5), 6, device=device)
+    with_context_linear = implements(backend, "context_linear")
+    pw = rand((4, 7), device=device, requires_grad=with_context_linear)
 
-    def step(x, z, w, b, hw, hb, h0, h1):
+    def step(x, z, w, b, hw, hb, pw, h0, h1):
         y = pk.backproj_concat(x, z, w, b, "gelu", backend=backend)
         f = pk.fusion_head([h0, h1], hw, hb, "tanh", backend=backend)
         zz, xs = pk.refine_step([h0, h1], hw, hb, [x], [w[:, :6]], [b], "relu", "sigmoid", backend=backend)
-        return y, f, zz, xs[0]
+        outs = (y, f, zz, xs[0])
+        if with_context_linear:
+            outs += (pk.context_linear(y[..., :4], z, w, b, pw, "tanh", "relu", backend=backend),
+                     pk.context_linear(x[..., :4], zz, w[:, :6], None, pw, "gelu", "none", backend=backend))
+        return outs
 
-    args = (x, z, w, b, hw, hb, *hs)
+    args = (x, z, w, b, hw, hb, pw, *hs)
 
     def outputs_and_grads(fn):
         outs = list(fn(*args))

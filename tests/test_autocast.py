@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pf_kernels as pk
+from pf_kernels._dispatch import implements
 from pf_kernels.nn import ProgressiveFusion
 from tests.cases import rand
 
@@ -52,14 +53,20 @@ def _op_calls(backend):
                                backend=backend)
         return [z, *xs]
 
+    def context(p, z, w, b, pw):
+        return pk.context_linear(p, z, w, b, pw, "tanh", "gelu", backend=backend)
+
     B, Dz = 5, 7
-    return [
+    calls = [
         ("backproj_concat", backproj, [(B, 3, 4), (B, Dz), (6, Dz), (6,)], ()),
         ("backproj_concat_grouped", grouped, [(B, Dz), (B, 3), (B, 2, 3, 5), (4, Dz), (2, Dz), (4,)], ()),
         ("fusion_head", head, [(Dz, 3 + 5 + 2), (Dz,), (B, 3), (B, 5), (B, 2)], (2, 3, 4)),
         ("refine_step", step, [(Dz, 9), (Dz,), (B, 4), (B, 5), (B, 3), (B, 2, 6), (3, Dz), (2, Dz),
                                (3,), (2,)], (2, 3)),
     ]
+    if implements(backend, "context_linear"):  # triton gets it later
+        calls.append(("context_linear", context, [(B, 3, 4), (B, Dz), (6, Dz), (6,), (4, 6)], ()))
+    return calls
 
 
 def _outputs(result):

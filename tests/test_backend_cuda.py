@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import pf_kernels as pk
-from tests.cases import (ACTIVATIONS, BACKPROJ_SHAPES, FUSION_SHAPES, assert_matches_reference,
-                         assert_refine_step_matches_reference, backproj_call, backproj_inputs,
-                         fusion_call, fusion_inputs)
+from tests.cases import (ACTIVATIONS, BACKPROJ_SHAPES, CONTEXT_SHAPES, FUSION_SHAPES, assert_matches_reference,
+                         assert_refine_step_matches_reference, backproj_call, backproj_inputs, context_call,
+                         context_inputs, fusion_call, fusion_inputs)
 
 from pf_kernels import reference
 
@@ -542,6 +542,98 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(out, step(x, z, w, b, hw, hb, *hs))
     out.sum().backward()
     assert all(t.grad is not None for t in (z, w, b, hw, hb, *hs))
+
+
+# context_linear beyond the shared cases: the 16-byte path (H a multiple of 8) with positions split
+# across blocks in the backward, many positions on the scalar path, many batch rows, one feature.
+CONTEXT_EXTRA = [
+    (2, (300,), 64, 48, 64),
+    (3, (17, 19), 8, 70, 40),
+    (1, (2049,), 5, 9, 33),
+    (700, (), 16, 33, 8),
+    (2, (4,), 1, 5, 3),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("index,shape", list(enumerate(CONTEXT_SHAPES + CONTEXT_EXTRA)), ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float64] + DTYPES, ids=str)
+@pytest.mark.parametrize("noncontiguous", [False, True], ids=["contig", "strided"])
+def test_context_linear(index, shape, dtype, noncontiguous):
+    B, S, H, Dz, Dc = shape
+    for i, activation in enumerate(ACTIVATIONS):  # every (activation, out_activation) pair over 5 shapes
+        out_activation = ACTIVATIONS[(i + 2 * index + noncontiguous) % 5]
+        args = context_inputs(B, S, H, Dz, Dc, (i + index) % 2 == 0, dtype, "cuda", noncontiguous)
+        assert_matches_reference(context_call(BACKEND, activation, out_activation),
+                                 context_call("torch", activation, out_activation), args)
+
+
+@needs_gpu
+def test_context_linear_unaligned_p_and_grad_p_is_grad_out():
+    # p a view starting one element in: rows not 16-byte aligned, so the scalar path must be taken.
+    base = torch.randn(2, 5, 17, device="cuda")
+    p = base[..., 1:].requires_grad_(False)
+    _, z, w, b, pw = context_inputs(2, (5,), 16, 6, 8, True, device="cuda", requires_grad=False)
+    for out_activation in ("none", "gelu"):
+        torch.testing.assert_close(pk.context_linear(p, z, w, b, pw, "tanh", out_activation, backend=BACKEND),
+                                   pk.context_linear(p, z, w, b, pw, "tanh", out_activation, backend="torch"))
+    p = p.clone().requires_grad_(True)
+    out = pk.context_linear(p, z, w, b, pw, backend=BACKEND)
+    g = torch.randn_like(out)
+    (gp,) = torch.autograd.grad(out, p, g)
+    assert gp.data_ptr() == g.data_ptr()
+
+
+@needs_gpu
+def test_context_linear_gradcheck_float64():
+    for activation, out_activation in (("gelu", "none"), ("tanh", "sigmoid"), ("sigmoid", "gelu"), ("none", "tanh")):
+        args = context_inputs(2, (3, 2), 4, 3, 2, True, torch.float64, "cuda")
+        assert torch.autograd.gradcheck(context_call(BACKEND, activation, out_activation), args)
+    args = context_inputs(3, (2,), 3, 4, 2, False, torch.float64, "cuda", noncontiguous=True)
+    assert torch.autograd.gradcheck(context_call(BACKEND, "tanh", "tanh"), args)
+
+
+@needs_gpu
+def test_context_linear_opcheck_on_cuda_tensors():
+    ops = torch.ops.pf_kernels
+    for args in (context_inputs(3, (4,), 5, 6, 7, True, device="cuda") + ("relu", "none"),
+                 context_inputs(2, (3, 2), 8, 5, 16, False, torch.bfloat16, "cuda") + ("gelu", "gelu"),
+                 context_inputs(0, (5,), 4, 6, 3, True, device="cuda") + ("tanh", "relu"),
+                 context_inputs(3, (4,), 5, 6, 7, True, device="cuda", noncontiguous=True) + ("sigmoid", "tanh")):
+        torch.library.opcheck(ops.context_linear.default, args)
+    p, z, w, b, pw = context_inputs(3, (4,), 5, 6, 7, True, device="cuda", requires_grad=False)
+    for out_activation, saved_out, saved_p in (("none", None, None), ("relu", True, None), ("gelu", None, True)):
+        out = ops.context_linear(p, z, w, b, pw, "tanh", out_activation)
+        torch.library.opcheck(ops.context_linear_backward.default,
+                              (torch.randn_like(out), out if saved_out else None, p if saved_p else None, z, w, b,
+                               pw, "tanh", out_activation))
+
+
+@needs_gpu
+def test_context_linear_is_deterministic_and_graph_capturable():
+    p, z, w, b, pw = context_inputs(4, (3000,), 32, 16, 8, True, device="cuda")
+    g = torch.randn(p.shape, device="cuda")
+
+    def grads():
+        out = pk.context_linear(p, z, w, b, pw, "tanh", "relu", backend=BACKEND)
+        return torch.autograd.grad(out, [p, z, w, b, pw], g)
+
+    first = grads()
+    for a, c in zip(first, grads()):
+        assert torch.equal(a, c)  # positions reduced in a fixed order
+    # No host synchronisation: the forward captures into a CUDA graph and replays equal.
+    static_p = p.detach().clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        pk.context_linear(static_p, z, w, b, pw, "gelu", "tanh", backend=BACKEND)  # warm-up
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_out = pk.context_linear(static_p, z, w, b, pw, "gelu", "tanh", backend=BACKEND)
+    static_p.copy_(torch.randn_like(static_p))
+    graph.replay()
+    torch.testing.assert_close(static_out, pk.context_linear(static_p, z, w, b, pw, "gelu", "tanh", backend="torch"))
 
 
 def test_cuda_build_check_script():

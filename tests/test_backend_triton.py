@@ -12,6 +12,7 @@ so it is set here, at collection. backend="auto" still picks "cpu" for CPU tenso
 """
 import importlib
 import os
+import subprocess
 import sys
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 import pf_kernels as pk  # noqa: E402
 from pf_kernels import reference  # noqa: E402
@@ -355,7 +356,7 @@ def test_launches_on_the_tensors_device(monkeypatch):
             current[0] = self.previous
 
     class Kernel:
-        configs = [__import__("triton").Config({})]
+        configs = [triton.Config({})]
 
         def __getitem__(self, grid):
             return lambda *args, **kwargs: seen.append(current[0])
@@ -487,15 +488,21 @@ def test_relu_keeps_nan_as_torch_does():
 # ------------------------------------------------------------------ offsets beyond int32
 
 _WIDE_OFFSETS = r"""
+import sys
 import torch, pf_kernels as pk
 from pf_kernels.triton._matmul import mm
+device = sys.argv[1]
 torch.manual_seed(0)
 S = 2 ** 29  # a feature stride: 4 features span more than 2^31 elements
-buf = torch.empty(4 * S + 64, dtype=torch.float16)  # 4 GB of address space, a few pages touched
+# 4 GB of fp16: on the CPU only address space (a few pages touched); on a GPU real memory
+buf = torch.empty(4 * S + 64, dtype=torch.float16, device=device)
+
+def rand(*shape, dtype=torch.float16):
+    return torch.randn(*shape, dtype=torch.float64).to(dtype).to(device)
 
 def view(shape, strides, offset=0):
     v = buf.as_strided(shape, strides, offset)
-    v.copy_(torch.randn(shape, dtype=torch.float64).to(torch.float16))
+    v.copy_(rand(*shape))
     return v
 
 def check(name, got, want, tol=2e-2):
@@ -504,7 +511,7 @@ def check(name, got, want, tol=2e-2):
         assert err <= tol * max(1.0, w.double().abs().max().item()), (name, err)
 
 # matmul: K * stride past 2^31
-a = torch.randn(3, 5)
+a = rand(3, 5, dtype=torch.float32)
 b = view((5, 2), (S, 1), 7)
 check("mm", [mm(a, b, torch.float32)], [a.double() @ b.double()])
 # fusion_head: input feature stride and weight feature stride past 2^31
@@ -519,10 +526,7 @@ for backend in ("triton", "torch"):
         check("fusion_head", got, [out, *grads])
 # backproj_concat and refine_step: x's feature stride past 2^31
 x = view((2, 3, 5), (1, 2, S), 48).requires_grad_(True)
-z = torch.randn(2, 4, dtype=torch.float16)
-wz = torch.randn(3, 4, dtype=torch.float16)
-hz = torch.randn(2, 4, dtype=torch.float16)
-hw = torch.randn(4, 4, dtype=torch.float16)
+z, wz, hz, hw = rand(2, 4), rand(3, 4), rand(2, 4), rand(4, 4)
 for backend in ("triton", "torch"):
     out = pk.backproj_concat(x, z, wz, None, "relu", backend=backend)
     zz, (xt,) = pk.refine_step([hz], hw, None, [x], [wz], [None], "relu", "relu", backend=backend)
@@ -540,8 +544,12 @@ print("ok")
                            "elements) run the real kernels; the interpreter breaks on numpy >= 2.5 there")
 def test_offsets_beyond_int32():
     # The kernels index with int64 where stride products can pass 2^31. In a subprocess: a wrapped
-    # offset would read outside the buffer (and may crash).
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = __import__("subprocess").run([sys.executable, "-c", _WIDE_OFFSETS], env=env, capture_output=True,
-                                        text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    # offset would read outside the buffer (and may crash). On a GPU it takes 4 GB of its memory.
+    env = dict(os.environ)
+    if DEVICE == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", _WIDE_OFFSETS, DEVICE], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-4000:]

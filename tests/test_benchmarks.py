@@ -122,7 +122,10 @@ def test_e2e_rows_say_what_ran_and_mark_unavailable_variants():
     assert {(r["task"], r["provider"]) for r in ok} == {(t, p) for t in ("train", "inference") for p in providers}
     assert all(r["status"] == "ok" and r["median_s"] > 0 for r in ok), [r["status"] for r in ok]
     auto = next(r for r in ok if r["provider"] == "auto")
-    assert auto["ran"] == resolve_backend("auto", "refine_step", CPU, torch.float32)
+    # auto may pick per op (on a CPU: torch's fusion_head, the cpu back-projections)
+    from pf_kernels._dispatch import OPS
+    picks = {resolve_backend("auto", op, CPU, torch.float32) for op in OPS}
+    assert auto["ran"] and set(auto["ran"].split("+")) <= picks, (auto["ran"], picks)
     assert next(r for r in ok if r["provider"] == "eager")["ran"] == "torch"
     assert all(r["status"].startswith("n/a") for r in rows if r["variant"] == "tiny-x")
 

@@ -6,6 +6,7 @@ import torch._dynamo
 from torch import nn
 
 import pf_kernels as pk
+from pf_kernels._dispatch import implements
 from pf_kernels.nn import ProgressiveFusion
 from tests.cases import assert_ops_compile_without_graph_breaks
 
@@ -24,18 +25,20 @@ def test_ops_compile_without_graph_breaks(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_progressive_fusion_compiles_and_new_batch_sizes_do_not_recompile(backend):
+@pytest.mark.parametrize("hoist", [True, False], ids=["hoisted", "unhoisted"])
+def test_progressive_fusion_compiles_and_new_batch_sizes_do_not_recompile(backend, hoist):
     encoders = [nn.Sequential(nn.Linear(4 + 3, 8), nn.Tanh()), nn.Linear(2 + 3, 8)]
 
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
-            self.pf = ProgressiveFusion(encoders, [8, 8], 6, 3, iterations=3, backend=backend)
+            self.pf = ProgressiveFusion(encoders, [8, 8], 6, 3, iterations=3, backend=backend, hoist=hoist)
 
         def forward(self, a, b):
             return self.pf([a, b.mean(1) if b.dim() == 3 else b])
 
     model = Model()
+    assert model.pf.hoisted == ((0, 1) if hoist and implements(backend, "context_linear") else ())
     fn = compiled(model)
     counts = []
     for B in (4, 7, 9, 12):

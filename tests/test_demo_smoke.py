@@ -44,4 +44,7 @@ def test_demo_tiny_run_writes_json(tmp_path):
         assert entry["robust_mse"][0] == pytest.approx(entry["mse_mean"], rel=1e-6)
     # The back-projections (and the context inputs) cost parameters; late fusion has none.
     assert saved["progressive_fusion_r2"]["params"] > saved["late_fusion"]["params"]
-    assert saved["epoch_time"]["fused_s"] > 0 and saved["epoch_time"]["torch_s"] > 0
+    timing = saved["epoch_time"]
+    assert timing["fused_s"] > 0 and timing["torch_s"] > 0
+    # the demo's encoders begin with a Sequential(Linear, ...): every one is hoisted
+    assert timing["hoisted"] == [0, 1, 2] and timing["pf_cost_hoisted"] > 0 and timing["pf_cost_unhoisted"] > 0

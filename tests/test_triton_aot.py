@@ -35,6 +35,8 @@ ARCHS = (80, 90)
 MATRIX = [spec[0] for spec in aot._kernel_specs("bfloat16") if spec[5]]
 # (dtype, tf32, kernels or None for all)
 VARIANTS = [("bfloat16", False, None), ("float32", False, None), ("float32", True, MATRIX)]
+TTIR_DTYPES = ("bfloat16", "float32")
+RECORDS_ENV = "PF_KERNELS_AOT_RECORDS"  # a file to write every record to (JSON lines)
 
 
 def _cases():
@@ -52,7 +54,9 @@ def _run(job, cache_dir):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(cache_dir / f"sm{arch}-{dtype}-{tf32}")
     cmd = [sys.executable, "-m", "pf_kernels.triton.aot", "--arch", str(arch), "--dtype", dtype]
-    if tf32:
+    if tf32 == "ttir":
+        cmd.append("--ttir")
+    elif tf32:
         cmd.append("--tf32")
     if only:
         cmd += ["--only", *only]
@@ -67,9 +71,12 @@ def _run(job, cache_dir):
 def records(tmp_path_factory):
     cache = tmp_path_factory.mktemp("triton-cache")
     jobs = [(arch, dtype, tf32, only) for dtype, tf32, only in VARIANTS for arch in ARCHS]
+    jobs += [(90, dtype, "ttir", None) for dtype in TTIR_DTYPES]
     with ThreadPoolExecutor(max_workers=2) as pool:  # two cores: two compiler processes
         results = list(pool.map(lambda job: _run(job, cache), jobs))
-    return {(r["arch"], r["dtype"], r["tf32"], r["kernel"], r["config"]): r
+    if os.environ.get(RECORDS_ENV):  # registers, spills, shared memory of every compile, kept
+        Path(os.environ[RECORDS_ENV]).write_text("".join(json.dumps(r) + "\n" for b in results for r in b))
+    return {(r["arch"], r["dtype"], r.get("tf32", "ttir"), r["kernel"], r.get("config", r.get("variant"))): r
             for batch in results for r in batch}
 
 
@@ -89,3 +96,14 @@ def test_compiles_without_spills_with_tensor_cores(records, arch, dtype, tf32, k
         assert r["wgmma"], f"{where}: no wgmma in the PTX"
     else:
         assert r["mma"], f"{where}: no mma.sync in the PTX"
+
+
+@pytest.mark.parametrize("dtype", TTIR_DTYPES)
+def test_front_end_takes_every_flag_and_sizes_of_one(records, dtype):
+    # The interpreter runs the kernels as Python and the compile above covers one set of flags:
+    # a kernel whose code breaks only for some flags (or when Triton turns a size of 1 into a
+    # constant) would first fail on a GPU. The front end alone, on every flag value.
+    ttir = [r for key, r in records.items() if key[2] == "ttir" and key[1] == dtype]
+    assert len(ttir) > len(aot._kernel_specs(dtype)), "the sweep ran no variants"
+    failed = [f"{r['kernel']} {r['variant']}: {r['error']}" for r in ttir if r["error"]]
+    assert not failed, "\n".join(failed)

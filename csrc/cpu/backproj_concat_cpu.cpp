@@ -11,19 +11,14 @@
 
 #include "activations.h"
 #include "cpu/activation_ops.h"
+#include "cpu/common.h"
 #include "checks.h"
 
 namespace pf_kernels {
 namespace {
 
-// Below this many multiply-adds a plain loop beats a BLAS call's fixed cost.
-constexpr int64_t kSmallGemm = 1 << 15;
-
-// Parallel chunks of at least at::internal::GRAIN_SIZE elements, as ATen's own kernels use: a
-// parallel region costs a thread wake-up, which on a busy machine can be a scheduler tick.
-int64_t grain_for(int64_t elements_per_item) {
-  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, elements_per_item));
-}
+using cpu::grain_for;
+using cpu::linear_acc;
 
 // Short rows: an inlined loop the compiler vectorises beats a memcpy call per row.
 template <typename scalar_t>
@@ -33,32 +28,6 @@ inline void copy_row(scalar_t* __restrict__ dst, const scalar_t* __restrict__ sr
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
   }
-}
-
-// y = z @ weight.T + bias in the accumulation type acc_t, as a contiguous (B, Dc) tensor.
-template <typename scalar_t, typename acc_t>
-at::Tensor pre_activation(const at::Tensor& z, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                          at::ScalarType acc) {
-  const int64_t B = z.size(0), Dz = z.size(1), Dc = weight.size(0);
-  if (B * Dc * Dz > kSmallGemm) {
-    const at::Tensor z_acc = z.to(acc), w_acc = weight.to(acc);
-    return has_bias(bias) ? at::addmm(bias->to(acc), z_acc, w_acc.t()) : at::mm(z_acc, w_acc.t());
-  }
-  at::Tensor y = at::empty({B, Dc}, z.options().dtype(acc));
-  const at::Tensor zc = z.contiguous(), wc = weight.contiguous();
-  const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();
-  const scalar_t* zp = zc.data_ptr<scalar_t>();
-  const scalar_t* wp = wc.data_ptr<scalar_t>();
-  const scalar_t* bp = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
-  acc_t* yp = y.data_ptr<acc_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t c = 0; c < Dc; ++c) {
-      acc_t s = bp ? static_cast<acc_t>(bp[c]) : acc_t(0);
-      for (int64_t k = 0; k < Dz; ++k) s += static_cast<acc_t>(zp[b * Dz + k]) * static_cast<acc_t>(wp[c * Dz + k]);
-      yp[b * Dc + c] = s;
-    }
-  }
-  return y;
 }
 
 at::Tensor backproj_concat_cpu(const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
@@ -72,7 +41,6 @@ at::Tensor backproj_concat_cpu(const at::Tensor& x, const at::Tensor& z, const a
   if (out.numel() == 0) return out;
   const int64_t n_rows = out.numel() / D;  // B * positions
   const int64_t positions = n_rows / B;
-  const at::ScalarType acc = at::toOpMathType(x.scalar_type());
   // Rows of x with unit inner stride, viewed as (n_rows, Dx) where strides allow, copied where not.
   at::Tensor x_rows = x.reshape({n_rows, Dx});
   if (Dx > 1 && x_rows.stride(1) != 1) x_rows = x_rows.contiguous();
@@ -80,7 +48,7 @@ at::Tensor backproj_concat_cpu(const at::Tensor& x, const at::Tensor& z, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "backproj_concat_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // The context, once per batch row: (B, Dc), small next to the output.
-    at::Tensor y = pre_activation<scalar_t, acc_t>(z, weight, bias, acc);
+    at::Tensor y = linear_acc<scalar_t, acc_t>(z, weight, bias);
     activate_inplace(y, act);
     const at::Tensor context = y.to(x.scalar_type());
     const scalar_t* c_ptr = context.data_ptr<scalar_t>();
@@ -103,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& z, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, c10::string_view activation_name, int64_t x_features) {
   check_backproj_concat_backward(grad_out, out, z, weight, bias, x_features);
-  const int64_t B = z.size(0), Dz = z.size(1), Dc = weight.size(0), D = x_features + Dc;
+  const int64_t B = z.size(0), Dc = weight.size(0), D = x_features + Dc;
   const Activation act = parse_activation(std::string(activation_name));
   const at::ScalarType dtype = grad_out.scalar_type(), acc = at::toOpMathType(dtype);
   const int64_t positions = B > 0 && D > 0 ? grad_out.numel() / (B * D) : 0;
@@ -138,40 +106,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cpu(
     const bool from_y = act == Activation::Gelu || !std::is_same<scalar_t, acc_t>::value;
     at::Tensor grad_y = grad_c;
     if (act != Activation::None && B > 0 && positions > 0) {
-      const at::Tensor source = from_y ? pre_activation<scalar_t, acc_t>(z, weight, bias, acc)
+      const at::Tensor source = from_y ? linear_acc<scalar_t, acc_t>(z, weight, bias)
                                        : out.reshape({B, positions, D}).select(1, 0).narrow(-1, x_features, Dc);
       grad_y = activation_backward(grad_c, source, act, from_y).contiguous();
     }
-    const acc_t* gy_ptr = grad_y.data_ptr<acc_t>();
-    if (B * Dc * Dz > kSmallGemm) {
-      grad_z = at::mm(grad_y, weight.to(acc)).to(dtype);
-      grad_weight = at::mm(grad_y.t(), z.to(acc)).to(dtype);
-      if (has_bias(bias)) grad_bias = grad_y.sum(0).to(dtype);
-    } else {  // small: plain loops, no BLAS call overhead
-      const at::Tensor zc = z.contiguous(), wc = weight.contiguous();
-      const scalar_t* zp = zc.data_ptr<scalar_t>();
-      const scalar_t* wp = wc.data_ptr<scalar_t>();
-      std::vector<acc_t> gz(B * Dz, acc_t(0)), gw(Dc * Dz, acc_t(0)), gb(Dc, acc_t(0));
-      for (int64_t b = 0; b < B; ++b) {
-        for (int64_t c = 0; c < Dc; ++c) {
-          const acc_t g = gy_ptr[b * Dc + c];
-          gb[c] += g;
-          for (int64_t k = 0; k < Dz; ++k) {
-            gz[b * Dz + k] += g * static_cast<acc_t>(wp[c * Dz + k]);
-            gw[c * Dz + k] += g * static_cast<acc_t>(zp[b * Dz + k]);
-          }
-        }
-      }
-      auto to_tensor = [&](const std::vector<acc_t>& v, at::IntArrayRef sizes) {
-        at::Tensor t = at::empty(sizes, grad_out.options());
-        scalar_t* p = t.data_ptr<scalar_t>();
-        for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<scalar_t>(v[i]);
-        return t;
-      };
-      grad_z = to_tensor(gz, {B, Dz});
-      grad_weight = to_tensor(gw, {Dc, Dz});
-      if (has_bias(bias)) grad_bias = to_tensor(gb, {Dc});
-    }
+    std::tie(grad_z, grad_weight, grad_bias) =
+        cpu::linear_backward<scalar_t, acc_t>(grad_y, z, weight, has_bias(bias), dtype);
   });
   if (!grad_bias.defined()) grad_bias = at::empty({0}, grad_out.options());
   return {grad_z, grad_weight, grad_bias};

@@ -15,7 +15,7 @@ void call_without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* sta
 }
 
 constexpr const char* kOps[] = {"backproj_concat", "backproj_concat_backward", "fusion_head",
-                                "fusion_head_backward"};
+                                "fusion_head_backward", "context_linear", "context_linear_backward"};
 
 void register_all(torch::Library& m) {
   for (const char* name : kOps) {

@@ -31,6 +31,32 @@ from ._activations import CODES
 
 # Fixed when the kernels are decorated: @triton.jit returns an interpreted function then.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _interpreter_scalars_for_numpy_2() -> None:
+    """Triton 3.6's interpreter turns a scalar (a 1-element array) into a Python int with int(),
+    which NumPy >= 2.4 refuses for arrays with a dimension ("only 0-dimensional arrays can be
+    converted"); every `range(..., n, ...)` over a kernel argument fails. Triton 3.9 squeezes the
+    array first: the same here, for the interpreter only."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_pf_kernels", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor._pf_kernels = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if INTERPRET:
+    _interpreter_scalars_for_numpy_2()
+
 # fp32 matmuls: exact ("ieee") unless tf32 is allowed explicitly.
 TF32_ENV = "PF_KERNELS_TRITON_TF32"
 AUTOTUNE_ENV = "PF_KERNELS_TRITON_AUTOTUNE"

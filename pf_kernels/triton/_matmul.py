@@ -43,7 +43,7 @@ def dot_split(a, b, acc, PREC: tl.constexpr):
     return dot(lo, b, dot(hi, b, acc, PREC), PREC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N", "K", "SIZE_CLASS"])
 def mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, sam, sak, sbk, sbn, scm, scn, sbias, SIZE_CLASS,
               HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):

@@ -1,7 +1,10 @@
 """Ahead-of-time compilation of every Triton kernel of this backend, for each autotune config, for
 a given CUDA arch, with no GPU: `python -m pf_kernels.triton.aot --arch 80 --dtype bfloat16`
 prints one JSON record per (kernel, config): registers, spills, shared memory, and which
-tensor-core instructions the PTX holds. tests/test_triton_aot.py runs it and checks the records.
+tensor-core instructions the PTX holds. `--ttir` instead runs Triton's front end alone (cheap) on
+every value of every flag of every kernel (one flag changed at a time) and on sizes equal to 1
+(which Triton specialises to constants): a kernel whose code only breaks for some flags fails
+there, not on the first GPU. tests/test_triton_aot.py runs both and checks the records.
 
 Must run without TRITON_INTERPRET (the kernels must be JIT functions to compile).
 """
@@ -42,7 +45,7 @@ def _kernel_specs(dtype: str, tf32: bool = False):
     mm = by_dtype(mmm.mm_tuned, mmm.mm_tuned_fp32)
     bm = lambda c: c["BM"]  # noqa: E731
     return [
-        ("backproj_fill", bp.backproj_fill, set(), {"sxd"}, {}, False, None),
+        ("backproj_fill", bp.backproj_fill, set(), {"sxd"}, dict(ROWS64=False), False, None),
         ("backproj_reduce", bp.backproj_reduce, {"pre_ptr", "out_ptr"}, {"sgd"},
          dict(ACT=2, FINISH=True), False, None),
         # the weight-side gradients: an fp32 gradient times an input (grad_z = grad_pre @ W)
@@ -73,33 +76,39 @@ def _parse_ptxas_log(log: str):
     return max(regs), max(spill_st + [0]), max(spill_ld + [0])
 
 
+def _source(kernel, dtype: str, fp32_ptrs, unit, constexprs):
+    """An ASTSource of kernel: pointers 16-byte aligned in dtype (or fp32), `unit` arguments the
+    constant 1, the other integers i32."""
+    from triton.compiler import ASTSource
+
+    ty = DTYPE_NAMES[dtype]
+    constexprs = {**constexprs, **{n: 1 for n in unit}}
+    signature, attrs = {}, {}
+    for i, p in enumerate(kernel.params):
+        if p.is_constexpr or p.name in unit:
+            signature[p.name] = "constexpr"
+        elif p.name.endswith("_ptr") or re.fullmatch(r"[hxowbg][0-7]", p.name):
+            signature[p.name] = "*fp32" if p.name in fp32_ptrs else f"*{ty}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[p.name] = "i32"
+    return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
 def compile_all(arch: int, dtype: str, only=None, tf32: bool = False):
     os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # ptxas must run to report registers and spills
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", arch, 32)
-    ty = DTYPE_NAMES[dtype]
     records = []
     for name, tuned, fp32_ptrs, unit, fixed, matrix, dot_m in _kernel_specs(dtype, tf32):
         if only and name not in only:
             continue
-        kernel = tuned.kernel
         for index, cfg in enumerate(tuned.options):
             meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-            constexprs = {**fixed, **meta, **{n: 1 for n in unit}}
-            signature, attrs = {}, {}
-            for i, p in enumerate(kernel.params):
-                if p.is_constexpr or p.name in unit:
-                    signature[p.name] = "constexpr"
-                elif p.name.endswith("_ptr") or re.fullmatch(r"[hxowbg][0-7]", p.name):
-                    signature[p.name] = "*fp32" if p.name in fp32_ptrs else f"*{ty}"
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-                else:
-                    signature[p.name] = "i32"
-            src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+            src = _source(tuned.kernel, dtype, fp32_ptrs, unit, {**fixed, **meta})
             log = io.StringIO()
             with contextlib.redirect_stdout(log):
                 compiled = triton.compile(src, target=target, options=dict(
@@ -115,16 +124,65 @@ def compile_all(arch: int, dtype: str, only=None, tf32: bool = False):
     return records
 
 
+# The values each flag (constexpr) of a kernel takes in some launch.
+FLAG_VALUES = dict(ACT=range(5), HEAD_ACT=range(5), HAS_BIAS=(True, False), HAS_HEAD_BIAS=(True, False),
+                   SAVE_PRE=(True, False), H_UNIT=(True, False), FINISH=(True, False),
+                   ROWS64=(True, False), K=(1, 2, 8), NMOD=(1, 2, 4), BIAS_MASK=(0, 1, 15),
+                   PREC=("ieee", "tf32"))
+
+
+def ttir_all(arch: int, dtype: str):
+    """Triton's front end (source to TTIR) on every flag value of every kernel, one flag changed at
+    a time from the compile spec, and on every size argument equal to 1; config 0 (the configs
+    compile in full in compile_all). Records with the error where one fails."""
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    records = []
+    for name, tuned, fp32_ptrs, unit, fixed, _matrix, _dot_m in _kernel_specs(dtype):
+        cfg = tuned.options[0]
+        meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+        variants = [("spec", fixed, unit)]
+        for flag, value in fixed.items():
+            variants += [(f"{flag}={v}", {**fixed, flag: v}, unit)
+                         for v in FLAG_VALUES.get(flag, ()) if v != value]
+        sizes = {p.name for p in tuned.kernel.params if not p.is_constexpr and not (
+            p.name.endswith("_ptr") or re.fullmatch(r"[hxowbg][0-7]", p.name))}
+        variants.append(("sizes=1", fixed, sizes))
+        options = backend.parse_options(dict(num_warps=cfg.get("num_warps", 4)))
+        for variant, flags, ones in variants:
+            error = None
+            try:
+                context = ir.context()
+                ir.load_dialects(context)
+                backend.load_dialects(context)
+                _source(tuned.kernel, dtype, fp32_ptrs, ones, {**flags, **meta}).make_ir(
+                    target, options, backend.get_codegen_implementation(options), backend.get_module_map(),
+                    context)
+            except Exception as exc:  # reported, with the variant, by the test
+                error = f"{type(exc).__name__}: {exc}"[-2000:]
+            records.append(dict(kernel=name, arch=arch, dtype=dtype, variant=variant, error=error))
+    return records
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--arch", type=int, default=80)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_NAMES))
     parser.add_argument("--only", nargs="*", help="kernel names")
     parser.add_argument("--tf32", action="store_true", help="fp32 dots in tf32 (as with %s=1)" % "PF_KERNELS_TRITON_TF32")
+    parser.add_argument("--ttir", action="store_true", help="the front end alone, on every flag value")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    for record in compile_all(args.arch, args.dtype, args.only, args.tf32):
+    if args.ttir:
+        records = ttir_all(args.arch, args.dtype)
+    else:
+        records = compile_all(args.arch, args.dtype, args.only, args.tf32)
+    for record in records:
         print(json.dumps(record), flush=True)
 
 

@@ -44,7 +44,7 @@ def position_offsets(p, S1, S2, s0, s1, s2):
     return (t // S1).to(tl.int64) * s0 + (t % S1).to(tl.int64) * s1 + i2.to(tl.int64) * s2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "Dx", "Dc", "SIZE_CLASS"], do_not_specialize_on_alignment=["P"])
 def backproj_fill_kernel(x_ptr, ctx_ptr, out_ptr, R, P, S1, S2, Dx, Dc,
                          sxb, sx0, sx1, sx2, sxd, SIZE_CLASS, ROWS64: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -72,7 +72,8 @@ def backproj_fill_kernel(x_ptr, ctx_ptr, out_ptr, R, P, S1, S2, Dx, Dc,
         tl.store(out_rows[:, None] + Dx + offs_c[None, :], v, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["CH", "NCH", "Dx", "Dc", "SIZE_CLASS"],
+            do_not_specialize_on_alignment=["P"])
 def backproj_reduce_kernel(g_ptr, pre_ptr, out_ptr, P, CH, NCH, S1, S2, Dx, Dc,
                            sgb, sg0, sg1, sg2, sgd, SIZE_CLASS,
                            ACT: tl.constexpr, FINISH: tl.constexpr,

@@ -19,6 +19,10 @@ from ._common import (act_code, autotune, define_op, dot_precision, launch, poin
 from ._matmul import dot, dot_split
 
 MAX_K = 8
+# Size arguments Triton must not specialise on (== 1, divisible by 16): each distinct
+# specialisation compiles anew, and sizes change with every batch; strides stay specialised (a
+# unit or 16-aligned stride is what lets loads vectorise).
+SIZES = ["M", "N", "SIZE_CLASS", *(f"D{j}" for j in range(MAX_K))]
 
 FWD_CONFIGS = [
     dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=2),
@@ -140,7 +144,7 @@ def head_tile(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def fusion_fwd_kernel(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
                       sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
                       w_ptr, b_ptr, out_ptr, pre_ptr, M, N, swn, swk, sb, som, son, SIZE_CLASS,
@@ -177,7 +181,7 @@ def grad_pre_tile(g_ptr, pre_ptr, offs_m, offs_n, mask, sgm, sgn, N, ACT: tl.con
     return g
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def fusion_grad_h_kernel(g0, g1, g2, g3, g4, g5, g6, g7, D0, D1, D2, D3, D4, D5, D6, D7,
                          go_ptr, pre_ptr, w_ptr, M, N, sgm, sgn, swn, swk, SIZE_CLASS,
                          K: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
@@ -205,7 +209,7 @@ def fusion_grad_h_kernel(g0, g1, g2, g3, g4, g5, g6, g7, D0, D1, D2, D3, D4, D5,
              mask=mask_m[:, None] & mask_k[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def fusion_grad_w_kernel(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
                          sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
                          go_ptr, pre_ptr, gw_ptr, gb_ptr, M, N, sgm, sgn, SIZE_CLASS,

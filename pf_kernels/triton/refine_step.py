@@ -29,8 +29,8 @@ from .fusion_head import (MAX_K, fusion_head_backward_op, fusion_head_op, head_t
 MAX_DZ = 128  # the head's [BM, Dz] fp32 accumulator lives in registers
 MAX_MODALITIES = 4
 
-STEP_CONFIGS = [  # the 3-D copy tiles [BM, BP, BD|BC] hold at most 16 elements per thread
-    dict(BM=16, BK=32, BC=32, BP=2, BD=32, num_warps=4, num_stages=2),
+STEP_CONFIGS = [  # the 3-D copy tiles [BM, BP, BD|BC] hold at most 8 elements per thread
+    dict(BM=16, BK=32, BC=32, BP=2, BD=32, num_warps=8, num_stages=2),
     dict(BM=16, BK=32, BC=32, BP=4, BD=32, num_warps=8, num_stages=2),
 ]
 STEP_CONFIGS_FP32 = [  # fp32 (FMA) dots hold their whole K slice in registers per thread
@@ -52,7 +52,8 @@ def pick4(J: tl.constexpr, a0, a1, a2, a3):
     return r
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "Dz", "SIZE_CLASS", *(f"{n}{j}" for n in "D" for j in range(MAX_K)),
+                               *(f"{n}{j}" for n in "PXC" for j in range(MAX_MODALITIES))])
 def refine_step_kernel(
         h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
         sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,

@@ -4,11 +4,12 @@ vectors or scalars, one or several shared-memory chunks, one or several tasks pe
 block; the backward in one pass or split, act' from the output, inline y or a GEMM's y; fusion_head on
 WMMA or SIMT with 32- or 64-wide tiles or on cuBLAS with its epilogue pass, more than 8 inputs, empty
 inputs, B = 0; its backward in one fused launch or on cuBLAS, act' from the output or from y; both
-fusion_head paths also forced on the same small shapes), each compared with the reference (float64 on
-the CPU, so no torch kernel runs on the GPU for it). One line per call; exit status 1 on any mismatch
-or on a code path left uncovered.
+fusion_head paths also forced on the same small shapes; context_linear with 16-byte or scalar access,
+its backward in one pass or split, act' from the output or from p), each compared with the reference
+(float64 on the CPU, so no torch kernel runs on the GPU for it). One line per call; exit status 1 on
+any mismatch or on a code path left uncovered.
 
-Made for compute-sanitizer (a few seconds of GPU work, ~150 calls), e.g.
+Made for compute-sanitizer (a few seconds of GPU work, ~180 calls), e.g.
     compute-sanitizer --tool memcheck --kernel-name kns=pf_kernels --error-exitcode 1 \\
         python tests/gpu/cuda_kernel_calls.py
 Without a GPU it says SKIPPED and exits 0. `--plan-only [--sm-count N]` checks on any machine, from
@@ -62,9 +63,22 @@ FUSION = [
     ("an empty input", 3, (0, 5), 4, "contig", None),
     ("B = 0", 0, (3, 5), 4, "contig", None),
 ]
+# (label, B, positions, H, Dz, Dc, layout, activation or None) of context_linear; its output
+# activation rotates. layout: contig, strided (p, z strided, bp_weight transposed; proj_weight is
+# always a column slice of a wider Linear weight), offset (p a view one element into wider rows).
+CONTEXT = [
+    ("vector", 3, (5,), 16, 6, 8, "contig", None),
+    ("scalar, strided", 3, (5,), 5, 6, 7, "strided", None),
+    ("unaligned view", 2, (5,), 16, 6, 8, "offset", "tanh"),
+    ("split backward", 2, (600,), 8, 48, 16, "contig", "gelu"),
+    ("no positions", 70, (), 16, 33, 8, "contig", None),
+    ("two position dims", 3, (4, 5), 6, 5, 7, "strided", None),
+    ("B = 0", 0, (5,), 4, 6, 3, "contig", None),
+]
 # Rerun with the grid capped at 3 blocks: each block loops over several tasks (as past 2^31 - 1).
 CAPPED = ("inline many tasks, split backward", "gemm 3 chunks", "gemm split backward", "inline 3 chunks",
-          "odd widths, strided", "64-wide tiles", "several k tiles", "many rows, cuBLAS backward")
+          "odd widths, strided", "64-wide tiles", "several k tiles", "many rows, cuBLAS backward", "split backward",
+          "two position dims")
 # Rerun fusion_head with the plan's choice forced (PF_KERNELS_CUDA_PATH, read per call): cuBLAS and its
 # epilogues on the launch-bound sizes, our kernels on the sizes the plan gives to cuBLAS.
 PATH_ENV = "PF_KERNELS_CUDA_PATH"
@@ -80,6 +94,8 @@ REQUIRED_PATHS = {
     "fusion:cublas", "fusion:cublas epilogue", "fusion:cublas y epilogue",
     "fusion bwd:y from output", "fusion bwd:y", "fusion bwd:fused", "fusion bwd:fused y", "fusion bwd:cublas",
     "fusion bwd:cublas y", "forced:cublas", "forced:kernel", "B=0", "Dx=0", "Dz=0", "Dc=0",
+    "context fwd:vector", "context fwd:scalar", "context bwd:one pass", "context bwd:split",
+    "context bwd:grad_out is grad_p", "context bwd:act' from output", "context bwd:act' from p",
 }
 
 
@@ -158,6 +174,38 @@ def fusion_paths(hs, Dz, activation, bias, dtype, sm_count, forced=None):
     return paths
 
 
+def context_args(B, S, H, Dz, Dc, layout, bias, dtype, device):
+    from tests.cases import context_inputs
+    args = context_inputs(B, S, H, Dz, Dc, bias, dtype, device, noncontiguous=layout == "strided")
+    if layout == "offset":  # rows start one element into wider rows: never 16-byte aligned
+        p = torch.randn(B, *S, H + 1, dtype=torch.float64, device=device).to(dtype)[..., 1:].requires_grad_()
+        args = (p, *args[1:])
+    return args
+
+
+def context_paths(p, out_activation, sm_count):
+    B, H = p.shape[0], p.shape[-1]
+    P = 1
+    for size in p.shape[1:-1]:
+        P *= size
+    if B == 0 or P == 0 or H == 0:
+        return {"B=0"} if B == 0 else set()
+    rows = p.reshape(B * P, H)
+    if H > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    # the kernels use backproj_concat's vector rule (Dc = 0) and its backward reduction plan (Dc = H)
+    vector = plan("backproj_vector_ok", H, 0, rows.stride(0), rows.data_ptr() % 16, 0, p.element_size())[0]
+    splits = plan("backproj_backward", B, P, 0, H, 0, sm_count)[1]
+    if out_activation == "none":
+        source = "grad_out is grad_p"
+    elif out_activation == "gelu" or p.element_size() == 2:
+        source = "act' from p"
+    else:
+        source = "act' from output"
+    return {f"context fwd:{'vector' if vector else 'scalar'}", f"context bwd:{'split' if splits > 1 else 'one pass'}",
+            f"context bwd:{source}"}
+
+
 def on_cpu(fn):
     """fn on CPU copies of the arguments, its outputs moved back: the reference runs no GPU kernel."""
     def run(*args):
@@ -170,7 +218,8 @@ def on_cpu(fn):
 def calls(device, sm_count):
     """Yields (label, paths, env, check): check() runs the call under the environment variables env and
     compares it (GPU only)."""
-    from tests.cases import assert_matches_reference, backproj_call, fusion_call, fusion_inputs
+    from tests.cases import (assert_matches_reference, backproj_call, context_call, fusion_call,
+                             fusion_inputs)
     variants = [("", None, {}), (" grid<=3", None, {MAX_GRID_ENV: "3"})]
     variants += [(f" path={forced}", forced, {PATH_ENV: forced}) for forced in FORCED]
     for suffix, forced, env in variants:
@@ -201,6 +250,19 @@ def calls(device, sm_count):
                         f"{str(dtype)[6:]}{suffix}")
                 yield name, paths, env, lambda a=(w, b, *hs), act_=activation: assert_matches_reference(
                     fusion_call("cuda", act_), on_cpu(fusion_call("torch", act_)), a)
+        for i, (label, B, S, H, Dz, Dc, layout, act) in enumerate(CONTEXT):
+            if forced or (capped and label not in CAPPED):
+                continue
+            for j, dtype in enumerate(dtypes):
+                activation = act or ACTIVATIONS[(i + j) % len(ACTIVATIONS)]
+                out_activation = ACTIVATIONS[(i + 2 * j + 1) % len(ACTIVATIONS)]
+                bias = (i + j) % 2 == 0
+                args = context_args(B, S, H, Dz, Dc, layout, bias, dtype, device)
+                paths = context_paths(args[0], out_activation, sm_count) | ({"grid:capped"} if capped else set())
+                name = (f"context_linear {label}: B={B} S={S} H={H} Dz={Dz} Dc={Dc} {layout} {activation} "
+                        f"out {out_activation} bias={bias} {str(dtype)[6:]}{suffix}")
+                yield name, paths, env, lambda a=args, act_=activation, out_=out_activation: \
+                    assert_matches_reference(context_call("cuda", act_, out_), on_cpu(context_call("torch", act_, out_)), a)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,117 @@
+// context_linear: schema and autograd. The device kernels live in cpu/ and cuda/.
+// out = out_act(p + act(z @ bp_weight^T + bp_bias) @ proj_weight^T), the (B, H) term broadcast over
+// p's positions: a hoisted encoder's first Linear applied to backproj_concat's output.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "context_linear.h"
+
+namespace pf_kernels {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+at::Tensor call_forward(const at::Tensor& p, const at::Tensor& z, const at::Tensor& bp_weight,
+                        const c10::optional<at::Tensor>& bp_bias, const at::Tensor& proj_weight,
+                        c10::string_view activation, c10::string_view out_activation) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pf_kernels::context_linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const c10::optional<at::Tensor>&, const at::Tensor&, c10::string_view,
+                                         c10::string_view)>();
+  return op.call(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation);
+}
+
+Grads call_backward(const at::Tensor& grad_out, const c10::optional<at::Tensor>& out,
+                    const c10::optional<at::Tensor>& p, const at::Tensor& z, const at::Tensor& bp_weight,
+                    const c10::optional<at::Tensor>& bp_bias, const at::Tensor& proj_weight,
+                    c10::string_view activation, c10::string_view out_activation) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pf_kernels::context_linear_backward", "")
+                       .typed<Grads(const at::Tensor&, const c10::optional<at::Tensor>&,
+                                    const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                                    const c10::optional<at::Tensor>&, const at::Tensor&, c10::string_view,
+                                    c10::string_view)>();
+  return op.call(grad_out, out, p, z, bp_weight, bp_bias, proj_weight, activation, out_activation);
+}
+
+c10::optional<at::Tensor> optional_of(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+// One node per call, no Python on the hot path; the backward is its own op.
+class ContextLinearFunction : public torch::autograd::Function<ContextLinearFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& p, const at::Tensor& z,
+                            const at::Tensor& bp_weight, const c10::optional<at::Tensor>& bp_bias,
+                            const at::Tensor& proj_weight, c10::string_view activation,
+                            c10::string_view out_activation) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const Activation out_act = parse_activation(std::string(out_activation));
+    const bool needs_context_grad = z.requires_grad() || bp_weight.requires_grad() ||
+                                    (has_bias(bp_bias) && bp_bias->requires_grad()) || proj_weight.requires_grad();
+    const bool epilogue = out_act != Activation::None;
+    at::Tensor out = call_forward(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation);
+    // Without an output activation, grad_p is grad_out itself and only the small context needs
+    // saving; with one, also the output (or p, to recompute the pre-activation) for its derivative.
+    if (needs_context_grad || epilogue) {
+      const bool from_p = out_grad_needs_p(out_act, p.scalar_type());
+      ctx->save_for_backward({epilogue && !from_p ? out : at::Tensor(), epilogue && from_p ? p : at::Tensor(), z,
+                              bp_weight, has_bias(bp_bias) ? *bp_bias : at::Tensor(), proj_weight});
+    }
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["out_activation"] = std::string(out_activation);
+    ctx->saved_data["needs_context_grad"] = needs_context_grad;
+    ctx->saved_data["epilogue"] = epilogue;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& grad_out = grads[0];
+    const bool epilogue = ctx->saved_data["epilogue"].toBool();
+    if (!epilogue && !ctx->saved_data["needs_context_grad"].toBool()) {
+      return {grad_out, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+    auto saved = ctx->get_saved_variables();
+    const c10::optional<at::Tensor> bp_bias = optional_of(saved[4]);
+    auto [grad_p, grad_z, grad_bp_weight, grad_bp_bias, grad_proj_weight] =
+        call_backward(grad_out, optional_of(saved[0]), optional_of(saved[1]), saved[2], saved[3], bp_bias, saved[5],
+                      ctx->saved_data["activation"].toStringRef(), ctx->saved_data["out_activation"].toStringRef());
+    return {epilogue ? grad_p : grad_out,  // no output activation: a view of grad_out, no copy
+            grad_z,
+            grad_bp_weight,
+            bp_bias.has_value() ? grad_bp_bias : at::Tensor(),
+            grad_proj_weight,
+            at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor context_linear_autograd(const at::Tensor& p, const at::Tensor& z, const at::Tensor& bp_weight,
+                                   const c10::optional<at::Tensor>& bp_bias, const at::Tensor& proj_weight,
+                                   c10::string_view activation, c10::string_view out_activation) {
+  return ContextLinearFunction::apply(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pf_kernels, m) {
+  m.def(
+      "context_linear(Tensor p, Tensor z, Tensor bp_weight, Tensor? bp_bias, Tensor proj_weight, str activation, "
+      "str out_activation) -> Tensor");
+  // Returns (grad_p, grad_z, grad_bp_weight, grad_bp_bias, grad_proj_weight); grad_p is empty (0,)
+  // when out_activation is "none" (p's gradient is grad_out itself), grad_bp_bias without a bias.
+  // out (the forward's output) or p is given when out_activation is not "none": p for gelu and for
+  // 16-bit dtypes, whose derivative is taken from the recomputed pre-activation.
+  m.def(
+      "context_linear_backward(Tensor grad_out, Tensor? out, Tensor? p, Tensor z, Tensor bp_weight, "
+      "Tensor? bp_bias, Tensor proj_weight, str activation, str out_activation) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pf_kernels, Autograd, m) { m.impl("context_linear", &context_linear_autograd); }
+
+}  // namespace pf_kernels

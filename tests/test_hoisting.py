@@ -1,0 +1,288 @@
+"""ProgressiveFusion's hoisting: which encoders it detects, and that the hoisted model is the
+unhoisted one (outputs, every gradient, state_dict) on every backend this machine runs, under
+autocast, after copies, dtype changes and module swaps, in training and evaluation mode."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pf_kernels as pk
+from pf_kernels._dispatch import implements
+from pf_kernels.nn import ProgressiveFusion, plan_hoisting
+
+BACKENDS = [b for b, info in pk.available_backends().items()
+            if info["available"] and ("cpu" in info["devices"] or "*" in info["devices"])] + ["auto"]
+# Those that hoist (triton gets context_linear later; until then its models run unhoisted).
+HOISTING = [b for b in BACKENDS if implements(b, "context_linear")]
+
+
+class LastAndMean(nn.Module):
+    """(B, T, H) -> (B, 2H): the last step and the mean over steps."""
+
+    def forward(self, h):
+        return torch.cat([h[:, -1], h.mean(1)], -1)
+
+
+class SeriesEncoder(nn.Module):
+    """A custom module whose forward begins with self.step(x): hoistable through torch.fx."""
+
+    def __init__(self, d_in, hidden, d_out, dropout=0.0):
+        super().__init__()
+        self.step = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.out = nn.Linear(2 * hidden, d_out)
+        self.dropout = dropout
+
+    def forward(self, x):
+        h = F.dropout(self.step(x), self.dropout, self.training)  # fx records self.training
+        return self.out(torch.cat([h[:, -1], h.mean(1)], -1))
+
+
+class FunctionalAct(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.first = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return torch.sigmoid(self.first(x)) * 2.0
+
+
+class Residual(nn.Module):
+    """Uses its input twice: not hoistable."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.first = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.first(x) + x.sum(-1, keepdim=True)
+
+
+class ShapeBranch(nn.Module):
+    """An if on a shape: fx cannot trace it."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(d_in, d_out), nn.ReLU())
+
+    def forward(self, x):
+        y = self.mlp(x)
+        return y.flatten(1, -2).mean(1) if y.dim() > 2 else y
+
+
+class MyLinear(nn.Linear):
+    pass
+
+
+@pytest.mark.parametrize("encoder,expected", [
+    (nn.Linear(7, 4), "none"),
+    (nn.Sequential(nn.Linear(7, 4), nn.ReLU(), nn.Linear(4, 4)), "relu"),
+    (nn.Sequential(nn.Sequential(nn.Linear(7, 4), nn.Tanh()), nn.Linear(4, 4)), "tanh"),
+    (nn.Sequential(nn.Sequential(nn.Sequential(nn.Linear(7, 4))), nn.GELU()), "gelu"),
+    (nn.Sequential(nn.Linear(7, 4), nn.GELU(approximate="tanh")), "none"),  # not our gelu: stays in the tail
+    (SeriesEncoder(7, 4, 3), "gelu"),
+    (FunctionalAct(7, 4), "sigmoid"),
+    (nn.Sequential(nn.Linear(7, 4), nn.ReLU(inplace=True), LastAndMean()), "relu"),
+])
+def test_detected_forms(encoder, expected):
+    plan = plan_hoisting(encoder, 3)
+    assert not isinstance(plan, str), plan
+    assert plan.activation == expected
+
+
+@pytest.mark.parametrize("encoder,reason", [
+    (nn.Sequential(nn.Flatten(1), nn.Linear(7, 4)), "something other than one nn.Linear"),
+    (Residual(7, 4), "something other than one nn.Linear"),
+    (ShapeBranch(7, 4), "torch.fx cannot trace"),
+    (MyLinear(7, 4), "something other than one nn.Linear"),
+    (nn.Sequential(MyLinear(7, 4), nn.ReLU()), "something other than one nn.Linear"),
+    (nn.Linear(3, 4), "3 <= context_dims"),
+    (nn.GRU(7, 4, batch_first=True), "torch.fx cannot trace"),
+])
+def test_forms_left_alone(encoder, reason):
+    plan = plan_hoisting(encoder, 3)
+    assert isinstance(plan, str) and reason in plan, plan
+
+
+def test_hooks_keep_an_encoder_unhoisted():
+    encoder = nn.Sequential(nn.Linear(7, 4), nn.ReLU())
+    encoder[0].register_forward_pre_hook(lambda module, args: None)
+    assert "hooks" in plan_hoisting(encoder, 3)
+
+
+def make_encoders(context):
+    """Five modalities: hoisted four ways, and one that is not."""
+    c = context
+    return [nn.Sequential(nn.Linear(5 + c[0], 8), nn.ReLU(), nn.Linear(8, 6)),      # vector
+            nn.Linear(3 + c[1], 6),                                              # bare Linear
+            SeriesEncoder(4 + c[2], 8, 6),                                       # custom, sequence
+            nn.Sequential(nn.Sequential(nn.Linear(2 + c[3], 6), nn.Tanh()), LastAndMean(), nn.Linear(12, 6)),
+            nn.Sequential(nn.Flatten(1), nn.Linear(3 * (2 + c[4]), 6))]         # not hoisted
+
+
+def make_inputs(B=4, dtype=torch.float32):
+    return [torch.randn(B, 5, dtype=dtype), torch.randn(B, 3, dtype=dtype), torch.randn(B, 7, 4, dtype=dtype),
+            torch.randn(B, 2, 3, 2, dtype=dtype).flatten(1, 2), torch.randn(B, 3, 2, dtype=dtype)]
+
+
+def make_pair(backend="auto", iterations=3, context=(3, 2, 4, 1, 2), **kwargs):
+    torch.manual_seed(0)
+    hoisted = ProgressiveFusion(make_encoders(context), [6] * 5, 7, list(context), iterations=iterations,
+                                backend=backend, **kwargs)
+    plain = copy.deepcopy(hoisted)
+    plain.hoist = False
+    return hoisted, plain
+
+
+def assert_same(hoisted, plain, xs, rtol=1e-5, atol=1e-6, steps=False):
+    a = hoisted(xs, return_all_steps=steps)
+    b = plain(xs, return_all_steps=steps)
+    a, b = (torch.stack(a), torch.stack(b)) if steps else (a, b)
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    g = torch.randn_like(a)
+    grads_a = torch.autograd.grad(a, list(hoisted.parameters()), g, allow_unused=True)
+    grads_b = torch.autograd.grad(b, list(plain.parameters()), g, allow_unused=True)
+    names = [n for n, _ in hoisted.named_parameters()]
+    for name, ga, gb in zip(names, grads_a, grads_b):
+        assert (ga is None) == (gb is None), name
+        if ga is not None:
+            torch.testing.assert_close(ga, gb, rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("iterations", [1, 2, 3])
+def test_hoisted_equals_unhoisted(backend, iterations):
+    hoisted, plain = make_pair(backend, iterations, context_activation="tanh", fusion_activation="gelu")
+    assert plain.hoisted == ()
+    expected = (0, 1, 2, 3) if implements(backend, "context_linear") else ()
+    assert hoisted.hoisted == expected, hoisted.hoisting_notes
+    assert f"hoisted={expected}" in repr(hoisted)
+    assert_same(hoisted, plain, make_inputs(), steps=True)
+
+
+@pytest.mark.parametrize("backend", HOISTING)
+def test_mixed_back_projection_activations_and_no_bias(backend):
+    hoisted, plain = make_pair(backend, bias=False)
+    for model in (hoisted, plain):
+        model.back_projections[1].activation = "sigmoid"
+        model.back_projections[4].activation = "gelu"
+    assert_same(hoisted, plain, make_inputs())
+
+
+def test_batch_of_zero_and_float64():
+    hoisted, plain = make_pair("auto")
+    assert hoisted(make_inputs(B=0)).shape == (0, 7)
+    hoisted, plain = hoisted.double(), plain.double()
+    assert_same(hoisted, plain, make_inputs(dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def test_state_dict_and_parameters_are_the_unhoisted_models():
+    hoisted, plain = make_pair()
+    assert list(hoisted.state_dict()) == list(plain.state_dict())
+    for (name, a), b in zip(hoisted.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [n for n, _ in hoisted.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    other = ProgressiveFusion(make_encoders((3, 2, 4, 1, 2)), [6] * 5, 7, [3, 2, 4, 1, 2], iterations=3)
+    other.load_state_dict(plain.state_dict())
+    xs = make_inputs()
+    torch.testing.assert_close(other(xs), plain(xs), rtol=1e-5, atol=1e-6)
+
+
+def test_training_and_evaluation_mode():
+    """fx records self.training as a constant: each mode runs the tail traced in that mode."""
+    torch.manual_seed(0)
+    encoders = [SeriesEncoder(4 + 2, 8, 6, dropout=0.5), nn.Linear(3 + 2, 6)]
+    hoisted = ProgressiveFusion(encoders, [6, 6], 5, 2, iterations=2)
+    plain = copy.deepcopy(hoisted)
+    plain.hoist = False
+    xs = [torch.randn(4, 7, 4), torch.randn(4, 3)]
+    hoisted.eval(), plain.eval()
+    assert_same(hoisted, plain, xs)
+    hoisted.train()
+    torch.manual_seed(1)
+    first = hoisted(xs)
+    torch.manual_seed(2)
+    assert not torch.allclose(first, hoisted(xs))  # dropout is on in training mode
+
+
+def test_copies_dtype_changes_and_module_swaps_are_seen():
+    hoisted, plain = make_pair()
+    xs = make_inputs()
+    copied = copy.deepcopy(hoisted)
+    with torch.no_grad():
+        copied.encoders[0][2].weight.mul_(2)  # below the hoisted layer, in the copy only
+        copied.encoders[2].step[0].weight.mul_(0.5)  # the hoisted layer itself
+    plain_copy = copy.deepcopy(copied)
+    plain_copy.hoist = False
+    assert_same(copied, plain_copy, xs)
+    assert_same(hoisted, plain, xs)  # the original is untouched
+    # Modules swapped below the first layer are looked up live.
+    for model in (hoisted, plain):
+        torch.manual_seed(3)
+        model.encoders[0][2] = nn.Linear(8, 6)
+    assert_same(hoisted, plain, xs)
+    # Replacing a hoisted first layer: that encoder runs unhoisted until the model plans again.
+    for model in (hoisted, plain):
+        torch.manual_seed(4)
+        model.encoders[2].step[0] = nn.Linear(8, 8)
+    assert hoisted.hoisted == (0, 1, 3)
+    assert_same(hoisted, plain, xs)
+    hoisted.hoist = True
+    assert hoisted.hoisted == (0, 1, 2, 3)
+    assert_same(hoisted, plain, xs)
+    # Pickled whole and back.
+    buffer = io.BytesIO()
+    torch.save(hoisted, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.hoisted == hoisted.hoisted
+    torch.testing.assert_close(loaded(xs), hoisted(xs))
+
+
+def test_hoist_switch_and_notes():
+    hoisted, _ = make_pair()
+    assert hoisted.hoist is True and len(hoisted.hoisting_notes) == 5
+    assert "not hoisted" in hoisted.hoisting_notes[4] and "relu fused" in hoisted.hoisting_notes[0]
+    hoisted.hoist = False
+    assert hoisted.hoisted == () and all("hoist=False" in n for n in hoisted.hoisting_notes)
+    hoisted.hoist = True
+    assert hoisted.hoisted == (0, 1, 2, 3)
+    with pytest.raises(TypeError, match="hoist"):
+        hoisted.hoist = 1
+
+
+def test_hoisted_path_calls_context_linear_not_backproj_concat(monkeypatch):
+    hoisted, _ = make_pair("auto")
+    calls = []
+    for name in ("context_linear", "backproj_concat", "refine_step"):
+        original = getattr(pk.ops, name)
+        monkeypatch.setattr(pk.ops, name, lambda *a, _n=name, _f=original, **k: calls.append(_n) or _f(*a, **k))
+    hoisted(make_inputs())
+    # 2 refinements: 4 hoisted modalities each; the unhoisted one through refine_step.
+    assert calls.count("context_linear") == 8 and calls.count("refine_step") == 2
+
+
+def test_a_linear_of_the_wrong_width_fails_as_unhoisted():
+    model = ProgressiveFusion([nn.Sequential(nn.Linear(5 + 2, 4), nn.ReLU())], [4], 3, 2)
+    assert model.hoisted == (0,)
+    with pytest.raises(RuntimeError, match="shapes"):
+        model([torch.randn(2, 6)])  # 6 + 2 features for a Linear that takes 7
+
+
+@pytest.mark.parametrize("backend", [b for b in HOISTING if b != "torch"])
+def test_trains_under_autocast_like_the_unhoisted_model(backend):
+    hoisted, plain = make_pair(backend, context_activation="tanh")
+    xs = make_inputs(8)
+    outs = []
+    for model in (hoisted, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = model(xs)
+        assert z.dtype == torch.bfloat16
+        z.float().square().mean().backward()
+        outs.append(z.float())
+    torch.testing.assert_close(outs[0], outs[1], rtol=3e-2, atol=3e-2)
+    for (name, a), b in zip(hoisted.named_parameters(), plain.parameters()):
+        assert a.grad.dtype == torch.float32
+        torch.testing.assert_close(a.grad, b.grad, rtol=5e-2, atol=5e-3, msg=name)
