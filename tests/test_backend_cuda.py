@@ -54,6 +54,9 @@ FUSION_EXTRA = [
     (3, (0, 5), 4),
     (200, (256,), 128),
     (1100, (24, 9), 600),
+    (5, (700, 600), 9),       # cuBLAS forward (deep k), fused backward
+    (3, (1300,), 7),          # cuBLAS forward on one input
+    (2100, (24, 9), 60),      # cuBLAS backward (many rows)
 ]
 
 
@@ -220,6 +223,91 @@ def test_fusion_head_plan_has_no_batch_limit(extension, B, Dz):
             assert sorted(seen) == sorted(itertools.product(range(m_tiles), range(n_tiles)))
 
 
+# The benchmark's fusion_head rows (benchmarks/cases.py FUSION_DIMS): (D_1, D_2, D_3, Dz).
+FUSION_ROWS = {"small": (16, 16, 16, 16), "typical": (128, 64, 32, 256), "large": (1024, 512, 256, 1024)}
+
+
+def _fusion_path(B, widths, Dz, elem=2, activation="relu", sms=H100_SMS):
+    gemm, launches, kernel_ns, gemm_ns = launch_plan("fusion_head_path", B, Dz, elem, elem == 2,
+                                                     activation != "none", sms, *widths)
+    return dict(gemm=bool(gemm), launches=launches, kernel_us=kernel_ns / 1e3, gemm_us=gemm_ns / 1e3)
+
+
+LINEAR_KEYS = ("fused", "x_m_tiles", "x_cols", "w_m_tiles", "w_cols", "tasks", "grid", "fused_ns", "cublas_ns")
+
+
+def _fusion_backward(B, widths, Dz, bias=True, from_y=False, elem=2, sms=H100_SMS):
+    out = launch_plan("fusion_head_backward", B, Dz, bias, from_y, elem, sms, *widths)
+    return dict(zip(LINEAR_KEYS + ("launches",), out))
+
+
+def _cublas_backward_launches(K, bias, elem):
+    """What the cuBLAS backward launches (fusion_head_cuda.cu: fusion_head_backward_gemm): the gather
+    (K > 1), 16-bit h and W upcast, grad_pre, K + 1 GEMMs, the bias's sum, 16-bit gradients rounded back."""
+    sixteen = elem == 2
+    return (K > 1) + 2 * sixteen + 1 + K + 1 + bias + sixteen * (K + 1 + bias)
+
+
+def test_fusion_head_backward_rule(extension):
+    """One launch for the whole backward (two with y for act') at the launch-bound rows (B <= 256, the
+    large row at B = 8); cuBLAS (elementwise grad_pre, K + 1 GEMMs in fp32, the bias's sum) at B = 4096
+    on the typical and large rows and at B = 256 on the large one. More than 8 inputs always take cuBLAS."""
+    for name, (*widths, Dz) in FUSION_ROWS.items():
+        for B in (8, 256, 4096):
+            if name == "small" and B == 4096:
+                continue  # 16 x 48 weights: the two estimates are within 1 us of each other
+            for elem in (4, 2):
+                p = _fusion_backward(B, widths, Dz, elem=elem)
+                expect_fused = B <= 256 and (name != "large" or B == 8)
+                assert bool(p["fused"]) == expect_fused, (name, B, elem, p)
+                assert bool(p["fused"]) == (p["fused_ns"] <= p["cublas_ns"])
+                assert p["launches"] == (1 if expect_fused else _cublas_backward_launches(3, True, elem))
+                y = _fusion_backward(B, widths, Dz, from_y=True, elem=elem)
+                assert y["launches"] == p["launches"] + 1 and y["fused"] == p["fused"]
+    assert not _fusion_backward(4, (1,) * 9, 3)["fused"]
+    assert _fusion_backward(4, (1,) * 8, 3)["fused"]
+    p = _fusion_backward(4096, (128, 64, 32), 256, bias=False, elem=4)
+    assert not p["fused"] and p["launches"] == _cublas_backward_launches(3, False, 4) == 1 + 1 + 3 + 1
+    # The fused kernel's tasks walk all of B (grad_W) or all of Dz (grad_h) serially: a long batch on
+    # a narrow head goes to cuBLAS however small the arithmetic.
+    assert not _fusion_backward(2**20, (2,), 3, elem=4)["fused"]
+
+
+@pytest.mark.parametrize("case", [
+    (3, 5, (4, 7), True), (70, 40, (33, 1, 64), False), (0, 9, (5,), True), (6, 0, (5,), True),
+    (5, 3, (0, 0), True), (5, 3, (0,), False), (100, 70, (31, 32, 33), True), (2**20, 3, (2,), True),
+], ids=str)
+def test_linear_backward_tasks_cover_every_tile_once(extension, case):
+    """The fused backward's two parts in one grid: every grad_h tile and every grad_W / grad_b tile
+    exactly once, task t on block t % grid, with the planned grid and capped ones (as past 2^31 - 1)."""
+    B, N, widths, bias = case
+    p = _fusion_backward(B, widths, N, bias=bias)
+    col_tiles = sum(-(-w // 32) for w in widths)
+    assert (p["x_m_tiles"], p["x_cols"]) == (-(-B // 32), col_tiles)
+    assert (p["w_m_tiles"], p["w_cols"]) == (-(-N // 32), col_tiles + bias)
+    x_tasks, w_tasks = p["x_m_tiles"] * p["x_cols"], p["w_m_tiles"] * p["w_cols"]
+    assert p["tasks"] == x_tasks + w_tasks and 1 <= p["grid"] <= min(MAX_GRID_X, max(1, p["tasks"]))
+    expected = ([(0, m, c) for m in range(p["x_m_tiles"]) for c in range(p["x_cols"])] +
+                [(1, m, c) for m in range(p["w_m_tiles"]) for c in range(p["w_cols"])])
+    if p["tasks"] > 5000:  # too many to list: the edges of the walk only
+        grid = p["grid"]
+        for block in {0, x_tasks % grid, (p["tasks"] - 1) % grid, grid - 1}:
+            for part, m, c in _walk("linear_backward_tasks", block, grid, p["x_m_tiles"], p["x_cols"],
+                                    p["w_m_tiles"], p["w_cols"], max_items=4):
+                t = m * p["x_cols"] + c if part == 0 else x_tasks + m * p["w_cols"] + c
+                assert t % grid == block and t < p["tasks"]
+        return
+    for grid in {p["grid"], 1, 3, 7}:
+        seen = []
+        for block in range(grid):
+            for part, m, c in _walk("linear_backward_tasks", block, grid, p["x_m_tiles"], p["x_cols"],
+                                    p["w_m_tiles"], p["w_cols"]):
+                t = m * p["x_cols"] + c if part == 0 else x_tasks + m * p["w_cols"] + c
+                assert t % grid == block, (grid, block, part, m, c)
+                seen.append((part, m, c))
+        assert sorted(seen) == sorted(expected), grid
+
+
 def test_elementwise_grid(extension):
     assert launch_plan("elementwise", 1, H100_SMS) == [1]
     assert launch_plan("elementwise", 2**40, H100_SMS) == [4 * 8 * H100_SMS]
@@ -331,6 +419,22 @@ def test_fusion_head(shape, dtype, noncontiguous):
     for activation in ACTIVATIONS:
         for bias in (True, False):
             hs, w, b = fusion_inputs(B, dims, Dz, bias, dtype, device="cuda", noncontiguous=noncontiguous)
+            assert_matches_reference(fusion_call(BACKEND, activation), fusion_call("torch", activation), (w, b, *hs))
+
+
+@needs_gpu
+@pytest.mark.parametrize("path", ["kernel", "cublas"])
+@pytest.mark.parametrize("shape", [(4, (5, 3), 6), (17, (16, 1, 31, 8), 13), (65, tuple(range(1, 11)), 17),
+                                   (3, (1300,), 7), (2100, (24, 9), 60), (0, (3, 5), 4)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fusion_head_on_either_path(monkeypatch, path, shape, dtype):
+    """Both of fusion_head's paths (forward: our kernel or cuBLAS + epilogue; backward: the fused launch
+    or cuBLAS) forced on the same shapes, whichever the plan would pick (PF_KERNELS_CUDA_PATH)."""
+    monkeypatch.setenv("PF_KERNELS_CUDA_PATH", path)
+    B, dims, Dz = shape
+    for activation in ACTIVATIONS:
+        for bias in (True, False):
+            hs, w, b = fusion_inputs(B, dims, Dz, bias, dtype, device="cuda", noncontiguous=True)
             assert_matches_reference(fusion_call(BACKEND, activation), fusion_call("torch", activation), (w, b, *hs))
 
 

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 
 #include "activations.h"
 #include "cuda/launch_plan.h"
@@ -31,6 +32,51 @@ __device__ __forceinline__ acc_t group_dot(const scalar_t* __restrict__ z, const
     for (int64_t k = lane_in_group; k < n; k += group) s += static_cast<acc_t>(z[k]) * static_cast<acc_t>(w[k]);
   }
   return group_sum(s, group);
+}
+
+// Up to plan::kMaxInputs column blocks of one GEMM operand, each its own (rows, D_j) tensor with any
+// strides, passed to kernels by value (__grid_constant__: indexed in place, never copied to local memory).
+struct LinearInputs {
+  const void* ptr[plan::kMaxInputs];
+  int64_t row_stride[plan::kMaxInputs];
+  int64_t col_stride[plan::kMaxInputs];
+  int64_t width[plan::kMaxInputs];
+  int64_t offset[plan::kMaxInputs];  // first column of this block in the whole operand (and in W)
+  int count;
+};
+
+inline LinearInputs linear_inputs(at::TensorList hs) {
+  TORCH_CHECK(hs.size() <= static_cast<size_t>(plan::kMaxInputs), "pf_kernels: internal error: ", hs.size(),
+              " inputs, the kernels take ", plan::kMaxInputs);
+  LinearInputs in{};
+  int64_t offset = 0;
+  for (size_t j = 0; j < hs.size(); ++j) {
+    in.ptr[j] = hs[j].data_ptr();
+    in.row_stride[j] = hs[j].stride(0);
+    in.col_stride[j] = hs[j].stride(1);
+    in.width[j] = hs[j].size(1);
+    in.offset[j] = offset;
+    offset += hs[j].size(1);
+  }
+  in.count = static_cast<int>(hs.size());
+  return in;
+}
+
+// PF_KERNELS_CUDA_PATH=kernel|cublas (tests and measurements only: read per call) overrides the launch
+// plans' choice between our one-launch kernels and cuBLAS, so both paths run on the same shapes.
+enum class ForcedPath { None, Kernel, Cublas };
+inline ForcedPath forced_path() {
+  const char* v = std::getenv("PF_KERNELS_CUDA_PATH");
+  if (v == nullptr) return ForcedPath::None;
+  const std::string s(v);
+  if (s == "kernel") return ForcedPath::Kernel;
+  if (s == "cublas") return ForcedPath::Cublas;
+  TORCH_CHECK(s.empty(), "pf_kernels: PF_KERNELS_CUDA_PATH must be 'kernel' or 'cublas', got '", s, "'");
+  return ForcedPath::None;
+}
+inline bool use_kernel(bool planned) {
+  const ForcedPath f = forced_path();
+  return f == ForcedPath::None ? planned : f == ForcedPath::Kernel;
 }
 
 inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }

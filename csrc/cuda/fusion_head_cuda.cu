@@ -1,12 +1,20 @@
 // fusion_head on CUDA: z = act([h_1..h_K] @ W^T + b).
-// Forward, one launch: a tiled GEMM whose A operand is read from the K inputs' own pointers and
-// strides (no concat), with bias and activation in the epilogue. Blocks loop over the output tiles
-// (a 1-D grid: any batch, any Dz). fp16/bf16 use tensor cores (WMMA, fp32 accumulate), fp32/fp64 a
-// SIMT kernel. Up to kMaxInputs inputs travel in the kernel's parameters; more are concatenated
-// first (at::cat, one extra copy) and run as one input.
-// A k-tile never straddles two inputs: each input's last tile is zero-padded instead, which costs
-// at most one partial tile per input and keeps the loads free of per-element input lookups.
-// Backward: one elementwise kernel (grad_pre = grad_out * act'), then cuBLAS GEMMs via ATen.
+// Forward, where launches cost more than arithmetic (launch_plan.h: fusion_head_path), one launch: a
+// tiled GEMM whose A operand is read from the K inputs' own pointers and strides (no concat), with bias
+// and activation in the epilogue. Blocks loop over the output tiles (a 1-D grid: any batch, any Dz).
+// fp16/bf16 use tensor cores (WMMA, fp32 accumulate), fp32/fp64 a SIMT kernel. Up to kMaxInputs inputs
+// travel in the kernel's parameters; more are concatenated first (at::cat, one extra copy) and run as
+// one input. A k-tile never straddles two inputs: each input's last tile is zero-padded instead, which
+// costs at most one partial tile per input and keeps the loads free of per-element input lookups.
+// Beyond, cuBLAS: the inputs gathered into one operand (one copy of B x D; K GEMMs accumulating into one
+// fp32 output would instead move (K - 1) x B x Dz x 8 bytes and launch K times), one GEMM on tensor cores
+// for 16-bit inputs, then one epilogue pass: bias and relu/none in cuBLAS's own epilogue (fp32, rounded
+// once: relu commutes with that rounding, so our pass applies it in place), other activations from the
+// GEMM's fp32 output with the bias, rounded once, as the reference.
+// Backward, where launches cost more than arithmetic (launch_plan.h: fusion_head_backward): one launch of
+// linear_backward_cuda.cu's kernel, grad_pre computed where it is read (two launches where act' needs y:
+// the forward kernel writes y in fp32 first). Beyond: one elementwise kernel (grad_pre = grad_out * act'),
+// then cuBLAS GEMMs via ATen in the accumulation dtype.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,31 +33,23 @@
 #include "checks.h"
 #include "cuda/common.cuh"
 #include "cuda/launch_plan.h"
+#include "cuda/linear_backward.h"
 
 namespace pf_kernels {
 namespace cuda {
 namespace {
 
-constexpr int kMaxInputs = 8;
-
-// The K inputs, passed by value (__grid_constant__: indexed in place, never copied to local memory).
-struct FusionInputs {
-  const void* ptr[kMaxInputs];
-  int64_t row_stride[kMaxInputs];
-  int64_t col_stride[kMaxInputs];
-  int64_t width[kMaxInputs];
-  int64_t offset[kMaxInputs];  // first column of this input's block of W
-  int count;
-};
+using plan::kMaxInputs;
 
 // ---- fp32 / fp64: SIMT, square tiles of T = 64 or 32, 256 threads of (T/16)^2 outputs each. ----
-constexpr int kSimtBK = 16, kSimtThreads = 256;
+constexpr int kSimtBK = plan::kFusionSimtBK, kSimtThreads = 256;
 constexpr int kSimtRowStep = kSimtThreads / kSimtBK;
 
-template <typename scalar_t, typename acc_t, int T>
+// out_t: scalar_t, or acc_t for the backward's y (act none, no bias).
+template <typename scalar_t, typename acc_t, typename out_t, int T>
 __global__ void __launch_bounds__(kSimtThreads)
-    fusion_head_simt_kernel(const __grid_constant__ FusionInputs in, const scalar_t* __restrict__ w, int64_t ldw,
-                            const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t M, int64_t N,
+    fusion_head_simt_kernel(const __grid_constant__ LinearInputs in, const scalar_t* __restrict__ w, int64_t ldw,
+                            const scalar_t* __restrict__ bias, out_t* __restrict__ out, int64_t M, int64_t N,
                             int64_t m_tiles, int64_t n_tiles, Activation act) {
   constexpr int R = T / 16;  // outputs per thread along each dimension
   // k-major tiles; +4 keeps the transposed stores from hitting one bank.
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kSimtThreads)
         const int64_t n = n0 + tc + 16 * j;
         if (m < M && n < N) {
           const acc_t y = acc[i][j] + (bias != nullptr ? static_cast<acc_t>(bias[n]) : acc_t(0));
-          out[m * N + n] = static_cast<scalar_t>(activate<acc_t>(y, act));
+          out[m * N + n] = static_cast<out_t>(activate<acc_t>(y, act));
         }
       }
     }
@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kSimtThreads)
 
 // ---- fp16 / bf16: tensor cores. Square tiles of T = 64 or 32; 4 warps in 2 x 2, each a (T/2)^2 block
 // of (T/32)^2 WMMA 16x16x16 fragments. ----
-constexpr int kTcBK = 32, kTcThreads = 128;
+constexpr int kTcBK = plan::kFusionTcBK, kTcThreads = 128;
 constexpr int kTcRowStep = kTcThreads / kTcBK;
 constexpr int kTcLds = kTcBK + 8;  // 16-bit elements; a multiple of 8 as WMMA needs, and off the banks
 
@@ -136,10 +136,10 @@ struct WmmaType<at::BFloat16> {
   static constexpr int min_arch = 800;
 };
 
-template <typename scalar_t, int T>
+template <typename scalar_t, typename out_t, int T>
 __global__ void __launch_bounds__(kTcThreads)
-    fusion_head_wmma_kernel(const __grid_constant__ FusionInputs in, const scalar_t* __restrict__ w, int64_t ldw,
-                            const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t M, int64_t N,
+    fusion_head_wmma_kernel(const __grid_constant__ LinearInputs in, const scalar_t* __restrict__ w, int64_t ldw,
+                            const scalar_t* __restrict__ bias, out_t* __restrict__ out, int64_t M, int64_t N,
                             int64_t m_tiles, int64_t n_tiles, Activation act) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   // bf16 WMMA needs sm_80; the host never launches this below sm_80 (it uses the SIMT kernel).
@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(kTcThreads)
         const int64_t m = m0 + r, n = n0 + c;
         if (m < M && n < N) {
           const float y = Cs[r * kLdc + c] + (bias != nullptr ? static_cast<float>(bias[n]) : 0.0f);
-          out[m * N + n] = static_cast<scalar_t>(activate<float>(y, act));
+          out[m * N + n] = static_cast<out_t>(activate<float>(y, act));
         }
       }
       __syncthreads();  // the epilogue's reads of Cs before the next tile's operand tiles overwrite it
@@ -225,66 +225,137 @@ __global__ void __launch_bounds__(kTcThreads)
   }
 }
 
-// A template, so that `if constexpr` drops the tensor-core launch for fp32 / fp64.
-template <typename scalar_t>
-void launch_fusion_head(const FusionInputs& in, const at::Tensor& wc, const at::Tensor& bc, at::Tensor& out,
-                        int64_t in_features, int64_t B, int64_t Dz, Activation act) {
+// The WMMA kernel serves 16-bit inputs from its arch up; else the SIMT kernel.
+bool wmma_ok(at::ScalarType dtype) {
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int arch = prop->major * 100 + prop->minor * 10;
+  return arch >= (dtype == at::kHalf ? WmmaType<at::Half>::min_arch : WmmaType<at::BFloat16>::min_arch);
+}
+
+// The one-launch forward kernel over up to kMaxInputs inputs: out = act(h W^T + bias) in out_t (scalar_t,
+// or acc_t with act none and no bias: the backward's y). A template, so that `if constexpr` drops the
+// tensor-core launch for fp32 / fp64.
+template <typename scalar_t, typename out_t>
+void launch_fusion_head(const LinearInputs& in, const scalar_t* w, int64_t ldw, const scalar_t* bias, out_t* out,
+                        int64_t B, int64_t Dz, Activation act) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const scalar_t* w_ptr = wc.data_ptr<scalar_t>();
-  const scalar_t* b_ptr = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
-  scalar_t* o_ptr = out.data_ptr<scalar_t>();
   const plan::FusionHead p = plan::fusion_head(B, Dz, sm_count());
   const unsigned grid = launch_grid(p.grid);
   if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
-    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-    if (prop->major * 100 + prop->minor * 10 >= WmmaType<scalar_t>::min_arch) {
-      auto kernel = p.tile == 32 ? fusion_head_wmma_kernel<scalar_t, 32> : fusion_head_wmma_kernel<scalar_t, 64>;
-      kernel<<<grid, kTcThreads, 0, stream>>>(in, w_ptr, in_features, b_ptr, o_ptr, B, Dz, p.m_tiles, p.n_tiles, act);
+    if (wmma_ok(c10::CppTypeToScalarType<scalar_t>::value)) {
+      auto kernel = p.tile == 32 ? fusion_head_wmma_kernel<scalar_t, out_t, 32> : fusion_head_wmma_kernel<scalar_t, out_t, 64>;
+      kernel<<<grid, kTcThreads, 0, stream>>>(in, w, ldw, bias, out, B, Dz, p.m_tiles, p.n_tiles, act);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
   }
-  auto kernel =
-      p.tile == 32 ? fusion_head_simt_kernel<scalar_t, acc_t, 32> : fusion_head_simt_kernel<scalar_t, acc_t, 64>;
-  kernel<<<grid, kSimtThreads, 0, stream>>>(in, w_ptr, in_features, b_ptr, o_ptr, B, Dz, p.m_tiles, p.n_tiles, act);
+  auto kernel = p.tile == 32 ? fusion_head_simt_kernel<scalar_t, acc_t, out_t, 32>
+                             : fusion_head_simt_kernel<scalar_t, acc_t, out_t, 64>;
+  kernel<<<grid, kSimtThreads, 0, stream>>>(in, w, ldw, bias, out, B, Dz, p.m_tiles, p.n_tiles, act);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor fusion_head_cuda(at::TensorList hs_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                            c10::string_view activation_name) {
-  const int64_t in_features = check_fusion_head(hs_in, weight, bias);
-  TORCH_CHECK(hs_in[0].is_cuda(), "pf_kernels: fusion_head (CUDA) needs CUDA tensors, got hs[0] on ", hs_in[0].device());
-  const Activation act = parse_activation(std::string(activation_name));
-  const c10::cuda::CUDAGuard guard(hs_in[0].device());
-  const int64_t B = hs_in[0].size(0), Dz = weight.size(0);
-  at::Tensor out = at::empty({B, Dz}, hs_in[0].options());
-  if (out.numel() == 0) return out;
-  // More inputs than the kernel's parameters hold: one concatenated input instead.
-  std::vector<at::Tensor> hs(hs_in.begin(), hs_in.end());
-  if (hs.size() > static_cast<size_t>(kMaxInputs)) hs = {at::cat(hs_in, 1)};
-  FusionInputs in{};
-  int64_t offset = 0;
-  for (size_t j = 0; j < hs.size(); ++j) {
-    in.ptr[j] = hs[j].data_ptr();
-    in.row_stride[j] = hs[j].stride(0);
-    in.col_stride[j] = hs[j].stride(1);
-    in.width[j] = hs[j].size(1);
-    in.offset[j] = offset;
-    offset += hs[j].size(1);
+// out[r, n] = act(y[r, n] + bias[n]) rounded to scalar_t, over (rows, N) row-major; y in the accumulation
+// dtype, or in scalar_t where cuBLAS added the bias and rounded (relu: in place, out == y).
+template <typename in_t, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(plan::kElementwiseThreads)
+    bias_act_kernel(const in_t* y, const scalar_t* __restrict__ bias, scalar_t* out, int64_t rows, int64_t N,
+                    Activation act) {
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (plan::RowCursor k(start, static_cast<int64_t>(gridDim.x) * blockDim.x, N); k.row < rows; k.next(N)) {
+    const int64_t i = k.row * N + k.col;
+    acc_t v = static_cast<acc_t>(y[i]);
+    if (bias != nullptr) v += static_cast<acc_t>(bias[k.col]);
+    out[i] = static_cast<scalar_t>(activate<acc_t>(v, act));
   }
-  in.count = static_cast<int>(hs.size());
-  const at::Tensor wc = weight.contiguous();
-  const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();
+}
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fusion_head_cuda", [&] {
-    launch_fusion_head<scalar_t>(in, wc, bc, out, in_features, B, Dz, act);
+template <typename in_t, typename scalar_t>
+void launch_bias_act(const at::Tensor& y, const at::Tensor& bias, at::Tensor& out, Activation act) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = out.size(0), N = out.size(1);
+  const int64_t blocks = plan::elementwise_grid(rows * N, sm_count());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  bias_act_kernel<in_t, scalar_t, acc_t><<<launch_grid(blocks), plan::kElementwiseThreads, 0, stream>>>(
+      y.data_ptr<in_t>(), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), rows, N,
+      act);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// [h_1..h_K] as one (B, D) GEMM operand: h_1 itself when K == 1 (cuBLAS takes its strides), else one copy.
+at::Tensor gather_inputs(at::TensorList hs) { return hs.size() == 1 ? hs[0] : at::cat(hs, 1); }
+
+// h W^T in the accumulation dtype: 16-bit inputs on tensor cores with an fp32 output.
+at::Tensor gemm_acc(const at::Tensor& h, const at::Tensor& weight) {
+  const at::ScalarType dtype = h.scalar_type(), acc = at::toOpMathType(dtype);
+  return dtype == acc ? at::mm(h, weight.t()) : at::mm(h, weight.t(), acc);
+}
+
+// The cuBLAS forward (B, Dz >= 1).
+at::Tensor fusion_head_gemm(at::TensorList hs, const at::Tensor& weight, const at::Tensor& bias, Activation act) {
+  const at::Tensor h = gather_inputs(hs);
+  const at::ScalarType dtype = h.scalar_type();
+  at::Tensor out;
+  if (act == Activation::None || act == Activation::Relu) {
+    // cuBLAS adds the bias in its fp32 epilogue and rounds once, as the reference; relu (NaN kept, as
+    // torch's) commutes with that rounding, so it runs in place on the rounded output.
+    out = bias.defined() ? at::addmm(bias, h, weight.t()) : at::mm(h, weight.t());
+    if (act == Activation::Relu) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusion_head_relu_cuda", [&] {
+        launch_bias_act<scalar_t, scalar_t>(out, at::Tensor(), out, act);
+      });
+    }
+    return out;
+  }
+  const at::Tensor y = gemm_acc(h, weight);
+  out = y.scalar_type() == dtype ? y : at::empty(y.sizes(), y.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusion_head_act_cuda", [&] {
+    launch_bias_act<at::opmath_type<scalar_t>, scalar_t>(y, bias, out, act);
   });
   return out;
 }
 
-// grad_pre = grad_out * act'(y) in the accumulation dtype; act' from the output, or from y where
-// given (gelu; tanh / sigmoid in 16-bit dtypes, whose rounded outputs lose act' near saturation).
+std::vector<int64_t> widths_of(at::TensorList hs) {
+  std::vector<int64_t> widths;
+  widths.reserve(hs.size());
+  for (const at::Tensor& h : hs) widths.push_back(h.size(1));
+  return widths;
+}
+
+at::Tensor fusion_head_cuda(at::TensorList hs_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                            c10::string_view activation_name) {
+  check_fusion_head(hs_in, weight, bias);
+  TORCH_CHECK(hs_in[0].is_cuda(), "pf_kernels: fusion_head (CUDA) needs CUDA tensors, got hs[0] on ", hs_in[0].device());
+  const Activation act = parse_activation(std::string(activation_name));
+  const c10::cuda::CUDAGuard guard(hs_in[0].device());
+  const int64_t B = hs_in[0].size(0), Dz = weight.size(0);
+  const at::ScalarType dtype = hs_in[0].scalar_type();
+  const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();
+  if (B == 0 || Dz == 0) return at::empty({B, Dz}, hs_in[0].options());
+  const std::vector<int64_t> widths = widths_of(hs_in);
+  const plan::FusionHeadPath path =
+      plan::fusion_head_path(B, Dz, widths.data(), static_cast<int64_t>(widths.size()), at::elementSize(dtype),
+                             wmma_ok(dtype), act != Activation::None, sm_count());
+  if (!use_kernel(!path.gemm)) return fusion_head_gemm(hs_in, weight, bc, act);
+
+  at::Tensor out = at::empty({B, Dz}, hs_in[0].options());
+  // More inputs than the kernel's parameters hold: one concatenated input instead.
+  std::vector<at::Tensor> hs(hs_in.begin(), hs_in.end());
+  if (hs.size() > static_cast<size_t>(kMaxInputs)) hs = {at::cat(hs_in, 1)};
+  const LinearInputs in = linear_inputs(hs);
+  const at::Tensor wc = weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusion_head_cuda", [&] {
+    launch_fusion_head<scalar_t, scalar_t>(in, wc.data_ptr<scalar_t>(), wc.size(1),
+                                           bc.defined() ? bc.data_ptr<scalar_t>() : nullptr,
+                                           out.data_ptr<scalar_t>(), B, Dz, act);
+  });
+  return out;
+}
+
+// The cuBLAS backward's grad_pre = grad_out * act'(y) in the accumulation dtype; act' from the output, or
+// from y where given (y less the bias, plus y_bias).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(plan::kElementwiseThreads)
     fusion_head_grad_pre_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ o,
@@ -297,28 +368,22 @@ __global__ void __launch_bounds__(plan::kElementwiseThreads)
   }
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward_cuda(
-    const at::Tensor& grad_out, at::TensorList hs, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& out, c10::string_view activation_name) {
-  const int64_t in_features = check_fusion_head_backward(grad_out, hs, weight, bias, out);
-  const int64_t B = hs[0].size(0), Dz = weight.size(0);
-  TORCH_CHECK(grad_out.is_cuda(), "pf_kernels: fusion_head_backward (CUDA) needs CUDA tensors");
-  const Activation act = parse_activation(std::string(activation_name));
-  const c10::cuda::CUDAGuard guard(grad_out.device());
-  const at::ScalarType dtype = hs[0].scalar_type(), acc = at::toOpMathType(dtype);
+// The cuBLAS backward (sizes where arithmetic, not launches, sets the time): the GEMMs in the
+// accumulation dtype, rounded once at the end, as eager autograd of the reference in fp32.
+void fusion_head_backward_gemm(const at::Tensor& g, at::TensorList hs, const at::Tensor& weight,
+                               const at::Tensor& bias, const at::Tensor& out, Activation act, bool from_y,
+                               std::vector<at::Tensor>& grad_hs, at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  const int64_t B = g.size(0), Dz = g.size(1);
+  const at::ScalarType dtype = g.scalar_type(), acc = at::toOpMathType(dtype);
   // [h_1..h_K] once in the accumulation dtype: the operand of grad_weight's single GEMM (and of y).
-  const at::Tensor h = hs.size() == 1 ? hs[0].to(acc) : at::cat(hs, 1).to(acc);
+  const at::Tensor h = gather_inputs(hs).to(acc);
   const at::Tensor w = weight.to(acc);
-
-  at::Tensor grad_pre = at::empty({B, Dz}, grad_out.options().dtype(acc));
+  at::Tensor grad_pre = at::empty({B, Dz}, g.options().dtype(acc));
   const int64_t n = grad_pre.numel();
   if (n > 0) {
-    const at::Tensor g = grad_out.contiguous(), o = out.contiguous();
-    const bool from_y = act == Activation::Gelu ||
-                        (at::elementSize(dtype) == 2 && (act == Activation::Tanh || act == Activation::Sigmoid));
-    const at::Tensor y = from_y
-                             ? (has_bias(bias) ? at::addmm(bias->to(acc), h, w.t()) : at::mm(h, w.t())).contiguous()
-                             : at::Tensor();
+    const at::Tensor o = out.contiguous();
+    const at::Tensor y =
+        from_y ? (bias.defined() ? at::addmm(bias.to(acc), h, w.t()) : at::mm(h, w.t())).contiguous() : at::Tensor();
     const int64_t blocks = plan::elementwise_grid(n, sm_count());
     const auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusion_head_bwd_cuda", [&] {
@@ -332,16 +397,62 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward
     grad_pre.zero_();
   }
   // Each h_j's gradient is its own tensor, from its own block of W.
-  std::vector<at::Tensor> grad_hs;
-  grad_hs.reserve(hs.size());
   int64_t offset = 0;
   for (const at::Tensor& hj : hs) {
     grad_hs.push_back(at::mm(grad_pre, w.narrow(1, offset, hj.size(1))).to(dtype));
     offset += hj.size(1);
   }
-  TORCH_CHECK(offset == in_features, "pf_kernels: internal error: input widths do not add up");
-  at::Tensor grad_weight = at::mm(grad_pre.t(), h).to(dtype);
-  at::Tensor grad_bias = has_bias(bias) ? grad_pre.sum(0).to(dtype) : at::empty({0}, grad_out.options());
+  grad_weight = at::mm(grad_pre.t(), h).to(dtype);
+  if (bias.defined()) grad_bias = grad_pre.sum(0).to(dtype);
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward_cuda(
+    const at::Tensor& grad_out, at::TensorList hs, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& out, c10::string_view activation_name) {
+  const int64_t in_features = check_fusion_head_backward(grad_out, hs, weight, bias, out);
+  TORCH_CHECK(grad_out.is_cuda(), "pf_kernels: fusion_head_backward (CUDA) needs CUDA tensors");
+  const Activation act = parse_activation(std::string(activation_name));
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const int64_t B = hs[0].size(0), Dz = weight.size(0);
+  const at::ScalarType dtype = hs[0].scalar_type(), acc = at::toOpMathType(dtype);
+  // act' from y for gelu, and for tanh / sigmoid in 16-bit dtypes (whose rounded outputs lose it near
+  // saturation); else from the saved output.
+  const bool from_y = act == Activation::Gelu ||
+                      (at::elementSize(dtype) == 2 && (act == Activation::Tanh || act == Activation::Sigmoid));
+  const at::Tensor g = grad_out.contiguous();
+  const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();
+  const std::vector<int64_t> widths = widths_of(hs);
+  const plan::FusionHeadBackward fp = plan::fusion_head_backward(
+      B, Dz, widths.data(), static_cast<int64_t>(widths.size()), bc.defined(), from_y, at::elementSize(dtype),
+      sm_count());
+  std::vector<at::Tensor> grad_hs;
+  at::Tensor grad_weight, grad_bias = at::empty({0}, grad_out.options());
+  if (hs.size() <= static_cast<size_t>(kMaxInputs) && use_kernel(fp.linear.fused)) {
+    // One launch (two with y): grad_pre computed where the GEMM tiles load it.
+    const at::Tensor wc = weight.contiguous();
+    GradPreSource src;
+    src.grad_out = g;
+    src.act = act;
+    if (from_y && B > 0 && Dz > 0) {
+      src.y = at::empty({B, Dz}, g.options().dtype(acc));
+      src.y_bias = bc;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusion_head_y_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        launch_fusion_head<scalar_t, acc_t>(linear_inputs(hs), wc.data_ptr<scalar_t>(), wc.size(1), nullptr,
+                                            src.y.data_ptr<acc_t>(), B, Dz, Activation::None);
+      });
+    } else {
+      src.out = out.contiguous();
+    }
+    for (const at::Tensor& hj : hs) grad_hs.push_back(at::empty(hj.sizes(), g.options()));
+    grad_weight = at::empty({Dz, in_features}, g.options());
+    if (bc.defined()) grad_bias = at::empty({Dz}, g.options());
+    linear_backward_fused(fp.linear, src, hs, wc, grad_hs, grad_weight, bc.defined() ? grad_bias : at::Tensor());
+  } else {
+    fusion_head_backward_gemm(g, hs, weight, bc, out, act, from_y, grad_hs, grad_weight, grad_bias);
+  }
+  TORCH_CHECK(static_cast<int64_t>(grad_hs.size()) == static_cast<int64_t>(hs.size()),
+              "pf_kernels: internal error: one gradient per input");
   return {grad_hs, grad_weight, grad_bias};
 }
 

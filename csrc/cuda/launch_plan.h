@@ -206,6 +206,137 @@ inline FusionHead fusion_head(int64_t B, int64_t Dz, int64_t sm_count) {
   return p;
 }
 
+// ---- fusion_head and the linear maps' backward: one-launch kernels, or cuBLAS. ----
+// Chosen per call by comparing two estimates of GPU time, in microseconds, for this GPU's SM count:
+// - our one-launch kernels: MACs / kKernelMacsPerUs (the whole GPU busy) plus the serial k loop of one
+//   output tile, kStepUs per k-step (a global-load round trip and two barriers, which a small grid has
+//   nothing to overlap with). Measured on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3.json,
+//   fusion_head B=4096 "large", 7.5 G MACs): the SIMT fp32 and WMMA bf16 kernels took 762 and 776 us.
+// - cuBLAS: kLaunchUs for each launch beyond the kernel's one (gather, epilogue, one GEMM per output;
+//   3-5 us apiece on the GPU's timeline while the host issues them), plus MACs at cuBLAS's rate (eager
+//   F.linear on the same row, cat and relu included: 343 us in fp32, 48 us in bf16).
+constexpr double kLaunchUs = 4.0;
+constexpr double kStepUs = 0.4;
+constexpr double kKernelMacsPerUs = 9.0e6;   // 132 SMs; scaled by the SM count
+constexpr double kGemmMacsPerUs16 = 1.5e8;  // fp16 / bf16 on tensor cores, 132 SMs
+constexpr double kGemmMacsPerUs32 = 2.0e7;  // fp32 (no TF32) and fp64, 132 SMs
+constexpr double kPlannedSms = 132.0;        // the SM count the rates were measured with
+constexpr int kMaxInputs = 8;                // inputs the kernels' parameters hold; more are gathered first
+constexpr int kFusionTcBK = 32, kFusionSimtBK = 16;  // k-tile of the WMMA and SIMT forward kernels
+constexpr int kLinearTile = 32;              // the backward kernel's square output tile and k-tile
+
+inline double kernel_macs_per_us(int64_t sm_count) {
+  return kKernelMacsPerUs * static_cast<double>(std::max<int64_t>(1, sm_count)) / kPlannedSms;
+}
+inline double gemm_macs_per_us(int64_t elem_size, int64_t sm_count) {
+  return (elem_size == 2 ? kGemmMacsPerUs16 : kGemmMacsPerUs32) * static_cast<double>(std::max<int64_t>(1, sm_count)) /
+         kPlannedSms;
+}
+
+// The forward's path. widths: the inputs' D_j; tensor_cores: the WMMA kernel (16-bit on sm_80+; its
+// k-tile is 32, the SIMT kernel's 16: each input's last k-tile is padded, so k-steps = sum ceil(D_j / bk)).
+// activation: not "none" (the cuBLAS path then needs an epilogue pass; "none" is the GEMM's own output).
+struct FusionHeadPath {
+  bool gemm = false;
+  int64_t launches = 0;                  // kernels this forward launches
+  double kernel_us = 0.0, gemm_us = 0.0;  // the two estimates
+};
+
+inline FusionHeadPath fusion_head_path(int64_t B, int64_t Dz, const int64_t* widths, int64_t inputs,
+                                       int64_t elem_size, bool tensor_cores, bool activation, int64_t sm_count) {
+  int64_t D = 0, k_steps = 0;
+  const int64_t bk = tensor_cores ? kFusionTcBK : kFusionSimtBK;
+  for (int64_t j = 0; j < inputs; ++j) {
+    D += widths[j];
+    k_steps += ceil_div(widths[j], bk);
+  }
+  const bool gathered = inputs > kMaxInputs;  // the kernel then runs on one concatenated input
+  if (gathered) k_steps = ceil_div(D, bk);
+  const double macs = static_cast<double>(B) * static_cast<double>(Dz) * static_cast<double>(D);
+  FusionHeadPath p;
+  p.kernel_us = macs / kernel_macs_per_us(sm_count) + static_cast<double>(k_steps) * kStepUs +
+                (gathered ? kLaunchUs : 0.0);
+  const int64_t gemm_launches = (inputs > 1 ? 1 : 0) + 1 + (activation ? 1 : 0);
+  p.gemm_us = static_cast<double>(gemm_launches - 1) * kLaunchUs + macs / gemm_macs_per_us(elem_size, sm_count);
+  p.gemm = D > 0 && p.gemm_us < p.kernel_us;
+  p.launches = p.gemm ? gemm_launches : 1 + (gathered ? 1 : 0);
+  return p;
+}
+
+// ---- The backward of y = h W^T + b in one launch: h (B, D) in column blocks (the inputs), W (N, D),
+// grad_pre (B, N) = grad_out * act', computed where the tiles load it. Part 0:
+// grad_h = grad_pre W, tiles over (B, each input's columns), k over N. Part 1:
+// [grad_W, grad_b] = grad_pre^T [h, 1], tiles over (N, each input's columns, then one bias tile), k over B.
+// Square tiles of kLinearTile; col_tiles = sum over inputs of ceil(D_j / kLinearTile). ----
+struct LinearBackward {
+  bool fused = false;
+  int64_t x_m_tiles = 0, x_cols = 0, w_m_tiles = 0, w_cols = 0;
+  int64_t x_tasks = 0, w_tasks = 0, tasks = 0, grid = 0;
+  double fused_us = 0.0, cublas_us = 0.0;  // the two estimates
+};
+
+// cublas_launches: what the cuBLAS path launches instead of the one fused kernel. B, N, D >= 0.
+inline LinearBackward linear_backward(int64_t B, int64_t N, int64_t D, int64_t col_tiles, int64_t inputs, bool bias,
+                                      int64_t elem_size, int64_t cublas_launches, int64_t sm_count) {
+  LinearBackward p;
+  p.x_m_tiles = ceil_div(B, kLinearTile);
+  p.x_cols = col_tiles;
+  p.w_m_tiles = ceil_div(N, kLinearTile);
+  p.w_cols = col_tiles + (bias ? 1 : 0);
+  p.x_tasks = p.x_m_tiles * p.x_cols;
+  p.w_tasks = p.w_m_tiles * p.w_cols;
+  p.tasks = p.x_tasks + p.w_tasks;
+  p.grid = grid_for(p.tasks);
+  const double macs = 2.0 * static_cast<double>(B) * static_cast<double>(N) * static_cast<double>(D);
+  const int64_t depth = std::max(ceil_div(N, kLinearTile), ceil_div(B, kLinearTile));
+  p.fused_us = macs / kernel_macs_per_us(sm_count) + static_cast<double>(depth) * kStepUs;
+  p.cublas_us = static_cast<double>(cublas_launches - 1) * kLaunchUs + macs / gemm_macs_per_us(elem_size, sm_count);
+  p.fused = inputs <= kMaxInputs && p.fused_us <= p.cublas_us;
+  return p;
+}
+
+// The tasks that block `block` of `grid` runs, in order: f(part, m tile, column tile). Task t of the
+// list [part 0's x_m_tiles x x_cols, then part 1's w_m_tiles x w_cols] (each row-major) goes to block
+// t % grid; w_shift = (x_m_tiles * x_cols) % grid, computed on the host (no 64-bit division here).
+PF_EXEC_CHECK_DISABLE
+template <typename F>
+PF_HOST_DEVICE void for_each_linear_backward_task(int64_t block, int64_t grid, int64_t x_m_tiles, int64_t x_cols,
+                                                  int64_t w_m_tiles, int64_t w_cols, int64_t w_shift, F&& f) {
+  if (x_cols > 0) {
+    for (RowCursor t(block, grid, x_cols); t.row < x_m_tiles; t.next(x_cols)) f(0, t.row, t.col);
+  }
+  if (w_cols > 0) {
+    // Part 1's first task for this block: the first t >= x_tasks with t % grid == block, less x_tasks.
+    const int64_t start = block >= w_shift ? block - w_shift : block + grid - w_shift;
+    for (RowCursor t(start, grid, w_cols); t.row < w_m_tiles; t.next(w_cols)) f(1, t.row, t.col);
+  }
+}
+
+// fusion_head's backward: the fused kernel (plus, for act' from y, one launch of the forward kernel for y),
+// or cuBLAS as before the fused kernel, in the accumulation dtype: [h_1..h_K] gathered (K > 1) and, for
+// 16-bit inputs, h and W upcast (2); [y GEMM]; grad_pre (1); one GEMM per input and one for W; the bias's
+// sum; for 16-bit inputs, each gradient rounded back (K + 1 + bias). Its GEMMs run at the fp32 rate.
+struct FusionHeadBackward {
+  LinearBackward linear;
+  int64_t launches = 0;
+};
+
+inline FusionHeadBackward fusion_head_backward(int64_t B, int64_t Dz, const int64_t* widths, int64_t inputs, bool bias,
+                                               bool from_y, int64_t elem_size, int64_t sm_count) {
+  FusionHeadBackward r;
+  int64_t D = 0, col_tiles = 0;
+  for (int64_t j = 0; j < inputs; ++j) {
+    D += widths[j];
+    col_tiles += ceil_div(widths[j], kLinearTile);
+  }
+  const bool sixteen = elem_size == 2;
+  const int64_t cublas = (inputs > 1 ? 1 : 0) + (sixteen ? 2 : 0) + 1 + inputs + 1 + (bias ? 1 : 0) +
+                         (sixteen ? inputs + 1 + (bias ? 1 : 0) : 0);
+  r.linear = linear_backward(B, Dz, D, col_tiles, inputs, bias, sixteen ? 4 : elem_size, cublas, sm_count);
+  r.launches = (from_y ? 1 : 0) + (r.linear.fused ? 1 : cublas);
+  return r;
+}
+
 // Elementwise kernels: 256 threads, a grid stride over n >= 1 elements, at most 4 target waves.
 constexpr int kElementwiseThreads = 256;
 inline int64_t elementwise_grid(int64_t n, int64_t sm_count) {

@@ -88,6 +88,34 @@ std::vector<int64_t> launch_plan(c10::string_view what_view, std::vector<int64_t
     const plan::FusionHead p = plan::fusion_head(a[0], a[1], a[2]);
     return {p.tile, p.m_tiles, p.n_tiles, p.tasks, p.grid};
   }
+  // Microseconds as integer nanoseconds.
+  auto ns = [](double us) { return static_cast<int64_t>(us * 1000.0 + 0.5); };
+  if (what == "fusion_head_path") {  // B, Dz, elem_size, tensor_cores, activation, sm_count, widths...
+    TORCH_CHECK(a.size() >= 7, "pf_kernels::_launch_plan('fusion_head_path') takes at least 7 integers");
+    const plan::FusionHeadPath p = plan::fusion_head_path(a[0], a[1], a.data() + 6, static_cast<int64_t>(a.size()) - 6,
+                                                          a[2], a[3] != 0, a[4] != 0, a[5]);
+    return {p.gemm, p.launches, ns(p.kernel_us), ns(p.gemm_us)};
+  }
+  auto linear = [&](const plan::LinearBackward& p) -> std::vector<int64_t> {
+    return {p.fused, p.x_m_tiles, p.x_cols, p.w_m_tiles, p.w_cols, p.tasks, p.grid, ns(p.fused_us), ns(p.cublas_us)};
+  };
+  if (what == "fusion_head_backward") {  // B, Dz, bias, from_y, elem_size, sm_count, widths...
+    TORCH_CHECK(a.size() >= 7, "pf_kernels::_launch_plan('fusion_head_backward') takes at least 7 integers");
+    const plan::FusionHeadBackward r = plan::fusion_head_backward(
+        a[0], a[1], a.data() + 6, static_cast<int64_t>(a.size()) - 6, a[2] != 0, a[3] != 0, a[4], a[5]);
+    std::vector<int64_t> out = linear(r.linear);
+    out.push_back(r.launches);
+    return out;
+  }
+  if (what == "linear_backward_tasks") {  // block, grid, x_m_tiles, x_cols, w_m_tiles, w_cols, max_items
+    need(7);
+    need_block();
+    const int64_t w_shift = (a[2] * a[3]) % a[1];
+    return walk(a[6], [&](auto&& emit) {
+      plan::for_each_linear_backward_task(a[0], a[1], a[2], a[3], a[4], a[5], w_shift,
+                                          [&](int part, int64_t m, int64_t c) { emit({part, m, c}); });
+    });
+  }
   if (what == "elementwise") {  // n, sm_count
     need(2);
     return {plan::elementwise_grid(a[0], a[1])};

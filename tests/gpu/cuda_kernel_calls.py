@@ -2,16 +2,20 @@
 fp16, bf16) and down every code path (the copy kernel with the context inline or from a GEMM, 16-byte
 vectors or scalars, one or several shared-memory chunks, one or several tasks per batch row and per
 block; the backward in one pass or split, act' from the output, inline y or a GEMM's y; fusion_head on
-WMMA or SIMT with 32- or 64-wide tiles, more than 8 inputs, empty inputs, B = 0; context_linear with
-16-byte or scalar access, its backward in one pass or split, act' from the output or from p), each
-compared with the reference (float64 on the CPU, so no torch kernel runs on the GPU for it). One line
-per call; exit status 1 on any mismatch or on a code path left uncovered.
+WMMA or SIMT with 32- or 64-wide tiles or on cuBLAS with its epilogue pass, more than 8 inputs, empty
+inputs, B = 0; its backward in one fused launch or on cuBLAS, act' from the output or from y; both
+fusion_head paths also forced on the same small shapes; context_linear with 16-byte or scalar access,
+its backward in one pass or split, act' from the output or from p), each compared with the reference
+(float64 on the CPU, so no torch kernel runs on the GPU for it). One line per call; exit status 1 on
+any mismatch or on a code path left uncovered.
 
-Made for compute-sanitizer (a few seconds of GPU work, ~140 calls), e.g.
+Made for compute-sanitizer (a few seconds of GPU work, ~180 calls), e.g.
     compute-sanitizer --tool memcheck --kernel-name kns=pf_kernels --error-exitcode 1 \\
         python tests/gpu/cuda_kernel_calls.py
 Without a GPU it says SKIPPED and exits 0. `--plan-only [--sm-count N]` checks on any machine, from
-the kernels' launch arithmetic (pf_kernels::_launch_plan), that the calls cover every code path."""
+the kernels' launch arithmetic (pf_kernels::_launch_plan), that the calls cover every code path.
+`--only TEXT` runs the calls whose line contains TEXT (e.g. `--only "gemm 3 chunks"`), `--verbose`
+prints each call's line before it runs: with CUDA_LAUNCH_BLOCKING=1 a fault then names its call and op."""
 from __future__ import annotations
 
 import argparse
@@ -53,6 +57,9 @@ FUSION = [
     ("several k tiles", 130, (64, 100), 70, "strided", "gelu"),
     ("64-wide tiles", 1100, (24, 9), 600, "contig", None),
     ("K > 8 inputs", 65, tuple(range(1, 11)), 17, "contig", None),
+    ("cuBLAS forward, fused backward", 5, (700, 600), 9, "strided", None),
+    ("cuBLAS forward, one input", 3, (1300,), 7, "strided", None),
+    ("many rows, cuBLAS backward", 2100, (24, 9), 60, "contig", None),
     ("an empty input", 3, (0, 5), 4, "contig", None),
     ("B = 0", 0, (3, 5), 4, "contig", None),
 ]
@@ -70,13 +77,23 @@ CONTEXT = [
 ]
 # Rerun with the grid capped at 3 blocks: each block loops over several tasks (as past 2^31 - 1).
 CAPPED = ("inline many tasks, split backward", "gemm 3 chunks", "gemm split backward", "inline 3 chunks",
-          "odd widths, strided", "64-wide tiles", "several k tiles", "split backward", "two position dims")
+          "odd widths, strided", "64-wide tiles", "several k tiles", "many rows, cuBLAS backward", "split backward",
+          "two position dims")
+# Rerun fusion_head with the plan's choice forced (PF_KERNELS_CUDA_PATH, read per call): cuBLAS and its
+# epilogues on the launch-bound sizes, our kernels on the sizes the plan gives to cuBLAS.
+PATH_ENV = "PF_KERNELS_CUDA_PATH"
+FORCED = {
+    "cublas": ("small tiles", "odd widths, strided", "several k tiles", "K > 8 inputs", "an empty input", "B = 0"),
+    "kernel": ("cuBLAS forward, fused backward", "cuBLAS forward, one input", "many rows, cuBLAS backward"),
+}
 
 REQUIRED_PATHS = {
     "fwd:inline", "fwd:gemm", "fwd:vector", "fwd:scalar", "fwd:chunks>1", "fwd:tasks/row>1",
     "bwd:one pass", "bwd:split", "bwd:y from output", "bwd:y inline", "bwd:y from gemm", "grid:capped",
     "fusion:wmma32", "fusion:wmma64", "fusion:simt32", "fusion:simt64", "fusion:K>8",
-    "fusion bwd:y from output", "fusion bwd:y", "B=0", "Dx=0", "Dz=0", "Dc=0",
+    "fusion:cublas", "fusion:cublas epilogue", "fusion:cublas y epilogue",
+    "fusion bwd:y from output", "fusion bwd:y", "fusion bwd:fused", "fusion bwd:fused y", "fusion bwd:cublas",
+    "fusion bwd:cublas y", "forced:cublas", "forced:kernel", "B=0", "Dx=0", "Dz=0", "Dc=0",
     "context fwd:vector", "context fwd:scalar", "context bwd:one pass", "context bwd:split",
     "context bwd:grad_out is grad_p", "context bwd:act' from output", "context bwd:act' from p",
 }
@@ -126,17 +143,34 @@ def backproj_paths(x, Dz, Dc, activation, sm_count):
     return paths
 
 
-def fusion_paths(hs, Dz, activation, dtype, sm_count):
-    B = hs[0].shape[0]
+def fusion_paths(hs, Dz, activation, bias, dtype, sm_count, forced=None):
+    """forced: None (the plan's choice), "kernel" or "cublas" (PF_KERNELS_CUDA_PATH)."""
+    B, widths, elem = hs[0].shape[0], [h.shape[1] for h in hs], hs[0].element_size()
+    sixteen = dtype in (torch.float16, torch.bfloat16)  # WMMA: sm_80+ (every GPU this is checked on)
+    from_y = activation == "gelu" or (sixteen and activation in ("tanh", "sigmoid"))
     paths = {"B=0"} if B == 0 else set()
+    if forced:
+        paths.add(f"forced:{forced}")
+    fused = plan("fusion_head_backward", B, Dz, bias, from_y, elem, sm_count, *widths)[0]
+    fused = (forced == "kernel" if forced else fused) and len(hs) <= 8  # more inputs: always cuBLAS
+    paths.add("fusion bwd:fused" if fused else "fusion bwd:cublas")
+    if from_y and B > 0:
+        paths.add("fusion bwd:fused y" if fused else "fusion bwd:cublas y")
     if B == 0:
         return paths
+    paths.add("fusion bwd:y" if from_y else "fusion bwd:y from output")
+    gemm = plan("fusion_head_path", B, Dz, elem, sixteen, activation != "none", sm_count, *widths)[0]
+    if (forced == "cublas") if forced else gemm:
+        paths.add("fusion:cublas")
+        if activation == "relu":
+            paths.add("fusion:cublas epilogue")
+        elif activation != "none":
+            paths.add("fusion:cublas y epilogue")
+        return paths
     tile = plan("fusion_head", B, Dz, sm_count)[0]
-    paths.add(f"fusion:{'wmma' if dtype in (torch.float16, torch.bfloat16) else 'simt'}{tile}")
+    paths.add(f"fusion:{'wmma' if sixteen else 'simt'}{tile}")
     if len(hs) > 8:
         paths.add("fusion:K>8")
-    from_y = activation == "gelu" or (dtype in (torch.float16, torch.bfloat16) and activation in ("tanh", "sigmoid"))
-    paths.add("fusion bwd:y" if from_y else "fusion bwd:y from output")
     return paths
 
 
@@ -182,45 +216,52 @@ def on_cpu(fn):
 
 
 def calls(device, sm_count):
-    """Yields (label, paths, check): check() runs the call and compares it (GPU only)."""
-    from tests.cases import assert_matches_reference, backproj_call, context_call, fusion_call, fusion_inputs
-    for capped in (False, True):
+    """Yields (label, paths, env, check): check() runs the call under the environment variables env and
+    compares it (GPU only)."""
+    from tests.cases import (assert_matches_reference, backproj_call, context_call, fusion_call,
+                             fusion_inputs)
+    variants = [("", None, {}), (" grid<=3", None, {MAX_GRID_ENV: "3"})]
+    variants += [(f" path={forced}", forced, {PATH_ENV: forced}) for forced in FORCED]
+    for suffix, forced, env in variants:
+        capped = MAX_GRID_ENV in env
+        dtypes = (torch.float32, torch.bfloat16) if capped else DTYPES
         for i, (label, B, S, Dx, Dz, Dc, layout, act) in enumerate(BACKPROJ):
-            if capped and label not in CAPPED:
+            if forced or (capped and label not in CAPPED):
                 continue
-            for j, dtype in enumerate(DTYPES if not capped else (torch.float32, torch.bfloat16)):
+            for j, dtype in enumerate(dtypes):
                 activation = act or ACTIVATIONS[(i + j) % len(ACTIVATIONS)]
                 bias = (i + j) % 2 == 0
                 args = backproj_args(B, S, Dx, Dz, Dc, layout, bias, dtype, device)
                 paths = backproj_paths(args[0], Dz, Dc, activation, sm_count) | ({"grid:capped"} if capped else set())
                 name = (f"backproj_concat {label}: B={B} S={S} Dx={Dx} Dz={Dz} Dc={Dc} {layout} {activation} "
-                        f"bias={bias} {str(dtype)[6:]}{' grid<=3' if capped else ''}")
-                yield name, paths, capped, lambda a=args, act_=activation: assert_matches_reference(
+                        f"bias={bias} {str(dtype)[6:]}{suffix}")
+                yield name, paths, env, lambda a=args, act_=activation: assert_matches_reference(
                     backproj_call("cuda", act_), on_cpu(backproj_call("torch", act_)), a)
         for i, (label, B, dims, Dz, layout, act) in enumerate(FUSION):
-            if capped and label not in CAPPED:
+            if (capped and label not in CAPPED) or (forced and label not in FORCED[forced]):
                 continue
-            for j, dtype in enumerate(DTYPES if not capped else (torch.float32, torch.bfloat16)):
+            for j, dtype in enumerate(dtypes):
                 activation = act or ACTIVATIONS[(i + j) % len(ACTIVATIONS)]
                 bias = (i + j) % 2 == 1
                 hs, w, b = fusion_inputs(B, dims, Dz, bias, dtype, device, noncontiguous=layout == "strided")
-                paths = fusion_paths(hs, Dz, activation, dtype, sm_count) | ({"grid:capped"} if capped else set())
+                paths = fusion_paths(hs, Dz, activation, bias, dtype, sm_count, forced) | (
+                    {"grid:capped"} if capped else set())
                 name = (f"fusion_head {label}: B={B} dims={dims} Dz={Dz} {layout} {activation} bias={bias} "
-                        f"{str(dtype)[6:]}{' grid<=3' if capped else ''}")
-                yield name, paths, capped, lambda a=(w, b, *hs), act_=activation: assert_matches_reference(
+                        f"{str(dtype)[6:]}{suffix}")
+                yield name, paths, env, lambda a=(w, b, *hs), act_=activation: assert_matches_reference(
                     fusion_call("cuda", act_), on_cpu(fusion_call("torch", act_)), a)
         for i, (label, B, S, H, Dz, Dc, layout, act) in enumerate(CONTEXT):
-            if capped and label not in CAPPED:
+            if forced or (capped and label not in CAPPED):
                 continue
-            for j, dtype in enumerate(DTYPES if not capped else (torch.float32, torch.bfloat16)):
+            for j, dtype in enumerate(dtypes):
                 activation = act or ACTIVATIONS[(i + j) % len(ACTIVATIONS)]
                 out_activation = ACTIVATIONS[(i + 2 * j + 1) % len(ACTIVATIONS)]
                 bias = (i + j) % 2 == 0
                 args = context_args(B, S, H, Dz, Dc, layout, bias, dtype, device)
                 paths = context_paths(args[0], out_activation, sm_count) | ({"grid:capped"} if capped else set())
                 name = (f"context_linear {label}: B={B} S={S} H={H} Dz={Dz} Dc={Dc} {layout} {activation} "
-                        f"out {out_activation} bias={bias} {str(dtype)[6:]}{' grid<=3' if capped else ''}")
-                yield name, paths, capped, lambda a=args, act_=activation, out_=out_activation: \
+                        f"out {out_activation} bias={bias} {str(dtype)[6:]}{suffix}")
+                yield name, paths, env, lambda a=args, act_=activation, out_=out_activation: \
                     assert_matches_reference(context_call("cuda", act_, out_), on_cpu(context_call("torch", act_, out_)), a)
 
 
@@ -228,6 +269,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan-only", action="store_true", help="check path coverage only; no GPU needed")
     parser.add_argument("--sm-count", type=int, default=None, help="SMs for --plan-only (default: 132, an H100)")
+    parser.add_argument("--only", default=None, metavar="TEXT", help="run only the calls whose line contains TEXT")
+    parser.add_argument("--verbose", action="store_true", help="print each call's line before it runs")
     args = parser.parse_args(argv)
     if not args.plan_only and not torch.cuda.is_available():
         print("SKIPPED: cuda_kernel_calls: no CUDA device")
@@ -246,13 +289,26 @@ def main(argv=None) -> int:
         sm_count = torch.cuda.get_device_properties(device).multi_processor_count
     torch.manual_seed(0)
     covered, failures, count = set(), [], 0
-    for name, paths, capped, check in calls(device, sm_count):
+    pending = calls(device, sm_count)
+    while True:
+        try:  # the next call's inputs are made here: a fault left by the previous call surfaces here
+            name, paths, env, check = next(pending)
+        except StopIteration:
+            break
+        except Exception as exc:  # noqa: BLE001
+            failures.append("inputs")
+            print(f"FAIL making the inputs of the call after call {count}: {type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0] if str(exc) else ''}", flush=True)
+            break
+        if args.only is not None and args.only not in name:
+            continue
         count += 1
         covered |= paths
         if args.plan_only:
             continue
-        if capped:
-            os.environ[MAX_GRID_ENV] = "3"
+        if args.verbose:
+            print(f"RUN {name}", flush=True)
+        os.environ.update(env)
         try:
             check()
             torch.cuda.synchronize()
@@ -261,8 +317,9 @@ def main(argv=None) -> int:
             failures.append(name)
             print(f"FAIL {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", flush=True)
         finally:
-            os.environ.pop(MAX_GRID_ENV, None)
-    missing = sorted(REQUIRED_PATHS - covered)
+            for key in env:
+                os.environ.pop(key, None)
+    missing = sorted(REQUIRED_PATHS - covered) if args.only is None else []
     if missing:
         print(f"FAIL coverage: no call takes {', '.join(missing)} (sm_count {sm_count})")
     what = "planned" if args.plan_only else f"{count - len(failures)} passed, {len(failures)} failed"
