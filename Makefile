@@ -22,8 +22,11 @@ $(VENV)/.deps: pyproject.toml
 build: $(VENV)/.deps
 	$(PY) setup.py -q build_ext --inplace
 
+# Test files spread over TEST_WORKERS pytest-xdist processes (0: none), a file per worker at a time
+# (module fixtures such as the Triton AOT compiles run once).
+TEST_WORKERS ?= 2
 test: build
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: build
 	$(PY) -m benchmarks $(BENCH_ARGS)
