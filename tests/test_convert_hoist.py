@@ -191,3 +191,60 @@ def test_autocast_bf16_keeps_working():
     with counting_fused_calls() as calls:
         assert_same_model(reference, model, _inputs())
     assert calls["context_linear"] == 6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_half_and_double_models(backend, dtype):
+    model = PlainProgressive().to(dtype)
+    reference = copy.deepcopy(model)
+    args = torch.utils._pytree.tree_map(lambda t: t.to(dtype), _inputs())
+    _, report = pk.convert(model, backend=backend, example_inputs=args)
+    assert report.counts == {"x_projection": 3, "context_linear": 6, "fusion_head": 3}, str(report)
+    tol = 1e-9 if dtype == torch.float64 else 3e-2
+    assert_same_model(reference, model, torch.utils._pytree.tree_map(lambda t: t.to(dtype), _inputs()),
+                      rtol=tol, atol=tol)
+
+
+def test_batch_size_zero():
+    model = PlainProgressive()
+    reference = copy.deepcopy(model)
+    _, report = pk.convert(model, backend=BACKENDS[-1], example_inputs=_inputs(B=0))
+    assert report.counts == {"x_projection": 3, "context_linear": 6, "fusion_head": 3}, str(report)
+    out = model(*_inputs(B=0))
+    assert out.shape == reference(*_inputs(B=0)).shape == (0, 5)
+    out.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+def test_non_contiguous_inputs():
+    def inputs():
+        seq = torch.randn(4, 6, 5).transpose(1, 2)  # (B, T, D) with stride 1 along T
+        return ([seq, torch.randn(5, 4)[:, ::1].t(), torch.randn(4, 3, 8)[..., ::2]],)
+    model = PlainProgressive()
+    reference = copy.deepcopy(model)
+    args = inputs()
+    assert not any(x.is_contiguous() for x in args[0])
+    _, report = pk.convert(model, backend=BACKENDS[-1], example_inputs=args)
+    assert report.counts == {"x_projection": 3, "context_linear": 6, "fusion_head": 3}, str(report)
+    assert_same_model(reference, model, inputs())
+
+
+class WrittenZeros(PlainProgressive):
+    """Step 1's context starts as zeros and is then written in place: no zero context any more."""
+
+    def forward(self, xs):
+        x = xs[0]
+        context = x.new_zeros(*x.shape[:-1], self.contexts[0])
+        context[..., 0] = 1.0
+        z = torch.relu(self.head(self.encoders[0](torch.cat([x, context], -1)).mean(1)))
+        context = torch.relu(self.back[0](z)).unsqueeze(1).expand(-1, x.shape[1], -1)
+        return torch.relu(self.head(self.encoders[0](torch.cat([x, context], -1)).mean(1)))
+
+
+def test_zeros_written_in_place_are_no_zero_context():
+    model = WrittenZeros(dims=(6,), contexts=(3,), steps=2)
+    reference = copy.deepcopy(model)
+    _, report = pk.convert(model, backend=BACKENDS[-1], example_inputs=([torch.randn(3, 4, 6)],))
+    assert "x_projection" not in report.counts and report.counts["context_linear"] == 1, str(report)
+    assert_same_model(reference, model, ([torch.randn(3, 4, 6)],))

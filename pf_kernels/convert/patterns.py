@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from collections import Counter
+from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -554,10 +555,12 @@ _ZEROS_FUNCTIONS = {torch.zeros, torch.zeros_like}
 
 
 def _is_zeros(node: fx.Node) -> bool:
-    """torch.zeros(...), torch.zeros_like(t) or t.new_zeros(...): a context that is all zeros."""
+    """torch.zeros(...), torch.zeros_like(t) or t.new_zeros(...) that only cats read (nothing writes
+    into it in place): a context that is all zeros."""
     return isinstance(node, fx.Node) and value(node) is not None and (
         node.op == "call_function" and node.target in _ZEROS_FUNCTIONS or
-        node.op == "call_method" and node.target == "new_zeros")
+        node.op == "call_method" and node.target == "new_zeros") and \
+        all(as_cat(user) is not None for user in node.users)
 
 
 class SharedProjection:
@@ -579,6 +582,17 @@ class SharedProjection:
         return f"linear(x {shape_text(self.x)}, W[:, {start}:{stop}], {'b' if self.bias is not None else 'no bias'})"
 
 
+class _HoistSite(NamedTuple):
+    projection: SharedProjection
+    linear: Linear
+    cat: Cat
+    x_index: int
+    context: Union[BackprojRead, fx.Node]  # the back-projection read, or the zeros node
+    act: Optional[Tuple[str, fx.Node]]      # the activation to fuse
+    formula: str
+    site: str
+
+
 class ContextLinearPattern(Pattern):
     """linear(cat([x, broadcast(act(linear(z)))], last dim)) -> context_linear(p, z, ...), with
     p = linear(x, W[:, :Dx], b) computed once for every site that reads the same x through the same
@@ -591,7 +605,7 @@ class ContextLinearPattern(Pattern):
     zero_op = "x_projection"
 
     def find(self, graph):
-        sites = []  # (linear, cat, x_index, BackprojRead or zeros node, activation)
+        sites = []  # (linear, cat, x_index, the BackprojRead or zeros node)
         for node in graph.nodes:
             linear = as_linear(node)
             cat = as_cat(linear.input) if linear is not None else None
@@ -632,19 +646,14 @@ class ContextLinearPattern(Pattern):
             columns = (0, dx) if x_index == 0 else (width - dx, width)
             key = (x, linear.weight, linear.bias, columns)
             projection = shared.setdefault(key, SharedProjection(*key))
-            found.append((projection, linear, cat, x_index, context, act, formula, site))
-        sharers = {}
-        for item in found:
-            if not isinstance(item, Miss):
-                sharers[item[0]] = sharers.get(item[0], 0) + 1
+            found.append(_HoistSite(projection, linear, cat, x_index, context, act, formula, site))
+        sharers = Counter(item.projection for item in found if not isinstance(item, Miss))
         for item in found:
             if isinstance(item, Miss):
                 yield item
-                continue
-            projection, linear, cat, x_index, context, act, formula, site = item
-            if value(cat.node).dim() == 2 and sharers[projection] < 2:
-                continue  # nothing broadcast, nothing shared: no work saved
-            yield self._match(projection, linear, cat, x_index, context, act, formula, site)
+            elif value(item.cat.node).dim() > 2 or sharers[item.projection] > 1:
+                yield self._match(*item)
+            # else nothing broadcast, nothing shared: no work saved (the plain readings serve)
 
     def _match(self, projection, linear, cat, x_index, context, act, formula, site) -> Match:
         out_act = act[0] if act else "none"
