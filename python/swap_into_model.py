@@ -110,9 +110,9 @@ def build(dims=(32, 16, 8), context=16, hidden=64, fused=64, steps=3):
 
 
 def fused_calls_per_forward(model, inputs):
-    """Calls of pf_kernels.ops.fusion_head / .backproj_concat in one forward."""
+    """Calls of pf_kernels.ops.fusion_head / .backproj_concat / .context_linear in one forward."""
     counts = collections.Counter()
-    originals = {name: getattr(ops, name) for name in ("fusion_head", "backproj_concat")}
+    originals = {name: getattr(ops, name) for name in ("fusion_head", "backproj_concat", "context_linear")}
 
     def counted(name, function):
         def call(*args, **kwargs):

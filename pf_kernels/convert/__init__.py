@@ -4,7 +4,10 @@
 (b) The model's forward is captured as it really runs (torch.compile, capture.py) and the
     patterns (patterns.py) are swapped for the fused ops (rewrite.py): the late-fusion head
     act(linear(cat([h_1..h_K], -1))) becomes fusion_head, the back-projection
-    cat([x, act(linear(z)) broadcast over x's positions], feature dim) becomes backproj_concat.
+    cat([x, act(linear(z)) broadcast over x's positions], feature dim) becomes backproj_concat, and
+    an encoder's first Linear over such a cat is hoisted (DESIGN §7): x's projection
+    linear(x, W[:, :Dx], b) once per (x, Linear), shared by the unrolled steps, and context_linear
+    per step (a step whose context is zeros is that projection alone).
 The model stays the user's: same class, attributes, parameters, state_dict and methods; only the
 instance's `forward` is the converted one. The report (report.py) lists every swap and every
 cat/linear that looks like a pattern but was not swapped, with the reason.

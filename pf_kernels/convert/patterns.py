@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from collections import Counter
+from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,18 @@ def as_linear(node) -> Optional[Linear]:
     if bias is not None and value(bias) is None:
         return None
     return Linear(node, inp, weight, bias)
+
+
+def sole_activation(linear: Linear) -> Optional[Tuple[str, fx.Node]]:
+    """(name, node) of a supported activation that alone reads the linear's output (what a fused
+    op may apply as its epilogue)."""
+    users = list(linear.node.users)
+    if len(users) != 1:
+        return None
+    act = as_activation(users[0])
+    if act is None or act[0] not in SUPPORTED_ACTIVATIONS or act[1] is not linear.node:
+        return None
+    return act[0], users[0]
 
 
 @dataclass
@@ -217,6 +230,7 @@ class Match:
     formula: str
     where: str
     rank: int = 0           # the pattern's place in PATTERNS: lower wins a tie
+    shared: Optional["SharedProjection"] = None  # the hoisted projection the fused call reads
 
     @property
     def score(self) -> int:
@@ -296,7 +310,7 @@ class FusionHeadPattern(Pattern):
             if cat is None:
                 continue
             out = value(cat.node)
-            act = self._activation(linear)
+            act = sole_activation(linear)
             act_name = act[0] if act else "none"
             formula = _applied(act_name, f"linear(cat({len(cat.tensors)} inputs, dim={cat.dim}))")
             site = f"cat at {where(cat.node)}, linear at {where(linear.node)}"
@@ -327,16 +341,6 @@ class FusionHeadPattern(Pattern):
             yield Match(self.op, linear.node, anchor, nodes, [*hs, weight] + ([bias] if bias is not None else []),
                         [anchor, linear.node, cat.node], emit, formula, site, self.rank)
 
-    @staticmethod
-    def _activation(linear: Linear) -> Optional[Tuple[str, fx.Node]]:
-        """(name, node) of a supported activation that alone reads the linear's output."""
-        users = list(linear.node.users)
-        if len(users) != 1:
-            return None
-        act = as_activation(users[0])
-        if act is None or act[0] not in SUPPORTED_ACTIVATIONS or act[1] is not linear.node:
-            return None
-        return act[0], users[0]
 
 
 def _trace_context(node: fx.Node):
@@ -438,6 +442,21 @@ def _index_axes(index, axes):
     return new + rest
 
 
+@dataclass
+class BackprojRead:
+    """A cat read as [x, broadcast(act(linear(z)))] (x_index 0) or the other way round (x_index 1)."""
+    cat: Cat
+    x: fx.Node
+    x_index: int
+    linear: Linear          # the context's linear, z -> Dc
+    activation: str
+    walked: List[fx.Node]   # the context's nodes, from the cat inwards: broadcasts, act, linear
+    broadcast: bool         # whether the context reaches the cat through broadcast ops
+    formula: str
+    site: str
+    reason: Optional[str]   # why backproj_concat cannot take it, or None
+
+
 class BackprojConcatPattern(Pattern):
     """cat([x, broadcast(act(linear(z)))], feature dim) -> backproj_concat: the context is one
     vector per example, broadcast over every position of x (none for a vector modality; (T,) for a
@@ -450,32 +469,24 @@ class BackprojConcatPattern(Pattern):
     def find(self, graph):
         for node in graph.nodes:
             cat = as_cat(node)
-            if cat is None:
+            read = self.read(cat) if cat is not None else None
+            if read is None:
                 continue
-            traced = [_trace_context(t) for t in cat.tensors]
-            if len(cat.tensors) != 2 or traced[1] is None:
-                # Near-misses worth a line: a broadcast context in the wrong place.
-                broadcast = [i for i, t in enumerate(traced) if t and t[2]]
-                if broadcast:
-                    what = (f"a cat of {len(cat.tensors)} tensors" if len(cat.tensors) != 2 else
-                            "the context comes first in the cat")
-                    yield Miss(cat.node, f"cat({len(cat.tensors)} tensors, dim={cat.dim}) with a broadcast "
-                               f"linear output as input {broadcast[0]}", f"cat at {where(cat.node)}",
-                               f"{what}: backproj_concat writes [x, context] (x first, one context)")
+            if isinstance(read, Miss):
+                yield read
                 continue
-            out = value(cat.node)
-            x, context = cat.tensors
-            linear, act_name, chain, act_nodes = traced[1]
-            positions = out.dim() - 2
-            formula = (f"cat([x {shape_text(x)}, {_applied(act_name, 'linear(z)')}"
-                       f"{' broadcast' if positions else ''}], dim={cat.dim})")
-            site = f"cat at {where(cat.node)}, context linear at {where(linear.node)}"
-            reason = self._reason(cat, x, linear, act_name, chain)
-            if reason:
-                yield Miss(cat.node, formula, site, reason)
+            if read.x_index != 0:
+                if not read.broadcast:
+                    continue  # [linear(z), x] of vectors: too common to be worth a line
+                yield Miss(cat.node, read.formula, read.site,
+                           "the context comes first in the cat: backproj_concat writes [x, context] "
+                           "(x first, one context)")
                 continue
-            walked = [*chain, *act_nodes, linear.node]
-            nodes = _exclusive(walked, {cat.node})
+            if read.reason:
+                yield Miss(cat.node, read.formula, read.site, read.reason)
+                continue
+            x, linear, act_name = read.x, read.linear, read.activation
+            nodes = _exclusive(read.walked, {cat.node})
             z, weight, bias, dim = linear.input, linear.weight, linear.bias, cat.dim
 
             def emit(graph, remap, calls, x=x, z=z, weight=weight, bias=bias, act_name=act_name, dim=dim):
@@ -484,7 +495,34 @@ class BackprojConcatPattern(Pattern):
 
             yield Match(self.op, cat.node, cat.node, nodes,
                         [x, z, weight] + ([bias] if bias is not None else []),
-                        [cat.node, *walked], emit, formula, site, self.rank)
+                        [cat.node, *read.walked], emit, read.formula, read.site, self.rank)
+
+    @classmethod
+    def read(cls, cat: Cat) -> Union["BackprojRead", Miss, None]:
+        """cat read as a back-projection: [x, context] or [context, x] (the context reached through
+        broadcasts from act(linear(z))), with the reason it cannot be fused (or None); a Miss for a
+        cat of more tensors with a broadcast context in it; None for any other cat."""
+        traced = [_trace_context(t) for t in cat.tensors]
+        x_index = 0
+        if len(cat.tensors) == 2 and traced[1] is None and traced[0] is not None:
+            x_index = 1  # the context first
+        elif len(cat.tensors) != 2 or traced[1] is None:
+            # Near-misses worth a line: a broadcast context in the wrong place.
+            broadcast = [i for i, t in enumerate(traced) if t and t[2]]
+            if broadcast:
+                return Miss(cat.node, f"cat({len(cat.tensors)} tensors, dim={cat.dim}) with a broadcast "
+                            f"linear output as input {broadcast[0]}", f"cat at {where(cat.node)}",
+                            f"a cat of {len(cat.tensors)} tensors: backproj_concat writes [x, context] "
+                            "(x first, one context)")
+            return None
+        x = cat.tensors[x_index]
+        linear, act_name, chain, act_nodes = traced[1 - x_index]
+        context = f"{_applied(act_name, 'linear(z)')}{' broadcast' if value(cat.node).dim() > 2 else ''}"
+        parts = [f"x {shape_text(x)}", context]
+        formula = f"cat([{', '.join(parts if x_index == 0 else parts[::-1])}], dim={cat.dim})"
+        site = f"cat at {where(cat.node)}, context linear at {where(linear.node)}"
+        return BackprojRead(cat, x, x_index, linear, act_name, [*chain, *act_nodes, linear.node], bool(chain),
+                            formula, site, cls._reason(cat, x, linear, act_name, chain))
 
     @staticmethod
     def _reason(cat: Cat, x: fx.Node, linear: Linear, act_name: str, chain) -> Optional[str]:
@@ -513,7 +551,143 @@ class BackprojConcatPattern(Pattern):
         return _dtype_reason([x, linear.input, linear.weight, linear.bias], linear.node, "context linear")
 
 
-# In rank order: the first wins a tie (the fusion head, as a reading that fuses as much).
-PATTERNS: List[Pattern] = [FusionHeadPattern(), BackprojConcatPattern()]
+_ZEROS_FUNCTIONS = {torch.zeros, torch.zeros_like}
+
+
+def _is_zeros(node: fx.Node) -> bool:
+    """torch.zeros(...), torch.zeros_like(t) or t.new_zeros(...) that only cats read (nothing writes
+    into it in place): a context that is all zeros."""
+    return isinstance(node, fx.Node) and value(node) is not None and (
+        node.op == "call_function" and node.target in _ZEROS_FUNCTIONS or
+        node.op == "call_method" and node.target == "new_zeros") and \
+        all(as_cat(user) is not None for user in node.users)
+
+
+class SharedProjection:
+    """x's part of a first Linear, x @ W[:, columns].T + b: one node per (x, W, b, columns) in the
+    rewritten graph, made where its first user is (the earliest site, which every later one follows)."""
+
+    def __init__(self, x: fx.Node, weight: fx.Node, bias: Optional[fx.Node], columns: Tuple[int, int]):
+        self.x, self.weight, self.bias, self.columns = x, weight, bias, columns
+        self.node: Optional[fx.Node] = None
+
+    def emit(self, graph, remap, calls) -> fx.Node:
+        if self.node is None:
+            self.node = graph.call_function(calls.x_projection, (remap(self.x), remap(self.weight),
+                                                                 remap(self.bias), *self.columns))
+        return self.node
+
+    def text(self) -> str:
+        start, stop = self.columns
+        return f"linear(x {shape_text(self.x)}, W[:, {start}:{stop}], {'b' if self.bias is not None else 'no bias'})"
+
+
+class _HoistSite(NamedTuple):
+    projection: SharedProjection
+    linear: Linear
+    cat: Cat
+    x_index: int
+    context: Union[BackprojRead, fx.Node]  # the back-projection read, or the zeros node
+    act: Optional[Tuple[str, fx.Node]]      # the activation to fuse
+    formula: str
+    site: str
+
+
+class ContextLinearPattern(Pattern):
+    """linear(cat([x, broadcast(act(linear(z)))], last dim)) -> context_linear(p, z, ...), with
+    p = linear(x, W[:, :Dx], b) computed once for every site that reads the same x through the same
+    Linear (the unrolled steps of a progressive model); a linear(cat([x, zeros])) (the first step's
+    zero context) is p itself (op "x_projection"). A supported activation that alone reads the linear
+    is fused. [context, x] slices W the other way. Without positions to broadcast over, a site is
+    only taken when its p is shared (else the plain readings are as good)."""
+
+    op = "context_linear"
+    zero_op = "x_projection"
+
+    def find(self, graph):
+        sites = []  # (linear, cat, x_index, the BackprojRead or zeros node)
+        for node in graph.nodes:
+            linear = as_linear(node)
+            cat = as_cat(linear.input) if linear is not None else None
+            if cat is None or len(cat.tensors) != 2 or cat.dim != value(cat.node).dim() - 1:
+                continue
+            zeros = [i for i, t in enumerate(cat.tensors) if _is_zeros(t)]
+            if len(zeros) == 1:
+                context = cat.tensors[zeros[0]]
+                x_index = 1 - zeros[0]
+            else:
+                context = BackprojConcatPattern.read(cat)
+                if not isinstance(context, BackprojRead) or context.reason:
+                    continue  # (BackprojConcatPattern reports a near-miss)
+                x_index = context.x_index
+            sites.append((linear, cat, x_index, context))
+        shared = {}
+        found = []
+        for linear, cat, x_index, context in sites:
+            x = cat.tensors[x_index]
+            dx, width = value(x).shape[-1], value(cat.node).shape[-1]
+            act = sole_activation(linear)
+            is_zeros = not isinstance(context, BackprojRead)
+            formula = (_applied(act[0] if act else "none",
+                                f"linear(cat([x {shape_text(x)}, zeros], dim={cat.dim}))") if is_zeros else
+                       _applied(act[0] if act else "none", f"linear({context.formula})"))
+            site = f"linear at {where(linear.node)}" + ("" if is_zeros else f", {context.site}")
+            reason = None
+            if not isinstance(dx, int) or not isinstance(width, int):
+                reason = "x's feature count is symbolic: the Linear's weight cannot be split by columns"
+            elif any(user is not linear.node for user in cat.node.users):
+                reason = "the concat is read elsewhere too, so it would be written anyway"
+            else:
+                operands = [x, linear.weight, linear.bias] + ([context] if is_zeros else [])
+                reason = _dtype_reason(operands, linear.node, "linear")
+            if reason:
+                found.append(Miss(linear.node, formula, site, f"x's projection is not hoisted: {reason}"))
+                continue
+            columns = (0, dx) if x_index == 0 else (width - dx, width)
+            key = (x, linear.weight, linear.bias, columns)
+            projection = shared.setdefault(key, SharedProjection(*key))
+            found.append(_HoistSite(projection, linear, cat, x_index, context, act, formula, site))
+        sharers = Counter(item.projection for item in found if not isinstance(item, Miss))
+        for item in found:
+            if isinstance(item, Miss):
+                yield item
+            elif value(item.cat.node).dim() > 2 or sharers[item.projection] > 1:
+                yield self._match(*item)
+            # else nothing broadcast, nothing shared: no work saved (the plain readings serve)
+
+    def _match(self, projection, linear, cat, x_index, context, act, formula, site) -> Match:
+        out_act = act[0] if act else "none"
+        anchor = act[1] if act else linear.node
+        owners = {linear.node, cat.node} | ({anchor} if act else set())
+        x, weight, bias = projection.x, linear.weight, linear.bias
+        if not isinstance(context, BackprojRead):
+            nodes = _exclusive([context], owners)
+
+            def emit(graph, remap, calls, projection=projection, out_act=out_act):
+                p = projection.emit(graph, remap, calls)
+                return p if out_act == "none" else graph.call_function(calls.activation, (p, out_act))
+
+            return Match(self.zero_op, linear.node, anchor, nodes, [x, weight] + ([bias] if bias is not None else []),
+                         [anchor, linear.node, cat.node, context], emit, f"{formula} -> {projection.text()}",
+                         site, self.rank, projection)
+        nodes = _exclusive(context.walked, owners)
+        bp = context.linear
+        width = value(cat.node).shape[-1]
+        columns = (projection.columns[1], width) if x_index == 0 else (0, projection.columns[0])
+
+        def emit(graph, remap, calls, projection=projection, bp=bp, columns=columns, act_name=context.activation,
+                 out_act=out_act, weight=weight):
+            p = projection.emit(graph, remap, calls)
+            return graph.call_function(calls.context_linear, (p, remap(bp.input), remap(bp.weight), remap(bp.bias),
+                                                              remap(weight), *columns, act_name, out_act))
+
+        inputs = [x, bp.input, bp.weight, weight] + [b for b in (bp.bias, bias) if b is not None]
+        return Match(self.op, linear.node, anchor, nodes, inputs, [anchor, linear.node, cat.node, *context.walked],
+                     emit, f"{formula} with x's projection {projection.text()} hoisted", site, self.rank, projection)
+
+
+# In rank order: the first wins a tie. The hoist first (it also shares x's projection across sites),
+# then the fusion head (a reading that fuses as much as the back-projection).
+PATTERNS: List[Pattern] = [ContextLinearPattern(), FusionHeadPattern(), BackprojConcatPattern()]
 for _rank, _pattern in enumerate(PATTERNS):
     _pattern.rank = _rank

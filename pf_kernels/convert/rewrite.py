@@ -4,9 +4,12 @@ from __future__ import annotations
 from collections import Counter
 from typing import Dict, List
 
+import torch.nn.functional as F
 from torch import fx
 
 from .. import ops
+from .._dispatch import implements
+from ..reference import apply_activation
 from .patterns import PATTERNS, Match, Miss, value
 from .report import ConversionReport
 
@@ -27,6 +30,21 @@ class FusedCalls:
         rows = [h.reshape(-1, h.shape[-1]) for h in hs]
         out = ops.fusion_head(rows, weight, bias, activation, backend=self.backend)
         return out.reshape(*lead, out.shape[-1])
+
+    def x_projection(self, x, weight, bias, start, stop):
+        """x's part of a Linear over cat([x, context]): the weight sliced here, in the forward, so its
+        gradient flows to the user's Parameter."""
+        return F.linear(x, weight[:, start:stop], bias)
+
+    def context_linear(self, p, z, bp_weight, bp_bias, weight, start, stop, activation, out_activation):
+        # (triton has no context_linear: the reference ops then, like ProgressiveFusion's unhoisted path)
+        backend = self.backend if implements(self.backend, "context_linear") else "torch"
+        return ops.context_linear(p, z, bp_weight, bp_bias, weight[:, start:stop], activation, out_activation,
+                                  backend=backend)
+
+    @staticmethod
+    def activation(y, name):
+        return apply_activation(y, name)
 
     def backproj_concat(self, x, z, weight, bias, activation, dim):
         if dim == x.dim() - 1:
@@ -105,8 +123,10 @@ def rewrite_graph(gm: fx.GraphModule, calls: FusedCalls, report: ConversionRepor
     kept, lost = choose(matches, order)
     covered = {n for m in kept for n in m.nodes | {m.pivot}}
     counts = Counter(m.op for m in kept)
+    sharers = Counter(m.shared for m in kept if m.shared is not None)
     for m, suffix in _numbered(sorted(kept, key=lambda m: order[m.pivot]), lambda m: (m.op, m.where)):
-        report.add_replaced(m.op, f"{m.op}: {m.formula} | {m.where}{suffix}")
+        shared = f"; x's projection computed once for {sharers[m.shared]} sites" if sharers[m.shared] > 1 else ""
+        report.add_replaced(m.op, f"{m.op}: {m.formula} | {m.where}{suffix}{shared}")
     left = [(m.pivot, m.formula, m.where,
              f"read as {w.op} instead ({w.where}), which fuses {w.score} ops to this reading's "
              f"{m.score}{' (a tie goes to the pattern ranked first)' if w.score == m.score else ''}")

@@ -1,0 +1,250 @@
+"""convert() hoisting x's projection out of a plain progressive model's unrolled steps (DESIGN §7,
+issue 14): linear(cat([x, broadcast(act(linear(z)))])) -> context_linear(p, z, ...), with
+p = linear(x, W[:, :Dx], b) made once per modality and shared by every step (the first step's
+cat([x, zeros]) is p itself). Outputs and every gradient equal the unconverted model's."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import pf_kernels as pk
+from pf_kernels.convert.rewrite import FusedCalls
+from tests.convert_cases import fresh_dynamo  # noqa: F401  (a fixture)
+from tests.convert_cases import assert_same_model, counting_fused_calls, cpu_backends, ops_calls
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+BACKENDS = [b for b in ("torch", "cpu") if b in cpu_backends()]
+
+
+class Reused(nn.Module):
+    """An activation that does not alone read the Linear's output: nothing to fuse."""
+
+    def forward(self, h):
+        return torch.relu(h) + 0.5 * h
+
+
+class PlainProgressive(nn.Module):
+    """Progressive Fusion written by hand: encoder j is Linear(Dx + Dc, H), an activation, Linear(H, E)
+    over cat([x, context]) (the context broadcast over a sequence's positions), the mean over
+    positions; a ReLU head over the encoders' outputs; relu(Linear(z)) back-projections; step 1 sees
+    zeros. reverse: cat([context, x]). vary_x: each step reads its own x (x * step), nothing shared."""
+
+    def __init__(self, dims=(6, 5, 4), contexts=(3, 2, 4), hidden=8, out=7, fused=5, steps=3,
+                 activation=nn.ReLU, bias=True, reverse=False, vary_x=False):
+        super().__init__()
+        self.contexts, self.steps, self.reverse, self.vary_x = contexts, steps, reverse, vary_x
+        self.encoders = nn.ModuleList(
+            nn.Sequential(nn.Linear(d + c, hidden, bias=bias), activation(), nn.Linear(hidden, out))
+            for d, c in zip(dims, contexts))
+        self.head = nn.Linear(out * len(dims), fused)
+        self.back = nn.ModuleList(nn.Linear(fused, c) for c in contexts)
+
+    def forward(self, xs):
+        z = None
+        for step in range(self.steps):
+            hs = []
+            for j, x in enumerate(xs):
+                if self.vary_x:
+                    x = x * (step + 1)
+                if z is None:
+                    context = x.new_zeros(*x.shape[:-1], self.contexts[j])
+                else:
+                    context = torch.relu(self.back[j](z))
+                    if x.dim() == 3:
+                        context = context.unsqueeze(1).expand(-1, x.shape[1], -1)
+                h = self.encoders[j](torch.cat([context, x] if self.reverse else [x, context], -1))
+                hs.append(h.mean(1) if h.dim() == 3 else h)
+            z = torch.relu(self.head(torch.cat(hs, -1)))
+        return z
+
+
+def _inputs(B=4, T=5, dims=(6, 5, 4)):
+    """A sequence, a vector and a sequence: fresh random values each call."""
+    return ([torch.randn(B, T, dims[0]), torch.randn(B, dims[1]), torch.randn(B, T - 2, dims[2])],)
+
+
+@pytest.fixture
+def projections(monkeypatch):
+    """Every x projection the converted graphs compute, as (x, weight) (patched before the capture)."""
+    seen = []
+    original = FusedCalls.x_projection
+
+    def counted(self, x, weight, bias, start, stop):
+        seen.append((x, weight))
+        return original(self, x, weight, bias, start, stop)
+
+    monkeypatch.setattr(FusedCalls, "x_projection", counted)
+    return seen
+
+
+def _convert_and_check(model, expected, backend, projections, projections_per_forward):
+    reference = copy.deepcopy(model)
+    _, report = pk.convert(model, backend=backend, example_inputs=_inputs())
+    assert report.counts == expected, str(report)
+    for _ in range(2):  # fresh inputs: the captured graph serves them all
+        args = _inputs()
+        projections.clear()
+        with counting_fused_calls() as calls:
+            assert_same_model(reference, model, args)
+        assert dict(calls) == ops_calls(expected), str(report)
+        assert len(projections) == projections_per_forward, str(report)
+    return report
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_x_projection_is_computed_once_per_modality(backend, projections):
+    model = PlainProgressive()
+    report = _convert_and_check(model, {"x_projection": 3, "context_linear": 6, "fusion_head": 3},
+                                backend, projections, projections_per_forward=3)
+    # one per modality: the modality's input and its first Linear's weight
+    firsts = [enc[0].weight for enc in model.encoders]
+    assert sorted(id(w) for _, w in projections) == sorted(id(w) for w in firsts)
+    assert sum("x's projection computed once for 3 sites" in line for line in report.replaced) == 9, str(report)
+    assert any("W[:, 0:6], b" in line for line in report.replaced), str(report)
+
+
+def test_two_steps_two_modalities_vector_shared_by_its_zero_step():
+    model = PlainProgressive(dims=(6, 5), contexts=(3, 2), steps=2)
+    reference = copy.deepcopy(model)
+    args = ([torch.randn(3, 4, 6), torch.randn(3, 5)],)
+    _, report = pk.convert(model, backend=BACKENDS[-1], example_inputs=args)
+    assert report.counts == {"x_projection": 2, "context_linear": 2, "fusion_head": 2}, str(report)
+    assert_same_model(reference, model, ([torch.randn(3, 4, 6), torch.randn(3, 5)],))
+
+
+def test_an_x_that_differs_per_step_is_not_shared(projections):
+    """Each step reads x * step: the sequences are still hoisted (their context is broadcast), one
+    projection per step each; the vector's steps share nothing and keep the plain readings."""
+    model = PlainProgressive(vary_x=True)
+    report = _convert_and_check(model, {"x_projection": 2, "context_linear": 4, "fusion_head": 6},
+                                BACKENDS[-1], projections, projections_per_forward=6)
+    assert not any("computed once" in line for line in report.replaced), str(report)
+
+
+def test_context_first_slices_the_weight_the_other_way(projections):
+    model = PlainProgressive(reverse=True)
+    report = _convert_and_check(model, {"x_projection": 3, "context_linear": 6, "fusion_head": 3},
+                                BACKENDS[-1], projections, projections_per_forward=3)
+    assert any("W[:, 3:9], b" in line for line in report.replaced), str(report)  # x = columns Dc..Dc+Dx
+
+
+@pytest.mark.parametrize("activation, fused", [(nn.ReLU, "relu"), (nn.GELU, "gelu"), (nn.Tanh, "tanh"),
+                                               (nn.Identity, None), (Reused, None)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_activation_fused_or_not_and_no_bias(activation, fused, bias, projections):
+    model = PlainProgressive(dims=(6, 5), contexts=(3, 2), steps=3, activation=activation, bias=bias)
+    reference = copy.deepcopy(model)
+    args = ([torch.randn(3, 4, 6), torch.randn(3, 5)],)
+    _, report = pk.convert(model, backend=BACKENDS[-1], example_inputs=args)
+    assert report.counts == {"x_projection": 2, "context_linear": 4, "fusion_head": 3}, str(report)
+    hoists = [line for line in report.replaced if line.startswith(("context_linear", "x_projection"))]
+    assert all(line.split(": ", 1)[1].startswith(f"{fused}(linear(" if fused else "linear(") for line in hoists), \
+        str(report)
+    assert all(("no bias" in line) != bias for line in hoists), str(report)
+    with counting_fused_calls() as calls:
+        assert_same_model(reference, model, ([torch.randn(3, 4, 6), torch.randn(3, 5)],))
+    assert dict(calls) == {"context_linear": 4, "fusion_head": 3}
+
+
+class ConcatKept(PlainProgressive):
+    """The sequence's cat is also kept as an attribute (the last step's, as the forward ends): that
+    one is written anyway, nothing to hoist there; step 1's is x's projection."""
+
+    def forward(self, xs):
+        x, z = xs[0], None
+        for _ in range(self.steps):
+            context = x.new_zeros(*x.shape[:-1], self.contexts[0]) if z is None else \
+                torch.relu(self.back[0](z)).unsqueeze(1).expand(-1, x.shape[1], -1)
+            cat = torch.cat([x, context], -1)
+            self.kept = cat
+            z = torch.relu(self.head(self.encoders[0](cat).mean(1)))
+        return z
+
+
+def test_a_concat_read_elsewhere_is_not_hoisted_and_the_report_says_why():
+    model = ConcatKept(dims=(6,), contexts=(3,), steps=2)
+    reference = copy.deepcopy(model)
+    args = ([torch.randn(3, 4, 6)],)
+    _, report = pk.convert(model, backend=BACKENDS[-1], example_inputs=args)
+    assert report.counts == {"x_projection": 1, "backproj_concat": 1}, str(report)
+    assert any("not swapped: x's projection is not hoisted: the concat is read elsewhere too, so it would "
+               "be written anyway" in line for line in report.left_alone), str(report)
+    assert_same_model(reference, model, ([torch.randn(3, 4, 6)],))
+
+
+def test_autocast_bf16_keeps_working():
+    """Under CPU autocast the Linears return bf16 from fp32 operands: that capture is left alone
+    (and says why) and still right; the fp32 capture stays hoisted."""
+    model = PlainProgressive()
+    reference = copy.deepcopy(model)
+    _, report = pk.convert(model, backend=BACKENDS[-1], example_inputs=_inputs())
+    assert report.counts["context_linear"] == 6, str(report)
+    args = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, out_ref = model(*args), reference(*args)
+    assert out.dtype == out_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)  # the same bf16 ops, unchanged
+    assert any("x's projection is not hoisted: the linear returns torch.bfloat16 from torch.float32 operands "
+               "(autocast)" in line for line in report.left_alone), str(report)
+    assert len(report.captures) == 2, str(report)
+    with counting_fused_calls() as calls:
+        assert_same_model(reference, model, _inputs())
+    assert calls["context_linear"] == 6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_half_and_double_models(backend, dtype):
+    model = PlainProgressive().to(dtype)
+    reference = copy.deepcopy(model)
+    args = torch.utils._pytree.tree_map(lambda t: t.to(dtype), _inputs())
+    _, report = pk.convert(model, backend=backend, example_inputs=args)
+    assert report.counts == {"x_projection": 3, "context_linear": 6, "fusion_head": 3}, str(report)
+    tol = 1e-9 if dtype == torch.float64 else 3e-2
+    assert_same_model(reference, model, torch.utils._pytree.tree_map(lambda t: t.to(dtype), _inputs()),
+                      rtol=tol, atol=tol)
+
+
+def test_batch_size_zero():
+    model = PlainProgressive()
+    reference = copy.deepcopy(model)
+    _, report = pk.convert(model, backend=BACKENDS[-1], example_inputs=_inputs(B=0))
+    assert report.counts == {"x_projection": 3, "context_linear": 6, "fusion_head": 3}, str(report)
+    out = model(*_inputs(B=0))
+    assert out.shape == reference(*_inputs(B=0)).shape == (0, 5)
+    out.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+def test_non_contiguous_inputs():
+    def inputs():
+        seq = torch.randn(4, 6, 5).transpose(1, 2)  # (B, T, D) with stride 1 along T
+        return ([seq, torch.randn(5, 4)[:, ::1].t(), torch.randn(4, 3, 8)[..., ::2]],)
+    model = PlainProgressive()
+    reference = copy.deepcopy(model)
+    args = inputs()
+    assert not any(x.is_contiguous() for x in args[0])
+    _, report = pk.convert(model, backend=BACKENDS[-1], example_inputs=args)
+    assert report.counts == {"x_projection": 3, "context_linear": 6, "fusion_head": 3}, str(report)
+    assert_same_model(reference, model, inputs())
+
+
+class WrittenZeros(PlainProgressive):
+    """Step 1's context starts as zeros and is then written in place: no zero context any more."""
+
+    def forward(self, xs):
+        x = xs[0]
+        context = x.new_zeros(*x.shape[:-1], self.contexts[0])
+        context[..., 0] = 1.0
+        z = torch.relu(self.head(self.encoders[0](torch.cat([x, context], -1)).mean(1)))
+        context = torch.relu(self.back[0](z)).unsqueeze(1).expand(-1, x.shape[1], -1)
+        return torch.relu(self.head(self.encoders[0](torch.cat([x, context], -1)).mean(1)))
+
+
+def test_zeros_written_in_place_are_no_zero_context():
+    model = WrittenZeros(dims=(6,), contexts=(3,), steps=2)
+    reference = copy.deepcopy(model)
+    _, report = pk.convert(model, backend=BACKENDS[-1], example_inputs=([torch.randn(3, 4, 6)],))
+    assert "x_projection" not in report.counts and report.counts["context_linear"] == 1, str(report)
+    assert_same_model(reference, model, ([torch.randn(3, 4, 6)],))
