@@ -31,9 +31,10 @@ ADD_CONFIGS = [  # a streaming elementwise pass: 8 elements per thread
     dict(BLOCK_R=16, BLOCK_H=64, num_warps=4),
     dict(BLOCK_R=64, BLOCK_H=32, num_warps=8),
 ]
-REDUCE_CONFIGS = [  # 16 fp32 partial sums per thread, as backproj_concat's reduction
-    dict(BLOCK_P=32, BLOCK_H=64, num_warps=4),
-    dict(BLOCK_P=64, BLOCK_H=64, num_warps=8),
+REDUCE_CONFIGS = [  # 8 elements per thread: act' of gelu with two int64 address tiles (g and the
+    # saved tensor) spilled at 16 (sm_90, 4 warps)
+    dict(BLOCK_P=16, BLOCK_H=64, num_warps=4),
+    dict(BLOCK_P=32, BLOCK_H=64, num_warps=8),
 ]
 
 
