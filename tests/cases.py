@@ -206,7 +206,7 @@ def assert_refine_step_matches_reference(backend: str, activation: str, device="
 
 def assert_ops_compile_without_graph_breaks(backend: str, device="cpu") -> None:
     """Every op on one backend under torch.compile(fullgraph=True): no graph break, and outputs and
-    gradients equal to eager. (context_linear where the backend has it: triton gets it later.)"""
+    gradients equal to eager. (context_linear where the backend has it.)"""
     import torch._dynamo
     from pf_kernels._dispatch import implements
 

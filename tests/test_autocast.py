@@ -64,7 +64,7 @@ def _op_calls(backend):
         ("refine_step", step, [(Dz, 9), (Dz,), (B, 4), (B, 5), (B, 3), (B, 2, 6), (3, Dz), (2, Dz),
                                (3,), (2,)], (2, 3)),
     ]
-    if implements(backend, "context_linear"):  # triton gets it later
+    if implements(backend, "context_linear"):
         calls.append(("context_linear", context, [(B, 3, 4), (B, Dz), (6, Dz), (6,), (4, 6)], ()))
     return calls
 

@@ -25,7 +25,8 @@ triton = pytest.importorskip("triton")
 import pf_kernels as pk  # noqa: E402
 from pf_kernels import reference  # noqa: E402
 from tests.cases import (ACTIVATIONS, BACKPROJ_SHAPES, FUSION_SHAPES, assert_matches_reference,  # noqa: E402
-                         assert_ops_compile_without_graph_breaks, backproj_call, backproj_inputs, fusion_call, fusion_inputs, rand)
+                         assert_ops_compile_without_graph_breaks, backproj_call, backproj_inputs, context_call,
+                         context_inputs, fusion_call, fusion_inputs, rand)
 
 BACKEND = "triton"
 _info = pk.available_backends()[BACKEND]
@@ -234,6 +235,10 @@ def _sweep_cases(dtype):
         backproj_inputs(1, (700,), 3, 5, 4, False, dtype, DEVICE)
     hs, w, b = fusion_inputs(70, (40, 3, 20), 70, True, dtype, DEVICE, noncontiguous=True)
     yield fusion_call(BACKEND, "tanh"), fusion_call("torch", "tanh"), (w, b, *hs)
+    yield context_call(BACKEND, "gelu", "sigmoid"), context_call("torch", "gelu", "sigmoid"), \
+        context_inputs(3, (5, 9), 70, 40, 37, True, dtype, DEVICE, noncontiguous=True)
+    yield context_call(BACKEND, "tanh", "relu"), context_call("torch", "tanh", "relu"), \
+        context_inputs(1, (700,), 5, 4, 3, False, dtype, DEVICE)
 
 
 @pytest.mark.parametrize("config", range(1, common.max_configs()), ids=lambda i: f"config{i}")
@@ -283,6 +288,7 @@ def _all_ops_on(device, B, P, Dx, Dz, Dc, dims, modalities=2, dtype=torch.float3
     bp = importlib.import_module("pf_kernels.triton.backproj_concat")
     fh = importlib.import_module("pf_kernels.triton.fusion_head")
     rs = importlib.import_module("pf_kernels.triton.refine_step")
+    cl = importlib.import_module("pf_kernels.triton.context_linear")
 
     def e(*shape):
         return torch.empty(*shape, dtype=dtype, device=device)
@@ -290,6 +296,9 @@ def _all_ops_on(device, B, P, Dx, Dz, Dc, dims, modalities=2, dtype=torch.float3
     x, z, w, b = e(B, P, Dx), e(B, Dz), e(Dc, Dz), e(Dc)
     out = bp._forward(x, z, w, b, "gelu")
     bp._backward(out, z, w, b, "gelu", Dx)
+    pw = e(Dx, Dc)
+    p = cl._forward(x, z, w, b, pw, "tanh", "gelu")
+    cl._backward(p, None, x, z, w, b, pw, "tanh", "gelu")
     hs, hw = [e(B, d) for d in dims], e(Dz, sum(dims))
     z2, pre = fh._forward(hs, hw, e(Dz), "tanh", True)
     fh.backward(z2, hs, hw, pre, True, "tanh")
@@ -398,12 +407,14 @@ def test_no_host_synchronisation_in_any_launch(monkeypatch):
 
     x, z, w, b = backproj_inputs(2, (3,), 3, 4, 5, True, device=DEVICE)
     hs, hw, hb = fusion_inputs(2, (2, 4), 4, device=DEVICE)
+    pw = rand((3, 5), device=DEVICE, requires_grad=True)
 
     def step():
         out = pk.backproj_concat(x, z, w, b, "tanh", backend=BACKEND)
         f = pk.fusion_head(hs, hw, hb, "gelu", backend=BACKEND)
         zz, (xt,) = pk.refine_step(hs, hw, hb, [x], [w], [b], "relu", "sigmoid", backend=BACKEND)
-        torch.autograd.grad([out.sum(), f.sum(), zz.sum(), xt.sum()], [x, z, w, b, hw, hb, *hs])
+        c = pk.context_linear(x, z, w, b, pw, "gelu", "tanh", backend=BACKEND)
+        torch.autograd.grad([out.sum(), f.sum(), zz.sum(), xt.sum(), c.sum()], [x, z, w, b, hw, hb, pw, *hs])
 
     step()  # the warm-up
     monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
@@ -495,7 +506,7 @@ device = sys.argv[1]
 torch.manual_seed(0)
 S = 2 ** 29  # a feature stride: 4 features span more than 2^31 elements
 # 4 GB of fp16: on the CPU only address space (a few pages touched); on a GPU real memory
-buf = torch.empty(4 * S + 64, dtype=torch.float16, device=device)
+buf = torch.empty(4 * S + 128, dtype=torch.float16, device=device)
 
 def rand(*shape, dtype=torch.float16):
     return torch.randn(*shape, dtype=torch.float64).to(dtype).to(device)
@@ -535,6 +546,17 @@ for backend in ("triton", "torch"):
         got = [out, xt, gx]
     else:
         check("backproj_concat/refine_step", got, [out, xt, gx])
+# context_linear: p's and grad_out's feature stride past 2^31 (read in place, no copy)
+p = view((2, 3, 5), (1, 2, S), 80).requires_grad_(True)
+g = view((2, 3, 5), (1, 2, S), 96)
+wc = rand(5, 3)
+results = {}
+for backend in ("triton", "torch"):
+    results[backend] = []
+    for out_act in ("none", "gelu"):
+        out = pk.context_linear(p, z, wz, None, wc, "relu", out_act, backend=backend)
+        results[backend] += [out, *torch.autograd.grad(out, [p], g)]
+check("context_linear", results["triton"], results["torch"])
 print("ok")
 """
 

@@ -1,7 +1,9 @@
 """context_linear: the reference against hand-written loops and against the unhoisted computation
-(the encoder's Linear over backproj_concat's output); the cpu backend against the reference (every
-dtype, shape, layout, activation, output activation, bias or not, forward and every gradient);
-float64 gradcheck; opcheck; errors; which backend serves it."""
+(the encoder's Linear over backproj_concat's output); the cpu and triton backends against the
+reference (every dtype each takes, shape, layout, activation, output activation, bias or not,
+forward and every gradient); float64 gradcheck (cpu); opcheck; torch.compile; errors; which backend
+serves it. The triton backend runs its kernels on CPU tensors through the Triton interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1 where no GPU is visible), on CUDA tensors on a GPU."""
 import itertools
 import math
 import os
@@ -19,6 +21,23 @@ HAS_C = pk.available_backends()["cpu"]["available"]
 needs_c = pytest.mark.skipif(not HAS_C, reason="pf_kernels._C is not built")
 BACKEND = "cpu"
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+_TRITON = pk.available_backends()["triton"]
+TRITON_DEVICE = "cpu" if "cpu" in _TRITON["devices"] else "cuda"
+HAS_TRITON = _TRITON["available"] and (TRITON_DEVICE == "cpu" or torch.cuda.is_available())
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason=f"the triton backend cannot run here: {_TRITON['reason']}")
+# The fused backends (the cuda backend's tests are in tests/test_backend_cuda.py): name, marks, device.
+FUSED = {"cpu": (needs_c, "cpu"), "triton": (needs_triton, TRITON_DEVICE)}
+BACKEND_DTYPES = {"cpu": DTYPES, "triton": [torch.float32, torch.bfloat16, torch.float16]}
+
+
+def fused(*names):
+    return [pytest.param(n, marks=FUSED[n][0], id=n) for n in (names or FUSED)]
+
+
+def device_of(backend):
+    return FUSED[backend][1]
+
 
 SCALAR_ACT = {
     "none": lambda v: v,
@@ -76,27 +95,64 @@ def test_reference_is_the_linear_over_backproj_concat(activation, out_activation
     torch.testing.assert_close(hoisted, unhoisted, rtol=1e-12, atol=1e-12)
 
 
-@needs_c
-@pytest.mark.parametrize("index,shape", list(enumerate(CONTEXT_SHAPES)), ids=lambda v: str(v))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("noncontiguous", [False, True], ids=["contig", "strided"])
-def test_cpu_matches_reference(index, shape, dtype, noncontiguous):
+def _matches_cases():
+    for backend in FUSED:
+        # the last shape is sized for the CPU kernel's loops; the interpreter takes a minute per call
+        for index, shape in enumerate(CONTEXT_SHAPES if backend == "cpu" else CONTEXT_SHAPES[:-1]):
+            for dtype in BACKEND_DTYPES[backend]:
+                for noncontiguous in (False, True):
+                    yield pytest.param(backend, index, shape, dtype, noncontiguous, marks=FUSED[backend][0],
+                                       id=f"{backend}-{index}-{shape}-{str(dtype)[6:]}-"
+                                          f"{'strided' if noncontiguous else 'contig'}")
+
+
+@pytest.mark.parametrize("backend,index,shape,dtype,noncontiguous", list(_matches_cases()))
+def test_matches_reference(backend, index, shape, dtype, noncontiguous):
     B, S, H, Dz, Dc = shape
     for activation, out_activation, bias in rotating_combos(2 * index + noncontiguous):
-        args = context_inputs(B, S, H, Dz, Dc, bias, dtype, noncontiguous=noncontiguous)
-        assert_matches_reference(context_call(BACKEND, activation, out_activation),
+        args = context_inputs(B, S, H, Dz, Dc, bias, dtype, device_of(backend), noncontiguous=noncontiguous)
+        assert_matches_reference(context_call(backend, activation, out_activation),
                                  context_call("torch", activation, out_activation), args)
 
 
-@needs_c
+@pytest.mark.parametrize("backend", fused())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("out_activation", ACTIVATIONS)
-def test_cpu_every_activation_pair(dtype, out_activation):
+def test_every_activation_pair(backend, dtype, out_activation):
     for activation in ACTIVATIONS:
         for bias in (True, False):
-            args = context_inputs(3, (4, 2), 9, 5, 6, bias, dtype, noncontiguous=bias)
-            assert_matches_reference(context_call(BACKEND, activation, out_activation),
+            args = context_inputs(3, (4, 2), 9, 5, 6, bias, dtype, device_of(backend), noncontiguous=bias)
+            assert_matches_reference(context_call(backend, activation, out_activation),
                                      context_call("torch", activation, out_activation), args)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_beyond_one_block_and_a_two_stage_position_sum(dtype):
+    from pf_kernels.triton.backproj_concat import chunks
+    device = device_of("triton")
+    # rows, H and Dz beyond one block of every config; a transposed p (its own position strides)
+    p, z, w, b, pw = context_inputs(3, (5, 9), 70, 40, 37, True, dtype, device)
+    p = p.detach().transpose(1, 2).requires_grad_(True)
+    assert_matches_reference(context_call("triton", "gelu", "tanh"), context_call("torch", "gelu", "tanh"),
+                             (p, z, w, b, pw))
+    # one batch row, many positions: the sum in chunks, then the chunks in order
+    assert chunks(1, 700, 4)[0] > 1
+    args = context_inputs(1, (700,), 4, 5, 3, False, dtype, device, noncontiguous=True)
+    for out_activation in ("none", "relu", "sigmoid"):
+        assert_matches_reference(context_call("triton", "tanh", out_activation),
+                                 context_call("torch", "tanh", out_activation), args)
+
+
+@needs_triton
+def test_triton_backward_is_deterministic():
+    import importlib
+    tcl = importlib.import_module("pf_kernels.triton.context_linear")
+    p, z, w, b, pw = context_inputs(1, (700,), 4, 5, 3, True, device=device_of("triton"), requires_grad=False)
+    g = torch.randn_like(p)
+    first = tcl._backward(g, None, p, z, w, b, pw, "gelu", "gelu")
+    again = tcl._backward(g, None, p, z, w, b, pw, "gelu", "gelu")
+    assert all(torch.equal(u, v) for u, v in zip(first, again))
 
 
 @needs_c
@@ -120,29 +176,29 @@ def test_cpu_relu_gradcheck_away_from_the_kink():
     assert torch.autograd.gradcheck(context_call(BACKEND, "relu", "none"), (p, z, w, b, pw))
 
 
-@needs_c
+@pytest.mark.parametrize("backend", fused())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_grad_p_is_grad_out_without_an_output_activation(dtype):
-    p, z, w, b, pw = context_inputs(2, (3,), 4, 5, 6, True, dtype, requires_grad=False)
+def test_grad_p_is_grad_out_without_an_output_activation(backend, dtype):
+    p, z, w, b, pw = context_inputs(2, (3,), 4, 5, 6, True, dtype, device_of(backend), requires_grad=False)
     p.requires_grad_(True)
-    out = pk.context_linear(p, z, w, b, pw, backend=BACKEND)
+    out = pk.context_linear(p, z, w, b, pw, backend=backend)
     g = torch.randn_like(out)
     (gp,) = torch.autograd.grad(out, p, g)
     assert gp.data_ptr() == g.data_ptr()  # no copy
     z.requires_grad_(True)
-    out = pk.context_linear(p, z, w, b, pw, backend=BACKEND)
+    out = pk.context_linear(p, z, w, b, pw, backend=backend)
     gp, _ = torch.autograd.grad(out, [p, z], g)
     assert gp.data_ptr() == g.data_ptr()
 
 
-@needs_c
-def test_only_some_inputs_need_grad():
+@pytest.mark.parametrize("backend", fused())
+def test_only_some_inputs_need_grad(backend):
     for needs in ([0], [1], [2], [4], [0, 3]):
         for out_activation in ("none", "tanh", "relu"):
-            args = list(context_inputs(2, (3,), 4, 5, 6, True, requires_grad=False))
+            args = list(context_inputs(2, (3,), 4, 5, 6, True, device=device_of(backend), requires_grad=False))
             for i in needs:
                 args[i].requires_grad_(True)
-            got = torch.autograd.grad(context_call(BACKEND, "gelu", out_activation)(*args).square().sum(),
+            got = torch.autograd.grad(context_call(backend, "gelu", out_activation)(*args).square().sum(),
                                       [args[i] for i in needs])
             want = torch.autograd.grad(context_call("torch", "gelu", out_activation)(*args).square().sum(),
                                        [args[i] for i in needs])
@@ -150,47 +206,96 @@ def test_only_some_inputs_need_grad():
                 torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
-@needs_c
-def test_inference_mode_and_no_grad():
-    args = context_inputs(2, (3,), 4, 5, 6, True)
+@pytest.mark.parametrize("backend", fused())
+def test_inference_mode_and_no_grad(backend):
+    args = context_inputs(2, (3,), 4, 5, 6, True, device=device_of(backend))
     for mode in (torch.no_grad, torch.inference_mode):
         with mode():
             for out_activation in ("none", "sigmoid"):
-                torch.testing.assert_close(pk.context_linear(*args, "tanh", out_activation, backend=BACKEND),
+                torch.testing.assert_close(pk.context_linear(*args, "tanh", out_activation, backend=backend),
                                            reference.context_linear(*args, "tanh", out_activation))
 
 
-@needs_c
-def test_nan_reaches_the_output_as_torch_relu_keeps_it():
-    p, z, w, b, pw = context_inputs(2, (3,), 4, 5, 6, True, requires_grad=False)
+@pytest.mark.parametrize("backend", fused())
+def test_nan_reaches_the_output_as_torch_relu_keeps_it(backend):
+    p, z, w, b, pw = context_inputs(2, (3,), 4, 5, 6, True, device=device_of(backend), requires_grad=False)
     p[0, 1, 2] = float("nan")
-    out = pk.context_linear(p, z, w, b, pw, "tanh", "relu", backend=BACKEND)
+    out = pk.context_linear(p, z, w, b, pw, "tanh", "relu", backend=backend)
     assert torch.isnan(out[0, 1, 2]) and torch.isfinite(out[1]).all()
 
 
-def _opcheck_samples():
-    yield context_inputs(3, (4,), 5, 6, 7, True) + ("relu", "none")
-    yield context_inputs(2, (3, 2), 4, 5, 3, False, torch.bfloat16) + ("gelu", "gelu")
-    yield context_inputs(0, (5,), 4, 6, 3, True) + ("tanh", "relu")
-    yield context_inputs(3, (4,), 5, 6, 7, True, noncontiguous=True) + ("sigmoid", "tanh")
-    yield context_inputs(2, (), 8, 3, 2, True, torch.float64) + ("none", "sigmoid")
+@pytest.mark.parametrize("backend", fused())
+@pytest.mark.parametrize("p_dims", [2, 3, 5], ids=lambda n: f"{n}-D p")
+def test_compile_fullgraph_forward_and_backward(backend, p_dims):
+    import torch._dynamo
+    S = (3, 2, 2)[:p_dims - 2]
+    args = context_inputs(3, S, 5, 4, 6, True, device=device_of(backend))
+    if p_dims == 5:  # strided p
+        args = (args[0].detach().transpose(1, 3).requires_grad_(True), *args[1:])
+
+    def step(p, z, w, b, pw):
+        return [pk.context_linear(p, z, w, b, pw, "gelu", out_activation, backend=backend)
+                for out_activation in ACTIVATIONS]
+
+    def outputs_and_grads(fn):
+        outs = fn(*args)
+        return outs + list(torch.autograd.grad([o.square().sum() for o in outs], args))
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step)(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    for got, want in zip(outputs_and_grads(torch.compile(step, fullgraph=True)), outputs_and_grads(step)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _opcheck_samples(device="cpu", fp64=True):
+    yield context_inputs(3, (4,), 5, 6, 7, True, device=device) + ("relu", "none")
+    yield context_inputs(2, (3, 2), 4, 5, 3, False, torch.bfloat16, device) + ("gelu", "gelu")
+    yield context_inputs(0, (5,), 4, 6, 3, True, device=device) + ("tanh", "relu")
+    yield context_inputs(3, (4,), 5, 6, 7, True, device=device, noncontiguous=True) + ("sigmoid", "tanh")
+    yield context_inputs(2, (), 8, 3, 2, True, torch.float64 if fp64 else torch.float16, device) + ("none", "sigmoid")
+
+
+OPCHECK_IDS = ["fp32", "bf16-gelu", "B0", "strided", "2-D p"]
 
 
 @needs_c
-@pytest.mark.parametrize("sample", list(_opcheck_samples()), ids=["fp32", "bf16-gelu", "B0", "strided", "fp64"])
-def test_opcheck(sample):
+@pytest.mark.parametrize("index", range(5), ids=OPCHECK_IDS)
+def test_opcheck(index):
+    sample = list(_opcheck_samples())[index]
     torch.library.opcheck(torch.ops.pf_kernels.context_linear.default, sample)
+
+
+@needs_triton
+@pytest.mark.parametrize("index", range(5), ids=OPCHECK_IDS)
+def test_opcheck_triton(index):
+    import pf_kernels.triton  # noqa: F401  (registers the ops)
+    sample = list(_opcheck_samples(device_of("triton"), fp64=False))[index]
+    torch.library.opcheck(torch.ops.pf_kernels_triton.context_linear.default, sample)
+
+
+def _backward_sample(ops, out_activation, device="cpu"):
+    p, z, w, b, pw = context_inputs(3, (4,), 5, 6, 7, out_activation != "relu", device=device, requires_grad=False)
+    out = ops.context_linear(p, z, w, b, pw, "tanh", out_activation)
+    saved_out = out if out_activation == "relu" else None
+    saved_p = p if out_activation not in ("none", "relu") else None
+    return (torch.randn_like(out), saved_out, saved_p, z, w, b, pw, "tanh", out_activation)
 
 
 @needs_c
 @pytest.mark.parametrize("out_activation", ["none", "relu", "gelu"])
 def test_opcheck_backward(out_activation):
-    p, z, w, b, pw = context_inputs(3, (4,), 5, 6, 7, True, requires_grad=False)
-    out = torch.ops.pf_kernels.context_linear(p, z, w, b, pw, "tanh", out_activation)
-    saved_out = out if out_activation == "relu" else None
-    saved_p = p if out_activation == "gelu" else None
     torch.library.opcheck(torch.ops.pf_kernels.context_linear_backward.default,
-                          (torch.randn_like(out), saved_out, saved_p, z, w, b, pw, "tanh", out_activation))
+                          _backward_sample(torch.ops.pf_kernels, out_activation))
+
+
+@needs_triton
+@pytest.mark.parametrize("out_activation", ["none", "relu", "gelu"])
+def test_opcheck_backward_triton(out_activation):
+    import pf_kernels.triton  # noqa: F401
+    torch.library.opcheck(torch.ops.pf_kernels_triton.context_linear_backward.default,
+                          _backward_sample(torch.ops.pf_kernels_triton, out_activation, device_of("triton")))
 
 
 CONTEXT_BAD = [
@@ -254,25 +359,23 @@ def test_auto_picks_cpu_and_the_backends_expose_the_op():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("pf_kernels::context_linear_backward", "CPU")
 
 
-def test_a_backend_without_the_op_is_skipped_by_auto_and_named_when_asked_for(monkeypatch):
-    """The triton backend has no context_linear yet: auto passes over it, asking for it by name
-    raises an error naming the op."""
-    info = pk.available_backends()["triton"]
-    if not info["available"] or "cpu" not in info["devices"]:
-        pytest.skip(f"the triton backend does not serve CPU tensors here: {info['reason']}")
+@needs_triton
+def test_triton_serves_it_auto_can_pick_it_and_a_backend_without_it_is_skipped(monkeypatch):
     import pf_kernels.triton as tr
-    if hasattr(tr, "context_linear"):
-        pytest.skip("the triton backend has context_linear now")
-    cpu = torch.device("cpu")
-    with pytest.raises(RuntimeError, match="does not implement context_linear"):
-        pk.context_linear(*context_inputs(2, (3,), 4, 5, 6, requires_grad=False), backend="triton")
-    assert not _dispatch.implements("triton", "context_linear")
-    assert _dispatch.implements("triton", "refine_step") and _dispatch.implements("auto", "context_linear")
-    # auto as it orders backends on a GPU, here on CPU tensors: triton first, then the next.
-    monkeypatch.setitem(_dispatch._AUTO_ORDER, "cpu", {"*": ("triton", "cpu", "torch")})
+    device = torch.device(device_of("triton"))
+    assert _dispatch.resolve_backend("triton", "context_linear", device, torch.float32) == "triton"
+    assert _dispatch.implements("triton", "context_linear")
+    # auto in the order it has on a GPU (cuda, then triton), here for this device: triton first
+    monkeypatch.setitem(_dispatch._AUTO_ORDER, device.type, {"*": ("triton", "torch")})
     monkeypatch.setattr(_dispatch, "_RESOLVED", {})
-    assert _dispatch.resolve_backend("auto", "backproj_concat", cpu, torch.float32) == "triton"
-    expected = "cpu" if HAS_C else "torch"
-    assert _dispatch.resolve_backend("auto", "context_linear", cpu, torch.float32) == expected
+    assert _dispatch.resolve_backend("auto", "context_linear", device, torch.float32) == "triton"
+    assert _dispatch.resolve_backend("auto", "context_linear", device, torch.float64) == "torch"
+    # a backend without the op: auto passes over it, asking for it by name names the op
+    monkeypatch.delattr(tr, "context_linear")
+    monkeypatch.setattr(_dispatch, "_RESOLVED", {})
+    assert _dispatch.resolve_backend("auto", "context_linear", device, torch.float32) == "torch"
+    assert not _dispatch.implements("triton", "context_linear")
+    with pytest.raises(RuntimeError, match="does not implement context_linear"):
+        pk.context_linear(*context_inputs(2, (3,), 4, 5, 6, device=device, requires_grad=False), backend="triton")
     monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
     assert not _dispatch.implements("auto", "context_linear")

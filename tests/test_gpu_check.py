@@ -55,7 +55,7 @@ def test_commands_build_through_pip_and_keep_to_the_limits():
 def test_differential_check_passes_on_the_cpu_backends(capsys):
     report = __import__("pf_kernels").available_backends()
     backends = [b for b in ("cpu", "triton") if report[b]["available"] and "cpu" in report[b]["devices"]]
-    failures = differential.run("cpu", backends, seconds=60, seed=7, limits=False, max_cases=10,
+    failures = differential.run("cpu", backends, seconds=240, seed=7, limits=False, max_cases=10,
                                 budget=1 << 10)
     out = capsys.readouterr().out
     assert failures == 0, out

@@ -15,7 +15,7 @@ from pf_kernels.nn import ProgressiveFusion, plan_hoisting
 
 BACKENDS = [b for b, info in pk.available_backends().items()
             if info["available"] and ("cpu" in info["devices"] or "*" in info["devices"])] + ["auto"]
-# Those that hoist (triton gets context_linear later; until then its models run unhoisted).
+# Those that hoist (every backend with context_linear; one without runs its models unhoisted).
 HOISTING = [b for b in BACKENDS if implements(b, "context_linear")]
 
 

@@ -42,7 +42,8 @@ def test_graphs_of_the_real_triton_ops_with_a_stand_in_driver():
     problems = [f"{r['case']}: {p}" for r in report for p in r["problems"]]
     assert not problems, "\n".join(problems)
     assert {r["case"] for r in report} >= {"fake:backproj_concat", "fake:fusion_head_backward",
-                                           "fake:refine_step"}
+                                           "fake:refine_step", "fake:context_linear_backward",
+                                           "context_linear-chunks"}
 
 
 # ---------------------------------------------------------------- the child process from here on
@@ -191,6 +192,16 @@ def _cases(torch, tr):
                    [t(6, 7, dtype=dtype), t(6, dtype=dtype), t(3, 3, dtype=dtype), t(3, 4, dtype=dtype)]
                    + [t(*s, dtype=dtype) for s in shapes] + [t(j + 2, 6, dtype=dtype) for j in range(n)]
                    + [t(2, dtype=dtype)])
+        # context_linear: every out_act' path (none: grad_p is grad_out; relu: from the output; gelu:
+        # from p), a transposed bp_weight, no bias; one batch row with many positions: the sum in two stages
+        for out_act in ("none", "relu", "gelu") if all_cases else ("gelu",):
+            yield (f"context_linear-{out_act}-{tag}",
+                   lambda p, z, w, b, pw, out_act=out_act: tr.context_linear(p, z, w, b, pw, "tanh", out_act),
+                   [t(3, 4, 5, dtype=dtype), t(3, 6, dtype=dtype), t(7, 6, dtype=dtype, transposed=True),
+                    t(7, dtype=dtype), t(5, 7, dtype=dtype)])
+        if all_cases:
+            yield ("context_linear-chunks", lambda p, z, w, pw: tr.context_linear(p, z, w, None, pw, "none", "sigmoid"),
+                   [t(1, 3000, 2), t(1, 5), t(4, 5), t(2, 4)])
     # Dz beyond the one-launch limit: composed
     yield ("refine_step-wide", lambda hw, h0, x, w: tr.refine_step([h0], hw, None, [x], [w], [None])[0],
            [t(130, 3), t(2, 3), t(2, 3, 4), t(5, 130)])
@@ -199,8 +210,8 @@ def _cases(torch, tr):
 def _fake_cases(torch, tr):
     """(op name, args, the fake function the interpreter's custom_op registers)."""
     import importlib
-    bp, fh, rs = (importlib.import_module(f"pf_kernels.triton.{m}")
-                  for m in ("backproj_concat", "fusion_head", "refine_step"))
+    bp, fh, rs, cl = (importlib.import_module(f"pf_kernels.triton.{m}")
+                      for m in ("backproj_concat", "fusion_head", "refine_step", "context_linear"))
 
     def t(*shape, dtype=torch.float32, transposed=False):
         return torch.randn(*reversed(shape), dtype=dtype).t() if transposed else torch.randn(*shape, dtype=dtype)
@@ -218,6 +229,12 @@ def _fake_cases(torch, tr):
         ws = [t(2, 6, dtype=dtype, transposed=True), t(3, 6, dtype=dtype)]
         yield ("refine_step", (hs, t(6, 7, dtype=dtype), t(6, dtype=dtype), xs, ws, [t(3, dtype=dtype)], 0b10,
                                "gelu", "tanh", True), rs._forward_fake)
+        p, pw = t(3, 5, 4, dtype=dtype).transpose(1, 2), t(4, 7, dtype=dtype)
+        yield "context_linear", (p, z, w, b, pw, "tanh", "gelu"), cl._forward_fake
+        for out_act in ("none", "relu", "gelu"):
+            saved_out = t(3, 5, 4, dtype=dtype) if out_act == "relu" else None
+            yield ("context_linear_backward", (t(3, 5, 4, dtype=dtype), saved_out, p if out_act == "gelu" else None,
+                                               z, w, None, pw, "tanh", out_act), cl._backward_fake)
 
 
 def _meta(values):

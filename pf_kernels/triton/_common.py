@@ -54,8 +54,36 @@ def _interpreter_scalars_for_numpy_2() -> None:
     interpreter._patch_lang_tensor = patch_lang_tensor
 
 
+def _interpreter_rounds_bf16_to_nearest() -> None:
+    """The interpreter (triton 3.6 and 3.9) casts fp32 to bf16 by truncating the mantissa; the GPU
+    rounds to nearest even (cvt.rn.bf16.f32). Truncation errs by up to 1 ulp, one-sided, where
+    torch and the GPU err by half: enough to move a relu kink past its reference (context_linear's
+    relu' after a bf16 context). The same rounding as the GPU, through torch's cast."""
+    try:
+        import numpy as np
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    original = getattr(builder, "cast_impl", None)
+    if original is None or getattr(original, "_pf_kernels", False):
+        return
+    import triton.language as tl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            values = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+            bits = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            return interpreter.TensorHandle(bits, dst_type.scalar)
+        return original(self, src, dst_type)
+
+    cast_impl._pf_kernels = True
+    builder.cast_impl = cast_impl
+
+
 if INTERPRET:
     _interpreter_scalars_for_numpy_2()
+    _interpreter_rounds_bf16_to_nearest()
 
 # fp32 matmuls: exact ("ieee") unless tf32 is allowed explicitly.
 TF32_ENV = "PF_KERNELS_TRITON_TF32"

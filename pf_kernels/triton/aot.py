@@ -33,6 +33,7 @@ def _kernel_specs(dtype: str, tf32: bool = False):
     bp = importlib.import_module("pf_kernels.triton.backproj_concat")
     fh = importlib.import_module("pf_kernels.triton.fusion_head")
     rs = importlib.import_module("pf_kernels.triton.refine_step")
+    cl = importlib.import_module("pf_kernels.triton.context_linear")
     mmm = importlib.import_module("pf_kernels.triton._matmul")
     prec = "ieee" if dtype == "float32" and not tf32 else "tf32"
     fp32 = dtype == "float32"  # the fp32 launchers use their own configs where they differ
@@ -54,6 +55,12 @@ def _kernel_specs(dtype: str, tf32: bool = False):
         # the back-projection's context: act(z @ W.T + b)
         ("mm_context", mm, set(), {"sak", "sbk", "scn", "sbias"},
          dict(HAS_BIAS=True, ACT=2, PREC=prec), True, bm),
+        # context_linear's (B, H) term: fp32 out of two inputs in the dtype (c @ W_c.T)
+        ("mm_term", mm, {"c_ptr"}, {"sak", "sbk", "scn", "sbias"},
+         dict(HAS_BIAS=False, ACT=0, PREC=prec), True, bm),
+        ("context_add", cl.context_add, {"term_ptr"}, {"sph"}, dict(OUT_ACT=2, ROWS64=False), False, None),
+        ("context_reduce", cl.context_reduce, {"term_ptr", "sum_ptr"}, {"sgh", "ssh"}, dict(OUT_ACT=2),
+         False, None),
         ("fusion_fwd", by_dtype(fh.fusion_fwd, fh.fusion_fwd_fp32), {"pre_ptr"}, hk | {"swk", "sb", "son"},
          dict(K=K, H_UNIT=True, HAS_BIAS=True, ACT=2, SAVE_PRE=True, PREC=prec), True, bm),
         ("fusion_grad_h", by_dtype(fh.fusion_grad_h, fh.fusion_grad_h_fp32), {"pre_ptr"}, {"sgn", "swk"},
@@ -127,7 +134,7 @@ def compile_all(arch: int, dtype: str, only=None, tf32: bool = False):
 # The values each flag (constexpr) of a kernel takes in some launch.
 FLAG_VALUES = dict(ACT=range(5), HEAD_ACT=range(5), HAS_BIAS=(True, False), HAS_HEAD_BIAS=(True, False),
                    SAVE_PRE=(True, False), H_UNIT=(True, False), FINISH=(True, False),
-                   ROWS64=(True, False), K=(1, 2, 8), NMOD=(1, 2, 4), BIAS_MASK=(0, 1, 15),
+                   ROWS64=(True, False), OUT_ACT=range(5), K=(1, 2, 8), NMOD=(1, 2, 4), BIAS_MASK=(0, 1, 15),
                    PREC=("ieee", "tf32"))
 
 
