@@ -35,6 +35,9 @@ def linear_act(inp: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                activation: str) -> torch.Tensor:
     """act(inp @ weight.T + bias), accumulated in fp32, returned in inp's dtype."""
     acc = accumulate_dtype(inp.dtype)
+    if acc == inp.dtype == weight.dtype and (bias is None or bias.dtype == acc):
+        # Already the accumulation dtype: no casts (each no-op .to is still a dispatcher call).
+        return apply_activation(F.linear(inp, weight, bias), activation)
     y = F.linear(inp.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
     return apply_activation(y, activation).to(inp.dtype)
 
