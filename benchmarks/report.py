@@ -69,6 +69,17 @@ def _mark(status: str) -> str:
     return "?"
 
 
+def _not_timed(notes) -> list:
+    """The lines under a table naming each reason a row was not timed, with its rows (first 4)."""
+    if not notes:
+        return []
+    out = ["", "not timed:"]
+    for status, where in notes.items():
+        shown = "; ".join(where[:4]) + (f"; and {len(where) - 4} more" if len(where) > 4 else "")
+        out.append(f"  [{_mark(status)}] {status}\n      {shown}")
+    return out
+
+
 _WORDS = {"FELLBACK": "compile fell back", "ERROR": "error", "WRONG": "wrong result", "-q": "not compiled (--quick)",
           "skip": "skipped (time limit)", "n/a": "n/a"}
 
@@ -147,11 +158,7 @@ def ops_table(rows: List[dict], providers: List[str]) -> str:
             else:
                 line += f" | {'-':9s}"
             out.append(line)
-    if notes:
-        out += ["", "not timed:"]
-        for status, where in notes.items():
-            shown = "; ".join(where[:4]) + (f"; and {len(where) - 4} more" if len(where) > 4 else "")
-            out.append(f"  [{_mark(status)}] {status}\n      {shown}")
+    out += _not_timed(notes)
     return "\n".join(out).lstrip("\n")
 
 
@@ -187,11 +194,7 @@ def e2e_table(e2e: List[dict]) -> str:
         auto = by.get("auto")
         line += f" | {(auto or {}).get('ran') or '-'}"
         out.append(line)
-    if notes:
-        out += ["", "not timed:"]
-        for status, where in notes.items():
-            shown = "; ".join(where[:4]) + (f"; and {len(where) - 4} more" if len(where) > 4 else "")
-            out.append(f"  [{_mark(status)}] {status}\n      {shown}")
+    out += _not_timed(notes)
     compiles = [r for r in e2e if r.get("compile_s")]
     if compiles:
         out.append("compile time (outside the timing): " + ", ".join(
