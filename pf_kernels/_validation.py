@@ -16,11 +16,13 @@ _Tensor = torch.Tensor
 # a call that fails one runs the full checks below, which name the culprit. They cost ~1-2 us,
 # which matters next to kernels of a few microseconds.
 def _linear_ok(weight, bias, in_features, dtype, device) -> bool:
-    if not isinstance(weight, _Tensor) or weight.dtype != dtype or weight.device != device \
-            or weight.dim() != 2 or weight.shape[1] != in_features:
+    if not isinstance(weight, _Tensor) or weight.dtype is not dtype or weight.device != device:
         return False
-    return bias is None or (isinstance(bias, _Tensor) and bias.dtype == dtype and bias.device == device
-                            and bias.dim() == 1 and bias.shape[0] == weight.shape[0])
+    shape = weight.shape
+    if len(shape) != 2 or shape[1] != in_features:
+        return False
+    return bias is None or (isinstance(bias, _Tensor) and bias.dtype is dtype and bias.device == device
+                            and bias.shape == shape[:1])
 
 
 def _backproj_ok(x, z, weight, bias, activation) -> bool:
@@ -28,25 +30,29 @@ def _backproj_ok(x, z, weight, bias, activation) -> bool:
             or not isinstance(x, _Tensor) or not isinstance(z, _Tensor):
         return False
     dtype, device = x.dtype, x.device
-    if not dtype.is_floating_point or z.dtype != dtype or z.device != device or x.dim() < 2 or z.dim() != 2 \
-            or x.shape[0] != z.shape[0]:
+    x_shape, z_shape = x.shape, z.shape
+    if not dtype.is_floating_point or z.dtype is not dtype or z.device != device or len(x_shape) < 2 \
+            or len(z_shape) != 2 or x_shape[0] != z_shape[0]:
         return False
-    return _linear_ok(weight, bias, z.shape[1], dtype, device)
+    return _linear_ok(weight, bias, z_shape[1], dtype, device)
 
 
 def _fusion_head_ok(hs, weight, bias, activation) -> bool:
     if type(activation) is not str or activation not in _ACTIVATION_SET \
-            or not isinstance(hs, (list, tuple)) or not hs or not isinstance(hs[0], _Tensor) or hs[0].dim() != 2:
+            or (type(hs) is not list and type(hs) is not tuple) or not hs or not isinstance(hs[0], _Tensor):
         return False
-    dtype, device, batch = hs[0].dtype, hs[0].device, hs[0].shape[0]
-    if not dtype.is_floating_point:
+    first = hs[0]
+    dtype, device, shape = first.dtype, first.device, first.shape
+    if not dtype.is_floating_point or len(shape) != 2:
         return False
-    in_features = 0
-    for h in hs:
-        if not isinstance(h, _Tensor) or h.dtype != dtype or h.device != device or h.dim() != 2 \
-                or h.shape[0] != batch:
+    batch, in_features = shape
+    for h in hs[1:]:
+        if not isinstance(h, _Tensor) or h.dtype is not dtype or h.device != device:
             return False
-        in_features += h.shape[1]
+        shape = h.shape
+        if len(shape) != 2 or shape[0] != batch:
+            return False
+        in_features += shape[1]
     return _linear_ok(weight, bias, in_features, dtype, device)
 
 

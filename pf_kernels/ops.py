@@ -17,10 +17,16 @@ from . import _validation as checks
 from ._dispatch import get_impl, resolve_backend
 
 _AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+_any_autocast = torch._C._is_any_autocast_enabled
+_is_compiling = torch.compiler.is_compiling
 
 
 def _autocast_dtype(t) -> Optional[torch.dtype]:
     """The dtype autocast asks of a matmul on t's device, or None where autocast is off there."""
+    # One C call answers for nearly every eager call (~0.2 us, where t.device.type alone is ~0.5 us);
+    # under torch.compile the per-device query below is what dynamo folds into a guard.
+    if not _is_compiling() and not _any_autocast():
+        return None
     if not isinstance(t, torch.Tensor):
         return None  # validation names the bad argument
     device_type = t.device.type
@@ -42,12 +48,15 @@ def _cast_all(items, dtype: torch.dtype):
     return items  # not a sequence: validation names it
 
 
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: nothing to build per call
+
+
 def _autocast_off(backend_name: str, device: torch.device, cast: Optional[torch.dtype]):
     # The reference's fp32 matmuls would be recast by autocast; the compiled kernels keep autocast
     # out of their own ATen calls themselves (and a context manager costs ~15 us).
     if cast is not None and backend_name == "torch":
         return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+    return _NO_CONTEXT
 
 
 def backproj_concat(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,

@@ -102,14 +102,34 @@ def test_direct_calls_of_the_cpp_ops_check_their_arguments():
 
 
 def test_inference_mode_and_no_grad():
-    x, z, w, b = backproj_inputs(2, (3,), 4, 5, 6, True)
-    hs, hw, hb = fusion_inputs(2, (3, 4), 5)
+    # The C++ ops skip building an autograd node where nothing needs a gradient: same values, no
+    # history, and a node again as soon as one input requires grad.
+    x, z, w, b = backproj_inputs(2, (3,), 4, 5, 6, True, requires_grad=False)
+    hs, hw, hb = fusion_inputs(2, (3, 4), 5, requires_grad=False)
+    p, pw = torch.randn(2, 3, 7), torch.randn(7, 6)
+    calls = [(lambda: pk.backproj_concat(x, z, w, b, backend=BACKEND), lambda: reference.backproj_concat(x, z, w, b)),
+             (lambda: pk.fusion_head(hs, hw, hb, backend=BACKEND), lambda: reference.fusion_head(hs, hw, hb)),
+             (lambda: pk.context_linear(p, z, w, b, pw, "relu", "gelu", backend=BACKEND),
+              lambda: reference.context_linear(p, z, w, b, pw, "relu", "gelu"))]
+    for leaf in (z, hw, pw):
+        leaf.requires_grad_(True)
     for mode in (torch.no_grad, torch.inference_mode):
-        with mode():
-            out = pk.backproj_concat(x, z, w, b, backend=BACKEND)
-            torch.testing.assert_close(out, reference.backproj_concat(x, z, w, b))
-            torch.testing.assert_close(pk.fusion_head(hs, hw, hb, backend=BACKEND),
-                                       reference.fusion_head(hs, hw, hb))
+        for call, ref in calls:
+            with mode():
+                out = call()
+            assert out.grad_fn is None and not out.requires_grad
+            torch.testing.assert_close(out, ref().detach())
+    for leaf in (z, hw, pw):
+        leaf.requires_grad_(False)
+    for call, ref in calls:
+        assert call().grad_fn is None  # no input requires grad
+    z.requires_grad_(True)
+    out = calls[2][0]()
+    assert out.grad_fn is not None
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, z, grad)
+    (want,) = torch.autograd.grad(calls[2][1](), z, grad)
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

@@ -29,9 +29,15 @@ at::Tensor gather_inputs(at::TensorList hs, int64_t in_features, at::ScalarType 
   return gathered;
 }
 
+// t in dtype: t itself where it already is (a no-op .to is still a dispatcher call, which counts
+// at the launch-bound sizes this op is for).
+at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
 at::Tensor pre_activation(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                           at::ScalarType acc) {
-  return has_bias(bias) ? at::addmm(bias->to(acc), h, w.t()) : at::mm(h, w.t());
+  return has_bias(bias) ? at::addmm(as_type(*bias, acc), h, w.t()) : at::mm(h, w.t());
 }
 
 at::Tensor fusion_head_cpu(at::TensorList hs, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -41,9 +47,9 @@ at::Tensor fusion_head_cpu(at::TensorList hs, const at::Tensor& weight, const c1
   const at::ScalarType dtype = hs[0].scalar_type(), acc = at::toOpMathType(dtype);
   // One GEMM over the gathered inputs (beats K thin ones on a CPU), bias in the GEMM, then the
   // activation in place: no intermediate beyond the gathered input.
-  at::Tensor y = pre_activation(gather_inputs(hs, in_features, acc), weight.to(acc), bias, acc);
+  at::Tensor y = pre_activation(gather_inputs(hs, in_features, acc), as_type(weight, acc), bias, acc);
   activate_inplace(y, act);
-  return y.to(dtype);
+  return as_type(y, dtype);
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward_cpu(
@@ -52,26 +58,27 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward
   const int64_t in_features = check_fusion_head_backward(grad_out, hs, weight, bias, out);
   const Activation act = parse_activation(std::string(activation_name));
   const at::ScalarType dtype = hs[0].scalar_type(), acc = at::toOpMathType(dtype);
-  const at::Tensor h = gather_inputs(hs, in_features, acc), w = weight.to(acc);
+  const at::Tensor h = gather_inputs(hs, in_features, acc), w = as_type(weight, acc);
 
   // act' from the saved output where it holds act(y) exactly (fp32/fp64), as eager PyTorch does;
   // from y (one small GEMM) for gelu and for 16-bit outputs, whose rounding loses 1 - a^2 near
   // saturation.
   const bool from_y = act == Activation::Gelu || dtype != acc;
-  at::Tensor grad_y = grad_out.to(acc);
+  at::Tensor grad_y = as_type(grad_out, acc);
   if (act != Activation::None) {
     grad_y = activation_backward(grad_y, from_y ? pre_activation(h, w, bias, acc) : out, act, from_y);
   }
-  // Each h_j's gradient is its own tensor, computed from its own block of the weight.
+  // Each h_j's gradient is its own tensor (outputs must not alias each other), computed from its
+  // own block of the weight.
   std::vector<at::Tensor> grad_hs;
   grad_hs.reserve(hs.size());
   int64_t offset = 0;
   for (const at::Tensor& hj : hs) {
-    grad_hs.push_back(at::mm(grad_y, w.narrow(1, offset, hj.size(1))).to(dtype));
+    grad_hs.push_back(as_type(at::mm(grad_y, w.narrow(1, offset, hj.size(1))), dtype));
     offset += hj.size(1);
   }
-  at::Tensor grad_weight = at::mm(grad_y.t(), h).to(dtype);
-  at::Tensor grad_bias = has_bias(bias) ? grad_y.sum(0).to(dtype) : at::empty({0}, grad_out.options());
+  at::Tensor grad_weight = as_type(at::mm(grad_y.t(), h), dtype);
+  at::Tensor grad_bias = has_bias(bias) ? as_type(grad_y.sum(0), dtype) : at::empty({0}, grad_out.options());
   return {grad_hs, grad_weight, grad_bias};
 }
 
