@@ -575,3 +575,29 @@ def test_offsets_beyond_int32():
     done = subprocess.run([sys.executable, "-c", _WIDE_OFFSETS, DEVICE], env=env, capture_output=True,
                           text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-4000:]
+
+
+def test_repeat_launches_take_the_config_chosen_first(monkeypatch):
+    # A key's first launch goes through triton's autotuner, which chooses; later launches of that
+    # key (same size classes and dtypes) skip it and run the chosen config: same results.
+    common = importlib.import_module("pf_kernels.triton._common")
+    tuner_runs = []
+    autotuner = importlib.import_module("triton.runtime.autotuner").Autotuner
+    original = autotuner.run
+    monkeypatch.setattr(autotuner, "run", lambda self, *a, **k: tuner_runs.append(self) or original(self, *a, **k))
+    kernels = [t.tuner() for t in common.TUNED]
+    for kernel in kernels:
+        monkeypatch.setattr(kernel, "pf_chosen", {})
+    hs, w, b = fusion_inputs(5, (3, 6), 7, dtype=torch.float32, device=DEVICE)
+    want = reference.fusion_head(hs, w, b, "gelu")
+    for _ in range(3):
+        torch.testing.assert_close(pk.fusion_head(hs, w, b, "gelu", backend=BACKEND), want)
+    assert len(tuner_runs) == 1
+    chosen = [k for k in kernels if k.pf_chosen]
+    assert len(chosen) == 1 and len(chosen[0].pf_chosen) == 1
+    # another dtype is another key: the autotuner chooses again
+    hs16, w16, b16 = [h.to(torch.bfloat16) for h in hs], w.to(torch.bfloat16), b.to(torch.bfloat16)
+    for _ in range(2):
+        torch.testing.assert_close(pk.fusion_head(hs16, w16, b16, "gelu", backend=BACKEND).float(), want,
+                                   rtol=3e-2, atol=3e-2)
+    assert len(tuner_runs) == 2

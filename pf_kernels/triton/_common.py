@@ -147,6 +147,9 @@ class Tuned:
         if tuner is None:
             chosen = self.configs if i is None else [self.configs[i]]
             tuner = self._tuners[i] = triton.autotune(chosen, key=self.key)(self.kernel)
+            names = list(tuner.arg_names)
+            tuner.pf_key_slots = [(names.index(k), k) for k in self.key]
+            tuner.pf_chosen = {}  # autotune key -> the config the autotuner chose (see _run)
         return tuner
 
     def __repr__(self):
@@ -196,6 +199,23 @@ def size_class(*sizes) -> int:
     return key
 
 
+def cdiv(n, d):
+    """ceil(n / d) in host code, for ints and torch.compile's symbolic sizes. Not triton.cdiv: a
+    constexpr function since Triton 3.6, it costs microseconds a call, and grids take several."""
+    return (n + d - 1) // d
+
+
+def smax(a, b):
+    """max of two host sizes: plain for ints, torch.sym_max for torch.compile's symbolic sizes (on
+    which max() would add a guard). torch.sym_max on ints costs microseconds a call."""
+    return (a if a >= b else b) if type(a) is int and type(b) is int else torch.sym_max(a, b)
+
+
+def smin(a, b):
+    """min of two host sizes, as smax."""
+    return (a if a <= b else b) if type(a) is int and type(b) is int else torch.sym_min(a, b)
+
+
 def check_grid(name: str, grid: Sequence) -> None:
     """ValueError when a grid exceeds CUDA's limits (the launch would fail with 'invalid argument')."""
     for axis, (n, limit) in enumerate(zip(grid, GRID_LIMITS)):
@@ -234,12 +254,34 @@ def launch(tuned: Tuned, grid, *args, **kwargs) -> None:
     _run(kernel, grid, args, kwargs, device)
 
 
+def _autotune_key(tuner, args, kwargs) -> tuple:
+    """What triton's autotuner keys its choice on: the key arguments' values and every tensor
+    argument's dtype."""
+    values = tuple(args[i] if i < len(args) else kwargs[k] for i, k in tuner.pf_key_slots)
+    return values + tuple(a.dtype for a in args if isinstance(a, torch.Tensor)) \
+        + tuple(a.dtype for a in kwargs.values() if isinstance(a, torch.Tensor))
+
+
 def _run(kernel, grid, args, kwargs, device) -> None:
     # Interpreted kernels are called as they are: wrap_triton cannot take them (torch 2.11 fails on
-    # them), and the interpreter's ops are opaque custom_ops anyway (see define_op).
+    # them), and the interpreter's ops are opaque custom_ops anyway (see define_op). wrap_triton
+    # returns the kernel itself where the op runs on real tensors, not traced.
     fn = kernel if INTERPRET else torch.library.wrap_triton(kernel)
+    chosen = getattr(kernel, "pf_chosen", None) if fn is kernel else None
     with device_guard(device):
-        fn[grid](*args, **kwargs)
+        if chosen is None:
+            fn[grid](*args, **kwargs)
+            return
+        key = _autotune_key(kernel, args, kwargs)
+        config = chosen.get(key)
+        if config is None:  # the first launch of this key: the autotuner picks (benchmarks) and runs
+            kernel[grid](*args, **kwargs)
+            chosen[key] = kernel.best_config
+            return
+        # The config chosen before, straight to the JIT function: triton's autotuner spends ~100 us
+        # of host time per launch with this backend's many arguments (it rebuilds its key from a dict
+        # of all of them), more than the kernels take on a GPU at launch-bound sizes.
+        kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **config.all_kwargs())
 
 
 def pointer_slots(tensors: Sequence[torch.Tensor], n: int, like: torch.Tensor) -> List[torch.Tensor]:

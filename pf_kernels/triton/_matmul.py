@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from ._activations import act
-from ._common import INTERPRET, act_code, autotune, dot_precision, launch, size_class
+from ._common import INTERPRET, act_code, autotune, cdiv, dot_precision, launch, size_class
 
 # Triton 3.9's interpreter multiplies bf16 operands as their raw uint16 bits in tl.dot; there we
 # upcast them to fp32 (exact products, fp32 accumulation as on the GPU). Compiled kernels never do.
@@ -88,7 +88,7 @@ def mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, bias: Optional[
         return c
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+        return (cdiv(M, meta["BM"]) * cdiv(N, meta["BN"]),)
 
     launch(mm_tuned_fp32 if b.dtype == torch.float32 else mm_tuned, grid,
            a, b, c, bias if bias is not None else c.new_empty((0,)), M, N, K,

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._activations import act_grad
-from ._common import act_code, autotune, define_op, launch, positions, size_class
+from ._common import act_code, autotune, cdiv, define_op, launch, positions, size_class, smax, smin
 from ._matmul import mm, mm_tuned, mm_tuned_fp32
 
 FILL_CONFIGS = [  # 8 elements per thread: a copy needs occupancy, not big tiles
@@ -122,7 +122,7 @@ def launch_forward(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
     R = B * P
 
     def grid(meta):
-        return (triton.cdiv(R, meta["BLOCK_R"]),)
+        return (cdiv(R, meta["BLOCK_R"]),)
 
     launch(backproj_fill, grid, x3, ctx, out, R, P, S1, S2, Dx, Dc,
            x3.stride(0), s0, s1, s2, x3.stride(-1), size_class(B, P, Dx, Dc), ROWS64=R >= 2 ** 31 - 1024)
@@ -140,12 +140,12 @@ def _forward_fake(x, z, weight, bias, activation):
 
 
 def chunks(B: int, P: int, Dc: int) -> Tuple[int, int]:
-    """(number of chunks, positions per chunk) of the position sum. torch.sym_min/max: symbolic
+    """(number of chunks, positions per chunk) of the position sum. smin/smax: symbolic
     sizes under torch.compile stay symbolic (no guard, no recompile per batch size)."""
-    per_chunk = torch.sym_max(B * triton.cdiv(Dc, 64), 1)  # programs per chunk, about
-    n = torch.sym_max(1, torch.sym_min(triton.cdiv(P, MIN_CHUNK), REDUCE_PROGRAMS // per_chunk))
-    size = triton.cdiv(P, n)
-    return torch.sym_max(1, triton.cdiv(P, torch.sym_max(size, 1))), size  # P = 0: one empty chunk
+    per_chunk = smax(B * cdiv(Dc, 64), 1)  # programs per chunk, about
+    n = smax(1, smin(cdiv(P, MIN_CHUNK), REDUCE_PROGRAMS // per_chunk))
+    size = cdiv(P, n)
+    return smax(1, cdiv(P, smax(size, 1))), size  # P = 0: one empty chunk
 
 
 def _reduce(g: torch.Tensor, pre: torch.Tensor, out: torch.Tensor, x_features: int, Dc: int,
@@ -156,7 +156,7 @@ def _reduce(g: torch.Tensor, pre: torch.Tensor, out: torch.Tensor, x_features: i
     P = S0 * S1 * S2
 
     def grid(meta):
-        return (B * n_chunks * triton.cdiv(Dc, meta["BLOCK_C"]),)
+        return (B * n_chunks * cdiv(Dc, meta["BLOCK_C"]),)
 
     launch(backproj_reduce, grid, g3, pre, out, P, chunk, n_chunks, S1, S2, x_features, Dc,
            g3.stride(0), s0, s1, s2, g3.stride(-1), size_class(B, P, Dc),

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._activations import act, act_grad
-from ._common import act_code, autotune, define_op, launch, positions, size_class
+from ._common import act_code, autotune, cdiv, define_op, launch, positions, size_class
 from ._matmul import mm, mm_tuned, mm_tuned_fp32
 from .backproj_concat import (_backward as backproj_backward, _reduce as backproj_reduce_stage,
                               backproj_reduce, chunks, position_offsets)
@@ -128,7 +128,7 @@ def _forward(p: torch.Tensor, z: torch.Tensor, bp_weight: torch.Tensor, bp_bias:
     R = B * P
 
     def grid(meta):
-        return (triton.cdiv(R, meta["BLOCK_R"]),)
+        return (cdiv(R, meta["BLOCK_R"]),)
 
     launch(context_add, grid, p3, term, out, R, P, S1, S2, H, p3.stride(0), s0, s1, s2, p3.stride(-1),
            size_class(B, P, H), OUT_ACT=act_code(out_activation), ROWS64=R >= 2 ** 31 - 1024)
@@ -157,7 +157,7 @@ def _grad_context(grad_out: torch.Tensor, saved: Optional[torch.Tensor], term: t
                                                      device=grad_out.device)
 
     def grid(meta):
-        return (B * n_chunks * triton.cdiv(H, meta["BLOCK_H"]),)
+        return (B * n_chunks * cdiv(H, meta["BLOCK_H"]),)
 
     launch(context_reduce, grid, g3, s3, term, grad_p, target, P, chunk, n_chunks, S1, S2, T1, T2, H,
            g3.stride(0), g0, g1, g2, g3.stride(-1), s3.stride(0), t0, t1, t2, s3.stride(-1),

@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from ._activations import act, act_grad
-from ._common import (act_code, autotune, define_op, dot_precision, launch, pointer_slots, scalar_slots,
-                      size_class)
+from ._common import (act_code, autotune, cdiv, define_op, dot_precision, launch, pointer_slots,
+                      scalar_slots, size_class, smax)
 from ._matmul import dot, dot_split
 
 MAX_K = 8
@@ -279,7 +279,7 @@ def launch_forward(hs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[
     dims = [h.shape[1] for h in hs]
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+        return (cdiv(M, meta["BM"]) * cdiv(N, meta["BN"]),)
 
     launch(fusion_fwd_fp32 if out.dtype == torch.float32 else fusion_fwd, grid,
            *pointer_slots(hs, MAX_K, hs[0]), *scalar_slots(dims, MAX_K, 0),
@@ -335,7 +335,7 @@ def backward(grad_out: torch.Tensor, hs: List[torch.Tensor], weight: torch.Tenso
     key = size_class(M, N, sum(dims))
     if M > 0 and sum(dims) > 0:
         def grid_h(meta):
-            return (triton.cdiv(M, meta["BM"]) * sum(triton.cdiv(d, meta["BK"]) for d in dims),)
+            return (cdiv(M, meta["BM"]) * sum(cdiv(d, meta["BK"]) for d in dims),)
 
         launch(fusion_grad_h_fp32 if dtype == torch.float32 else fusion_grad_h, grid_h,
                *pointer_slots(grad_hs, MAX_K, grad_hs[0]), *scalar_slots(dims, MAX_K, 0),
@@ -343,7 +343,7 @@ def backward(grad_out: torch.Tensor, hs: List[torch.Tensor], weight: torch.Tenso
                weight.stride(0), weight.stride(1), key, K=K, ACT=act_id, PREC=prec)
     if N > 0:
         def grid_w(meta):
-            return (triton.cdiv(N, meta["BN"]) * torch.sym_max(1, sum(triton.cdiv(d, meta["BK"]) for d in dims)),)
+            return (cdiv(N, meta["BN"]) * smax(1, sum(cdiv(d, meta["BK"]) for d in dims)),)
 
         launch(fusion_grad_w_fp32 if dtype == torch.float32 else fusion_grad_w, grid_w,
                *pointer_slots(hs, MAX_K, hs[0]), *scalar_slots(dims, MAX_K, 0),

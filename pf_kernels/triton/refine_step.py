@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from ._activations import act
-from ._common import (act_code, autotune, define_op, dot_precision, launch, pointer_slots, positions,
-                      scalar_slots, size_class)
+from ._common import (act_code, autotune, cdiv, define_op, dot_precision, launch, pointer_slots,
+                      positions, scalar_slots, size_class, smax, smin)
 from ._matmul import dot
 from .backproj_concat import backproj_concat_backward_op, backproj_concat_op, position_offsets
 from .fusion_head import (MAX_K, fusion_head_backward_op, fusion_head_op, head_tile, needs_grad,
@@ -183,10 +183,10 @@ def _forward(hs: List[torch.Tensor], head_weight: torch.Tensor, head_bias: Optio
     bias_mask = sum(1 << j for j, b in enumerate(bp_biases) if b is not None)
 
     def grid(meta):
-        rows = triton.cdiv(M, meta["BM"])
-        blocks = functools.reduce(torch.sym_max, [triton.cdiv(s[0] * s[1] * s[2], meta["BP"]) for s in sizes])
+        rows = cdiv(M, meta["BM"])
+        blocks = functools.reduce(smax, [cdiv(s[0] * s[1] * s[2], meta["BP"]) for s in sizes])
         # enough programs to fill a large GPU (a few hundred), never more than position blocks
-        return (rows, torch.sym_max(1, torch.sym_min(blocks, triton.cdiv(512, rows))))
+        return (rows, smax(1, smin(blocks, cdiv(512, rows))))
 
     launch(refine_step_tuned_fp32 if dtype == torch.float32 else refine_step_tuned, grid,
            *pointer_slots(hs, MAX_K, hs[0]), *scalar_slots(dims, MAX_K, 0),
@@ -212,7 +212,7 @@ def _forward(hs: List[torch.Tensor], head_weight: torch.Tensor, head_bias: Optio
            *scalar_slots([w.stride(0) for w in bp_weights], MAX_MODALITIES, 0),
            *scalar_slots([w.stride(1) for w in bp_weights], MAX_MODALITIES, 0),
            *scalar_slots([b.stride(0) if b is not None else 0 for b in bp_biases], MAX_MODALITIES, 0),
-           size_class(M, Dz, sum(dims), functools.reduce(torch.sym_max, [s[0] * s[1] * s[2] for s in sizes])),
+           size_class(M, Dz, sum(dims), functools.reduce(smax, [s[0] * s[1] * s[2] for s in sizes])),
            K=len(hs), H_UNIT=unit_feature_strides(hs), NMOD=n, HAS_HEAD_BIAS=head_bias is not None, BIAS_MASK=bias_mask,
            HEAD_ACT=act_code(head_activation), ACT=act_code(backproj_activation), SAVE_PRE=keep,
            PREC=dot_precision(dtype), BZ=max(16, triton.next_power_of_2(Dz)))
