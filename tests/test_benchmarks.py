@@ -147,3 +147,21 @@ def test_compare_and_markdown_read_saved_runs(tmp_path):
     assert text.count("slower") >= 2 and "10.00x time" in text
     table = report.markdown(old)
     assert "| `backproj_concat` | fwd | fp32 |" in table
+
+
+def test_triton_host_time_runs_with_a_stand_in_driver():
+    # Its own process: the stand-in must be Triton's driver before pf_kernels.triton is imported.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PF_KERNELS_TRITON_CONFIG",
+                                                            "PF_KERNELS_TRITON_AUTOTUNE")}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.triton_host", "--ops", "fusion_head", "--calls", "3"],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("fusion_head"))
+    # one launch forward; backward: act' and grad_h in one kernel, grad_weight/grad_bias in another
+    assert " fwd " in line and "1 launches" in line and "3 launches" in line, line

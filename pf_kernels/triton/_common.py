@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -266,7 +267,7 @@ def _run(kernel, grid, args, kwargs, device) -> None:
     # Interpreted kernels are called as they are: wrap_triton cannot take them (torch 2.11 fails on
     # them), and the interpreter's ops are opaque custom_ops anyway (see define_op). wrap_triton
     # returns the kernel itself where the op runs on real tensors, not traced.
-    fn = kernel if INTERPRET else torch.library.wrap_triton(kernel)
+    fn = kernel if INTERPRET or getattr(_eager, "on", False) else torch.library.wrap_triton(kernel)
     chosen = getattr(kernel, "pf_chosen", None) if fn is kernel else None
     with device_guard(device):
         if chosen is None:
@@ -349,8 +350,9 @@ def positions(t: torch.Tensor) -> Tuple[torch.Tensor, List[int], List[int]]:
     return t, [m[0] for m in merged] + [1] * pad, [m[1] for m in merged] + [0] * pad
 
 
-def define_op(name: str, impl: Callable, fake: Callable, kernels: Sequence[Tuned] = ()):
+def define_op(name: str, impl: Callable, fake: Callable, kernels: Sequence[Tuned] = ()) -> "TritonOp":
     """Registers impl as the op pf_kernels_triton::name; `kernels` are the Tuned kernels it launches.
+    Returns the op as this backend calls it (TritonOp).
 
     On the GPU: torch.library.triton_op, so torch.compile sees the kernels (wrap_triton); its fake
     implementation is impl itself run on fake tensors, so impl must read no tensor data (only
@@ -363,7 +365,7 @@ def define_op(name: str, impl: Callable, fake: Callable, kernels: Sequence[Tuned
     if INTERPRET:
         op = torch.library.custom_op(qualname, impl, mutates_args=())
         op.register_fake(fake)
-        return op
+        return TritonOp(op, impl)
     op = torch.library.triton_op(qualname, impl, mutates_args=())
     # torch finds an op's kernels by reading impl's source for wrap_triton(<name>) calls, which
     # `launch` hides; AOTAutograd's cache hashes the kernels' source through this table, so that
@@ -371,4 +373,114 @@ def define_op(name: str, impl: Callable, fake: Callable, kernels: Sequence[Tuned
     table = getattr(getattr(torch._library, "triton", None), "triton_ops_to_kernels", None)
     if isinstance(table, dict):
         table[qualname] = [t.kernel for t in kernels]
-    return op
+    return TritonOp(op, impl)
+
+
+_eager = threading.local()  # .on: launches of an eager call (no wrap_triton; see TritonOp)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+@contextlib.contextmanager
+def _eager_launches() -> Iterator[None]:
+    previous, _eager.on = getattr(_eager, "on", False), True
+    try:
+        yield
+    finally:
+        _eager.on = previous
+
+
+def _flat(args) -> list:
+    flat = []
+    for a in args:
+        if type(a) is list:
+            flat.extend(a)
+        else:
+            flat.append(a)
+    return flat
+
+
+def _nest(layout: Tuple[int, ...], flat) -> list:
+    """The inverse of _flat: layout[i] is the length of argument i where it is a list, else -1."""
+    args, i = [], 0
+    for n in layout:
+        if n < 0:
+            args.append(flat[i])
+            i += 1
+        else:
+            args.append(list(flat[i:i + n]))
+            i += n
+    return args
+
+
+class TritonOp:
+    """An op of this backend, called as the registered op is.
+
+    Eager calls on plain tensors run impl directly, under a torch.autograd.Function where a gradient
+    is needed, with the same autograd contract as torch.library's (setup_context and backward see
+    the op's inputs and outputs, lists included): torch.library's custom-op layers (redispatch,
+    pytree flattening, a frame with dynamo disabled) cost more host time per call than the kernels
+    take on a GPU at small sizes. torch.compile, fake tensors, dispatch and torch-function modes,
+    functorch transforms and tensor subclasses go through the registered op, which they see.
+    """
+
+    def __init__(self, op, impl: Callable):
+        self.op, self.impl = op, impl
+        self.backward_fn: Optional[Callable] = None
+        self.setup_context_fn: Optional[Callable] = None
+
+    def register_autograd(self, backward: Callable, setup_context: Callable) -> None:
+        self.op.register_autograd(backward, setup_context=setup_context)
+        self.backward_fn, self.setup_context_fn = backward, setup_context
+
+    def __call__(self, *args):
+        flat = _flat(args)
+        if not _eager_call(flat):
+            return self.op(*args)
+        if torch.is_grad_enabled() and any(type(t) in _PLAIN and t.requires_grad for t in flat):
+            if self.backward_fn is None:
+                return self.op(*args)  # torch.library's own behaviour for an op without autograd
+            layout = tuple(len(a) if type(a) is list else -1 for a in args)
+            listed = []  # forward says whether impl returned a list (apply returns it as a tuple)
+            result = _EagerAutograd.apply((self, layout, listed), *flat)
+            return list(result) if listed[0] else result
+        with _eager_launches():
+            return self.impl(*args)
+
+
+def _eager_call(flat) -> bool:
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() \
+            or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(type(t) in _PLAIN for t in flat if isinstance(t, torch.Tensor))
+
+
+class _EagerAutograd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, call: tuple, *flat):
+        entry, layout, listed = call
+        args = _nest(layout, flat)
+        with _eager_launches():
+            result = entry.impl(*args)
+        entry.setup_context_fn(ctx, tuple(args), result)
+        ctx.pf_entry, ctx.pf_layout, ctx.pf_listed = entry, layout, type(result) is list
+        listed.append(ctx.pf_listed)
+        return tuple(result) if ctx.pf_listed else result
+
+    @staticmethod
+    def backward(ctx, *grads):
+        entry, layout = ctx.pf_entry, ctx.pf_layout
+        needs = ctx.needs_input_grad
+        ctx.needs_input_grad = tuple(_nest(layout, needs[1:]))
+        try:
+            result = entry.backward_fn(ctx, list(grads)) if ctx.pf_listed else entry.backward_fn(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = needs
+        if type(result) is not tuple:
+            result = (result,)
+        flat = [None]  # the call tuple's
+        for n, grad in zip(layout, result):
+            if n < 0:
+                flat.append(grad)
+            else:
+                flat.extend(grad if grad is not None else [None] * n)
+        return tuple(flat)
