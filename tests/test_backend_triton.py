@@ -601,3 +601,26 @@ def test_repeat_launches_take_the_config_chosen_first(monkeypatch):
         torch.testing.assert_close(pk.fusion_head(hs16, w16, b16, "gelu", backend=BACKEND).float(), want,
                                    rtol=3e-2, atol=3e-2)
     assert len(tuner_runs) == 2
+
+
+def test_eager_calls_skip_the_registered_op(monkeypatch):
+    # Eager calls run the launcher directly (TritonOp); fake tensors (as torch.compile traces) go
+    # through the registered op.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    fh = importlib.import_module("pf_kernels.triton.fusion_head")
+    registered = []
+    for entry in (fh.fusion_head_op, fh.fusion_head_backward_op):
+        real = entry.op
+        monkeypatch.setattr(entry, "op", lambda *a, real=real: registered.append(real) or real(*a))
+    hs, w, b = fusion_inputs(4, (3, 5), 6, dtype=torch.float32, device=DEVICE)
+    out = pk.fusion_head(hs, w, b, "tanh", backend=BACKEND)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [*hs, w, b], grad)
+    want = torch.autograd.grad(reference.fusion_head(hs, w, b, "tanh"), [*hs, w, b], grad)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    assert registered == []
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (*hs, w, b)]
+        pk.fusion_head(fake[:2], fake[2], fake[3], "tanh", backend=BACKEND)
+    assert len(registered) == 1
