@@ -15,7 +15,6 @@ Run: python python/swap_into_model.py [--device cpu|cuda] [--batch 256] [--round
      [--steps 3] [--threads N]
 """
 import argparse
-import collections
 import copy
 import statistics
 import time
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pf_kernels
-from pf_kernels import ops
+from pf_kernels.convert import count_fused_calls
 
 
 class MLP(nn.Module):
@@ -109,27 +108,6 @@ def build(dims=(32, 16, 8), context=16, hidden=64, fused=64, steps=3):
                            fused, [context] * len(dims), steps)
 
 
-def fused_calls_per_forward(model, inputs):
-    """Calls of pf_kernels.ops.fusion_head / .backproj_concat / .context_linear in one forward."""
-    counts = collections.Counter()
-    originals = {name: getattr(ops, name) for name in ("fusion_head", "backproj_concat", "context_linear")}
-
-    def counted(name, function):
-        def call(*args, **kwargs):
-            counts[name] += 1
-            return function(*args, **kwargs)
-        return call
-
-    for name, function in originals.items():
-        setattr(ops, name, counted(name, function))
-    try:
-        model(inputs)
-    finally:
-        for name, function in originals.items():
-            setattr(ops, name, function)
-    return dict(counts)
-
-
 def max_differences(reference, converted, inputs, target):
     out_ref, out = reference(inputs), converted(inputs)
     loss_ref, loss = F.cross_entropy(out_ref, target), F.cross_entropy(out, target)
@@ -185,7 +163,8 @@ def main():
           f"{torch.get_num_threads()} CPU thread(s)\n")
     _, report = pf_kernels.convert(model, backend=args.backend, example_inputs=(inputs,))
     print(report)
-    calls = fused_calls_per_forward(model, inputs)
+    with count_fused_calls() as calls:
+        model(inputs)
     print("\nfused calls per forward: " + ", ".join(f"{op} {n}" for op, n in calls.items()))
     diffs = max_differences(reference, model, inputs, target)
     print("max |difference| to the unconverted model: " + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))

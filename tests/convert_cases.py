@@ -7,8 +7,6 @@ adds backward connections by hand. The code is ours.
 """
 from __future__ import annotations
 
-import contextlib
-from collections import Counter
 from typing import List, Sequence
 
 import pytest
@@ -18,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import pf_kernels as pk
-from pf_kernels import ops
 
 
 # --- encoders ---------------------------------------------------------------------------------
@@ -308,28 +305,6 @@ def cpu_backends():
     if info["triton"]["available"] and "cpu" in info["triton"]["devices"]:
         names.append("triton")
     return names
-
-
-@contextlib.contextmanager
-def counting_fused_calls():
-    """Counts the calls of pf_kernels.ops.fusion_head, .backproj_concat and .context_linear (what
-    converted graphs call) while the block runs. (An x_projection site calls no op: ops_calls.)"""
-    counts: Counter = Counter()
-    originals = {name: getattr(ops, name) for name in ("fusion_head", "backproj_concat", "context_linear")}
-
-    def counted(name, function):
-        def call(*args, **kwargs):
-            counts[name] += 1
-            return function(*args, **kwargs)
-        return call
-
-    for name, function in originals.items():
-        setattr(ops, name, counted(name, function))
-    try:
-        yield counts
-    finally:
-        for name, function in originals.items():
-            setattr(ops, name, function)
 
 
 def ops_calls(counts):

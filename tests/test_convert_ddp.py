@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import pf_kernels as pk
-from tests.convert_cases import counting_fused_calls, small_progressive_inputs, small_progressive_model
+from pf_kernels.convert import count_fused_calls
+from tests.convert_cases import small_progressive_inputs, small_progressive_model
 
 WORLD = 2
 STEPS = 3
@@ -42,7 +43,7 @@ def _worker(rank, port, out_dir):
             (inputs,), target = small_progressive_inputs(), torch.randint(0, 2, (4,))
             for net, optimizer in ((ddp_ref, opt_ref), (ddp, opt)):
                 optimizer.zero_grad()
-                with counting_fused_calls() as counted:
+                with count_fused_calls() as counted:
                     loss = torch.nn.functional.cross_entropy(net(inputs), target)
                 loss.backward()
                 if net is ddp:

@@ -10,8 +10,9 @@ from torch import nn
 
 import pf_kernels as pk
 from pf_kernels.convert.rewrite import FusedCalls
+from pf_kernels.convert import count_fused_calls
 from tests.convert_cases import fresh_dynamo  # noqa: F401  (a fixture)
-from tests.convert_cases import assert_same_model, counting_fused_calls, cpu_backends, ops_calls
+from tests.convert_cases import assert_same_model, cpu_backends, ops_calls
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 BACKENDS = [b for b in ("torch", "cpu") if b in cpu_backends()]
@@ -85,7 +86,7 @@ def _convert_and_check(model, expected, backend, projections, projections_per_fo
     for _ in range(2):  # fresh inputs: the captured graph serves them all
         args = _inputs()
         projections.clear()
-        with counting_fused_calls() as calls:
+        with count_fused_calls() as calls:
             assert_same_model(reference, model, args)
         assert dict(calls) == ops_calls(expected), str(report)
         assert len(projections) == projections_per_forward, str(report)
@@ -142,7 +143,7 @@ def test_activation_fused_or_not_and_no_bias(activation, fused, bias, projection
     assert all(line.split(": ", 1)[1].startswith(f"{fused}(linear(" if fused else "linear(") for line in hoists), \
         str(report)
     assert all(("no bias" in line) != bias for line in hoists), str(report)
-    with counting_fused_calls() as calls:
+    with count_fused_calls() as calls:
         assert_same_model(reference, model, ([torch.randn(3, 4, 6), torch.randn(3, 5)],))
     assert dict(calls) == {"context_linear": 4, "fusion_head": 3}
 
@@ -188,7 +189,7 @@ def test_autocast_bf16_keeps_working():
     assert any("x's projection is not hoisted: the linear returns torch.bfloat16 from torch.float32 operands "
                "(autocast)" in line for line in report.left_alone), str(report)
     assert len(report.captures) == 2, str(report)
-    with counting_fused_calls() as calls:
+    with count_fused_calls() as calls:
         assert_same_model(reference, model, _inputs())
     assert calls["context_linear"] == 6
 

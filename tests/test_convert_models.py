@@ -15,10 +15,11 @@ import torch.utils._pytree
 from torch import nn
 
 import pf_kernels as pk
+from pf_kernels.convert import count_fused_calls
 from pf_kernels.nn import ProgressiveFusion
 from tests.convert_cases import fresh_dynamo  # noqa: F401  (a fixture)
 from tests.convert_cases import (MMDL, TanhProgressive, assert_same_model, conv_transformer_inputs,
-                                 conv_transformer_model, counting_fused_calls, cpu_backends,
+                                 conv_transformer_model, cpu_backends,
                                  late_fusion_inputs, late_fusion_model, progressive_inputs, progressive_model,
                                  ops_calls, small_progressive_inputs, small_progressive_model,
                                  tanh_progressive_inputs, tanh_progressive_model)
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 def _check_every_backend(model, reference, args, expected, backends=FAST_BACKENDS):
     for backend in backends:
         pk.convert(model, backend=backend)  # a converted model: switches backend, no new capture
-        with counting_fused_calls() as calls:
+        with count_fused_calls() as calls:
             assert_same_model(reference, model, args)
         assert dict(calls) == ops_calls(expected), backend
 
@@ -110,7 +111,7 @@ def test_encoders_ending_in_tanh_linear_keep_the_fusion_head():
                if line.startswith(("context_linear", "x_projection")))
     lost = [line for line in report.left_alone if "read as fusion_head instead" in line]
     assert not lost, str(report)  # the head's back-projection readings lose to the hoists, not to the head
-    with counting_fused_calls() as calls:
+    with count_fused_calls() as calls:
         assert_same_model(reference, model, args)
     assert dict(calls) == ops_calls(expected)
 
@@ -131,7 +132,7 @@ def test_on_cuda(make, inputs):
     # fp32 GEMMs in another order than cuBLAS's: a little more room than on CPU
     for backend in ["auto", "torch", *backends]:
         pk.convert(model, backend=backend)
-        with counting_fused_calls() as calls:
+        with count_fused_calls() as calls:
             assert_same_model(reference, model, args, rtol=1e-4, atol=2e-5)
         assert dict(calls) == ops_calls(expected), backend
 
@@ -166,7 +167,7 @@ def test_training_loop_that_reads_model_attributes():
     validation = (progressive_inputs(B=6)[0], torch.randint(0, 2, (6,)))
     pk.convert(model, example_inputs=(batches[0][0],))
     losses_ref, val_ref = _multibench_style_training(reference, batches, validation)
-    with counting_fused_calls() as calls:
+    with count_fused_calls() as calls:
         losses, val = _multibench_style_training(model, batches, validation)
     assert dict(calls) == {op: 4 * n for op, n in ops_calls(expected).items()}  # 3 steps and the validation
     torch.testing.assert_close(losses, losses_ref, rtol=1e-5, atol=1e-6)
@@ -181,7 +182,7 @@ def test_without_example_inputs_the_first_call_captures_and_batch_sizes_vary():
     _, report = pk.convert(model, backend="torch")
     assert not report.captures and "no forward captured yet" in str(report)
     for B in (4, 7, 3, 9):  # the second size recaptures with a symbolic batch size, once
-        with counting_fused_calls() as calls:
+        with count_fused_calls() as calls:
             assert_same_model(reference, model, tanh_progressive_inputs(B))
         assert dict(calls) == ops_calls(expected)
     assert len(report.captures) == 2 and "dynamic shapes" in report.captures[1], str(report)
@@ -198,7 +199,7 @@ def test_deepcopy_and_pickle_give_converted_models():
     for copied in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
         assert type(copied) is TanhProgressive and copied is not model
         assert copied.forward.module is copied  # converted, and converting itself, not the original
-        with counting_fused_calls() as calls:
+        with count_fused_calls() as calls:
             torch.testing.assert_close(copied(*args), expected_out)
         assert dict(calls) == ops_calls(expected)
         assert all(a is not b for a, b in zip(copied.parameters(), model.parameters()))

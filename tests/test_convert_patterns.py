@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import pf_kernels as pk
+from pf_kernels.convert import count_fused_calls
 from tests.convert_cases import fresh_dynamo  # noqa: F401  (a fixture)
-from tests.convert_cases import assert_same_model, counting_fused_calls, cpu_backends
+from tests.convert_cases import assert_same_model, cpu_backends
 
 BACKEND = "cpu" if "cpu" in cpu_backends() else "torch"
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
@@ -20,7 +21,7 @@ def _convert_and_check(model, args, expected, backend=BACKEND):
     reference = copy.deepcopy(model)
     _, report = pk.convert(model, backend=backend, example_inputs=args)
     assert report.counts == expected, str(report)
-    with counting_fused_calls() as calls:
+    with count_fused_calls() as calls:
         assert_same_model(reference, model, args)
     assert dict(calls) == expected, str(report)
     return report
@@ -202,3 +203,19 @@ def test_a_graph_break_is_reported_and_each_side_converted():
     args = (torch.randn(3, 4, 2), torch.randn(3, 3), torch.randn(3, 4))
     report = _convert_and_check(WithGraphBreak(), args, {"fusion_head": 1, "backproj_concat": 1})
     assert any("into 2 graphs (graph breaks" in line for line in report.left_alone), str(report)
+
+
+def test_count_fused_calls_counts_and_restores():
+    originals = (pk.ops.fusion_head, pk.ops.backproj_concat, pk.ops.context_linear)
+    hs, w = [torch.randn(2, 3), torch.randn(2, 4)], torch.randn(5, 7)
+    with count_fused_calls() as calls:
+        pk.ops.fusion_head(hs, w)
+        pk.ops.fusion_head(hs, w)
+        pk.ops.backproj_concat(torch.randn(2, 6, 3), torch.randn(2, 5), torch.randn(4, 5))
+    assert dict(calls) == {"fusion_head": 2, "backproj_concat": 1}
+    try:
+        with count_fused_calls():
+            raise KeyError("inside")
+    except KeyError:
+        pass
+    assert (pk.ops.fusion_head, pk.ops.backproj_concat, pk.ops.context_linear) == originals

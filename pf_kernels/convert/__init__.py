@@ -22,10 +22,10 @@ from torch import nn
 from .._dispatch import check_backend_name
 from ..nn import BackProjection, FusionHead, ProgressiveFusion
 from .capture import install, installed, run_example, uninstall
-from .report import ConversionReport, Converted
+from .report import ConversionReport, Converted, count_fused_calls
 from .rewrite import FusedCalls
 
-__all__ = ["convert", "unconvert", "Converted", "ConversionReport"]
+__all__ = ["convert", "unconvert", "Converted", "ConversionReport", "count_fused_calls"]
 
 
 def convert(model: nn.Module, backend: str = "auto", example_inputs: Optional[Any] = None,

@@ -1,11 +1,16 @@
 """What convert() did: every swap, every near-miss with its whole reason, every captured graph."""
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, NamedTuple
+from typing import Dict, Iterator, List, NamedTuple
 
 from torch import nn
+
+from .. import ops
+
+FUSED_OPS = ("fusion_head", "backproj_concat", "context_linear")
 
 
 @dataclass
@@ -52,3 +57,31 @@ class ConversionReport:
 class Converted(NamedTuple):
     model: nn.Module
     report: ConversionReport
+
+
+@contextlib.contextmanager
+def count_fused_calls() -> Iterator[Counter]:
+    """Counts the calls of the fused ops a converted model makes (pf_kernels.ops.fusion_head,
+    .backproj_concat, .context_linear) while the block runs, per op:
+
+        with count_fused_calls() as calls:
+            model(inputs)
+        print(dict(calls))   # e.g. {"fusion_head": 3, "context_linear": 6}
+
+    The check that a conversion took, in numbers; not for timing (each call is wrapped)."""
+    counts: Counter = Counter()
+    originals = {name: getattr(ops, name) for name in FUSED_OPS}
+
+    def counted(name, function):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return function(*args, **kwargs)
+        return call
+
+    for name, function in originals.items():
+        setattr(ops, name, counted(name, function))
+    try:
+        yield counts
+    finally:
+        for name, function in originals.items():
+            setattr(ops, name, function)
