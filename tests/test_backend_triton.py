@@ -624,3 +624,13 @@ def test_eager_calls_skip_the_registered_op(monkeypatch):
         fake = [mode.from_tensor(t) for t in (*hs, w, b)]
         pk.fusion_head(fake[:2], fake[2], fake[3], "tanh", backend=BACKEND)
     assert len(registered) == 1
+
+
+def test_jit_trace_records_the_op():
+    # torch.jit.trace sees ops, not Triton launches: a traced call must go through the registered op.
+    hs, w, b = fusion_inputs(2, (3, 4), 5, requires_grad=False, device=DEVICE)
+    traced = torch.jit.trace(lambda h0, h1, w_, b_: pk.fusion_head([h0, h1], w_, b_, "relu", backend=BACKEND),
+                             (*hs, w, b), check_trace=False)
+    assert "pf_kernels_triton::fusion_head" in [n.kind() for n in traced.graph.nodes()]
+    fresh = [torch.randn_like(h) for h in hs]
+    torch.testing.assert_close(traced(*fresh, w, b), reference.fusion_head(fresh, w, b))

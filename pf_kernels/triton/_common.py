@@ -449,7 +449,8 @@ class TritonOp:
 
 def _eager_call(flat) -> bool:
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() \
-            or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
+            or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None \
+            or torch._C._get_tracing_state() is not None:  # torch.jit.trace records the op, not its kernels
         return False
     return all(type(t) in _PLAIN for t in flat if isinstance(t, torch.Tensor))
 
