@@ -151,3 +151,19 @@ def test_activation_header_matches_torch(activation, dtype):
     torch.testing.assert_close(grad.double(), expected_grad, **tol)
     if activation != "gelu":  # gelu's derivative cannot be read off its output
         torch.testing.assert_close(grad_from_value.double(), expected_grad, **tol)
+
+
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
+    # The C++ ops have no jvp: a dual input must raise, not return an output without a tangent.
+    import torch.autograd.forward_ad as fwAD
+    x, z, w, b = backproj_inputs(2, (3,), 4, 5, 6, True, requires_grad=False)
+    hs, hw, hb = fusion_inputs(2, (3, 4), 5, requires_grad=False)
+    p, pw = torch.randn(2, 3, 7), torch.randn(7, 6)
+    with fwAD.dual_level():
+        dual_z = fwAD.make_dual(z, torch.randn_like(z))
+        dual_h = fwAD.make_dual(hs[0], torch.randn_like(hs[0]))
+        for call in (lambda: pk.backproj_concat(x, dual_z, w, b, backend=BACKEND),
+                     lambda: pk.fusion_head([dual_h, hs[1]], hw, hb, backend=BACKEND),
+                     lambda: pk.context_linear(p, dual_z, w, b, pw, backend=BACKEND)):
+            with pytest.raises(RuntimeError, match="jvp"):
+                call()

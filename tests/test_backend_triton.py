@@ -634,3 +634,13 @@ def test_jit_trace_records_the_op():
     assert "pf_kernels_triton::fusion_head" in [n.kind() for n in traced.graph.nodes()]
     fresh = [torch.randn_like(h) for h in hs]
     torch.testing.assert_close(traced(*fresh, w, b), reference.fusion_head(fresh, w, b))
+
+
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
+    import torch.autograd.forward_ad as fwAD
+    hs, w, b = fusion_inputs(2, (3, 4), 5, requires_grad=False, device=DEVICE)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(hs[0], torch.randn_like(hs[0]))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            pk.fusion_head([dual, hs[1]], w, b, backend=BACKEND)
+    torch.testing.assert_close(pk.fusion_head(hs, w, b, backend=BACKEND), reference.fusion_head(hs, w, b))

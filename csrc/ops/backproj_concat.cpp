@@ -1,10 +1,10 @@
 // backproj_concat: schema and autograd. The device kernels live in cpu/ and cuda/.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include "checks.h"
+#include "ops/needs_autograd.h"
 
 namespace pf_kernels {
 namespace {
@@ -73,8 +73,7 @@ class BackprojConcatFunction : public torch::autograd::Function<BackprojConcatFu
 
 at::Tensor backproj_concat_autograd(const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
                                     const c10::optional<at::Tensor>& bias, c10::string_view activation) {
-  if (!torch::autograd::compute_requires_grad(x, z, weight, bias)) {
-    // Nothing to differentiate (no_grad, inference, no input requiring grad): no node to build.
+  if (!needs_autograd(x, z, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_forward(x, z, weight, bias, activation);
   }

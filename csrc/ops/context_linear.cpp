@@ -3,10 +3,10 @@
 // p's positions: a hoisted encoder's first Linear applied to backproj_concat's output.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include "context_linear.h"
+#include "ops/needs_autograd.h"
 
 namespace pf_kernels {
 namespace {
@@ -94,8 +94,7 @@ class ContextLinearFunction : public torch::autograd::Function<ContextLinearFunc
 at::Tensor context_linear_autograd(const at::Tensor& p, const at::Tensor& z, const at::Tensor& bp_weight,
                                    const c10::optional<at::Tensor>& bp_bias, const at::Tensor& proj_weight,
                                    c10::string_view activation, c10::string_view out_activation) {
-  if (!torch::autograd::compute_requires_grad(p, z, bp_weight, bp_bias, proj_weight)) {
-    // Nothing to differentiate (no_grad, inference, no input requiring grad): no node to build.
+  if (!needs_autograd(p, z, bp_weight, bp_bias, proj_weight)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_forward(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation);
   }

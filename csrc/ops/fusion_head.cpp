@@ -1,10 +1,10 @@
 // fusion_head: schema and autograd. The device kernels live in cpu/ and cuda/.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include "checks.h"
+#include "ops/needs_autograd.h"
 
 namespace pf_kernels {
 namespace {
@@ -66,8 +66,7 @@ class FusionHeadFunction : public torch::autograd::Function<FusionHeadFunction> 
 
 at::Tensor fusion_head_autograd(at::TensorList hs, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                 c10::string_view activation) {
-  if (!torch::autograd::compute_requires_grad(hs, weight, bias)) {
-    // Nothing to differentiate (no_grad, inference, no input requiring grad): no node to build.
+  if (!needs_autograd(hs, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_forward(hs, weight, bias, activation);
   }

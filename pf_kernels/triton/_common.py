@@ -26,6 +26,7 @@ import threading
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import triton
 
 from ._activations import CODES
@@ -434,6 +435,11 @@ class TritonOp:
 
     def __call__(self, *args):
         flat = _flat(args)
+        if _forward_ad._current_level >= 0 and any(
+                isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None for t in flat):
+            # torch.library would run the op and drop the tangent: a wrong derivative, silently
+            raise RuntimeError(f"{self.op._qualname}: the triton backend has no forward-mode AD (jvp); "
+                               "backend='torch' has it")
         if not _eager_call(flat):
             return self.op(*args)
         if torch.is_grad_enabled() and any(type(t) in _PLAIN and t.requires_grad for t in flat):
