@@ -393,7 +393,7 @@ def _eager_launches() -> Iterator[None]:
 def _flat(args) -> list:
     flat = []
     for a in args:
-        if type(a) is list:
+        if type(a) is list or type(a) is tuple:  # a Tensor[] argument (torch.library takes either)
             flat.extend(a)
         else:
             flat.append(a)
@@ -401,7 +401,8 @@ def _flat(args) -> list:
 
 
 def _nest(layout: Tuple[int, ...], flat) -> list:
-    """The inverse of _flat: layout[i] is the length of argument i where it is a list, else -1."""
+    """The inverse of _flat: layout[i] is the length of argument i where it is a sequence (rebuilt
+    as a list, as torch.library passes a Tensor[]), else -1."""
     args, i = [], 0
     for n in layout:
         if n < 0:
@@ -445,7 +446,7 @@ class TritonOp:
         if torch.is_grad_enabled() and any(type(t) in _PLAIN and t.requires_grad for t in flat):
             if self.backward_fn is None:
                 return self.op(*args)  # torch.library's own behaviour for an op without autograd
-            layout = tuple(len(a) if type(a) is list else -1 for a in args)
+            layout = tuple(len(a) if type(a) is list or type(a) is tuple else -1 for a in args)
             listed = []  # forward says whether impl returned a list (apply returns it as a tuple)
             result = _EagerAutograd.apply((self, layout, listed), *flat)
             return list(result) if listed[0] else result
