@@ -23,13 +23,18 @@ import statistics
 import time
 
 
-def install_stand_in_driver():
-    """Makes a Triton driver that compiles for sm_90 and launches nothing the active one; returns it
-    (its `launched` counts launches)."""
+def install_stand_in_driver(launches: bool = True):
+    """Makes the active Triton driver one that reports an sm_90 target (so kernels compile for it) and
+    returns it. launches=True: a launch only counts (`launched`) and autotuning times every config
+    alike. launches=False: building a launcher or benchmarking raises, for callers that must only
+    trace (tests/test_triton_graph.py). Must be active before anything asks triton for its driver."""
     import torch
     from triton.backends.compiler import GPUTarget
     from triton.backends.driver import DriverBase
     from triton.runtime import driver
+
+    def refuse(what):
+        raise RuntimeError(f"the stand-in driver cannot {what} (installed with launches=False)")
 
     class Utils:
         def load_binary(self, name, kernel, shared, device):
@@ -49,12 +54,15 @@ def install_stand_in_driver():
             self.launched = 0
 
         def launcher_cls(self, src, metadata):
+            if not launches:
+                refuse("build launchers")
+
             def launch(*args):  # where the C launcher would start the kernel
                 self.launched += 1
             return launch
 
         def map_python_to_cpp_type(self, ty):
-            return ty
+            return ty if launches else refuse("build launchers")
 
         def get_current_target(self):
             return GPUTarget("cuda", 90, 32)
@@ -63,6 +71,9 @@ def install_stand_in_driver():
             return torch.device("cuda", 0)
 
         def get_benchmarker(self):  # autotuning: every config "takes" the same time
+            if not launches:
+                refuse("benchmark")
+
             def bench(fn, quantiles=None, **kwargs):
                 fn()
                 return [1.0, 1.0, 1.0] if quantiles else 1.0

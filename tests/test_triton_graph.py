@@ -48,40 +48,6 @@ def test_graphs_of_the_real_triton_ops_with_a_stand_in_driver():
 
 # ---------------------------------------------------------------- the child process from here on
 
-def install_stand_in_driver(arch: int = 90) -> None:
-    """A Triton driver that answers what tracing asks (the target, the device) and refuses to run
-    anything. Must be active before anything asks triton for its driver."""
-    import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.driver import DriverBase
-    from triton.runtime import driver
-
-    class StandInDriver(DriverBase):
-        @classmethod
-        def is_active(cls):
-            return True
-
-        def map_python_to_cpp_type(self, ty):
-            raise RuntimeError("the stand-in driver cannot build launchers")
-
-        def get_current_target(self):
-            return GPUTarget("cuda", arch, 32)
-
-        def get_active_torch_device(self):
-            return torch.device("cuda", 0)
-
-        def get_benchmarker(self):
-            raise RuntimeError("the stand-in driver cannot benchmark")
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-    driver.set_active(StandInDriver())
-
-
 _VIEWS = {"view", "_unsafe_view", "t", "transpose", "permute", "slice", "select", "alias", "detach",
           "expand", "reshape", "as_strided", "unsqueeze", "squeeze", "split", "split_with_sizes",
           "contiguous", "clone", "_to_copy"}
@@ -246,7 +212,8 @@ def _meta(values):
 def main() -> int:
     os.environ.pop("TRITON_INTERPRET", None)
     import torch
-    install_stand_in_driver()
+    from benchmarks.triton_host import install_stand_in_driver
+    install_stand_in_driver(launches=False)  # tracing only: a launch or a benchmark raises
     import pf_kernels.triton as tr
     from functorch.compile import aot_function, make_boxed_func
     from torch._subclasses.fake_tensor import FakeTensorMode
