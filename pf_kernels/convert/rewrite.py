@@ -37,7 +37,7 @@ class FusedCalls:
         return F.linear(x, weight[:, start:stop], bias)
 
     def context_linear(self, p, z, bp_weight, bp_bias, weight, start, stop, activation, out_activation):
-        # (triton has no context_linear: the reference ops then, like ProgressiveFusion's unhoisted path)
+        # (a backend without context_linear: the reference ops then, like ProgressiveFusion's unhoisted path)
         backend = self.backend if implements(self.backend, "context_linear") else "torch"
         return ops.context_linear(p, z, bp_weight, bp_bias, weight[:, start:stop], activation, out_activation,
                                   backend=backend)

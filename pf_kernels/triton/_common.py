@@ -390,19 +390,22 @@ def _eager_launches() -> Iterator[None]:
         _eager.on = previous
 
 
-def _flat(args) -> list:
-    flat = []
+def _flat(args) -> Tuple[list, Tuple[int, ...]]:
+    """The arguments with every Tensor[] (a list or tuple: torch.library takes either) spread out,
+    and the layout _nest rebuilds them from: each argument's length where it is a sequence, else -1."""
+    flat, layout = [], []
     for a in args:
-        if type(a) is list or type(a) is tuple:  # a Tensor[] argument (torch.library takes either)
+        if type(a) is list or type(a) is tuple:
             flat.extend(a)
+            layout.append(len(a))
         else:
             flat.append(a)
-    return flat
+            layout.append(-1)
+    return flat, tuple(layout)
 
 
 def _nest(layout: Tuple[int, ...], flat) -> list:
-    """The inverse of _flat: layout[i] is the length of argument i where it is a sequence (rebuilt
-    as a list, as torch.library passes a Tensor[]), else -1."""
+    """The inverse of _flat (a sequence comes back as a list, as torch.library passes a Tensor[])."""
     args, i = [], 0
     for n in layout:
         if n < 0:
@@ -435,7 +438,7 @@ class TritonOp:
         self.backward_fn, self.setup_context_fn = backward, setup_context
 
     def __call__(self, *args):
-        flat = _flat(args)
+        flat, layout = _flat(args)
         if _forward_ad._current_level >= 0 and any(
                 isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None for t in flat):
             # torch.library would run the op and drop the tangent: a wrong derivative, silently
@@ -446,7 +449,6 @@ class TritonOp:
         if torch.is_grad_enabled() and any(type(t) in _PLAIN and t.requires_grad for t in flat):
             if self.backward_fn is None:
                 return self.op(*args)  # torch.library's own behaviour for an op without autograd
-            layout = tuple(len(a) if type(a) is list or type(a) is tuple else -1 for a in args)
             listed = []  # forward says whether impl returned a list (apply returns it as a tuple)
             result = _EagerAutograd.apply((self, layout, listed), *flat)
             return list(result) if listed[0] else result
