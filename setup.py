@@ -137,7 +137,9 @@ class Plan:
 
         # No -std flag: torch's BuildExtension adds the standard its headers need (C++20 since 2.14,
         # whose ATen.h rejects C++17); a flag here would override it.
-        cxx_flags = ["-O3", "-fopenmp", "-DPF_KERNELS_BUILD"]
+        # -g0: Python's CFLAGS carry -g, whose debug info for torch's templates makes the compile
+        # about 4x slower (565 → 143 s of CPU here) and the library 25 MB instead of 0.8 MB.
+        cxx_flags = ["-O3", "-g0", "-fopenmp", "-DPF_KERNELS_BUILD"]
         extra_compile_args = {"cxx": cxx_flags}
         include_dirs = [os.path.join(ROOT, "csrc")]
         link_args = ["-fopenmp"]
