@@ -83,9 +83,53 @@ def _interpreter_rounds_bf16_to_nearest() -> None:
     builder.cast_impl = cast_impl
 
 
+def _interpreter_patches_once_per_launch() -> None:
+    """The interpreter (triton 3.6 and 3.9) patches triton.language for each launch, and again on
+    every call of a @triton.jit helper inside it: about 3 ms a call of inspect.getmembers over
+    modules the launch has patched already, a quarter of the interpreter's time in our tests.
+    Inside a launch, a helper whose language modules were patched in it (by the launch, or by an
+    earlier helper: a helper's patches are never restored) skips the repeat."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang", None)
+    executor = getattr(interpreter, "GridExecutor", None)
+    if original is None or executor is None or getattr(original, "_pf_kernels", False) \
+            or not hasattr(interpreter, "tl"):
+        return
+    languages = (interpreter.tl, interpreter.tl.core)
+    launches = []  # per launch in progress: the language modules it patched (None until it has)
+    launch = executor.__call__
+
+    def used_languages(fn):
+        return {id(v) for v in fn.__globals__.values() if any(v is lang for lang in languages)}
+
+    def patch_lang(fn):
+        if not launches:
+            return original(fn)
+        used = used_languages(fn)
+        if launches[-1] is not None and used <= launches[-1]:
+            return None  # a helper's call, whose result is dropped
+        launches[-1] = used | (launches[-1] or set())
+        return original(fn)
+
+    def call(self, *args, **kwargs):
+        launches.append(None)
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            launches.pop()
+
+    patch_lang._pf_kernels = True
+    interpreter._patch_lang = patch_lang
+    executor.__call__ = call
+
+
 if INTERPRET:
     _interpreter_scalars_for_numpy_2()
     _interpreter_rounds_bf16_to_nearest()
+    _interpreter_patches_once_per_launch()
 
 # fp32 matmuls: exact ("ieee") unless tf32 is allowed explicitly.
 TF32_ENV = "PF_KERNELS_TRITON_TF32"
