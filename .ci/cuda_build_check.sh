@@ -5,10 +5,12 @@
 # memory stays within 48 KiB, and the built library registers a CUDA kernel for every op that has a
 # CPU one.
 #
-# Builds into its own directory (never the in-place .so of the source tree). Knobs:
+# Builds into its own directory (never the in-place .so of the source tree), unless told to. Knobs:
 #   PF_KERNELS_CUDA_VENV       venv with the CUDA build of torch (created if missing),
 #                              default build/cuda-check/venv
 #   PF_KERNELS_CUDA_BUILD_DIR  build directory, default build/cuda-check
+#   PF_KERNELS_CUDA_INPLACE=1  build in place instead, as `make build` does (for CI's throwaway clone,
+#                              whose `make test`, given the same environment, then compiles nothing)
 #   PF_KERNELS_CUDA_TORCH      torch requirement, default torch==2.14.1
 #   CUDA_HOME                  toolkit, default /usr/local/cuda
 #   TORCH_CUDA_ARCH_LIST       default "8.0;9.0";  MAX_JOBS default 2
@@ -49,18 +51,22 @@ torch_cuda=$("$PY" -c "import torch; print(torch.version.cuda or '')")
 echo "cuda_build_check: torch $("$PY" -c 'import torch; print(torch.__version__)') (CUDA $torch_cuda)," \
      "$("$CUDA_HOME/bin/nvcc" --version | tail -1), archs $TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS" >&2
 
+if [ "${PF_KERNELS_CUDA_INPLACE:-0}" = 1 ]; then
+  TEMP=$ROOT/build LIB=$ROOT/pf_kernels BUILD_ARGS=(--inplace)
+else
+  TEMP=$BUILD_DIR/temp LIB=$BUILD_DIR/lib BUILD_ARGS=(--build-temp "$TEMP" --build-lib "$LIB")
+fi
 # ptxas prints only for what it compiles: drop the CUDA objects so they rebuild (the C++ ones stay cached).
-find "$BUILD_DIR/temp" -path '*/csrc/cuda/*.o' -delete 2>/dev/null || true
+find "$TEMP" -path '*/csrc/cuda/*.o' -delete 2>/dev/null || true
 LOG="$BUILD_DIR/build.log"
-if ! PF_KERNELS_FORCE_CUDA=1 PF_KERNELS_PTXAS_VERBOSE=1 "$PY" setup.py build_ext \
-      --build-temp "$BUILD_DIR/temp" --build-lib "$BUILD_DIR/lib" >"$LOG" 2>&1; then
+if ! PF_KERNELS_FORCE_CUDA=1 PF_KERNELS_PTXAS_VERBOSE=1 "$PY" setup.py build_ext "${BUILD_ARGS[@]}" >"$LOG" 2>&1; then
   grep -E "error|Error" "$LOG" | head -40 >&2 || true
   echo "FAILED: CUDA build check: the build failed (log: $LOG)" >&2
   exit 1
 fi
 
-SO=$(find "$BUILD_DIR/lib" -name '_C*.so' | head -1)
-[ -n "$SO" ] || { echo "FAILED: CUDA build check: no _C*.so under $BUILD_DIR/lib" >&2; exit 1; }
+SO=$(find "$LIB" -name '_C*.so' | head -1)
+[ -n "$SO" ] || { echo "FAILED: CUDA build check: no _C*.so under $LIB" >&2; exit 1; }
 "$PY" - "$LOG" "$SO" <<'EOF'
 import importlib.util
 import re
