@@ -603,6 +603,24 @@ def test_repeat_launches_take_the_config_chosen_first(monkeypatch):
     assert len(tuner_runs) == 2
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's own behaviour (on a GPU the kernels compile)")
+def test_interpreter_patches_the_language_once_per_launch(monkeypatch):
+    # Triton's interpreter patches triton.language per launch and again on every call of a jit
+    # helper inside it; _common keeps the first (a helper's repeat only rescans the modules).
+    interpreter = importlib.import_module("triton.runtime.interpreter")
+    patched, launches = [], []
+    original_builtin, original_launch = interpreter._patch_builtin, interpreter.GridExecutor.__call__
+    monkeypatch.setattr(interpreter, "_patch_builtin", lambda *a: patched.append(a[0]) or original_builtin(*a))
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__",
+                        lambda self, *a, **k: launches.append(self) or original_launch(self, *a, **k))
+    x, z, w, b = backproj_inputs(3, (4,), 5, 6, 7, dtype=torch.float32, device=DEVICE)
+    out = pk.backproj_concat(x, z, w, b, "gelu", backend=BACKEND)  # its kernels call jit helpers
+    torch.testing.assert_close(out, reference.backproj_concat(x, z, w, b, "gelu"))
+    assert launches
+    # per launch: triton.language, its tensor and math, the descriptor base; core once, by tl.cdiv
+    assert len(patched) <= 8 * len(launches), (len(patched), len(launches))
+
+
 def test_eager_calls_skip_the_registered_op(monkeypatch):
     # Eager calls run the launcher directly (TritonOp); fake tensors (as torch.compile traces) go
     # through the registered op.
