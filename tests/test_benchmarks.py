@@ -158,10 +158,13 @@ def test_triton_host_time_runs_with_a_stand_in_driver():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PF_KERNELS_TRITON_CONFIG",
                                                             "PF_KERNELS_TRITON_AUTOTUNE")}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.triton_host", "--ops", "fusion_head", "--calls", "3"],
+    done = subprocess.run([sys.executable, "-m", "benchmarks.triton_host", "--ops", "fusion_head", "context_linear",
+                           "--calls", "3"],
                           cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("fusion_head"))
     # one launch forward; backward: act' and grad_h in one kernel, grad_weight/grad_bias in another
     assert " fwd " in line and "1 launches" in line and "3 launches" in line, line
+    line = next(x for x in done.stdout.splitlines() if x.startswith("context_linear"))
+    assert "us, 1 launches (" in line, line  # the forward in one launch

@@ -4,6 +4,7 @@ reference (every dtype each takes, shape, layout, activation, output activation,
 forward and every gradient); float64 gradcheck (cpu); opcheck; torch.compile; errors; which backend
 serves it. The triton backend runs its kernels on CPU tensors through the Triton interpreter
 (tests/conftest.py sets TRITON_INTERPRET=1 where no GPU is visible), on CUDA tensors on a GPU."""
+import importlib
 import itertools
 import math
 import os
@@ -145,8 +146,23 @@ def test_triton_beyond_one_block_and_a_two_stage_position_sum(dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("programs", [3, 9, 512])
+def test_triton_forward_row_blocks_and_position_splits(monkeypatch, dtype, programs):
+    """The one-launch forward: B = 37 is three row blocks; with PROGRAMS_TARGET = 3 one split per
+    row block walks every position block, with 9 three splits walk every third, with 512 each
+    takes one."""
+    tcl = importlib.import_module("pf_kernels.triton.context_linear")
+    monkeypatch.setattr(tcl, "PROGRAMS_TARGET", programs)
+    device = device_of("triton")
+    for S, noncontiguous in (((40,), False), ((5, 9), True)):
+        args = context_inputs(37, S, 40, 20, 18, noncontiguous, dtype, device, noncontiguous=noncontiguous)
+        assert_matches_reference(context_call("triton", "relu", "gelu"), context_call("torch", "relu", "gelu"),
+                                 args)
+
+
+@needs_triton
 def test_triton_backward_is_deterministic():
-    import importlib
     tcl = importlib.import_module("pf_kernels.triton.context_linear")
     p, z, w, b, pw = context_inputs(1, (700,), 4, 5, 3, True, device=device_of("triton"), requires_grad=False)
     g = torch.randn_like(p)

@@ -58,7 +58,9 @@ def _kernel_specs(dtype: str, tf32: bool = False):
         # context_linear's (B, H) term: fp32 out of two inputs in the dtype (c @ W_c.T)
         ("mm_term", mm, {"c_ptr"}, {"sak", "sbk", "scn", "sbias"},
          dict(HAS_BIAS=False, ACT=0, PREC=prec), True, bm),
-        ("context_add", cl.context_add, {"term_ptr"}, {"sph"}, dict(OUT_ACT=2, ROWS64=False), False, None),
+        # context_linear's forward: the context, the term (two dots) and the pass over p
+        ("context_linear", by_dtype(cl.context_forward, cl.context_forward_fp32), set(),
+         {"sph", "szk", "sbwk", "sbb", "spwc"}, dict(HAS_BIAS=True, ACT=2, OUT_ACT=2, PREC=prec), True, bm),
         ("context_reduce", cl.context_reduce, {"term_ptr", "sum_ptr"}, {"sgh", "ssh"}, dict(OUT_ACT=2),
          False, None),
         ("fusion_fwd", by_dtype(fh.fusion_fwd, fh.fusion_fwd_fp32), {"pre_ptr"}, hk | {"swk", "sb", "son"},

@@ -1,11 +1,12 @@
 """context_linear in Triton: out = out_act(p + act(z @ W_bp.T + b) @ W_c.T over every position).
 
-Forward: the (B, H) term in two launches of the shared strided matmul (_matmul.mm): the context
-c = act(z @ W_bp.T + b) rounded to p's dtype (as backproj_concat returns it), then term = c @ W_c.T
-in fp32. Both GEMMs are tiny (B x Dz x Dc, B x Dc x H); one fused kernel for them would save a
-launch but duplicate the matmul, its configs and its AOT checks. The work that scales with the
-positions is one streaming pass over p (context_add_kernel): out = out_act(p + term[b]), fp32 in
-registers, rounded once.
+Forward, one launch (context_linear_kernel): program (block of BM batch rows, split s) computes its
+rows of the context c = act(z @ W_bp.T + b) (tl.dot, fp32) rounded to p's dtype as
+backproj_concat returns it, stores them to a (B, Dc) scratch and reads them back in BC-wide chunks
+(a whole [BM, Dc] operand would not fit the registers); then, block by block of H, the term
+c @ W_c.T in fp32 (tl.dot) and, over its share of the positions (split s takes every nsplit-th
+position block, so small batches still fill the GPU), out = out_act(p + term), rounded once. Every
+split of a row block stores the same context values; each reads back what it wrote.
 
 Backward (its own op, as the other ops): one pass over grad_out (context_reduce_kernel) writes
 grad_p = grad_out * out_act'(pre) (pre = p + term recomputed in fp32; relu' from the saved output,
@@ -22,14 +23,19 @@ import triton
 import triton.language as tl
 
 from ._activations import act, act_grad
-from ._common import act_code, autotune, cdiv, define_op, launch, positions, size_class
-from ._matmul import mm, mm_tuned, mm_tuned_fp32
+from ._common import act_code, autotune, cdiv, define_op, dot_precision, launch, positions, size_class, smax, smin
+from ._matmul import dot, mm, mm_tuned, mm_tuned_fp32
 from .backproj_concat import (_backward as backproj_backward, _reduce as backproj_reduce_stage,
                               backproj_reduce, chunks, position_offsets)
 
-ADD_CONFIGS = [  # a streaming elementwise pass: 8 elements per thread
-    dict(BLOCK_R=16, BLOCK_H=64, num_warps=4),
-    dict(BLOCK_R=64, BLOCK_H=32, num_warps=8),
+PROGRAMS_TARGET = 512  # enough programs to fill a large GPU: more split the positions of a row block
+FORWARD_CONFIGS = [  # the [BM, BP, BH] tiles of p hold at most 8 elements per thread
+    dict(BM=16, BK=32, BC=32, BP=2, BH=32, num_warps=4, num_stages=2),
+    dict(BM=16, BK=32, BC=32, BP=4, BH=32, num_warps=8, num_stages=2),
+]
+FORWARD_CONFIGS_FP32 = [  # fp32 (FMA) dots hold their whole K slice in registers per thread
+    dict(BM=16, BK=16, BC=16, BP=4, BH=32, num_warps=8, num_stages=2),
+    dict(BM=16, BK=16, BC=16, BP=2, BH=64, num_warps=8, num_stages=2),
 ]
 REDUCE_CONFIGS = [  # 8 elements per thread: act' of gelu with two int64 address tiles (g and the
     # saved tensor) spilled at 16 (sm_90, 4 warps)
@@ -38,28 +44,56 @@ REDUCE_CONFIGS = [  # 8 elements per thread: act' of gelu with two int64 address
 ]
 
 
-@triton.jit(do_not_specialize=["R", "H", "SIZE_CLASS"], do_not_specialize_on_alignment=["P"])
-def context_add_kernel(p_ptr, term_ptr, out_ptr, R, P, S1, S2, H, spb, sp0, sp1, sp2, sph, SIZE_CLASS,
-                       OUT_ACT: tl.constexpr, ROWS64: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    # rows r = b * P + position of out (contiguous, H wide), BLOCK_R per program; row numbers in
-    # int32 (cheaper division) unless there are 2^31 rows or more (ROWS64)
-    if ROWS64:
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    else:
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = rows < R
-    b = rows // P
-    p_rows = p_ptr + b.to(tl.int64) * spb + position_offsets((rows - b * P).to(tl.int32), S1, S2,
-                                                             sp0, sp1, sp2)
-    term_rows = term_ptr + b.to(tl.int64) * H
-    out_rows = out_ptr + rows.to(tl.int64) * H
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        m = mask_r[:, None] & (offs_h < H)[None, :]
-        v = tl.load(p_rows[:, None] + offs_h.to(tl.int64)[None, :] * sph, mask=m, other=0.0).to(tl.float32)
-        v += tl.load(term_rows[:, None] + offs_h[None, :], mask=m, other=0.0)
-        tl.store(out_rows[:, None] + offs_h[None, :], act(v, OUT_ACT).to(out_ptr.dtype.element_ty), mask=m)
+@triton.jit(do_not_specialize=["M", "Dz", "Dc", "H", "SIZE_CLASS"], do_not_specialize_on_alignment=["P"])
+def context_linear_kernel(p_ptr, z_ptr, bw_ptr, bb_ptr, pw_ptr, c_ptr, out_ptr, M, Dz, Dc, H, P, S1, S2,
+                          spb, sp0, sp1, sp2, sph, szm, szk, sbwc, sbwk, sbb, spwh, spwc, SIZE_CLASS,
+                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_ACT: tl.constexpr, PREC: tl.constexpr,
+                          BM: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
+                          BH: tl.constexpr):
+    split = tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    offs_m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    mask_m = offs_m < M
+    # this row block's context, rounded to p's dtype, into the scratch c (B, Dc), contiguous
+    for c0 in range(0, Dc, BC):
+        offs_c = (c0 + tl.arange(0, BC)).to(tl.int64)
+        mask_c = offs_c < Dc
+        ctx = tl.zeros([BM, BC], tl.float32)
+        for k0 in range(0, Dz, BK):
+            offs_k = (k0 + tl.arange(0, BK)).to(tl.int64)
+            mask_k = offs_k < Dz
+            zt = tl.load(z_ptr + offs_m[:, None] * szm + offs_k[None, :] * szk,
+                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            wt = tl.load(bw_ptr + offs_c[None, :] * sbwc + offs_k[:, None] * sbwk,
+                         mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+            ctx = dot(zt, wt, ctx, PREC)
+        if HAS_BIAS:
+            ctx += tl.load(bb_ptr + offs_c * sbb, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        tl.store(c_ptr + offs_m[:, None] * Dc + offs_c[None, :], act(ctx, ACT).to(c_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_c[None, :])
+    tl.debug_barrier()  # this program's context stores are visible to all its threads
+    p_rows = p_ptr + offs_m * spb
+    out_rows = out_ptr + offs_m * P * H
+    for h0 in range(0, H, BH):
+        offs_h = (h0 + tl.arange(0, BH)).to(tl.int64)  # the feature stride may be large
+        mask_h = offs_h < H
+        term = tl.zeros([BM, BH], tl.float32)
+        for c0 in range(0, Dc, BC):
+            offs_c = c0 + tl.arange(0, BC)
+            mask_c = offs_c < Dc
+            ct = tl.load(c_ptr + offs_m[:, None] * Dc + offs_c[None, :], mask=mask_m[:, None] & mask_c[None, :],
+                         other=0.0)
+            wt = tl.load(pw_ptr + offs_h[None, :] * spwh + offs_c.to(tl.int64)[:, None] * spwc,
+                         mask=mask_c[:, None] & mask_h[None, :], other=0.0)
+            term = dot(ct, wt, term, PREC)
+        for p0 in range(split * BP, P, nsplit * BP):
+            offs_p = p0 + tl.arange(0, BP)
+            mask = (mask_m[:, None, None] & (offs_p < P)[None, :, None]) & mask_h[None, None, :]
+            src = p_rows[:, None, None] + position_offsets(offs_p, S1, S2, sp0, sp1, sp2)[None, :, None] \
+                + offs_h[None, None, :] * sph
+            v = tl.load(src, mask=mask, other=0.0).to(tl.float32) + term[:, None, :]
+            dst = out_rows[:, None, None] + offs_p.to(tl.int64)[None, :, None] * H + offs_h[None, None, :]
+            tl.store(dst, act(v, OUT_ACT).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["CH", "NCH", "H", "SIZE_CLASS"],
@@ -104,16 +138,10 @@ def context_reduce_kernel(g_ptr, s_ptr, term_ptr, gp_ptr, sum_ptr, P, CH, NCH, S
     tl.store(sum_ptr + (b * NCH + s) * H + offs_h, tl.sum(gsum, axis=0), mask=mask_h)
 
 
-context_add = autotune("context_add", context_add_kernel, ADD_CONFIGS, key=["SIZE_CLASS"])
+context_forward = autotune("context_linear", context_linear_kernel, FORWARD_CONFIGS, key=["SIZE_CLASS"])
+context_forward_fp32 = autotune("context_linear_fp32", context_linear_kernel, FORWARD_CONFIGS_FP32,
+                                key=["SIZE_CLASS"])
 context_reduce = autotune("context_reduce", context_reduce_kernel, REDUCE_CONFIGS, key=["SIZE_CLASS"])
-
-
-def _term(z: torch.Tensor, bp_weight: torch.Tensor, bp_bias: Optional[torch.Tensor],
-          proj_weight: torch.Tensor, activation: str, dtype: torch.dtype):
-    """(c, term): the context act(z @ W_bp.T + b) in dtype (as the reference rounds it) and
-    c @ W_c.T (B, H) in fp32."""
-    c = mm(z, bp_weight.t(), dtype, bp_bias, activation)
-    return c, mm(c, proj_weight.t(), torch.float32)
 
 
 def _forward(p: torch.Tensor, z: torch.Tensor, bp_weight: torch.Tensor, bp_bias: Optional[torch.Tensor],
@@ -121,17 +149,23 @@ def _forward(p: torch.Tensor, z: torch.Tensor, bp_weight: torch.Tensor, bp_bias:
     out = torch.empty(p.shape, dtype=p.dtype, device=p.device)
     if out.numel() == 0:
         return out
-    _, term = _term(z, bp_weight, bp_bias, proj_weight, activation, p.dtype)
     B, H = p.shape[0], p.shape[-1]
+    Dz, Dc = z.shape[1], bp_weight.shape[0]
     p3, (S0, S1, S2), (s0, s1, s2) = positions(p)
     P = S0 * S1 * S2
-    R = B * P
+    scratch = torch.empty((B, Dc), dtype=p.dtype, device=p.device)
 
     def grid(meta):
-        return (cdiv(R, meta["BLOCK_R"]),)
+        rows = cdiv(B, meta["BM"])
+        return (rows, smax(1, smin(cdiv(P, meta["BP"]), cdiv(PROGRAMS_TARGET, rows))))
 
-    launch(context_add, grid, p3, term, out, R, P, S1, S2, H, p3.stride(0), s0, s1, s2, p3.stride(-1),
-           size_class(B, P, H), OUT_ACT=act_code(out_activation), ROWS64=R >= 2 ** 31 - 1024)
+    launch(context_forward_fp32 if p.dtype == torch.float32 else context_forward, grid,
+           p3, z, bp_weight, bp_bias if bp_bias is not None else bp_weight.new_empty((0,)), proj_weight,
+           scratch, out, B, Dz, Dc, H, P, S1, S2, p3.stride(0), s0, s1, s2, p3.stride(-1),
+           z.stride(0), z.stride(1), bp_weight.stride(0), bp_weight.stride(1),
+           bp_bias.stride(0) if bp_bias is not None else 0, proj_weight.stride(0), proj_weight.stride(1),
+           size_class(B, P, H, Dc), HAS_BIAS=bp_bias is not None, ACT=act_code(activation),
+           OUT_ACT=act_code(out_activation), PREC=dot_precision(p.dtype))
     return out
 
 
@@ -200,7 +234,7 @@ def _backward_fake(grad_out, out, p, z, bp_weight, bp_bias, proj_weight, activat
             z.new_empty(proj_weight.shape)]
 
 
-context_linear_op = define_op("context_linear", _forward, _forward_fake, [mm_tuned, mm_tuned_fp32, context_add])
+context_linear_op = define_op("context_linear", _forward, _forward_fake, [context_forward, context_forward_fp32])
 context_linear_backward_op = define_op("context_linear_backward", _backward, _backward_fake,
                                        [mm_tuned, mm_tuned_fp32, context_reduce, backproj_reduce])
 
