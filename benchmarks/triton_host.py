@@ -135,9 +135,15 @@ def main(argv=None) -> None:
     xs, z = [leaf(B, T, d) for d in dims], leaf(B, Dz)
     bws, bbs = [leaf(Dc, Dz) for _ in dims], [leaf(Dc) for _ in dims]
     p, pw = leaf(B, T, H), leaf(H, Dc)
+    ps, pws = [leaf(B, T, H) for _ in dims], [leaf(H, Dc) for _ in dims]
 
     def context(j):
         return F.relu(F.linear(z, bws[j], bbs[j]))[:, None].expand(B, T, Dc)
+
+    def hoisted_composed():
+        zz = triton_backend.fusion_head(hs, w, b, "relu")
+        return [zz, *(triton_backend.context_linear(q, zz, bws[j], bbs[j], v, "relu", "relu")
+                      for j, (q, v) in enumerate(zip(ps, pws)))]
 
     ops = {  # op: (the triton backend's call, eager PyTorch's on the same CPU tensors)
         "fusion_head": (lambda: triton_backend.fusion_head(hs, w, b, "relu"),
@@ -148,8 +154,15 @@ def main(argv=None) -> None:
                            lambda: F.relu(p + F.linear(context(0)[:, :1], pw))),
         "refine_step": (lambda: triton_backend.refine_step(hs, w, b, xs, bws, bbs, "relu", "relu"),
                         lambda: [torch.cat([x, context(j)], -1) for j, x in enumerate(xs)]),
+        # the hoisted step in one launch, and composed of the ops it replaces
+        "refine_step_hoisted": (lambda: triton_backend.refine_step_hoisted(hs, w, b, ps, bws, bbs, pws, "relu", "relu",
+                                                                           ["relu"] * len(ps)),
+                                lambda: [F.relu(q + F.linear(context(j)[:, :1], v)) for j, (q, v) in
+                                         enumerate(zip(ps, pws))]),
+        "hoisted_composed": (hoisted_composed, lambda: [F.relu(q + F.linear(context(j)[:, :1], v)) for j, (q, v) in
+                                                        enumerate(zip(ps, pws))]),
     }
-    leaves = [*hs, w, b, *xs, z, *bws, *bbs, p, pw]
+    leaves = [*hs, w, b, *xs, z, *bws, *bbs, p, pw, *ps, *pws]
     print(f"host time per call, stand-in driver (sm_90, nothing launched), torch {torch.__version__}, "
           f"triton {__import__('triton').__version__}; B={B} T={T} dims={dims} Dz={Dz} Dc={Dc} H={H}")
     for name in args.ops or list(ops):

@@ -36,9 +36,10 @@ def _env_reader():
 
 
 env_backend = _env_reader()
-OPS = ("backproj_concat", "backproj_concat_grouped", "fusion_head", "refine_step", "context_linear")
+OPS = ("backproj_concat", "backproj_concat_grouped", "fusion_head", "refine_step", "context_linear",
+       "refine_step_hoisted")
 # Ops that pf_kernels.ops composes from a backend's other ops where the backend lacks its own.
-_COMPOSED = ("backproj_concat_grouped", "refine_step")
+_COMPOSED = ("backproj_concat_grouped", "refine_step", "refine_step_hoisted")
 
 
 @dataclass

@@ -197,15 +197,53 @@ def check_refine_step(hs, head_weight, head_bias, xs, bp_weights, bp_biases,
     return check_backproj_grouped(xs, z_like, bp_weights, bp_biases, backproj_activation, what)
 
 
-def check_context_linear(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation) -> None:
+def check_context_linear(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation,
+                         what: str = "context_linear", p_name: str = "p", bp_weight_name: str = "bp_weight",
+                         bp_bias_name: str = "bp_bias", proj_weight_name: str = "proj_weight",
+                         out_activation_name: str = "out_activation") -> None:
     if _context_linear_ok(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation):
         return
-    what = "context_linear"
-    check_backproj_concat(p, z, bp_weight, bp_bias, activation, what, "p", "bp_weight", "bp_bias")
-    check_tensor(proj_weight, "proj_weight")
+    check_backproj_concat(p, z, bp_weight, bp_bias, activation, what, p_name, bp_weight_name, bp_bias_name)
+    check_tensor(proj_weight, proj_weight_name)
     H, Dc = p.shape[-1], bp_weight.shape[0]
     if proj_weight.dim() != 2 or proj_weight.shape[0] != H or proj_weight.shape[1] != Dc:
-        raise ValueError(f"{what}: proj_weight must be (H, Dc) = ({H}, {Dc}): H from p "
-                         f"{tuple(p.shape)}, Dc from bp_weight {tuple(bp_weight.shape)}; got {_describe(proj_weight)}")
-    check_same_dtype_device([("p", p), ("proj_weight", proj_weight)], what)
-    check_activation(out_activation, "out_activation")
+        raise ValueError(f"{what}: {proj_weight_name} must be (H, Dc) = ({H}, {Dc}): H from {p_name} "
+                         f"{tuple(p.shape)}, Dc from {bp_weight_name} {tuple(bp_weight.shape)}; "
+                         f"got {_describe(proj_weight)}")
+    check_same_dtype_device([(p_name, p), (proj_weight_name, proj_weight)], what)
+    check_activation(out_activation, out_activation_name)
+
+
+def check_refine_step_hoisted(hs, head_weight, head_bias, ps, bp_weights, bp_biases, proj_weights,
+                              head_activation, backproj_activation, out_activations):
+    """Checks the head and every modality's context_linear; returns (bp_biases, out_activations)
+    as lists (None -> all None; one str -> that str for every modality)."""
+    what = "refine_step_hoisted"
+    check_fusion_head(hs, head_weight, head_bias, head_activation, what,
+                      "head_weight", "head_bias", "head_activation")
+    ps = _check_sequence(ps, "ps", what)
+    bp_weights = _check_sequence(bp_weights, "bp_weights", what)
+    proj_weights = _check_sequence(proj_weights, "proj_weights", what)
+    if bp_biases is None:
+        bp_biases = [None] * len(ps)
+    elif isinstance(bp_biases, torch.Tensor) or not isinstance(bp_biases, (list, tuple)):
+        raise TypeError(f"{what}: bp_biases must be None or a list of tensors/None, got {type(bp_biases).__name__}")
+    if isinstance(out_activations, str):
+        out_activations = [out_activations] * len(ps)
+    elif not isinstance(out_activations, (list, tuple)):
+        raise TypeError(f"{what}: out_activations must be a str or a list of str, got "
+                        f"{type(out_activations).__name__}")
+    bp_biases, out_activations = list(bp_biases), list(out_activations)
+    if not len(ps) == len(bp_weights) == len(bp_biases) == len(proj_weights) == len(out_activations):
+        raise ValueError(f"{what}: one p, bp_weight, bp_bias, proj_weight and out_activation per modality: "
+                         f"got {len(ps)} ps, {len(bp_weights)} bp_weights, {len(bp_biases)} bp_biases, "
+                         f"{len(proj_weights)} proj_weights, {len(out_activations)} out_activations")
+    for j, p in enumerate(ps):
+        check_tensor(p, f"ps[{j}]")
+    check_same_dtype_device([("hs[0]", hs[0])] + [(f"ps[{j}]", p) for j, p in enumerate(ps)], what)
+    # A zero-stride stand-in with z's shape, dtype and device: every modality reads z.
+    z_like = hs[0].new_empty(()).expand(hs[0].shape[0], head_weight.shape[0])
+    for j, (p, w, b, pw, a) in enumerate(zip(ps, bp_weights, bp_biases, proj_weights, out_activations)):
+        check_context_linear(p, z_like, w, b, pw, backproj_activation, a, what, f"ps[{j}]", f"bp_weights[{j}]",
+                             f"bp_biases[{j}]", f"proj_weights[{j}]", f"out_activations[{j}]")
+    return bp_biases, out_activations

@@ -258,7 +258,8 @@ class ProgressiveFusion(nn.Module):
     Hoisting (hoist=True, the default): where encoder j begins with an nn.Linear over its input
     (see plan_hoisting for the forms detected), W x~ + b = (W_x x + b) + W_c c, so W_x x + b is
     computed once per forward and each later step adds only the broadcast context term
-    (pf_kernels.context_linear, fused with the activation that follows the Linear). Same
+    (pf_kernels.context_linear, fused with the activation that follows the Linear; with every
+    encoder hoisted, the head and every context term are one pf_kernels.refine_step_hoisted). Same
     parameters and state_dict; the same outputs up to rounding. `hoisted` lists the encoders
     hoisted, `hoisting_notes` why the others were not. The plan is made at construction (and when
     `hoist` is set); an encoder whose hoisted Linear or fused activation is replaced later runs
@@ -382,6 +383,12 @@ class ProgressiveFusion(nn.Module):
         """z from hs, and every encoder's input (or hoisted first layer's output) for the next step."""
         head, bps = self.fusion_head, self.back_projections
         plain = [j for j, plan in enumerate(hoisting) if plan is None]
+        if not plain and len({bp.activation for bp in bps}) == 1:  # every encoder hoisted: one op (launch)
+            ps, context_weights = zip(*(projections[j] for j in range(len(xs))))
+            return ops.refine_step_hoisted(
+                hs, head.weight, head.bias, list(ps), [bp.weight for bp in bps], [bp.bias for bp in bps],
+                list(context_weights), head.activation, bps[0].activation, [plan.activation for plan in hoisting],
+                backend=self.backend)
         inputs = [None] * len(xs)
         if plain and len({bps[j].activation for j in plain}) == 1:
             z, outs = ops.refine_step(

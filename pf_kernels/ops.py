@@ -150,6 +150,50 @@ def refine_step(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
         return z, _grouped(bp, xs, z, bp_weights, bp_biases, backproj_activation)
 
 
+def refine_step_hoisted(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
+                        head_bias: Optional[torch.Tensor], ps: Sequence[torch.Tensor],
+                        bp_weights: Sequence[torch.Tensor],
+                        bp_biases: Optional[Sequence[Optional[torch.Tensor]]],
+                        proj_weights: Sequence[torch.Tensor], head_activation: str = "relu",
+                        backproj_activation: str = "relu", out_activations="none",
+                        backend: str = "auto") -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """One refinement step of encoders whose first Linears are hoisted (DESIGN §7): z =
+    fusion_head(hs), then every modality's context_linear(ps[j], z, bp_weights[j], bp_biases[j],
+    proj_weights[j], backproj_activation, out_activations[j]); one launch on the triton backend.
+
+    out_activations: one str for every modality, or one per modality. Returns (z, [out_j]).
+    """
+    cast = _autocast_dtype(head_weight)
+    if cast is not None:
+        hs, ps = _cast_all(hs, cast), _cast_all(ps, cast)
+        bp_weights, proj_weights = _cast_all(bp_weights, cast), _cast_all(proj_weights, cast)
+        head_weight, head_bias = _cast(head_weight, cast), _cast(head_bias, cast)
+        bp_biases = _cast_all(bp_biases, cast)
+    bp_biases, out_activations = checks.check_refine_step_hoisted(
+        hs, head_weight, head_bias, ps, bp_weights, bp_biases, proj_weights, head_activation,
+        backproj_activation, out_activations)
+    device, dtype = hs[0].device, hs[0].dtype
+    name = resolve_backend(backend, "refine_step_hoisted", device, dtype)
+    hs, ps, bp_weights, proj_weights = list(hs), list(ps), list(bp_weights), list(proj_weights)
+    impl = get_impl(name, "refine_step_hoisted")
+    if impl is not None:
+        with _autocast_off(name, device, cast):
+            z, outs = impl(hs, head_weight, head_bias, ps, bp_weights, bp_biases, proj_weights,
+                           head_activation, backproj_activation, out_activations)
+        return z, list(outs)
+    # Composed from the backend's other ops; under "auto", from whichever backend auto picks for each.
+    head = name if backend != "auto" else resolve_backend(backend, "fusion_head", device, dtype)
+    with _autocast_off(head, device, cast):
+        z = get_impl(head, "fusion_head")(hs, head_weight, head_bias, head_activation)
+    each = name if backend != "auto" else resolve_backend(backend, "context_linear", device, dtype)
+    context = get_impl(each, "context_linear")
+    if context is None:
+        raise RuntimeError(f"refine_step_hoisted: backend {each!r} implements neither it nor context_linear")
+    with _autocast_off(each, device, cast):
+        return z, [context(p, z, w, b, pw, backproj_activation, a)
+                   for p, w, b, pw, a in zip(ps, bp_weights, bp_biases, proj_weights, out_activations)]
+
+
 def context_linear(p: torch.Tensor, z: torch.Tensor, bp_weight: torch.Tensor,
                    bp_bias: Optional[torch.Tensor], proj_weight: torch.Tensor,
                    activation: str = "relu", out_activation: str = "none",

@@ -95,3 +95,16 @@ def context_linear(p: torch.Tensor, z: torch.Tensor, bp_weight: torch.Tensor,
     term = F.linear(context.to(acc), proj_weight.to(acc))
     term = term.view(term.shape[0], *([1] * (p.dim() - 2)), term.shape[1])
     return apply_activation(p.to(acc) + term, out_activation).to(p.dtype)
+
+
+def refine_step_hoisted(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
+                        head_bias: Optional[torch.Tensor], ps: Sequence[torch.Tensor],
+                        bp_weights: Sequence[torch.Tensor], bp_biases: Sequence[Optional[torch.Tensor]],
+                        proj_weights: Sequence[torch.Tensor], head_activation: str = "relu",
+                        backproj_activation: str = "relu", out_activations: Sequence[str] = (),
+                        ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """A refinement step of encoders whose first Linears are hoisted: the fusion head, then every
+    modality's context_linear reading its output (as refine_step's back-projections read it)."""
+    z = fusion_head(hs, head_weight, head_bias, head_activation)
+    return z, [context_linear(p, z, w, b, pw, backproj_activation, a)
+               for p, w, b, pw, a in zip(ps, bp_weights, bp_biases, proj_weights, out_activations)]

@@ -169,6 +169,36 @@ def context_inputs(B, S, H, Dz, Dc, bias=True, dtype=torch.float32, device="cpu"
     return p, z, bp_weight, bp_bias, proj_weight
 
 
+def hoisted_step_inputs(B, dims, Dz, modalities, dtype=torch.float32, device="cpu", noncontiguous=False, Dcs=None,
+                biases=None):
+    """refine_step_hoisted's (hs, head_weight, head_bias, ps, bp_weights, bp_biases, proj_weights),
+    leaves requiring grad.
+    modalities: (positions, H) per modality; proj_weights are column slices of a Linear's weight, as
+    hoisting passes them."""
+    t = lambda shape, scale=1.0, nc=False: (rand(shape, torch.float64, device, nc) * scale).to(dtype)  # noqa: E731
+    hs = [t((B, d), 1.0, noncontiguous) for d in dims]
+    hw, hb = t((Dz, sum(dims)), sum(dims) ** -0.5), t((Dz,))
+    Dcs = Dcs or [2 + j for j in range(len(modalities))]
+    biases = biases or [j % 2 == 0 for j in range(len(modalities))]
+    ps = [t((B, *S, H), 1.0, noncontiguous and j % 2 == 1) for j, (S, H) in enumerate(modalities)]
+    ws = [t((c, Dz), Dz ** -0.5) for c in Dcs]
+    bs = [t((c,)) if has else None for c, has in zip(Dcs, biases)]
+    vs = [t((H, 3 + c), c ** -0.5)[:, 3:] for (S, H), c in zip(modalities, Dcs)]
+    for x in [*hs, hw, hb, *ps, *ws, *bs, *vs]:
+        if x is not None:
+            x.requires_grad_(True)
+    return hs, hw, hb, ps, ws, bs, vs
+
+
+def hoisted_step_call(backend, head_act="gelu", bp_act="tanh", out_acts=("relu", "none", "sigmoid", "gelu")):
+    """refine_step_hoisted on one backend, as a function of hoisted_step_inputs' tuple: [z, *outs]."""
+    def call(hs, hw, hb, ps, ws, bs, vs):
+        z, outs = pk.refine_step_hoisted(hs, hw, hb, ps, ws, bs, vs, head_act, bp_act, list(out_acts[:len(ps)]),
+                                         backend=backend)
+        return [z, *outs]
+    return call
+
+
 def context_call(backend: str, activation: str, out_activation: str) -> Callable:
     """context_linear on one backend, as a function of (p, z, bp_weight, bp_bias, proj_weight)."""
     return lambda p, z, w, b, pw: pk.context_linear(p, z, w, b, pw, activation, out_activation, backend=backend)
@@ -206,7 +236,7 @@ def assert_refine_step_matches_reference(backend: str, activation: str, device="
 
 def assert_ops_compile_without_graph_breaks(backend: str, device="cpu") -> None:
     """Every op on one backend under torch.compile(fullgraph=True): no graph break, and outputs and
-    gradients equal to eager. (context_linear where the backend has it.)"""
+    gradients equal to eager. (context_linear and refine_step_hoisted where the backend has it.)"""
     import torch._dynamo
     from pf_kernels._dispatch import implements
 
@@ -223,6 +253,9 @@ def assert_ops_compile_without_graph_breaks(backend: str, device="cpu") -> None:
         if with_context_linear:
             outs += (pk.context_linear(y[..., :4], z, w, b, pw, "tanh", "relu", backend=backend),
                      pk.context_linear(x[..., :4], zz, w[:, :6], None, pw, "gelu", "none", backend=backend))
+            zh, (ph,) = pk.refine_step_hoisted([h0, h1], hw, hb, [x[..., :4]], [w[:, :6]], [b], [pw], "relu",
+                                               "sigmoid", "gelu", backend=backend)
+            outs += (zh, ph)
         return outs
 
     args = (x, z, w, b, hw, hb, pw, *hs)

@@ -64,8 +64,15 @@ def _op_calls(backend):
         ("refine_step", step, [(Dz, 9), (Dz,), (B, 4), (B, 5), (B, 3), (B, 2, 6), (3, Dz), (2, Dz),
                                (3,), (2,)], (2, 3)),
     ]
+    def hoisted(hw, hb, h0, h1, p0, p1, w0, w1, b0, v0, v1):
+        z, outs = pk.refine_step_hoisted([h0, h1], hw, hb, [p0, p1], [w0, w1], [b0, None], [v0, v1], "relu", "tanh",
+                                         ["gelu", "none"], backend=backend)
+        return [z, *outs]
+
     if implements(backend, "context_linear"):
         calls.append(("context_linear", context, [(B, 3, 4), (B, Dz), (6, Dz), (6,), (4, 6)], ()))
+        calls.append(("refine_step_hoisted", hoisted, [(Dz, 9), (Dz,), (B, 4), (B, 5), (B, 3, 4), (B, 6), (3, Dz),
+                                                       (2, Dz), (3,), (4, 3), (6, 2)], (2, 3)))
     return calls
 
 

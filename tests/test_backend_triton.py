@@ -26,7 +26,7 @@ import pf_kernels as pk  # noqa: E402
 from pf_kernels import reference  # noqa: E402
 from tests.cases import (ACTIVATIONS, BACKPROJ_SHAPES, FUSION_SHAPES, assert_matches_reference,  # noqa: E402
                          assert_ops_compile_without_graph_breaks, backproj_call, backproj_inputs, context_call,
-                         context_inputs, fusion_call, fusion_inputs, rand)
+                         context_inputs, fusion_call, fusion_inputs, hoisted_step_call, hoisted_step_inputs, rand)
 
 BACKEND = "triton"
 _info = pk.available_backends()[BACKEND]
@@ -201,10 +201,12 @@ def _opcheck_samples():
     ws = [(rand((c, 7), device=DEVICE) * 0.4).requires_grad_(True) for c in (2, 3)]
     bs = [rand((3,), device=DEVICE, requires_grad=True)]
     yield "refine_step", (hs, hw, hb, xs, ws, bs, 0b10, "sigmoid", "gelu", True)
+    vs = [rand((4, 2), device=DEVICE, requires_grad=True), rand((3, 3), device=DEVICE, requires_grad=True)]
+    yield "refine_step_hoisted", (hs, hw, hb, xs, ws, bs, vs, 0b10, "sigmoid", "gelu", 1 | 2 << 3, True)
 
 
 @pytest.mark.parametrize("name,args", list(_opcheck_samples()),
-                         ids=["backproj", "backproj-bf16", "fusion", "fusion-B0", "refine"])
+                         ids=["backproj", "backproj-bf16", "fusion", "fusion-B0", "refine", "refine-hoisted"])
 def test_opcheck(name, args):
     importlib.import_module("pf_kernels.triton")
     torch.library.opcheck(getattr(torch.ops.pf_kernels_triton, name).default, args)
@@ -252,6 +254,8 @@ def test_every_autotune_config(config, dtype):
         case = _refine_case(dtype, [(12, 3), (3, 3, 2, 1, 2)], (37, 2), dims=(9, 20), Dz=19,
                             biases=(False, True), B=17, noncontiguous=True)
         _check_refine(*case, "gelu", "tanh")
+        args = hoisted_step_inputs(17, (9, 20), 40, [((9,), 70), ((3, 5), 33)], dtype, DEVICE, True, Dcs=[37, 5])
+        assert_matches_reference(hoisted_step_call(BACKEND), hoisted_step_call("torch"), args)
 
 
 def test_knobs_pick_configs_without_benchmarking(monkeypatch):

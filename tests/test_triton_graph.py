@@ -43,7 +43,8 @@ def test_graphs_of_the_real_triton_ops_with_a_stand_in_driver():
     assert not problems, "\n".join(problems)
     assert {r["case"] for r in report} >= {"fake:backproj_concat", "fake:fusion_head_backward",
                                            "fake:refine_step", "fake:context_linear_backward",
-                                           "context_linear-chunks"}
+                                           "context_linear-chunks", "fake:refine_step_hoisted",
+                                           "refine_step_hoisted-4mod-float32", "refine_step_hoisted-5mod-float32"}
 
 
 # ---------------------------------------------------------------- the child process from here on
@@ -165,6 +166,22 @@ def _cases(torch, tr):
                    lambda p, z, w, b, pw, out_act=out_act: tr.context_linear(p, z, w, b, pw, "tanh", out_act),
                    [t(3, 4, 5, dtype=dtype), t(3, 6, dtype=dtype), t(7, 6, dtype=dtype, transposed=True),
                     t(7, dtype=dtype), t(5, 7, dtype=dtype)])
+        # refine_step_hoisted: 1, 2 and 4 modalities in one launch, 5 composed; out_act' from the output
+        # (relu), from p (gelu) and none
+        for n in (1, 2, 4, 5) if all_cases else (2,):
+            shapes = [(3, 4), (3, 2, 5), (3, 2, 2, 3), (3, 6), (3, 1, 2)][:n]
+
+            def hoisted(hw, hb, h0, h1, *rest, n=n):
+                ps, ws, vs = list(rest[:n]), list(rest[n:2 * n]), list(rest[2 * n:3 * n])
+                bs = [rest[3 * n] if j == 0 else None for j in range(n)]
+                z, outs = tr.refine_step_hoisted([h0, h1], hw, hb, ps, ws, bs, vs, "gelu", "sigmoid",
+                                                 ["relu", "gelu", "none", "tanh", "relu"][:n])
+                return (z, *outs)
+
+            yield (f"refine_step_hoisted-{n}mod-{tag}", hoisted,
+                   [t(6, 7, dtype=dtype), t(6, dtype=dtype), t(3, 3, dtype=dtype), t(3, 4, dtype=dtype)]
+                   + [t(*s, dtype=dtype) for s in shapes] + [t(j + 2, 6, dtype=dtype) for j in range(n)]
+                   + [t(s[-1], j + 2, dtype=dtype) for j, s in enumerate(shapes)] + [t(2, dtype=dtype)])
         if all_cases:
             yield ("context_linear-chunks", lambda p, z, w, pw: tr.context_linear(p, z, w, None, pw, "none", "sigmoid"),
                    [t(1, 3000, 2), t(1, 5), t(4, 5), t(2, 4)])
@@ -176,8 +193,8 @@ def _cases(torch, tr):
 def _fake_cases(torch, tr):
     """(op name, args, the fake function the interpreter's custom_op registers)."""
     import importlib
-    bp, fh, rs, cl = (importlib.import_module(f"pf_kernels.triton.{m}")
-                      for m in ("backproj_concat", "fusion_head", "refine_step", "context_linear"))
+    bp, fh, rs, cl, rsh = (importlib.import_module(f"pf_kernels.triton.{m}") for m in (
+        "backproj_concat", "fusion_head", "refine_step", "context_linear", "refine_step_hoisted"))
 
     def t(*shape, dtype=torch.float32, transposed=False):
         return torch.randn(*reversed(shape), dtype=dtype).t() if transposed else torch.randn(*shape, dtype=dtype)
@@ -195,6 +212,10 @@ def _fake_cases(torch, tr):
         ws = [t(2, 6, dtype=dtype, transposed=True), t(3, 6, dtype=dtype)]
         yield ("refine_step", (hs, t(6, 7, dtype=dtype), t(6, dtype=dtype), xs, ws, [t(3, dtype=dtype)], 0b10,
                                "gelu", "tanh", True), rs._forward_fake)
+        ps, vs = [t(5, 4, dtype=dtype), t(5, 2, 3, dtype=dtype)], [t(4, 2, dtype=dtype), t(3, 3, dtype=dtype)]
+        for save in (True, False):
+            yield ("refine_step_hoisted", (hs, t(6, 7, dtype=dtype), t(6, dtype=dtype), ps, ws, [t(3, dtype=dtype)],
+                                           vs, 0b10, "gelu", "tanh", 1 | 2 << 3, save), rsh._forward_fake)
         p, pw = t(3, 5, 4, dtype=dtype).transpose(1, 2), t(4, 7, dtype=dtype)
         yield "context_linear", (p, z, w, b, pw, "tanh", "gelu"), cl._forward_fake
         for out_act in ("none", "relu", "gelu"):

@@ -35,8 +35,10 @@ from .backproj_concat import backproj_concat
 from .context_linear import context_linear
 from .fusion_head import MAX_K, fusion_head
 from .refine_step import refine_step
+from .refine_step_hoisted import refine_step_hoisted
 
-__all__ = ["backproj_concat", "context_linear", "fusion_head", "refine_step", "unsupported", "INTERPRET", "MAX_K"]
+__all__ = ["backproj_concat", "context_linear", "fusion_head", "refine_step", "refine_step_hoisted", "unsupported",
+           "INTERPRET", "MAX_K"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

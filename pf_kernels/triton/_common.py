@@ -33,6 +33,10 @@ from ._activations import CODES
 
 # Fixed when the kernels are decorated: @triton.jit returns an interpreted function then.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Programs a launch aims for where the positions of a row block can be split among several: enough
+# to fill a large GPU. The interpreter runs programs one after another, and every split recomputes
+# its row block's head and contexts: there, a few (tests set it where they need more).
+PROGRAMS_TARGET = 4 if INTERPRET else 512
 
 
 def _interpreter_scalars_for_numpy_2() -> None:

@@ -33,6 +33,7 @@ def _kernel_specs(dtype: str, tf32: bool = False):
     bp = importlib.import_module("pf_kernels.triton.backproj_concat")
     fh = importlib.import_module("pf_kernels.triton.fusion_head")
     rs = importlib.import_module("pf_kernels.triton.refine_step")
+    rsh = importlib.import_module("pf_kernels.triton.refine_step_hoisted")
     cl = importlib.import_module("pf_kernels.triton.context_linear")
     mmm = importlib.import_module("pf_kernels.triton._matmul")
     prec = "ieee" if dtype == "float32" and not tf32 else "tf32"
@@ -73,6 +74,10 @@ def _kernel_specs(dtype: str, tf32: bool = False):
          hk | {"shk", "shb"} | {f"{n}{j}" for n in ("sxd", "swk", "sb") for j in range(NMOD)},
          dict(K=K, H_UNIT=True, NMOD=NMOD, HAS_HEAD_BIAS=True, BIAS_MASK=0b0101, HEAD_ACT=2, ACT=2, SAVE_PRE=True,
               PREC=prec, BZ=rs.MAX_DZ), True, bm),
+        ("refine_step_hoisted", by_dtype(rsh.hoisted_tuned, rsh.hoisted_tuned_fp32), {"pre_ptr"},
+         hk | {"shk", "shb"} | {f"{n}{j}" for n in ("sph", "swk", "sb", "svc") for j in range(NMOD)},
+         dict(K=K, H_UNIT=True, NMOD=NMOD, HAS_HEAD_BIAS=True, BIAS_MASK=0b0101, HEAD_ACT=2, ACT=2,
+              OUT_ACTS=sum(2 << (3 * j) for j in range(NMOD)), SAVE_PRE=True, PREC=prec, BZ=rs.MAX_DZ), True, bm),
     ]
 
 
@@ -83,6 +88,11 @@ def _parse_ptxas_log(log: str):
     if not regs:
         raise RuntimeError(f"no register count in the ptxas log:\n{log}")
     return max(regs), max(spill_st + [0]), max(spill_ld + [0])
+
+
+def _is_pointer(name: str) -> bool:
+    """The kernels' pointer arguments: *_ptr, and the slots of per-input pointers (h0, x0, o0, ...)."""
+    return name.endswith("_ptr") or re.fullmatch(r"[hxowbgpv][0-7]", name) is not None
 
 
 def _source(kernel, dtype: str, fp32_ptrs, unit, constexprs):
@@ -96,7 +106,7 @@ def _source(kernel, dtype: str, fp32_ptrs, unit, constexprs):
     for i, p in enumerate(kernel.params):
         if p.is_constexpr or p.name in unit:
             signature[p.name] = "constexpr"
-        elif p.name.endswith("_ptr") or re.fullmatch(r"[hxowbg][0-7]", p.name):
+        elif _is_pointer(p.name):
             signature[p.name] = "*fp32" if p.name in fp32_ptrs else f"*{ty}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
@@ -137,6 +147,7 @@ def compile_all(arch: int, dtype: str, only=None, tf32: bool = False):
 FLAG_VALUES = dict(ACT=range(5), HEAD_ACT=range(5), HAS_BIAS=(True, False), HAS_HEAD_BIAS=(True, False),
                    SAVE_PRE=(True, False), H_UNIT=(True, False), FINISH=(True, False),
                    ROWS64=(True, False), OUT_ACT=range(5), K=(1, 2, 8), NMOD=(1, 2, 4), BIAS_MASK=(0, 1, 15),
+                   OUT_ACTS=(0, 1, 2 | 4 << 3 | 3 << 6 | 1 << 9),  # 3 bits per modality
                    PREC=("ieee", "tf32"))
 
 
@@ -158,8 +169,7 @@ def ttir_all(arch: int, dtype: str):
         for flag, value in fixed.items():
             variants += [(f"{flag}={v}", {**fixed, flag: v}, unit)
                          for v in FLAG_VALUES.get(flag, ()) if v != value]
-        sizes = {p.name for p in tuned.kernel.params if not p.is_constexpr and not (
-            p.name.endswith("_ptr") or re.fullmatch(r"[hxowbg][0-7]", p.name))}
+        sizes = {p.name for p in tuned.kernel.params if not p.is_constexpr and not _is_pointer(p.name)}
         variants.append(("sizes=1", fixed, sizes))
         options = backend.parse_options(dict(num_warps=cfg.get("num_warps", 4)))
         for variant, flags, ones in variants:

@@ -23,12 +23,12 @@ import triton
 import triton.language as tl
 
 from ._activations import act, act_grad
-from ._common import act_code, autotune, cdiv, define_op, dot_precision, launch, positions, size_class, smax, smin
+from ._common import (PROGRAMS_TARGET, act_code, autotune, cdiv, define_op, dot_precision, launch, positions,
+                      size_class, smax, smin)
 from ._matmul import dot, mm, mm_tuned, mm_tuned_fp32
 from .backproj_concat import (_backward as backproj_backward, _reduce as backproj_reduce_stage,
                               backproj_reduce, chunks, position_offsets)
 
-PROGRAMS_TARGET = 512  # enough programs to fill a large GPU: more split the positions of a row block
 FORWARD_CONFIGS = [  # the [BM, BP, BH] tiles of p hold at most 8 elements per thread
     dict(BM=16, BK=32, BC=32, BP=2, BH=32, num_warps=4, num_stages=2),
     dict(BM=16, BK=32, BC=32, BP=4, BH=32, num_warps=8, num_stages=2),
@@ -44,17 +44,12 @@ REDUCE_CONFIGS = [  # 8 elements per thread: act' of gelu with two int64 address
 ]
 
 
-@triton.jit(do_not_specialize=["M", "Dz", "Dc", "H", "SIZE_CLASS"], do_not_specialize_on_alignment=["P"])
-def context_linear_kernel(p_ptr, z_ptr, bw_ptr, bb_ptr, pw_ptr, c_ptr, out_ptr, M, Dz, Dc, H, P, S1, S2,
-                          spb, sp0, sp1, sp2, sph, szm, szk, sbwc, sbwk, sbb, spwh, spwc, SIZE_CLASS,
-                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_ACT: tl.constexpr, PREC: tl.constexpr,
-                          BM: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
-                          BH: tl.constexpr):
-    split = tl.program_id(1)
-    nsplit = tl.num_programs(1)
-    offs_m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    mask_m = offs_m < M
-    # this row block's context, rounded to p's dtype, into the scratch c (B, Dc), contiguous
+@triton.jit
+def store_context(z_ptr, szm, szk, Dz, bw_ptr, sbwc, sbwk, bb_ptr, sbb, c_ptr, ldc, Dc, offs_m, mask_m,
+                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
+                  BK: tl.constexpr, BC: tl.constexpr):
+    """Rows offs_m of the context act(z @ W_bp.T + b) (tl.dot, fp32), rounded to c's dtype, into c
+    (rows ldc apart)."""
     for c0 in range(0, Dc, BC):
         offs_c = (c0 + tl.arange(0, BC)).to(tl.int64)
         mask_c = offs_c < Dc
@@ -69,9 +64,16 @@ def context_linear_kernel(p_ptr, z_ptr, bw_ptr, bb_ptr, pw_ptr, c_ptr, out_ptr, 
             ctx = dot(zt, wt, ctx, PREC)
         if HAS_BIAS:
             ctx += tl.load(bb_ptr + offs_c * sbb, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-        tl.store(c_ptr + offs_m[:, None] * Dc + offs_c[None, :], act(ctx, ACT).to(c_ptr.dtype.element_ty),
+        tl.store(c_ptr + offs_m[:, None] * ldc + offs_c[None, :], act(ctx, ACT).to(c_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_c[None, :])
-    tl.debug_barrier()  # this program's context stores are visible to all its threads
+
+
+@triton.jit
+def add_term(c_ptr, ldc, Dc, pw_ptr, spwh, spwc, p_ptr, spb, sp0, sp1, sp2, sph, P, S1, S2, H, out_ptr,
+             offs_m, mask_m, split, nsplit, OUT_ACT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
+             BC: tl.constexpr, BP: tl.constexpr, BH: tl.constexpr):
+    """out = out_act(p + c @ W_c.T) (fp32, rounded once) for rows offs_m, over the position blocks
+    of this split (every nsplit-th); c's rows ldc apart, out contiguous."""
     p_rows = p_ptr + offs_m * spb
     out_rows = out_ptr + offs_m * P * H
     for h0 in range(0, H, BH):
@@ -81,7 +83,7 @@ def context_linear_kernel(p_ptr, z_ptr, bw_ptr, bb_ptr, pw_ptr, c_ptr, out_ptr, 
         for c0 in range(0, Dc, BC):
             offs_c = c0 + tl.arange(0, BC)
             mask_c = offs_c < Dc
-            ct = tl.load(c_ptr + offs_m[:, None] * Dc + offs_c[None, :], mask=mask_m[:, None] & mask_c[None, :],
+            ct = tl.load(c_ptr + offs_m[:, None] * ldc + offs_c[None, :], mask=mask_m[:, None] & mask_c[None, :],
                          other=0.0)
             wt = tl.load(pw_ptr + offs_h[None, :] * spwh + offs_c.to(tl.int64)[:, None] * spwc,
                          mask=mask_c[:, None] & mask_h[None, :], other=0.0)
@@ -94,6 +96,21 @@ def context_linear_kernel(p_ptr, z_ptr, bw_ptr, bb_ptr, pw_ptr, c_ptr, out_ptr, 
             v = tl.load(src, mask=mask, other=0.0).to(tl.float32) + term[:, None, :]
             dst = out_rows[:, None, None] + offs_p.to(tl.int64)[None, :, None] * H + offs_h[None, None, :]
             tl.store(dst, act(v, OUT_ACT).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "Dz", "Dc", "H", "SIZE_CLASS"], do_not_specialize_on_alignment=["P"])
+def context_linear_kernel(p_ptr, z_ptr, bw_ptr, bb_ptr, pw_ptr, c_ptr, out_ptr, M, Dz, Dc, H, P, S1, S2,
+                          spb, sp0, sp1, sp2, sph, szm, szk, sbwc, sbwk, sbb, spwh, spwc, SIZE_CLASS,
+                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_ACT: tl.constexpr, PREC: tl.constexpr,
+                          BM: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
+                          BH: tl.constexpr):
+    offs_m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    mask_m = offs_m < M
+    store_context(z_ptr, szm, szk, Dz, bw_ptr, sbwc, sbwk, bb_ptr, sbb, c_ptr, Dc, Dc, offs_m, mask_m,
+                  HAS_BIAS, ACT, PREC, BM, BK, BC)
+    tl.debug_barrier()  # this program's context stores are visible to all its threads
+    add_term(c_ptr, Dc, Dc, pw_ptr, spwh, spwc, p_ptr, spb, sp0, sp1, sp2, sph, P, S1, S2, H, out_ptr,
+             offs_m, mask_m, tl.program_id(1), tl.num_programs(1), OUT_ACT, PREC, BM, BC, BP, BH)
 
 
 @triton.jit(do_not_specialize=["CH", "NCH", "H", "SIZE_CLASS"],

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._activations import act
-from ._common import (act_code, autotune, cdiv, define_op, dot_precision, launch, pointer_slots,
+from ._common import (PROGRAMS_TARGET, act_code, autotune, cdiv, define_op, dot_precision, launch, pointer_slots,
                       positions, scalar_slots, size_class, smax, smin)
 from ._matmul import dot
 from .backproj_concat import backproj_concat_backward_op, backproj_concat_op, position_offsets
@@ -185,8 +185,8 @@ def _forward(hs: List[torch.Tensor], head_weight: torch.Tensor, head_bias: Optio
     def grid(meta):
         rows = cdiv(M, meta["BM"])
         blocks = functools.reduce(smax, [cdiv(s[0] * s[1] * s[2], meta["BP"]) for s in sizes])
-        # enough programs to fill a large GPU (a few hundred), never more than position blocks
-        return (rows, smax(1, smin(blocks, cdiv(512, rows))))
+        # enough programs to fill a large GPU, never more than position blocks
+        return (rows, smax(1, smin(blocks, cdiv(PROGRAMS_TARGET, rows))))
 
     launch(refine_step_tuned_fp32 if dtype == torch.float32 else refine_step_tuned, grid,
            *pointer_slots(hs, MAX_K, hs[0]), *scalar_slots(dims, MAX_K, 0),

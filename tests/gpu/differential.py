@@ -25,7 +25,7 @@ import random
 import sys
 import time
 import traceback
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -223,6 +223,33 @@ def draw_case(op: str, dtype: torch.dtype, device: str, rng: random.Random, budg
 
         return Case(op, dtype, [hw, hb, *hs, *xs, *ws, *bs], call, plain,
                     f"B={B} dims={dims} Dz={Dz} xs={[tuple(x.shape) for x in xs]} head={head_a} bp={a}")
+    if op == "refine_step_hoisted":
+        dims = [width(1, 130) for _ in range(rng.choice([1, 2, 3, 8, 9]))]
+        m, Dz = rng.choice([1, 2, 3, 4, 5]), rng.choice([1, 7, 33, 64, 127, 128, 129, 200])
+        head_a, out_as = rng.choice(ACTIVATIONS), [rng.choice(ACTIVATIONS) for _ in range(m)]
+        Hs = [width(1, 130) for _ in range(m)]
+        fit([], max(sum(dims) + Dz, max(Hs) + 64))
+        hs = [t((B, d)) for d in dims]
+        hw, hb = t((Dz, sum(dims)), sum(dims) ** -0.5), (t((Dz,)) if bias else None)
+        ps = [t((B, *fit(draw_positions(rng, 512), H, False), H)) for H in Hs]
+        ws = [t((width(1, 64), Dz), Dz ** -0.5) for _ in range(m)]
+        bs = [t((w.shape[0],)) if rng.random() < 0.7 else None for w in ws]
+        vs = [t((H, w.shape[0]), w.shape[0] ** -0.5) for H, w in zip(Hs, ws)]
+        k = len(dims)
+
+        def call(ops, hw, hb, *ts):
+            z, outs = ops.refine_step_hoisted(list(ts[:k]), hw, hb, list(ts[k:k + m]), list(ts[k + m:k + 2 * m]),
+                                              list(ts[k + 2 * m:k + 3 * m]), list(ts[k + 3 * m:]), head_a, a, out_as)
+            return [z, *outs]
+
+        def plain(rnd, hw, hb, *ts):
+            z = plain_head(list(ts[:k]), hw, hb, head_a)
+            # each modality reads z as returned: one rounding per read (a gradient each)
+            return [z, *(plain_context_linear(p, rnd(z), w, b_, v, a, out_a, rnd) for p, w, b_, v, out_a in
+                         zip(ts[k:k + m], ts[k + m:k + 2 * m], ts[k + 2 * m:k + 3 * m], ts[k + 3 * m:], out_as))]
+
+        return Case(op, dtype, [hw, hb, *hs, *ps, *ws, *bs, *vs], call, plain,
+                    f"B={B} dims={dims} Dz={Dz} ps={[tuple(p.shape) for p in ps]} head={head_a} bp={a} out={out_as}")
     if op == "context_linear":
         H, Dz, Dc = width(), width(), width(1, 64)
         S = fit(draw_positions(rng, 4096), H)
@@ -421,8 +448,7 @@ def run(device: str, backends: Sequence[str], seconds: float, seed: int, limits:
     out = out or sys.stdout
 
     ops = ["backproj_concat", "fusion_head", "backproj_concat_grouped", "refine_step"]
-    if hasattr(pk, "context_linear"):
-        ops.append("context_linear")
+    ops += [op for op in ("context_linear", "refine_step_hoisted") if hasattr(pk, op)]
     failures = 0
     for backend in backends:
         info = pk.available_backends()[backend]
