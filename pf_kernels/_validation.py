@@ -167,16 +167,21 @@ def check_fusion_head(hs, weight, bias, activation, what: str = "fusion_head",
     check_activation(activation, activation_name)
 
 
+def _bias_list(biases, name: str, n: int, what: str) -> list:
+    """A per-modality bias argument as a list: None means no bias for any of the n modalities."""
+    if biases is None:
+        return [None] * n
+    if isinstance(biases, torch.Tensor) or not isinstance(biases, (list, tuple)):
+        raise TypeError(f"{what}: {name} must be None or a list of tensors/None, got {type(biases).__name__}")
+    return list(biases)
+
+
 def check_backproj_grouped(xs, z, weights, biases, activation,
                            what: str = "backproj_concat_grouped") -> List[Optional[torch.Tensor]]:
     """Checks the per-modality lists; returns biases as a list (None -> all None)."""
     xs = _check_sequence(xs, "xs", what)
     weights = _check_sequence(weights, "weights", what)
-    if biases is None:
-        biases = [None] * len(xs)
-    elif isinstance(biases, torch.Tensor) or not isinstance(biases, (list, tuple)):
-        raise TypeError(f"{what}: biases must be None or a list of tensors/None, got {type(biases).__name__}")
-    biases = list(biases)
+    biases = _bias_list(biases, "biases", len(xs), what)
     if not len(xs) == len(weights) == len(biases):
         raise ValueError(f"{what}: one x, weight and bias per modality: got {len(xs)} xs, "
                          f"{len(weights)} weights, {len(biases)} biases")
@@ -224,16 +229,13 @@ def check_refine_step_hoisted(hs, head_weight, head_bias, ps, bp_weights, bp_bia
     ps = _check_sequence(ps, "ps", what)
     bp_weights = _check_sequence(bp_weights, "bp_weights", what)
     proj_weights = _check_sequence(proj_weights, "proj_weights", what)
-    if bp_biases is None:
-        bp_biases = [None] * len(ps)
-    elif isinstance(bp_biases, torch.Tensor) or not isinstance(bp_biases, (list, tuple)):
-        raise TypeError(f"{what}: bp_biases must be None or a list of tensors/None, got {type(bp_biases).__name__}")
+    bp_biases = _bias_list(bp_biases, "bp_biases", len(ps), what)
     if isinstance(out_activations, str):
         out_activations = [out_activations] * len(ps)
     elif not isinstance(out_activations, (list, tuple)):
         raise TypeError(f"{what}: out_activations must be a str or a list of str, got "
                         f"{type(out_activations).__name__}")
-    bp_biases, out_activations = list(bp_biases), list(out_activations)
+    out_activations = list(out_activations)
     if not len(ps) == len(bp_weights) == len(bp_biases) == len(proj_weights) == len(out_activations):
         raise ValueError(f"{what}: one p, bp_weight, bp_bias, proj_weight and out_activation per modality: "
                          f"got {len(ps)} ps, {len(bp_weights)} bp_weights, {len(bp_biases)} bp_biases, "

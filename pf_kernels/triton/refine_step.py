@@ -52,6 +52,34 @@ def pick4(J: tl.constexpr, a0, a1, a2, a3):
     return r
 
 
+@triton.jit
+def store_z_rows(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
+                 sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
+                 hw_ptr, hb_ptr, z_ptr, pre_ptr, Dz, shn, shk, shb, offs_m, mask_m, split,
+                 K: tl.constexpr, H_UNIT: tl.constexpr, HAS_HEAD_BIAS: tl.constexpr, HEAD_ACT: tl.constexpr,
+                 SAVE_PRE: tl.constexpr, PREC: tl.constexpr, BZ: tl.constexpr, BM: tl.constexpr,
+                 BK: tl.constexpr):
+    """Rows offs_m of z = act_h(sum_j h_j @ W_h[:, cols_j].T + b_h), computed in registers (all of Dz
+    at once) and stored as the op returns them (contiguous, the input dtype), with the fp32
+    pre-activation (split 0) where SAVE_PRE. Every split of a row block stores the same values;
+    after the barrier each reads them back in chunks (a whole [BM, Dz] dot operand would not fit the
+    registers of fp32 FMA dots)."""
+    offs_z = tl.arange(0, BZ)
+    mask_z = offs_z < Dz
+    acc = head_tile(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
+                    sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
+                    hw_ptr, shn, shk, offs_m, mask_m, offs_z, mask_z, K, H_UNIT, PREC, BM, BZ, BK)
+    if HAS_HEAD_BIAS:
+        acc += tl.load(hb_ptr + offs_z * shb, mask=mask_z, other=0.0).to(tl.float32)[None, :]
+    zq = act(acc, HEAD_ACT).to(z_ptr.dtype.element_ty)
+    mask_mz = mask_m[:, None] & mask_z[None, :]
+    tl.store(z_ptr + offs_m[:, None] * Dz + offs_z[None, :], zq, mask=mask_mz)
+    if SAVE_PRE:
+        if split == 0:
+            tl.store(pre_ptr + offs_m[:, None] * Dz + offs_z[None, :], acc, mask=mask_mz)
+    tl.debug_barrier()  # this program's z stores are visible to all its threads
+
+
 @triton.jit(do_not_specialize=["M", "Dz", "SIZE_CLASS", *(f"{n}{j}" for n in "D" for j in range(MAX_K)),
                                *(f"{n}{j}" for n in "PXC" for j in range(MAX_MODALITIES))])
 def refine_step_kernel(
@@ -72,24 +100,10 @@ def refine_step_kernel(
     nsplit = tl.num_programs(1)
     offs_m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     mask_m = offs_m < M
-    offs_z = tl.arange(0, BZ)
-    mask_z = offs_z < Dz
-    # z rows in registers: the fusion head over the K inputs.
-    acc = head_tile(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
-                    sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
-                    hw_ptr, shn, shk, offs_m, mask_m, offs_z, mask_z, K, H_UNIT, PREC, BM, BZ, BK)
-    if HAS_HEAD_BIAS:
-        acc += tl.load(hb_ptr + offs_z * shb, mask=mask_z, other=0.0).to(tl.float32)[None, :]
-    # z as the op returns it. Every split of a row block stores the same values; each reads them
-    # back in BK-wide chunks for the back-projections below (a whole [BM, Dz] dot operand would not
-    # fit the registers of fp32 FMA dots).
-    zq = act(acc, HEAD_ACT).to(z_ptr.dtype.element_ty)
-    mask_mz = mask_m[:, None] & mask_z[None, :]
-    tl.store(z_ptr + offs_m[:, None] * Dz + offs_z[None, :], zq, mask=mask_mz)
-    if SAVE_PRE:
-        if split == 0:
-            tl.store(pre_ptr + offs_m[:, None] * Dz + offs_z[None, :], acc, mask=mask_mz)
-    tl.debug_barrier()  # this program's z stores are visible to all its threads
+    store_z_rows(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
+                 sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
+                 hw_ptr, hb_ptr, z_ptr, pre_ptr, Dz, shn, shk, shb, offs_m, mask_m, split,
+                 K, H_UNIT, HAS_HEAD_BIAS, HEAD_ACT, SAVE_PRE, PREC, BZ, BM, BK)
     for j in tl.static_range(NMOD):
         xp = pick4(j, x0, x1, x2, x3)
         op = pick4(j, o0, o1, o2, o3)

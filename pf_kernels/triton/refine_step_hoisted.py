@@ -17,13 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._activations import CODES, act
+from ._activations import CODES
 from ._common import (PROGRAMS_TARGET, act_code, autotune, cdiv, define_op, dot_precision, launch, pointer_slots,
                       positions, scalar_slots, size_class, smax, smin)
 from .context_linear import add_term, context_linear_backward_op, context_linear_op, store_context
-from .fusion_head import (MAX_K, fusion_head_backward_op, fusion_head_op, head_tile, needs_grad,
-                          unit_feature_strides)
-from .refine_step import MAX_MODALITIES, _biases, fits_one_launch, pick4
+from .fusion_head import MAX_K, fusion_head_backward_op, fusion_head_op, needs_grad, unit_feature_strides
+from .refine_step import MAX_MODALITIES, _biases, fits_one_launch, pick4, store_z_rows
 
 _NAMES = {code: name for name, code in CODES.items()}
 
@@ -32,9 +31,10 @@ HOISTED_CONFIGS = [  # the [BM, BP, BH] tiles of p hold at most 8 elements per t
     dict(BM=16, BK=32, BC=32, BP=2, BH=32, num_warps=4, num_stages=2),
     dict(BM=16, BK=32, BC=32, BP=2, BH=32, num_warps=8, num_stages=2),
 ]
-HOISTED_CONFIGS_FP32 = [  # fp32 (FMA) dots hold their whole K slice in registers per thread; BP=4 on
-    # 8 warps spilled 8 B on sm_90 (triton 3.6), BP=2 on 4 warps 8 B with tf32 on sm_80 (triton 3.9)
-    dict(BM=16, BK=16, BC=16, BP=1, BH=32, num_warps=4, num_stages=2),
+HOISTED_CONFIGS_FP32 = [  # fp32 (FMA) dots hold their whole K slice in registers per thread. Spills met
+    # at ptxas' 128-register cap: BP=4 on 8 warps (sm_90, triton 3.6), 4 warps in 2 stages with tf32
+    # (sm_80, triton 3.9); one stage on 4 warps has none
+    dict(BM=16, BK=16, BC=16, BP=2, BH=32, num_warps=4, num_stages=1),
     dict(BM=16, BK=16, BC=16, BP=2, BH=32, num_warps=8, num_stages=2),
 ]
 
@@ -60,21 +60,10 @@ def refine_step_hoisted_kernel(
     nsplit = tl.num_programs(1)
     offs_m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     mask_m = offs_m < M
-    offs_z = tl.arange(0, BZ)
-    mask_z = offs_z < Dz
-    acc = head_tile(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
-                    sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
-                    hw_ptr, shn, shk, offs_m, mask_m, offs_z, mask_z, K, H_UNIT, PREC, BM, BZ, BK)
-    if HAS_HEAD_BIAS:
-        acc += tl.load(hb_ptr + offs_z * shb, mask=mask_z, other=0.0).to(tl.float32)[None, :]
-    # z as the op returns it; every split of a row block stores the same values and reads back its own
-    mask_mz = mask_m[:, None] & mask_z[None, :]
-    tl.store(z_ptr + offs_m[:, None] * Dz + offs_z[None, :], act(acc, HEAD_ACT).to(z_ptr.dtype.element_ty),
-             mask=mask_mz)
-    if SAVE_PRE:
-        if split == 0:
-            tl.store(pre_ptr + offs_m[:, None] * Dz + offs_z[None, :], acc, mask=mask_mz)
-    tl.debug_barrier()  # this program's z stores are visible to all its threads
+    store_z_rows(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6, D7,
+                 sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7,
+                 hw_ptr, hb_ptr, z_ptr, pre_ptr, Dz, shn, shk, shb, offs_m, mask_m, split,
+                 K, H_UNIT, HAS_HEAD_BIAS, HEAD_ACT, SAVE_PRE, PREC, BZ, BM, BK)
     c_col = 0
     for j in tl.static_range(NMOD):  # every modality's context into its columns of the scratch
         Dc = pick4(j, C0, C1, C2, C3)
