@@ -65,6 +65,20 @@ def sources(*patterns):
     return sorted(os.path.relpath(p, ROOT) for pat in patterns for p in glob.glob(os.path.join(ROOT, pat)))
 
 
+def cxx_runtime_link_args():
+    """Links the shared C++ runtime this process (with torch) has loaded, by its path: `-lstdc++`
+    wants the unversioned libstdc++.so, which a system without the dev package lacks, and then a
+    compiler of its own (the GPU machine's /opt/gcc) takes its static libstdc++.a instead."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    except OSError:
+        paths = set()
+    if len(paths) == 1:
+        return [paths.pop()]
+    return ["-Wl,--push-state,-Bdynamic", "-lstdc++", "-Wl,--pop-state"]
+
+
 def cuda_archs(torch):
     """The CUDA archs to build for, and where that choice came from."""
     given = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
@@ -146,7 +160,7 @@ class Plan:
         if sys.platform.startswith("linux"):
             # The C++ runtime shared, as torch's: a compiler wrapper that links libstdc++ statically
             # (seen on a GPU machine) makes a second copy that crashes on the first error message.
-            link_args += ["-Wl,--push-state,-Bdynamic", "-lstdc++", "-Wl,--pop-state"]
+            link_args += cxx_runtime_link_args()
         kwargs = dict(include_dirs=include_dirs, extra_compile_args=extra_compile_args,
                       extra_link_args=link_args)
         if self.with_cuda:
