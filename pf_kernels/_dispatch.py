@@ -69,9 +69,10 @@ class Backend:
 _BACKENDS: Dict[str, Backend] = {}
 # Where "auto" looks, in order, per device type and, where measurements differ, per op ("*": the
 # rest); "torch" serves everything else. From the benchmarks (benchmarks/results/):
-# - H100 (torch 2.11, triton 3.6): the cuda kernels beat the triton ones on every row; triton's
-#   calls were host-bound there, 0.2-0.4x eager (their host time per call has since been cut by
-#   ~2x, measured without a GPU by benchmarks/triton_host.py; not yet re-timed on a GPU).
+# - H100 (torch 2.11, triton 3.6; runs of 2026-11-26 and -27): cuda beat triton on every row, and
+#   eager on every row but fusion_head at B=4096 (0.97-0.98x forward: the same cuBLAS GEMM; its
+#   backward's fp32 GEMMs, since moved to the input dtype); triton's calls were host-bound there,
+#   0.14-0.8x eager. No size crossover: cuda first for every op, size and dtype.
 # - CPU: fusion_head's cpu kernel is one GEMM like eager's plus the op's call overhead: 0.92x eager
 #   over the grid, so auto keeps eager's; refine_step then composes torch's head with the cpu
 #   back-projections (pf_kernels.ops.refine_step).

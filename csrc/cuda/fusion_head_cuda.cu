@@ -13,8 +13,8 @@
 // GEMM's fp32 output with the bias, rounded once, as the reference.
 // Backward, where launches cost more than arithmetic (launch_plan.h: fusion_head_backward): one launch of
 // linear_backward_cuda.cu's kernel, grad_pre computed where it is read (two launches where act' needs y:
-// the forward kernel writes y in fp32 first). Beyond: one elementwise kernel (grad_pre = grad_out * act'),
-// then cuBLAS GEMMs via ATen in the accumulation dtype.
+// the forward kernel writes y in fp32 first). Beyond: one elementwise kernel (grad_pre = grad_out * act',
+// rounded to the input dtype), then cuBLAS GEMMs via ATen on the input dtype, as eager autograd.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -354,43 +354,50 @@ at::Tensor fusion_head_cuda(at::TensorList hs_in, const at::Tensor& weight, cons
   return out;
 }
 
-// The cuBLAS backward's grad_pre = grad_out * act'(y) in the accumulation dtype; act' from the output, or
-// from y where given (y less the bias, plus y_bias).
+// The cuBLAS backward's grad_pre = grad_out * act'(y + bias), computed in the accumulation dtype and
+// stored in the GEMMs' operand dtype; act' from the output, or from y where given.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(plan::kElementwiseThreads)
     fusion_head_grad_pre_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ o,
-                                const acc_t* __restrict__ y, acc_t* __restrict__ dst, int64_t n, Activation act) {
+                                const acc_t* __restrict__ y, const scalar_t* __restrict__ bias,
+                                scalar_t* __restrict__ dst, int64_t n, int64_t N, Activation act) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const acc_t d = y != nullptr ? activation_grad<acc_t>(y[i], act)
-                                 : grad_from_activated<acc_t>(static_cast<acc_t>(o[i]), act);
-    dst[i] = static_cast<acc_t>(g[i]) * d;
+    acc_t d;
+    if (y != nullptr) {
+      const acc_t pre = bias != nullptr ? y[i] + static_cast<acc_t>(bias[i % N]) : y[i];
+      d = activation_grad<acc_t>(pre, act);
+    } else {
+      d = grad_from_activated<acc_t>(static_cast<acc_t>(o[i]), act);
+    }
+    dst[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * d);
   }
 }
 
-// The cuBLAS backward (sizes where arithmetic, not launches, sets the time): the GEMMs in the
-// accumulation dtype, rounded once at the end, as eager autograd of the reference in fp32.
+// The cuBLAS backward (sizes where arithmetic, not launches, sets the time), as eager autograd of the
+// reference computes it: grad_pre rounded to the input dtype, every GEMM on the input dtype with fp32
+// accumulation (tensor cores for 16-bit inputs; the fp32 GEMMs of 16-bit data this path ran before
+// were 7x slower than eager on an H100 at B=4096, SIMT).
 void fusion_head_backward_gemm(const at::Tensor& g, at::TensorList hs, const at::Tensor& weight,
                                const at::Tensor& bias, const at::Tensor& out, Activation act, bool from_y,
                                std::vector<at::Tensor>& grad_hs, at::Tensor& grad_weight, at::Tensor& grad_bias) {
   const int64_t B = g.size(0), Dz = g.size(1);
-  const at::ScalarType dtype = g.scalar_type(), acc = at::toOpMathType(dtype);
-  // [h_1..h_K] once in the accumulation dtype: the operand of grad_weight's single GEMM (and of y).
-  const at::Tensor h = gather_inputs(hs).to(acc);
-  const at::Tensor w = weight.to(acc);
-  at::Tensor grad_pre = at::empty({B, Dz}, g.options().dtype(acc));
+  const at::ScalarType dtype = g.scalar_type();
+  // [h_1..h_K] once: the operand of grad_weight's single GEMM (and of y).
+  const at::Tensor h = gather_inputs(hs);
+  at::Tensor grad_pre = at::empty({B, Dz}, g.options());
   const int64_t n = grad_pre.numel();
   if (n > 0) {
     const at::Tensor o = out.contiguous();
-    const at::Tensor y =
-        from_y ? (bias.defined() ? at::addmm(bias.to(acc), h, w.t()) : at::mm(h, w.t())).contiguous() : at::Tensor();
+    const at::Tensor y = from_y ? gemm_acc(h, weight).contiguous() : at::Tensor();
     const int64_t blocks = plan::elementwise_grid(n, sm_count());
     const auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusion_head_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       fusion_head_grad_pre_kernel<scalar_t, acc_t><<<launch_grid(blocks), plan::kElementwiseThreads, 0, stream>>>(
           g.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), y.defined() ? y.data_ptr<acc_t>() : nullptr,
-          grad_pre.data_ptr<acc_t>(), n, act);
+          y.defined() && bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, grad_pre.data_ptr<scalar_t>(), n,
+          Dz, act);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   } else {
@@ -399,11 +406,11 @@ void fusion_head_backward_gemm(const at::Tensor& g, at::TensorList hs, const at:
   // Each h_j's gradient is its own tensor, from its own block of W.
   int64_t offset = 0;
   for (const at::Tensor& hj : hs) {
-    grad_hs.push_back(at::mm(grad_pre, w.narrow(1, offset, hj.size(1))).to(dtype));
+    grad_hs.push_back(at::mm(grad_pre, weight.narrow(1, offset, hj.size(1))));
     offset += hj.size(1);
   }
-  grad_weight = at::mm(grad_pre.t(), h).to(dtype);
-  if (bias.defined()) grad_bias = grad_pre.sum(0).to(dtype);
+  grad_weight = at::mm(grad_pre.t(), h);
+  if (bias.defined()) grad_bias = grad_pre.sum(0);
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward_cuda(
