@@ -122,16 +122,17 @@ struct ActGradSource {
 };
 
 // Sums g[b * g_sb + p * g_sp + c * g_sc] over p in this task's split of positions. With one split it
-// finishes the job: dst[b, c] = sum * act'(b, c); otherwise it writes the partial sum to dst[split, b, c]
-// and a second launch (in_t = acc_t, over the splits) finishes. act' comes from the saved output
-// a = act(y) (any position holds the context: position 0 is read), or from y: for gelu, and for tanh /
-// sigmoid in 16-bit dtypes, where 1 - a^2 or a (1 - a) of a rounded a loses most of its bits near
-// saturation.
+// finishes the job: dst[b, c] = sum * act'(b, c), rounded to scalar_t; otherwise it writes the partial
+// sum to partial[split, b, c] (fp32) and a second launch (in_t = acc_t, over the splits) finishes. act'
+// comes from the saved output a = act(y) (any position holds the context: position 0 is read), or from
+// y: for gelu, and for tanh / sigmoid in 16-bit dtypes, where 1 - a^2 or a (1 - a) of a rounded a loses
+// most of its bits near saturation.
 template <typename in_t, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kBwdCols* kBwdRows)
     context_grad_kernel(const in_t* __restrict__ g, int64_t g_sb, int64_t g_sp, int64_t g_sc, int64_t positions,
                         int64_t per_split, int64_t splits, int64_t B, int64_t Dc,
-                        const ActGradSource<scalar_t, acc_t> src, acc_t* __restrict__ dst) {
+                        const ActGradSource<scalar_t, acc_t> src, acc_t* __restrict__ partial,
+                        scalar_t* __restrict__ dst) {
   __shared__ acc_t part[kBwdRows][kBwdCols + 1];
   __shared__ acc_t y_tile[kBwdCols];
   const int tx = threadIdx.x, ty = threadIdx.y;  // warp ty, lane tx
@@ -168,9 +169,9 @@ __global__ void __launch_bounds__(kBwdCols* kBwdRows)
           if (src.bias != nullptr) y += static_cast<acc_t>(src.bias[c]);
           d = activation_grad<acc_t>(y, src.act);
         }
-        dst[b * Dc + c] = total * d;
+        dst[b * Dc + c] = static_cast<scalar_t>(total * d);
       } else {
-        dst[(split * B + b) * Dc + c] = total;
+        partial[(split * B + b) * Dc + c] = total;
       }
     }
     __syncthreads();  // before the next task overwrites part and y_tile
@@ -257,14 +258,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const at::ScalarType dtype = grad_out.scalar_type(), acc = at::toOpMathType(dtype);
   const int64_t positions = B > 0 && D > 0 ? grad_out.numel() / (B * D) : 0;
-  // z and W in the accumulation dtype: the operands of the gradients' GEMMs.
-  const at::Tensor w_acc = weight.to(acc), z_acc = z.to(acc);
 
+  // grad_pre in the input dtype, as eager autograd rounds the gradient of a 16-bit linear's output.
   at::Tensor grad_pre;
   if (positions == 0 || Dc == 0) {
-    grad_pre = at::zeros({B, Dc}, grad_out.options().dtype(acc));
+    grad_pre = at::zeros({B, Dc}, grad_out.options());
   } else {
-    grad_pre = at::empty({B, Dc}, grad_out.options().dtype(acc));
+    grad_pre = at::empty({B, Dc}, grad_out.options());
     const bool from_y = act == Activation::Gelu ||
                         (at::elementSize(dtype) == 2 && (act == Activation::Tanh || act == Activation::Sigmoid));
     const plan::BackprojBackward p = plan::backproj_backward(B, positions, Dz, Dc, from_y, sm_count());
@@ -276,7 +276,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
     // The forward's GEMM: the same y (16-bit inputs on tensor cores, not an fp32 GEMM of z_acc, W_acc).
     const at::Tensor pre =
         p.y_source == plan::kYFromGemm ? pre_activation_gemm(z, weight).contiguous() : at::Tensor();
-    const at::Tensor partial = p.splits > 1 ? at::empty({p.splits, B, Dc}, grad_pre.options()) : grad_pre;
+    const at::Tensor partial = p.splits > 1 ? at::empty({p.splits, B, Dc}, grad_pre.options().dtype(acc))
+                                            : at::Tensor();
     const dim3 block(kBwdCols, kBwdRows);
     const auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "backproj_concat_bwd_cuda", [&] {
@@ -294,19 +295,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
       src.y_source = p.y_source;
       context_grad_kernel<scalar_t, scalar_t, acc_t><<<launch_grid(p.grid), block, 0, stream>>>(
           g.data_ptr<scalar_t>(), g.stride(0), g.stride(1), g.stride(2), positions, p.per_split, p.splits, B, Dc,
-          src, partial.data_ptr<acc_t>());
+          src, partial.defined() ? partial.data_ptr<acc_t>() : nullptr, grad_pre.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (p.splits > 1) {  // sum the splits (as positions of a (B, splits, Dc) view), times act'
         context_grad_kernel<acc_t, scalar_t, acc_t><<<launch_grid(p.finish_grid), block, 0, stream>>>(
-            partial.data_ptr<acc_t>(), Dc, B * Dc, 1, p.splits, p.splits, 1, B, Dc, src, grad_pre.data_ptr<acc_t>());
+            partial.data_ptr<acc_t>(), Dc, B * Dc, 1, p.splits, p.splits, 1, B, Dc, src, nullptr,
+            grad_pre.data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
   }
-  // The small GEMMs in the accumulation dtype (cuBLAS), rounded once at the end.
-  at::Tensor grad_z = at::mm(grad_pre, w_acc).to(dtype);
-  at::Tensor grad_weight = at::mm(grad_pre.t(), z_acc).to(dtype);
-  at::Tensor grad_bias = has_bias(bias) ? grad_pre.sum(0).to(dtype) : at::empty({0}, grad_out.options());
+  // The small GEMMs on the input dtype (cuBLAS, fp32 accumulation), as eager: no casts of z, W or the
+  // results, each a launch at the launch-bound sizes where this op runs.
+  at::Tensor grad_z = at::mm(grad_pre, weight);
+  at::Tensor grad_weight = at::mm(grad_pre.t(), z);
+  at::Tensor grad_bias = has_bias(bias) ? grad_pre.sum(0) : at::empty({0}, grad_out.options());
   return {grad_z, grad_weight, grad_bias};
 }
 

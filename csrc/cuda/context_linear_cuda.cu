@@ -2,11 +2,12 @@
 // Forward: the (B, H) context term in fp32 with cuBLAS (pre = z @ W_bp^T + b_bp; c = act(pre),
 // rounded to the dtype as backproj_concat returns it, in one small elementwise kernel; term =
 // c @ W_c^T), then one bandwidth-bound launch over p: out = out_act(p + term[b]), 16-byte accesses
-// where every row is aligned. 16-bit inputs add their fp32 casts (small tensors).
+// where every row is aligned. The GEMMs read the input dtype (16-bit: tensor cores, fp32 output).
 // Backward: one launch (two when positions are split across blocks: partial sums, then their sum
 // in a fixed order, so the result is deterministic) reduces grad_out (times out_act', also written
-// as grad_p) over positions into the term's gradient (B, H) in fp32; the rest is small cuBLAS GEMMs
-// and one elementwise kernel for act'.
+// as grad_p) over positions into the term's gradient (B, H); the rest is small cuBLAS GEMMs on the
+// input dtype and one elementwise kernel for act'. Gradients are rounded to the input dtype where
+// eager autograd of the definition rounds them (the term's, the context's pre-activation's).
 // Any size: 1-D grids with grid-stride loops (cuda/launch_plan.h: the grids, the backward's splits and
 // its task walk are backproj_concat's, whose position reduction this is), 64-bit offsets and no 64-bit
 // division, fixed shared memory (none tied to H or Dc); no host synchronisation, so the op can be
@@ -37,24 +38,32 @@ using plan::kBwdCols;
 using plan::kBwdRows;
 
 
-// c[i] = act(pre[i]) rounded to scalar_t, kept in fp32 (the GEMM that follows reads fp32).
+// pre[i] += bias[i % N] where a bias is given (16-bit inputs: their GEMM has no fp32 bias epilogue),
+// then c[i] = act(pre[i]) rounded to scalar_t.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) context_kernel(const acc_t* __restrict__ pre, acc_t* __restrict__ c,
-                                                          int64_t n, Activation act) {
+__global__ void __launch_bounds__(kThreads) context_kernel(acc_t* __restrict__ pre, const scalar_t* __restrict__ bias,
+                                                          scalar_t* __restrict__ c, int64_t n, int64_t N,
+                                                          Activation act) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    c[i] = static_cast<acc_t>(static_cast<scalar_t>(activate<acc_t>(pre[i], act)));
+    acc_t y = pre[i];
+    if (bias != nullptr) {
+      y += static_cast<acc_t>(bias[i % N]);
+      pre[i] = y;
+    }
+    c[i] = static_cast<scalar_t>(activate<acc_t>(y, act));
   }
 }
 
-// grad[i] *= act'(pre[i]), in place.
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) activation_grad_kernel(acc_t* __restrict__ grad,
-                                                                  const acc_t* __restrict__ pre, int64_t n,
+// grad_pre[i] = grad_c[i] * act'(pre[i]), rounded to scalar_t.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) activation_grad_kernel(const acc_t* __restrict__ grad_c,
+                                                                  const acc_t* __restrict__ pre,
+                                                                  scalar_t* __restrict__ grad_pre, int64_t n,
                                                                   Activation act) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    grad[i] *= activation_grad<acc_t>(pre[i], act);
+    grad_pre[i] = static_cast<scalar_t>(grad_c[i] * activation_grad<acc_t>(pre[i], act));
   }
 }
 
@@ -98,14 +107,15 @@ __global__ void __launch_bounds__(kThreads)
 // (from the saved output `src`, or from y = src + term[b] when src is p: from_p), written to grad_p
 // (contiguous, B x positions x H) when it is given. With grad_p null, a plain sum: also the second
 // pass, over the splits' partial sums. Tiles of 32 features x 8 position lanes, walked as
-// backproj_concat's backward walks them; a fixed order, so deterministic.
-template <typename in_t, typename scalar_t, typename acc_t>
+// backproj_concat's backward walks them; a fixed order, so deterministic. dst is out_t: acc_t for
+// partial sums, scalar_t for the finished gradient.
+template <typename in_t, typename scalar_t, typename acc_t, typename out_t>
 __global__ void __launch_bounds__(kBwdCols* kBwdRows)
     position_sum_kernel(const in_t* __restrict__ g, int64_t g_sb, int64_t g_sp, int64_t g_sh,
                         const scalar_t* __restrict__ src, int64_t s_sb, int64_t s_sp, int64_t s_sh,
                         const acc_t* __restrict__ term, bool from_p, Activation out_act, scalar_t* __restrict__ grad_p,
                         int64_t B, int64_t positions, int64_t H, int64_t h_tiles, int64_t per_split, int64_t splits,
-                        acc_t* __restrict__ dst) {
+                        out_t* __restrict__ dst) {
   __shared__ acc_t part[kBwdRows][kBwdCols + 1];
   const int tx = threadIdx.x, ty = threadIdx.y;
   plan::for_each_grad_task(blockIdx.x, gridDim.x, B, h_tiles, splits, [&](int64_t b, int64_t split, int64_t tile) {
@@ -136,7 +146,7 @@ __global__ void __launch_bounds__(kBwdCols* kBwdRows)
       acc_t total = acc_t(0);
 #pragma unroll
       for (int k = 0; k < kBwdRows; ++k) total += part[k][tx];
-      dst[(split * B + b) * H + h] = total;
+      dst[(split * B + b) * H + h] = static_cast<out_t>(total);
     }
     __syncthreads();  // part is reused by the next task
   });
@@ -149,22 +159,31 @@ at::Tensor as_rows(const at::Tensor& t, int64_t n_rows) {
   return t.size(-1) > 1 && rows.stride(1) != 1 ? rows.contiguous() : rows;
 }
 
-// pre = z @ W_bp^T + b_bp in fp32 (cuBLAS), and c = act(pre) rounded to the dtype, in fp32.
+// a @ b on cuBLAS with a result in the accumulation dtype: 16-bit operands on tensor cores, fp32 out.
+at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b) {
+  const at::ScalarType dtype = a.scalar_type(), acc = at::toOpMathType(dtype);
+  return dtype == acc ? at::mm(a, b) : at::mm(a, b, acc);
+}
+
+// pre = z @ W_bp^T + b_bp in fp32 (cuBLAS; contiguous), and c = act(pre) rounded to the dtype.
 std::pair<at::Tensor, at::Tensor> context(const at::Tensor& z, const at::Tensor& bp_weight,
-                                          const c10::optional<at::Tensor>& bp_bias, Activation act, bool keep_pre) {
+                                          const c10::optional<at::Tensor>& bp_bias, Activation act) {
   const at::ScalarType dtype = z.scalar_type(), acc = at::toOpMathType(dtype);
-  const at::Tensor z_acc = z.to(acc), w_acc = bp_weight.to(acc);
-  at::Tensor pre = has_bias(bp_bias) ? at::addmm(bp_bias->to(acc), z_acc, w_acc.t()) : at::mm(z_acc, w_acc.t());
+  const bool bias_in_gemm = dtype == acc && has_bias(bp_bias);  // fp32/fp64: cuBLAS's epilogue adds it
+  at::Tensor pre = bias_in_gemm ? at::addmm(*bp_bias, z, bp_weight.t()) : mm_acc(z, bp_weight.t());
+  const bool bias_here = has_bias(bp_bias) && !bias_in_gemm;
   if (act == Activation::None && dtype == acc) return {pre, pre};  // c is pre itself
-  at::Tensor c = keep_pre ? at::empty_like(pre) : pre;
+  at::Tensor c = at::empty(pre.sizes(), z.options());
   const int64_t n = pre.numel();
   if (n > 0) {
+    const at::Tensor bc = bias_here ? bp_bias->contiguous() : at::Tensor();
     const auto stream = at::cuda::getCurrentCUDAStream();
     const unsigned grid = launch_grid(plan::elementwise_grid(n, sm_count()));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "context_linear_context_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       context_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-          pre.data_ptr<acc_t>(), c.data_ptr<acc_t>(), n, act);
+          pre.data_ptr<acc_t>(), bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, c.data_ptr<scalar_t>(), n,
+          pre.size(1), act);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -181,11 +200,11 @@ at::Tensor context_linear_cuda(const at::Tensor& p, const at::Tensor& z, const a
   const c10::cuda::CUDAGuard guard(p.device());
   at::Tensor out = at::empty(p.sizes(), p.options());
   if (out.numel() == 0) return out;
-  const at::ScalarType dtype = p.scalar_type(), acc = at::toOpMathType(dtype);
+  const at::ScalarType dtype = p.scalar_type();
   const int64_t B = p.size(0), H = p.size(-1), n_rows = out.numel() / H, positions = n_rows / B;
 
-  const at::Tensor c = context(z, bp_weight, bp_bias, act, /*keep_pre=*/false).second;
-  const at::Tensor term = at::mm(c, proj_weight.to(acc).t());  // (B, H) fp32
+  const at::Tensor c = context(z, bp_weight, bp_bias, act).second;
+  const at::Tensor term = mm_acc(c, proj_weight.t());  // (B, H) fp32
   const at::Tensor p_rows = as_rows(p, n_rows);
   const int64_t p_stride = p_rows.stride(0);
 
@@ -229,16 +248,16 @@ Grads context_linear_backward_cuda(const at::Tensor& grad_out, const c10::option
   const bool epilogue = out_act != Activation::None;
   at::Tensor grad_p = at::empty(epilogue ? grad_out.sizes() : at::IntArrayRef{0}, grad_out.options());
 
-  const std::pair<at::Tensor, at::Tensor> pre_and_c = context(z, bp_weight, bp_bias, act, /*keep_pre=*/true);
+  const std::pair<at::Tensor, at::Tensor> pre_and_c = context(z, bp_weight, bp_bias, act);
   const at::Tensor pre = pre_and_c.first, c = pre_and_c.second;
-  const at::Tensor w_c = proj_weight.to(acc);
-  const at::Tensor term = from_p ? at::mm(c, w_c.t()) : at::Tensor();
+  const at::Tensor term = from_p ? mm_acc(c, proj_weight.t()) : at::Tensor();
 
+  // The term's gradient in the input dtype, as eager autograd rounds it.
   at::Tensor grad_term;
   if (positions == 0) {
-    grad_term = at::zeros({B, H}, grad_out.options().dtype(acc));
+    grad_term = at::zeros({B, H}, grad_out.options());
   } else {
-    grad_term = at::empty({B, H}, grad_out.options().dtype(acc));
+    grad_term = at::empty({B, H}, grad_out.options());
     const at::Tensor g = grad_out.reshape({B, positions, H});
     const at::Tensor src = saved.defined() ? saved.reshape({B, positions, H}) : at::Tensor();
     // backproj_concat's reduction over positions (its Dc features are our H; no y to compute)
@@ -247,39 +266,51 @@ Grads context_linear_backward_cuda(const at::Tensor& grad_out, const c10::option
     const auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "context_linear_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      at::Tensor partial = pl.splits > 1 ? at::empty({pl.splits, B, H}, grad_term.options()) : grad_term;
-      position_sum_kernel<scalar_t, scalar_t, acc_t><<<launch_grid(pl.grid), block, 0, stream>>>(
-          g.data_ptr<scalar_t>(), g.stride(0), g.stride(1), g.stride(2),
-          src.defined() ? src.data_ptr<scalar_t>() : nullptr, src.defined() ? src.stride(0) : 0,
-          src.defined() ? src.stride(1) : 0, src.defined() ? src.stride(2) : 0,
-          term.defined() ? term.data_ptr<acc_t>() : nullptr, from_p, out_act,
-          epilogue ? grad_p.data_ptr<scalar_t>() : nullptr, B, positions, H, pl.c_tiles, pl.per_split, pl.splits,
-          partial.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (pl.splits > 1) {  // the splits' partial sums, in a fixed order
+      auto sum_positions = [&](auto dst) {
+        position_sum_kernel<scalar_t, scalar_t, acc_t><<<launch_grid(pl.grid), block, 0, stream>>>(
+            g.data_ptr<scalar_t>(), g.stride(0), g.stride(1), g.stride(2),
+            src.defined() ? src.data_ptr<scalar_t>() : nullptr, src.defined() ? src.stride(0) : 0,
+            src.defined() ? src.stride(1) : 0, src.defined() ? src.stride(2) : 0,
+            term.defined() ? term.data_ptr<acc_t>() : nullptr, from_p, out_act,
+            epilogue ? grad_p.data_ptr<scalar_t>() : nullptr, B, positions, H, pl.c_tiles, pl.per_split, pl.splits,
+            dst);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (pl.splits == 1) {
+        sum_positions(grad_term.data_ptr<scalar_t>());
+      } else {  // partial sums in fp32, then their sum in a fixed order
+        const at::Tensor partial = at::empty({pl.splits, B, H}, grad_out.options().dtype(acc));
+        sum_positions(partial.data_ptr<acc_t>());
         position_sum_kernel<acc_t, scalar_t, acc_t><<<launch_grid(pl.finish_grid), block, 0, stream>>>(
             partial.data_ptr<acc_t>(), H, B * H, 1, nullptr, 0, 0, 0, nullptr, false, Activation::None, nullptr, B,
-            pl.splits, H, pl.c_tiles, pl.splits, 1, grad_term.data_ptr<acc_t>());
+            pl.splits, H, pl.c_tiles, pl.splits, 1, grad_term.data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
   }
 
-  // The small GEMMs in fp32 (cuBLAS), each result rounded once.
-  const at::Tensor grad_proj_weight = at::mm(grad_term.t(), c).to(dtype);
-  at::Tensor grad_pre = at::mm(grad_term, w_c);  // grad of c, then times act'(pre) in place
-  if (act != Activation::None && grad_pre.numel() > 0) {
-    const auto stream = at::cuda::getCurrentCUDAStream();
-    const unsigned grid = launch_grid(plan::elementwise_grid(grad_pre.numel(), sm_count()));
-    AT_DISPATCH_FLOATING_TYPES(acc, "context_linear_act_grad_cuda", [&] {
-      activation_grad_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-          grad_pre.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(), grad_pre.numel(), act);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+  // The small GEMMs on the input dtype (cuBLAS, fp32 accumulation), as eager.
+  const at::Tensor grad_proj_weight = at::mm(grad_term.t(), c);
+  at::Tensor grad_pre;  // of pre: the gradient of c times act'(pre), rounded to the dtype
+  if (act == Activation::None) {
+    grad_pre = at::mm(grad_term, proj_weight);
+  } else {
+    const at::Tensor grad_c = mm_acc(grad_term, proj_weight);
+    grad_pre = at::empty(grad_c.sizes(), grad_out.options());
+    if (grad_pre.numel() > 0) {
+      const auto stream = at::cuda::getCurrentCUDAStream();
+      const unsigned grid = launch_grid(plan::elementwise_grid(grad_pre.numel(), sm_count()));
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "context_linear_act_grad_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        activation_grad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+            grad_c.data_ptr<acc_t>(), pre.data_ptr<acc_t>(), grad_pre.data_ptr<scalar_t>(), grad_pre.numel(), act);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
   }
-  at::Tensor grad_z = at::mm(grad_pre, bp_weight.to(acc)).to(dtype);
-  at::Tensor grad_bp_weight = at::mm(grad_pre.t(), z.to(acc)).to(dtype);
-  at::Tensor grad_bp_bias = has_bias(bp_bias) ? grad_pre.sum(0).to(dtype) : at::empty({0}, grad_out.options());
+  at::Tensor grad_z = at::mm(grad_pre, bp_weight);
+  at::Tensor grad_bp_weight = at::mm(grad_pre.t(), z);
+  at::Tensor grad_bp_bias = has_bias(bp_bias) ? grad_pre.sum(0) : at::empty({0}, grad_out.options());
   return {grad_p, grad_z, grad_bp_weight, grad_bp_bias, grad_proj_weight};
 }
 
