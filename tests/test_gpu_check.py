@@ -24,6 +24,26 @@ def test_dry_run_skips_every_part_and_exits_0(tmp_path):
     assert all(line.startswith("SKIPPED") for line in summary[1:])
 
 
+@pytest.mark.parametrize("help_text", ["--kernel-name --check-bulk-copy", "--kernel-name", ""])
+def test_sanitizer_flags(tmp_path, monkeypatch, help_text):
+    # Seen on an H100 (2026-11-27): racecheck with the kernel filter stopped on a sanitizer error;
+    # initcheck flagged every read of cuBLAS's TMA-stored output unless bulk copies are tracked.
+    tool = tmp_path / "compute-sanitizer"
+    tool.write_text(f"#!/bin/sh\necho '{help_text}'\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    ctx = check.Context(str(tmp_path), "stand-in", "9.0", 2)
+    parts = {p.name: p.command(ctx)[0] for p in check.PARTS if p.name in ("memcheck", "racecheck", "initcheck")}
+    filtered = "--kernel-name" in help_text
+    assert ("--kernel-name" in parts["memcheck"]) == filtered
+    assert "--kernel-name" not in parts["racecheck"] and "--kernel-name" not in parts["initcheck"]
+    bulk = "--check-bulk-copy" in help_text
+    assert ("--check-bulk-copy" in parts["initcheck"]) == bulk
+    assert all("--check-bulk-copy" not in parts[name] for name in ("memcheck", "racecheck"))
+    for command in parts.values():
+        assert command[0] == str(tool) and command[-1] == "tests/gpu/cuda_kernel_calls.py"
+
+
 def test_parts_report_pass_fail_and_time_limits(tmp_path):
     def part(name, code, limit=30, log="checks.log"):
         return check.Part(name, limit, log, lambda ctx: [[sys.executable, "-c", code]],
