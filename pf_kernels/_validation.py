@@ -30,11 +30,59 @@ def _backproj_ok(x, z, weight, bias, activation) -> bool:
             or not isinstance(x, _Tensor) or not isinstance(z, _Tensor):
         return False
     dtype, device = x.dtype, x.device
-    x_shape, z_shape = x.shape, z.shape
-    if not dtype.is_floating_point or z.dtype is not dtype or z.device != device or len(x_shape) < 2 \
-            or len(z_shape) != 2 or x_shape[0] != z_shape[0]:
+    z_shape = z.shape
+    if not dtype.is_floating_point or z.dtype is not dtype or z.device != device or len(z_shape) != 2:
         return False
-    return _linear_ok(weight, bias, z_shape[1], dtype, device)
+    return _projection_ok(x, z_shape[0], z_shape[1], dtype, device, weight, bias)
+
+
+def _projection_ok(x, batch, dz, dtype, device, weight, bias) -> bool:
+    """x (batch, *positions, D) of this dtype and device, read with a back-projection (weight, bias)
+    of a z (batch, dz)."""
+    if not isinstance(x, _Tensor) or x.dtype is not dtype or x.device != device:
+        return False
+    x_shape = x.shape
+    return len(x_shape) >= 2 and x_shape[0] == batch and _linear_ok(weight, bias, dz, dtype, device)
+
+
+def _per_modality_ok(items, n) -> bool:
+    return (type(items) is list or type(items) is tuple) and len(items) == n
+
+
+def _step_ok(hs, head_weight, head_bias, head_activation, backproj_activation, xs, bp_weights, bp_biases,
+             proj_weights=None, out_activations=None) -> bool:
+    """refine_step's arguments (proj_weights None) or refine_step_hoisted's (xs being ps), all valid:
+    what a valid call (nearly every call) costs to check, without building z."""
+    if not _fusion_head_ok(hs, head_weight, head_bias, head_activation) \
+            or type(backproj_activation) is not str or backproj_activation not in _ACTIVATION_SET \
+            or (type(xs) is not list and type(xs) is not tuple) or not xs:
+        return False
+    n = len(xs)
+    if not _per_modality_ok(bp_weights, n) or (bp_biases is not None and not _per_modality_ok(bp_biases, n)):
+        return False
+    hoisted = proj_weights is not None
+    if hoisted and not _per_modality_ok(proj_weights, n):
+        return False
+    one_out = type(out_activations) is str
+    if hoisted and not one_out and not _per_modality_ok(out_activations, n):
+        return False
+    first = hs[0]
+    dtype, device, batch, dz = first.dtype, first.device, first.shape[0], head_weight.shape[0]
+    for j in range(n):
+        x, weight = xs[j], bp_weights[j]
+        if not _projection_ok(x, batch, dz, dtype, device, weight, None if bp_biases is None else bp_biases[j]):
+            return False
+        if hoisted:
+            out_activation = out_activations if one_out else out_activations[j]
+            if type(out_activation) is not str or out_activation not in _ACTIVATION_SET:
+                return False
+            pw = proj_weights[j]
+            if not isinstance(pw, _Tensor) or pw.dtype is not dtype or pw.device != device:
+                return False
+            pw_shape = pw.shape
+            if len(pw_shape) != 2 or pw_shape[0] != x.shape[-1] or pw_shape[1] != weight.shape[0]:
+                return False
+    return True
 
 
 def _fusion_head_ok(hs, weight, bias, activation) -> bool:
@@ -195,6 +243,8 @@ def check_refine_step(hs, head_weight, head_bias, xs, bp_weights, bp_biases,
                       head_activation, backproj_activation) -> List[Optional[torch.Tensor]]:
     """Checks the head and the back-projections; returns bp_biases as a list."""
     what = "refine_step"
+    if _step_ok(hs, head_weight, head_bias, head_activation, backproj_activation, xs, bp_weights, bp_biases):
+        return [None] * len(xs) if bp_biases is None else list(bp_biases)
     check_fusion_head(hs, head_weight, head_bias, head_activation, what,
                       "head_weight", "head_bias", "head_activation")
     # A zero-stride stand-in with z's shape, dtype and device: the back-projections read z.
@@ -224,6 +274,11 @@ def check_refine_step_hoisted(hs, head_weight, head_bias, ps, bp_weights, bp_bia
     """Checks the head and every modality's context_linear; returns (bp_biases, out_activations)
     as lists (None -> all None; one str -> that str for every modality)."""
     what = "refine_step_hoisted"
+    if _step_ok(hs, head_weight, head_bias, head_activation, backproj_activation, ps, bp_weights, bp_biases,
+                proj_weights, out_activations):
+        n = len(ps)
+        return ([None] * n if bp_biases is None else list(bp_biases),
+                [out_activations] * n if isinstance(out_activations, str) else list(out_activations))
     check_fusion_head(hs, head_weight, head_bias, head_activation, what,
                       "head_weight", "head_bias", "head_activation")
     ps = _check_sequence(ps, "ps", what)

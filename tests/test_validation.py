@@ -101,3 +101,70 @@ def test_refine_step_bad_input(name, override, exc, word):
 def test_grouped_bad_input():
     with pytest.raises(ValueError, match="modality"):
         pk.backproj_concat_grouped([torch.randn(2, 3)], torch.randn(2, 5), [torch.randn(4, 5)] * 2)
+
+
+def hoisted_args():
+    refine = refine_args()
+    return dict(hs=refine["hs"], head_weight=refine["head_weight"], head_bias=refine["head_bias"],
+                ps=[torch.randn(2, 8), torch.randn(2, 6, 9)], bp_weights=refine["bp_weights"],
+                bp_biases=refine["bp_biases"], proj_weights=[torch.randn(8, 4), torch.randn(9, 7)[:, 2:3]],
+                head_activation="relu", backproj_activation="tanh", out_activations=["gelu", "none"])
+
+
+HOISTED_CASES = [
+    ("good", {}), ("one out activation", dict(out_activations="sigmoid")), ("no biases", dict(bp_biases=None)),
+    ("tuples", dict(ps=tuple(hoisted_args()["ps"]))),
+    ("proj width", dict(proj_weights=[torch.randn(8, 4), torch.randn(9, 2)])),
+    ("proj height", dict(proj_weights=[torch.randn(7, 4), torch.randn(9, 1)])),
+    ("proj dtype", dict(proj_weights=[torch.randn(8, 4).double(), torch.randn(9, 1)])),
+    ("proj 1-D", dict(proj_weights=[torch.randn(8), torch.randn(9, 1)])),
+    ("proj missing", dict(proj_weights=[torch.randn(8, 4)])),
+    ("out activation", dict(out_activations=["gelu", "swish"])),
+    ("out activations count", dict(out_activations=["gelu"])),
+    ("out activations type", dict(out_activations=3)),
+    ("ps tensor", dict(ps=torch.randn(2, 8))), ("ps empty", dict(ps=[])),
+    ("p batch", dict(ps=[torch.randn(3, 8), torch.randn(2, 6, 9)])),
+    ("p 1-D", dict(ps=[torch.randn(8), torch.randn(2, 6, 9)])),
+    ("p device", dict(ps=[torch.randn(2, 8), torch.randn(2, 6, 9, device="meta")])),
+    ("bp width", dict(bp_weights=[torch.randn(4, 5), torch.randn(1, 6)])),
+    ("bp bias", dict(bp_biases=[torch.randn(3), None])), ("bp biases type", dict(bp_biases=torch.randn(4))),
+    ("backproj activation", dict(backproj_activation="swish")),
+    ("head", dict(head_weight=torch.randn(5, 6))),
+]
+
+
+@pytest.mark.parametrize("hoisted", [False, True])
+def test_the_fast_step_check_agrees_with_the_full_one(monkeypatch, hoisted):
+    """refine_step(_hoisted)'s few-attribute check of valid calls passes exactly the calls that the
+    full checks (the ones that name the culprit) pass."""
+    from pf_kernels import _validation as checks
+    fast = checks._step_ok
+    cases = HOISTED_CASES if hoisted else [("good", {}), ("no biases", dict(bp_biases=None))] + \
+        [(name, override) for name, override, _, _ in REFINE_BAD]
+    agreed = []
+    for name, override in cases:
+        if hoisted:
+            args = {**hoisted_args(), **override}
+            order = ("hs", "head_weight", "head_bias", "ps", "bp_weights", "bp_biases", "proj_weights",
+                     "head_activation", "backproj_activation", "out_activations")
+            fast_ok = fast(args["hs"], args["head_weight"], args["head_bias"], args["head_activation"],
+                           args["backproj_activation"], args["ps"], args["bp_weights"], args["bp_biases"],
+                           args["proj_weights"], args["out_activations"])
+            full = lambda: checks.check_refine_step_hoisted(*(args[k] for k in order))  # noqa: E731
+        else:
+            args = {**refine_args(), **override}
+            fast_ok = fast(args["hs"], args["head_weight"], args["head_bias"], "relu", "relu", args["xs"],
+                           args["bp_weights"], args["bp_biases"])
+            full = lambda: checks.check_refine_step(args["hs"], args["head_weight"], args["head_bias"],  # noqa: E731
+                                                    args["xs"], args["bp_weights"], args["bp_biases"], "relu", "relu")
+        with monkeypatch.context() as m:
+            m.setattr(checks, "_step_ok", lambda *a, **k: False)
+            try:
+                full_result, full_ok = full(), True
+            except (TypeError, ValueError):
+                full_ok = False
+        assert fast_ok == full_ok, name
+        if full_ok:
+            assert full() == full_result, name  # the fast path returns what the full checks return
+        agreed.append(full_ok)
+    assert any(agreed) and not all(agreed)
