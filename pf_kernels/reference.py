@@ -92,8 +92,11 @@ def context_linear(p: torch.Tensor, z: torch.Tensor, bp_weight: torch.Tensor,
     """
     context = linear_act(z, bp_weight, bp_bias, activation)
     acc = accumulate_dtype(p.dtype)
-    term = F.linear(context.to(acc), proj_weight.to(acc))
+    cast = not (p.dtype == acc and context.dtype == acc and proj_weight.dtype == acc)  # no-op .to()s cost
+    term = F.linear(context.to(acc), proj_weight.to(acc)) if cast else F.linear(context, proj_weight)
     term = term.view(term.shape[0], *([1] * (p.dim() - 2)), term.shape[1])
+    if not cast:
+        return apply_activation(p + term, out_activation)
     return apply_activation(p.to(acc) + term, out_activation).to(p.dtype)
 
 
