@@ -71,13 +71,15 @@ _BACKENDS: Dict[str, Backend] = {}
 # rest); "torch" serves everything else. From the benchmarks (benchmarks/results/):
 # - H100 (torch 2.11, triton 3.6; runs of 2026-11-26 and -27): cuda beat triton on every row, and
 #   eager on every row but fusion_head at B=4096 (0.97-0.98x forward: the same cuBLAS GEMM; its
-#   backward's fp32 GEMMs, since moved to the input dtype); triton's calls were host-bound there,
-#   0.14-0.8x eager. No size crossover: cuda first for every op, size and dtype.
+#   backward's fp32 GEMMs, since moved to the input dtype). triton lost to eager on every row,
+#   0.14-0.8x (host-bound: 150-340 us of host time per forward call), so auto does not pick it:
+#   without the cuda kernels (an install without nvcc), eager's ops serve. No size crossover: cuda
+#   first for every op, size and dtype.
 # - CPU: fusion_head's cpu kernel is one GEMM like eager's plus the op's call overhead: 0.92x eager
 #   over the grid, so auto keeps eager's; refine_step then composes torch's head with the cpu
 #   back-projections (pf_kernels.ops.refine_step).
 _AUTO_ORDER = {
-    "cuda": {"*": ("cuda", "triton", "torch")},
+    "cuda": {"*": ("cuda", "torch")},
     "cpu": {"*": ("cpu", "torch"), "fusion_head": ("torch",)},
 }
 
