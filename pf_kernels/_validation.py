@@ -50,9 +50,9 @@ def _per_modality_ok(items, n) -> bool:
 
 
 def _step_ok(hs, head_weight, head_bias, head_activation, backproj_activation, xs, bp_weights, bp_biases,
-             proj_weights=None, out_activations=None) -> bool:
-    """refine_step's arguments (proj_weights None) or refine_step_hoisted's (xs being ps), all valid:
-    what a valid call (nearly every call) costs to check, without building z."""
+             hoisted=False, proj_weights=None, out_activations=None) -> bool:
+    """refine_step's arguments, or refine_step_hoisted's (hoisted; xs being ps), all valid: what a
+    valid call (nearly every call) costs to check, without building z."""
     if not _fusion_head_ok(hs, head_weight, head_bias, head_activation) \
             or type(backproj_activation) is not str or backproj_activation not in _ACTIVATION_SET \
             or (type(xs) is not list and type(xs) is not tuple) or not xs:
@@ -60,7 +60,6 @@ def _step_ok(hs, head_weight, head_bias, head_activation, backproj_activation, x
     n = len(xs)
     if not _per_modality_ok(bp_weights, n) or (bp_biases is not None and not _per_modality_ok(bp_biases, n)):
         return False
-    hoisted = proj_weights is not None
     if hoisted and not _per_modality_ok(proj_weights, n):
         return False
     one_out = type(out_activations) is str
@@ -275,7 +274,7 @@ def check_refine_step_hoisted(hs, head_weight, head_bias, ps, bp_weights, bp_bia
     as lists (None -> all None; one str -> that str for every modality)."""
     what = "refine_step_hoisted"
     if _step_ok(hs, head_weight, head_bias, head_activation, backproj_activation, ps, bp_weights, bp_biases,
-                proj_weights, out_activations):
+                True, proj_weights, out_activations):
         n = len(ps)
         return ([None] * n if bp_biases is None else list(bp_biases),
                 [out_activations] * n if isinstance(out_activations, str) else list(out_activations))

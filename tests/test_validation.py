@@ -118,7 +118,7 @@ HOISTED_CASES = [
     ("proj height", dict(proj_weights=[torch.randn(7, 4), torch.randn(9, 1)])),
     ("proj dtype", dict(proj_weights=[torch.randn(8, 4).double(), torch.randn(9, 1)])),
     ("proj 1-D", dict(proj_weights=[torch.randn(8), torch.randn(9, 1)])),
-    ("proj missing", dict(proj_weights=[torch.randn(8, 4)])),
+    ("proj missing", dict(proj_weights=[torch.randn(8, 4)])), ("proj None", dict(proj_weights=None)),
     ("out activation", dict(out_activations=["gelu", "swish"])),
     ("out activations count", dict(out_activations=["gelu"])),
     ("out activations type", dict(out_activations=3)),
@@ -149,7 +149,7 @@ def test_the_fast_step_check_agrees_with_the_full_one(monkeypatch, hoisted):
                      "head_activation", "backproj_activation", "out_activations")
             fast_ok = fast(args["hs"], args["head_weight"], args["head_bias"], args["head_activation"],
                            args["backproj_activation"], args["ps"], args["bp_weights"], args["bp_biases"],
-                           args["proj_weights"], args["out_activations"])
+                           True, args["proj_weights"], args["out_activations"])
             full = lambda: checks.check_refine_step_hoisted(*(args[k] for k in order))  # noqa: E731
         else:
             args = {**refine_args(), **override}
