@@ -178,15 +178,6 @@ __global__ void __launch_bounds__(kBwdCols* kBwdRows)
   });
 }
 
-// z W^T in the accumulation dtype on cuBLAS: fp16/bf16 inputs on tensor cores with an fp32 output
-// (no rounding to 16 bits before the activation); fp32 as eager F.linear does (TF32 only where the
-// user allowed it); fp64 in fp64.
-at::Tensor pre_activation_gemm(const at::Tensor& z, const at::Tensor& weight) {
-  const at::ScalarType dtype = z.scalar_type();
-  if (dtype == at::kHalf || dtype == at::kBFloat16) return at::mm(z, weight.t(), at::kFloat);
-  return at::mm(z, weight.t());
-}
-
 at::Tensor backproj_concat_cuda(const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, c10::string_view activation_name) {
   check_backproj_concat(x, z, weight, bias);
@@ -208,7 +199,7 @@ at::Tensor backproj_concat_cuda(const at::Tensor& x, const at::Tensor& z, const 
   const at::Tensor zc = p.inline_context ? z.contiguous() : z;
   const at::Tensor wc = p.inline_context ? weight.contiguous() : weight;
   const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();
-  const at::Tensor pre = p.inline_context ? at::Tensor() : pre_activation_gemm(z, weight).contiguous();
+  const at::Tensor pre = p.inline_context ? at::Tensor() : mm_acc(z, weight.t()).contiguous();
   const auto stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "backproj_concat_cuda", [&] {
@@ -275,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
     const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();
     // The forward's GEMM: the same y (16-bit inputs on tensor cores, not an fp32 GEMM of z_acc, W_acc).
     const at::Tensor pre =
-        p.y_source == plan::kYFromGemm ? pre_activation_gemm(z, weight).contiguous() : at::Tensor();
+        p.y_source == plan::kYFromGemm ? mm_acc(z, weight.t()).contiguous() : at::Tensor();
     const at::Tensor partial = p.splits > 1 ? at::empty({p.splits, B, Dc}, grad_pre.options().dtype(acc))
                                             : at::Tensor();
     const dim3 block(kBwdCols, kBwdRows);

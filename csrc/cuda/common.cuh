@@ -1,6 +1,8 @@
 // Device helpers shared by the CUDA kernels of pf_kernels._C.
 #pragma once
 
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 
 #include <algorithm>
@@ -77,6 +79,14 @@ inline ForcedPath forced_path() {
 inline bool use_kernel(bool planned) {
   const ForcedPath f = forced_path();
   return f == ForcedPath::None ? planned : f == ForcedPath::Kernel;
+}
+
+// a @ b on cuBLAS with the result in the accumulation dtype: fp16/bf16 operands on tensor cores with
+// an fp32 output (no rounding to 16 bits before an epilogue); fp32 as eager F.linear does (TF32 only
+// where the user allowed it); fp64 in fp64.
+inline at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b) {
+  const at::ScalarType dtype = a.scalar_type(), acc = at::toOpMathType(dtype);
+  return dtype == acc ? at::mm(a, b) : at::mm(a, b, acc);
 }
 
 inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }

@@ -159,12 +159,6 @@ at::Tensor as_rows(const at::Tensor& t, int64_t n_rows) {
   return t.size(-1) > 1 && rows.stride(1) != 1 ? rows.contiguous() : rows;
 }
 
-// a @ b on cuBLAS with a result in the accumulation dtype: 16-bit operands on tensor cores, fp32 out.
-at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b) {
-  const at::ScalarType dtype = a.scalar_type(), acc = at::toOpMathType(dtype);
-  return dtype == acc ? at::mm(a, b) : at::mm(a, b, acc);
-}
-
 // pre = z @ W_bp^T + b_bp in fp32 (cuBLAS; contiguous), and c = act(pre) rounded to the dtype.
 std::pair<at::Tensor, at::Tensor> context(const at::Tensor& z, const at::Tensor& bp_weight,
                                           const c10::optional<at::Tensor>& bp_bias, Activation act) {

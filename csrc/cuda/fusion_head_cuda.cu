@@ -287,12 +287,6 @@ void launch_bias_act(const at::Tensor& y, const at::Tensor& bias, at::Tensor& ou
 // [h_1..h_K] as one (B, D) GEMM operand: h_1 itself when K == 1 (cuBLAS takes its strides), else one copy.
 at::Tensor gather_inputs(at::TensorList hs) { return hs.size() == 1 ? hs[0] : at::cat(hs, 1); }
 
-// h W^T in the accumulation dtype: 16-bit inputs on tensor cores with an fp32 output.
-at::Tensor gemm_acc(const at::Tensor& h, const at::Tensor& weight) {
-  const at::ScalarType dtype = h.scalar_type(), acc = at::toOpMathType(dtype);
-  return dtype == acc ? at::mm(h, weight.t()) : at::mm(h, weight.t(), acc);
-}
-
 // The cuBLAS forward (B, Dz >= 1).
 at::Tensor fusion_head_gemm(at::TensorList hs, const at::Tensor& weight, const at::Tensor& bias, Activation act) {
   const at::Tensor h = gather_inputs(hs);
@@ -309,7 +303,7 @@ at::Tensor fusion_head_gemm(at::TensorList hs, const at::Tensor& weight, const a
     }
     return out;
   }
-  const at::Tensor y = gemm_acc(h, weight);
+  const at::Tensor y = mm_acc(h, weight.t());
   out = y.scalar_type() == dtype ? y : at::empty(y.sizes(), y.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusion_head_act_cuda", [&] {
     launch_bias_act<at::opmath_type<scalar_t>, scalar_t>(y, bias, out, act);
@@ -389,7 +383,7 @@ void fusion_head_backward_gemm(const at::Tensor& g, at::TensorList hs, const at:
   const int64_t n = grad_pre.numel();
   if (n > 0) {
     const at::Tensor o = out.contiguous();
-    const at::Tensor y = from_y ? gemm_acc(h, weight).contiguous() : at::Tensor();
+    const at::Tensor y = from_y ? mm_acc(h, weight.t()).contiguous() : at::Tensor();
     const int64_t blocks = plan::elementwise_grid(n, sm_count());
     const auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusion_head_bwd_cuda", [&] {
