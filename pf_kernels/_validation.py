@@ -26,8 +26,7 @@ def _linear_ok(weight, bias, in_features, dtype, device) -> bool:
 
 
 def _backproj_ok(x, z, weight, bias, activation) -> bool:
-    if type(activation) is not str or activation not in _ACTIVATION_SET \
-            or not isinstance(x, _Tensor) or not isinstance(z, _Tensor):
+    if not _activation_ok(activation) or not isinstance(x, _Tensor) or not isinstance(z, _Tensor):
         return False
     dtype, device = x.dtype, x.device
     z_shape = z.shape
@@ -45,6 +44,18 @@ def _projection_ok(x, batch, dz, dtype, device, weight, bias) -> bool:
     return len(x_shape) >= 2 and x_shape[0] == batch and _linear_ok(weight, bias, dz, dtype, device)
 
 
+def _activation_ok(activation) -> bool:
+    return type(activation) is str and activation in _ACTIVATION_SET
+
+
+def _proj_weight_ok(proj_weight, p, bp_weight) -> bool:
+    """context_linear's proj_weight: (H, Dc), H from p, Dc from bp_weight, p's dtype and device."""
+    if not isinstance(proj_weight, _Tensor) or proj_weight.dtype is not p.dtype or proj_weight.device != p.device:
+        return False
+    shape = proj_weight.shape
+    return len(shape) == 2 and shape[0] == p.shape[-1] and shape[1] == bp_weight.shape[0]
+
+
 def _per_modality_ok(items, n) -> bool:
     return (type(items) is list or type(items) is tuple) and len(items) == n
 
@@ -54,8 +65,7 @@ def _step_ok(hs, head_weight, head_bias, head_activation, backproj_activation, x
     """refine_step's arguments, or refine_step_hoisted's (hoisted; xs being ps), all valid: what a
     valid call (nearly every call) costs to check, without building z."""
     if not _fusion_head_ok(hs, head_weight, head_bias, head_activation) \
-            or type(backproj_activation) is not str or backproj_activation not in _ACTIVATION_SET \
-            or (type(xs) is not list and type(xs) is not tuple) or not xs:
+            or not _activation_ok(backproj_activation) or (type(xs) is not list and type(xs) is not tuple) or not xs:
         return False
     n = len(xs)
     if not _per_modality_ok(bp_weights, n) or (bp_biases is not None and not _per_modality_ok(bp_biases, n)):
@@ -71,22 +81,14 @@ def _step_ok(hs, head_weight, head_bias, head_activation, backproj_activation, x
         x, weight = xs[j], bp_weights[j]
         if not _projection_ok(x, batch, dz, dtype, device, weight, None if bp_biases is None else bp_biases[j]):
             return False
-        if hoisted:
-            out_activation = out_activations if one_out else out_activations[j]
-            if type(out_activation) is not str or out_activation not in _ACTIVATION_SET:
-                return False
-            pw = proj_weights[j]
-            if not isinstance(pw, _Tensor) or pw.dtype is not dtype or pw.device != device:
-                return False
-            pw_shape = pw.shape
-            if len(pw_shape) != 2 or pw_shape[0] != x.shape[-1] or pw_shape[1] != weight.shape[0]:
-                return False
+        if hoisted and not (_activation_ok(out_activations if one_out else out_activations[j])
+                            and _proj_weight_ok(proj_weights[j], x, weight)):
+            return False
     return True
 
 
 def _fusion_head_ok(hs, weight, bias, activation) -> bool:
-    if type(activation) is not str or activation not in _ACTIVATION_SET \
-            or (type(hs) is not list and type(hs) is not tuple) or not hs or not isinstance(hs[0], _Tensor):
+    if not _activation_ok(activation) or (type(hs) is not list and type(hs) is not tuple) or not hs or not isinstance(hs[0], _Tensor):
         return False
     first = hs[0]
     dtype, device, shape = first.dtype, first.device, first.shape
@@ -104,12 +106,8 @@ def _fusion_head_ok(hs, weight, bias, activation) -> bool:
 
 
 def _context_linear_ok(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation) -> bool:
-    if type(out_activation) is not str or out_activation not in _ACTIVATION_SET \
-            or not _backproj_ok(p, z, bp_weight, bp_bias, activation):
-        return False
-    return isinstance(proj_weight, _Tensor) and proj_weight.dtype == p.dtype and proj_weight.device == p.device \
-        and proj_weight.dim() == 2 and proj_weight.shape[0] == p.shape[-1] \
-        and proj_weight.shape[1] == bp_weight.shape[0]
+    return _activation_ok(out_activation) and _backproj_ok(p, z, bp_weight, bp_bias, activation) \
+        and _proj_weight_ok(proj_weight, p, bp_weight)
 
 
 def _describe(t: torch.Tensor) -> str:
