@@ -17,6 +17,11 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; t itself where it already is (a no-op .to() is still a dispatcher call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "none":
         return y
@@ -35,11 +40,8 @@ def linear_act(inp: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                activation: str) -> torch.Tensor:
     """act(inp @ weight.T + bias), accumulated in fp32, returned in inp's dtype."""
     acc = accumulate_dtype(inp.dtype)
-    if acc == inp.dtype == weight.dtype and (bias is None or bias.dtype == acc):
-        # Already the accumulation dtype: no casts (each no-op .to is still a dispatcher call).
-        return apply_activation(F.linear(inp, weight, bias), activation)
-    y = F.linear(inp.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
-    return apply_activation(y, activation).to(inp.dtype)
+    y = F.linear(_as(inp, acc), _as(weight, acc), None if bias is None else _as(bias, acc))
+    return _as(apply_activation(y, activation), inp.dtype)
 
 
 def backproj_concat(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
@@ -92,12 +94,9 @@ def context_linear(p: torch.Tensor, z: torch.Tensor, bp_weight: torch.Tensor,
     """
     context = linear_act(z, bp_weight, bp_bias, activation)
     acc = accumulate_dtype(p.dtype)
-    cast = not (p.dtype == acc and context.dtype == acc and proj_weight.dtype == acc)  # no-op .to()s cost
-    term = F.linear(context.to(acc), proj_weight.to(acc)) if cast else F.linear(context, proj_weight)
+    term = F.linear(_as(context, acc), _as(proj_weight, acc))
     term = term.view(term.shape[0], *([1] * (p.dim() - 2)), term.shape[1])
-    if not cast:
-        return apply_activation(p + term, out_activation)
-    return apply_activation(p.to(acc) + term, out_activation).to(p.dtype)
+    return _as(apply_activation(_as(p, acc) + term, out_activation), p.dtype)
 
 
 def refine_step_hoisted(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
