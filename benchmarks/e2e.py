@@ -5,6 +5,9 @@ build (an option ProgressiveFusion does not have yet, such as hoist=) gives rows
 Providers (E2E_PROVIDERS): the model on the torch backend (eager), on each fused backend, on auto,
 torch.compile of the eager model (proven compiled, see proof.py), and on a GPU the step captured in
 a CUDA graph (torch.cuda.graph, static shapes, after warm-up) with our ops inside, and without.
+A PF variant's rows are also quoted against its baselines (Variant.baselines: the same PF unhoisted,
+and late fusion, both on eager), timed in the same rounds as its providers: every ratio a row states
+comes from one side-by-side measurement, none from two rows timed apart.
 """
 from __future__ import annotations
 
@@ -64,15 +67,32 @@ class LateFusion(nn.Module):
         return self.fusion_head([enc(x) for enc, x in zip(self.encoders, xs)])
 
 
-def progressive_fusion(iterations: int, **options) -> Callable[[Sequence[int]], nn.Module]:
-    def build(dims):
+@dataclass(frozen=True)
+class PFBuild:
+    """Builds ProgressiveFusion over `encoder`s (dims -> model); raises NotAvailable for an option
+    this version lacks."""
+    iterations: int
+    options: Tuple[Tuple[str, object], ...] = ()
+
+    def __call__(self, dims):
+        options = dict(self.options)
         accepted = inspect.signature(ProgressiveFusion.__init__).parameters
         missing = [k for k in options if k not in accepted]
         if missing:
             raise NotAvailable(f"ProgressiveFusion has no option {', '.join(missing)} in this version")
         return ProgressiveFusion([encoder(d + CONTEXT, ENCODED) for d in dims], [ENCODED] * len(dims), FUSED,
-                                 CONTEXT, iterations=iterations, **options)
-    return build
+                                 CONTEXT, iterations=self.iterations, **options)
+
+    def plain(self) -> Optional["PFBuild"]:
+        """The same model without hoisting (None where this one is it)."""
+        options = dict(self.options)
+        if options.get("hoist") is False:
+            return None
+        return PFBuild(self.iterations, tuple({**options, "hoist": False}.items()))
+
+
+def progressive_fusion(iterations: int, **options) -> PFBuild:
+    return PFBuild(iterations, tuple(options.items()))
 
 
 def late_fusion(dims):
@@ -88,6 +108,14 @@ class Variant:
     build: Callable[[Sequence[int]], nn.Module]  # dims -> model; raises NotAvailable
     quick: bool = False
     autocast: Optional[torch.dtype] = None       # forward under torch.autocast in this dtype (fp32 weights)
+
+    def baselines(self) -> Dict[str, Callable[[Sequence[int]], nn.Module]]:
+        """The models a PF variant's rows are also quoted against, each on eager and timed in the
+        same rounds as the row's providers: the same PF without hoisting, and late fusion."""
+        if not isinstance(self.build, PFBuild):
+            return {}
+        plain = self.build.plain()
+        return {**({"plain_pf": plain} if plain is not None else {}), "late_fusion": late_fusion}
 
 
 NARROW_SIZES = ((8, 50), (256, 50))  # B = 8 is launch-bound, B = 256 bound by the encoders' GEMMs
@@ -110,9 +138,6 @@ VARIANTS: List[Variant] = [
     Variant("pf-r3-bf16", "ProgressiveFusion K=3 R=3 under bf16 autocast", "narrow", NARROW_SIZES,
             progressive_fusion(3), autocast=torch.bfloat16),
 ]
-# The plain model each variant's speed-up is also quoted against: the unhoisted PF on the torch backend.
-PLAIN_PF = {"narrow": ("pf-r3-nohoist", "pf-r3"), "wide": ("pf-r3-wide-nohoist", "pf-r3-wide")}
-
 
 def select_variants(names: Optional[Sequence[str]], quick: bool) -> List[Variant]:
     if names:
@@ -224,7 +249,6 @@ def e2e_rows(device, variants: Sequence[Variant], providers: Dict[str, E2EProvid
             for task in ("train", "inference"):
                 rows += _rows(device, variant, B, T, task, providers, quick, with_compile, deadline)
                 progress.step(f"e2e {variant.name} {task} B={B}")
-    _speedups(rows)
     return rows
 
 
@@ -279,9 +303,16 @@ def _rows(device, variant, B, T, task, providers, quick, with_compile, deadline)
                 status[name] = f"wrong result: relative error {err:.2e} vs eager (bound {tol:g})"
                 del runners[name]
 
+    baselines, baseline_notes = _baseline_runners(variant, dims, device, base_head, xs, y, task, runners.get("eager"))
     with timed_region():
-        measured = measure_side_by_side({n: r.step for n, r in runners.items()}, device,
+        measured = measure_side_by_side({**{n: r.step for n, r in runners.items()},
+                                         **{_BASELINE + k: r.step for k, r in baselines.items()}}, device,
                                         min_time_s=0.2 if quick else 1.0, warmup=2)
+    baseline_s = {k: measured[_BASELINE + k]["median_s"] for k in baselines
+                  if "median_s" in measured[_BASELINE + k]}
+    eager_s = measured.get("eager", {}).get("median_s")
+    if isinstance(variant.build, PFBuild) and "plain_pf" not in baselines and eager_s:
+        baseline_s["plain_pf"] = eager_s  # the variant is the plain PF (or this version cannot hoist)
     rows = []
     for name in providers:
         extra = dict(ran=ran.get(name))
@@ -297,26 +328,46 @@ def _rows(device, variant, B, T, task, providers, quick, with_compile, deadline)
         elif runner.compiled is not None and runner.compiled.recompiled_since_check():
             rows.append(_row(variant, B, T, task, name, status=runner.compiled.recompiled_since_check(), **extra))
         else:
-            rows.append(_row(variant, B, T, task, name, status="ok", **extra, **result))
+            median = result["median_s"]
+            plain, late = baseline_s.get("plain_pf"), baseline_s.get("late_fusion")
+            rows.append(_row(variant, B, T, task, name, status="ok", **extra, **result, baseline_s=baseline_s,
+                             speedup_vs_eager=eager_s / median if eager_s else None,
+                             speedup_vs_plain_pf=plain / median if plain else None,
+                             cost_vs_late_fusion=median / late if late else None,
+                             **({"baseline_notes": baseline_notes} if baseline_notes else {})))
     return rows
 
 
-def _speedups(rows: List[dict]) -> None:
-    """speedup_vs_eager: against the same variant's eager row; speedup_vs_plain_pf: against the
-    unhoisted ProgressiveFusion on the torch backend with the same inputs and size."""
-    def median(variant, task, B, T, provider="eager"):
-        for r in rows:
-            if (r["variant"], r["task"], r["B"], r["T"], r["provider"], r["status"]) == (variant, task, B, T, provider, "ok"):
-                return r["median_s"]
-        return None
+_BASELINE = "baseline:"
 
-    for r in rows:
-        if r["status"] != "ok":
+
+def _baseline_runners(variant: Variant, dims, device, base_head, xs, y, task, eager: Optional[_Runner]
+                      ) -> Tuple[Dict[str, _Runner], Dict[str, str]]:
+    """The variant's baseline models on eager, built and warmed up, and why any was left out. The
+    plain PF has the variant's weights (same seed, same layout): its result must equal the
+    variant's eager one."""
+    runners, notes = {}, {}
+    for key, build in variant.baselines().items():
+        try:
+            torch.manual_seed(0)
+            model = build(dims).to(device)
+            runner = _Runner(model, copy.deepcopy(base_head), xs, y, task, E2EProvider("torch"), device,
+                             variant.autocast)
+        except NotAvailable:
             continue
-        eager = median(r["variant"], r["task"], r["B"], r["T"])
-        r["speedup_vs_eager"] = eager / r["median_s"] if eager else None
-        plain = next((m for m in (median(v, r["task"], r["B"], r["T"]) for v in PLAIN_PF[r["inputs"]]) if m), None)
-        r["speedup_vs_plain_pf"] = plain / r["median_s"] if plain else None
+        except Exception as exc:  # the rows say why; the providers are still timed
+            notes[key] = _text(exc)
+            continue
+        if key == "plain_pf":
+            if eager is None:
+                notes[key] = "no eager row to check it against"
+                continue
+            err = (runner.first - eager.first).norm().item() / max(eager.first.norm().item(), 1e-30)
+            if not err <= TOLERANCE[variant.autocast or torch.float32]:
+                notes[key] = f"its result differs from the variant's eager one (relative error {err:.2e})"
+                continue
+        runners[key] = runner
+    return runners, notes
 
 
 def _text(exc: BaseException) -> str:

@@ -128,6 +128,31 @@ def test_e2e_rows_say_what_ran_and_mark_unavailable_variants():
     assert auto["ran"] and set(auto["ran"].split("+")) <= picks, (auto["ran"], picks)
     assert next(r for r in ok if r["provider"] == "eager")["ran"] == "torch"
     assert all(r["status"].startswith("n/a") for r in rows if r["variant"] == "tiny-x")
+    # The baselines (unhoisted PF, late fusion) were timed in the same rounds; the ratios use them.
+    for r in ok:
+        base = r["baseline_s"]
+        assert set(base) == {"plain_pf", "late_fusion"} and "baseline_notes" not in r, r
+        assert r["speedup_vs_plain_pf"] == pytest.approx(base["plain_pf"] / r["median_s"])
+        assert r["cost_vs_late_fusion"] == pytest.approx(r["median_s"] / base["late_fusion"])
+
+
+def test_e2e_the_unhoisted_variant_is_its_own_plain_baseline():
+    plain = e2e.Variant("tiny-plain", "tiny", "narrow", ((2, 3),), e2e.progressive_fusion(2, hoist=False))
+    assert set(plain.baselines()) == {"late_fusion"}
+    assert e2e.progressive_fusion(2).plain() == e2e.progressive_fusion(2, hoist=False)
+    late = e2e.Variant("tiny-late", "tiny", "narrow", ((2, 3),), e2e.late_fusion)
+    assert late.baselines() == {}
+
+    class Quiet:
+        def step(self, what):
+            pass
+
+    providers = {"eager": e2e.E2EProvider("torch"), "auto": e2e.E2EProvider("auto")}
+    rows = e2e.e2e_rows(CPU, [plain], providers, quick=True, progress=Quiet())
+    for task in ("train", "inference"):
+        eager = next(r for r in rows if r["task"] == task and r["provider"] == "eager")
+        assert eager["status"] == "ok" and eager["baseline_s"]["plain_pf"] == eager["median_s"]
+        assert eager["speedup_vs_plain_pf"] == 1.0
 
 
 def test_compare_and_markdown_read_saved_runs(tmp_path):
