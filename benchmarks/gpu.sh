@@ -4,6 +4,8 @@
 #   benchmarks/gpu.sh quick     about 2 min: python -m benchmarks --device cuda --quick (make gpu-check's part)
 #   benchmarks/gpu.sh full      about 8 min: the whole grid and every end-to-end variant (compile: some rows)
 #   benchmarks/gpu.sh profile   about 1-2 min: per op and provider, the kernels and what bounds each row
+#   benchmarks/gpu.sh paths     about 1 min: the B=4096 rows with the launch plans' choice, then forced to
+#                               our kernels and to cuBLAS (PF_KERNELS_CUDA_PATH), and the comparison
 # Builds pf_kernels._C for this GPU first where its CUDA kernels are missing.
 set -uo pipefail
 MODE=${1:-quick}
@@ -36,5 +38,17 @@ case "$MODE" in
     quick) bench 110 --quick ;;
     full) bench 420 --compile some ;;
     profile) profile 90 ;;
-    *) echo "usage: benchmarks/gpu.sh quick|full|profile"; exit 2 ;;
+    paths)  # is the plan's inline-vs-GEMM crossover right on this GPU? (issue 12: backproj_concat at 64 MB)
+        for path in plan kernel cublas; do
+            mkdir -p "$OUT/paths/$path"
+            PF_KERNELS_CUDA_PATH=$([ "$path" = plan ] || echo "$path") timeout 150 "$PY" -m benchmarks --device cuda \
+                --quick --cases B=4096 --ops backproj_concat fusion_head --compile none --no-e2e --time-limit 90 \
+                --out "$OUT/paths/$path" > "$OUT/paths/$path/log.txt" 2>&1
+            echo "== $path: $(grep -c ' fwd' "$OUT/paths/$path/log.txt") rows"
+        done
+        for path in kernel cublas; do
+            echo "== forced $path against the plan's choice"
+            "$PY" -m benchmarks.report compare "$OUT/paths/$path/bench.json" "$OUT/paths/plan/bench.json"
+        done ;;
+    *) echo "usage: benchmarks/gpu.sh quick|full|profile|paths"; exit 2 ;;
 esac

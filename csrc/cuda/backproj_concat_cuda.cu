@@ -195,7 +195,9 @@ at::Tensor backproj_concat_cuda(const at::Tensor& x, const at::Tensor& z, const 
   at::Tensor x_rows = x.reshape({n_rows, Dx});
   if (Dx > 1 && x_rows.stride(1) != 1) x_rows = x_rows.contiguous();
   const int64_t x_row_stride = Dx > 0 ? x_rows.stride(0) : 0;
-  const plan::BackprojForward p = plan::backproj_forward(B, positions, Dx, Dz, Dc, sm_count());
+  plan::BackprojForward p = plan::backproj_forward(B, positions, Dx, Dz, Dc, sm_count());
+  // PF_KERNELS_CUDA_PATH: the context inline ("kernel") or from a cuBLAS GEMM first, whatever the plan.
+  if (Dc > 0 && Dz > 0) p.inline_context = use_kernel(p.inline_context);
   const at::Tensor zc = p.inline_context ? z.contiguous() : z;
   const at::Tensor wc = p.inline_context ? weight.contiguous() : weight;
   const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();

@@ -65,7 +65,8 @@ inline LinearInputs linear_inputs(at::TensorList hs) {
 }
 
 // PF_KERNELS_CUDA_PATH=kernel|cublas (tests and measurements only: read per call) overrides the launch
-// plans' choice between our one-launch kernels and cuBLAS, so both paths run on the same shapes.
+// plans' choice between our one-launch kernels and cuBLAS (fusion_head's forward, backproj_concat's
+// context in its forward), so both paths run, and are timed, on the same shapes.
 enum class ForcedPath { None, Kernel, Cublas };
 inline ForcedPath forced_path() {
   const char* v = std::getenv("PF_KERNELS_CUDA_PATH");

@@ -155,6 +155,10 @@ def profile_commands(ctx: Context):
              "--out", os.path.join(ctx.out, "profile")]]
 
 
+def paths_commands(ctx: Context):
+    return [["bash", "benchmarks/gpu.sh", "paths"]]
+
+
 def _sanitizer_summary(text: str, rc: int) -> str:
     errors = re.findall(r"ERROR SUMMARY: (\d+) error", text)
     calls = [l.strip() for l in text.splitlines() if l.startswith(("cuda_kernel_calls:", "FAIL"))]
@@ -176,6 +180,9 @@ PARTS = [
     Part("bench", 180, "bench.log", bench_commands, _last_lines(r"geomean|wrote|rows"), parallel=False),
     # issue 12's profile: not run by default (--parts ...,profile), for a visit with time to spare
     Part("profile", 150, "bench.log", profile_commands, _last_lines(r"bound|wrote"), parallel=False),
+    # issue 12: the B=4096 rows on the plan's path, then forced to our kernels and to cuBLAS (--parts ...,paths)
+    Part("paths", 200, "bench.log", paths_commands, _last_lines(r"^== |backproj_concat .* fwd \w+ cuda "), parallel=False,
+         env={"OUT": "{out}", "PYTHON": PY}),
 ]
 DEFAULT_PARTS = ("build", "tests", "configs", "differential", "memcheck", "racecheck", "initcheck", "graphs",
                  "bench")

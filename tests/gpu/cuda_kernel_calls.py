@@ -86,6 +86,11 @@ FORCED = {
     "cublas": ("small tiles", "odd widths, strided", "several k tiles", "K > 8 inputs", "an empty input", "B = 0"),
     "kernel": ("cuBLAS forward, fused backward", "cuBLAS forward, one input", "many rows, cuBLAS backward"),
 }
+# backproj_concat's context likewise: from a GEMM where the plan computes it inline, and the reverse.
+FORCED_BACKPROJ = {
+    "cublas": ("inline vector", "inline 3 chunks", "two position dims"),
+    "kernel": ("gemm vector", "gemm 3 chunks", "gemm split backward"),
+}
 
 REQUIRED_PATHS = {
     "fwd:inline", "fwd:gemm", "fwd:vector", "fwd:scalar", "fwd:chunks>1", "fwd:tasks/row>1",
@@ -112,7 +117,8 @@ def backproj_args(B, S, Dx, Dz, Dc, layout, bias, dtype, device):
     return x, z, w, b
 
 
-def backproj_paths(x, Dz, Dc, activation, sm_count):
+def backproj_paths(x, Dz, Dc, activation, sm_count, forced=None):
+    """forced: None (the plan's choice), "kernel" or "cublas" (PF_KERNELS_CUDA_PATH)."""
     B, Dx = x.shape[0], x.shape[-1]
     P = 1
     for size in x.shape[1:-1]:
@@ -124,6 +130,9 @@ def backproj_paths(x, Dz, Dc, activation, sm_count):
     if B == 0 or P == 0 or Dx + Dc == 0:
         return paths
     inline, _, _, tasks_per_row, _, _ = plan("backproj_forward", B, P, Dx, Dz, Dc, sm_count)
+    if forced and Dc > 0 and Dz > 0:
+        inline = forced == "kernel"
+        paths.add(f"forced:{forced}")
     paths.add("fwd:inline" if inline else "fwd:gemm")
     rows = x.reshape(B * P, Dx)
     if Dx > 1 and rows.stride(1) != 1:
@@ -226,13 +235,14 @@ def calls(device, sm_count):
         capped = MAX_GRID_ENV in env
         dtypes = (torch.float32, torch.bfloat16) if capped else DTYPES
         for i, (label, B, S, Dx, Dz, Dc, layout, act) in enumerate(BACKPROJ):
-            if forced or (capped and label not in CAPPED):
+            if (capped and label not in CAPPED) or (forced and label not in FORCED_BACKPROJ[forced]):
                 continue
-            for j, dtype in enumerate(dtypes):
+            for j, dtype in enumerate((torch.float32, torch.bfloat16) if forced else dtypes):
                 activation = act or ACTIVATIONS[(i + j) % len(ACTIVATIONS)]
                 bias = (i + j) % 2 == 0
                 args = backproj_args(B, S, Dx, Dz, Dc, layout, bias, dtype, device)
-                paths = backproj_paths(args[0], Dz, Dc, activation, sm_count) | ({"grid:capped"} if capped else set())
+                paths = backproj_paths(args[0], Dz, Dc, activation, sm_count, forced) | (
+                    {"grid:capped"} if capped else set())
                 name = (f"backproj_concat {label}: B={B} S={S} Dx={Dx} Dz={Dz} Dc={Dc} {layout} {activation} "
                         f"bias={bias} {str(dtype)[6:]}{suffix}")
                 yield name, paths, env, lambda a=args, act_=activation: assert_matches_reference(
