@@ -439,6 +439,21 @@ def test_fusion_head_on_either_path(monkeypatch, path, shape, dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("path", ["kernel", "cublas"])
+@pytest.mark.parametrize("shape", [(3, (5,), 8, 6, 16), (2, (3,), 8, 40, 4104), (2, (300,), 8, 200, 300),
+                                   (3, (4, 5), 6, 5, 7), (0, (5,), 4, 6, 3)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backproj_concat_on_either_path(monkeypatch, path, shape, dtype):
+    """backproj_concat's context computed inline or by a cuBLAS GEMM first, forced on the same shapes
+    whichever the plan would pick (PF_KERNELS_CUDA_PATH)."""
+    monkeypatch.setenv("PF_KERNELS_CUDA_PATH", path)
+    B, S, Dx, Dz, Dc = shape
+    for activation in ACTIVATIONS:
+        args = backproj_inputs(B, S, Dx, Dz, Dc, activation != "none", dtype, device="cuda", noncontiguous=True)
+        assert_matches_reference(backproj_call(BACKEND, activation), backproj_call("torch", activation), args)
+
+
+@needs_gpu
 def test_backproj_concat_unaligned_x_views():
     # x a view starting one element in: rows not 16-byte aligned, so the scalar path must be taken.
     base = torch.randn(2, 5, 17, device="cuda")
