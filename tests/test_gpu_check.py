@@ -61,6 +61,23 @@ def test_parts_report_pass_fail_and_time_limits(tmp_path):
     assert "##### bad: FAIL" in (tmp_path / "checks.log").read_text()
 
 
+def test_timing_parts_run_one_at_a_time(tmp_path, monkeypatch):
+    # bench, paths and profile time the GPU: started together they would slow each other down.
+    stamp = "import time; a = time.time(); time.sleep(0.4); print('span', a, time.time())"
+    parts = [check.Part(name, 30, "bench.log", lambda ctx: [[sys.executable, "-c", stamp]], check._last_lines("^span"),
+                        parallel=name == "side")
+             for name in ("side", "first", "second", "third")]
+    monkeypatch.setattr(check, "PARTS", parts)
+    monkeypatch.setattr(check, "probe", lambda: check.Context("", "stand-in", "9.0", 2))
+    assert check.main(["--out", str(tmp_path), "--parts", "side,first,second,third"]) == 0
+    spans = {}
+    for line in (tmp_path / "summary.txt").read_text().splitlines()[1:]:
+        name, _, a, b = line.split()[1].rstrip(":"), *line.split()[2:5]
+        spans[name] = (float(a), float(b))
+    order = ["first", "second", "third"]
+    assert all(spans[x][1] <= spans[y][0] for x, y in zip(order, order[1:])), spans
+
+
 def test_commands_build_through_pip_and_keep_to_the_limits():
     ctx = check.Context("/tmp/out", "stand-in", "9.0", 16)
     build = check.build_commands(ctx)[0]

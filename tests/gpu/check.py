@@ -178,11 +178,11 @@ PARTS = [
     Part("initcheck", 170, "checks.log", sanitizer_commands("initcheck", False), _sanitizer_summary),
     Part("graphs", 90, "checks.log", graph_commands, _last_lines(r"^graph ")),
     Part("bench", 180, "bench.log", bench_commands, _last_lines(r"geomean|wrote|rows"), parallel=False),
-    # issue 12's profile: not run by default (--parts ...,profile), for a visit with time to spare
-    Part("profile", 150, "bench.log", profile_commands, _last_lines(r"bound|wrote"), parallel=False),
     # issue 12: the B=4096 rows on the plan's path, then forced to our kernels and to cuBLAS (--parts ...,paths)
     Part("paths", 200, "bench.log", paths_commands, _last_lines(r"^== |backproj_concat .* fwd \w+ cuda "), parallel=False,
          env={"OUT": "{out}", "PYTHON": PY}),
+    # issue 12's profile: not run by default (--parts ...,profile), for a visit with time to spare
+    Part("profile", 150, "bench.log", profile_commands, _last_lines(r"bound|wrote"), parallel=False),
 ]
 DEFAULT_PARTS = ("build", "tests", "configs", "differential", "memcheck", "racecheck", "initcheck", "graphs",
                  "bench")
@@ -291,7 +291,9 @@ def main(argv=None) -> int:
         if not ok:
             ctx.skip_reason = "the build failed"
     ok &= run_parts([p for p in selected if p.parallel], ctx, results)
-    ok &= run_parts([p for p in selected if not p.parallel and p.name != "build"], ctx, results)
+    for part in selected:  # the timing parts one at a time: side by side they would time each other
+        if not part.parallel and part.name != "build":
+            ok &= run_parts([part], ctx, results)
 
     total = time.time() - start
     lines = [f"gpu-check {datetime.date.today().isoformat()}: {ctx.gpu or 'no GPU'}; {versions}; "
