@@ -39,16 +39,21 @@ case "$MODE" in
     full) bench 420 --compile some ;;
     profile) profile 90 ;;
     paths)  # is the plan's inline-vs-GEMM crossover right on this GPU? (issue 12: backproj_concat at 64 MB)
+        # Printed, not saved under $OUT: a device call brings back at most 8 files.
+        runs=$(mktemp -d)
         for path in plan kernel cublas; do
-            mkdir -p "$OUT/paths/$path"
-            PF_KERNELS_CUDA_PATH=$([ "$path" = plan ] || echo "$path") timeout 150 "$PY" -m benchmarks --device cuda \
+            # (the triton column is not the question here: its first config, no autotuning sweep)
+            PF_KERNELS_TRITON_AUTOTUNE=0 PF_KERNELS_CUDA_PATH=$([ "$path" = plan ] || echo "$path") \
+                timeout 150 "$PY" -m benchmarks --device cuda \
                 --quick --cases B=4096 --ops backproj_concat fusion_head --compile none --no-e2e --time-limit 90 \
-                --out "$OUT/paths/$path" > "$OUT/paths/$path/log.txt" 2>&1
-            echo "== $path: $(grep -c ' fwd' "$OUT/paths/$path/log.txt") rows"
+                --out "$runs/$path" > "$runs/$path.log" 2>&1
+            echo "== $path: $(grep -c ' fwd' "$runs/$path.log") rows"
+            grep -E "^(op |backproj_concat|fusion_head) " "$runs/$path.log"
         done
         for path in kernel cublas; do
             echo "== forced $path against the plan's choice"
-            "$PY" -m benchmarks.report compare "$OUT/paths/$path/bench.json" "$OUT/paths/plan/bench.json"
-        done ;;
+            "$PY" -m benchmarks.report compare "$runs/$path/bench.json" "$runs/plan/bench.json"
+        done
+        rm -rf "$runs" ;;
     *) echo "usage: benchmarks/gpu.sh quick|full|profile|paths"; exit 2 ;;
 esac
