@@ -61,6 +61,24 @@ def test_parts_report_pass_fail_and_time_limits(tmp_path):
     assert "##### bad: FAIL" in (tmp_path / "checks.log").read_text()
 
 
+def test_sanitizer_summary_names_the_kernels_of_the_printed_reports():
+    # So that one GPU run says whose reads initcheck flags (on the first visit: ours, of cuBLAS output).
+    report = "\n".join([
+        "========= Uninitialized __global__ memory read of size 4 bytes",
+        "=========     at void pf_kernels::cuda::(anonymous namespace)::context_grad_kernel<c10::Half, float>"
+        "(const T1 *, long)+0x1a0 in backproj_concat_cuda.cu:167",
+        "=========     by thread (0,0,0) in block (0,0,0)",
+        "========= Uninitialized __global__ memory read of size 4 bytes",
+        "=========     at 0x3a0 in void at::native::reduce_kernel<512, 1>(T2)",
+        "========= Uninitialized __global__ memory read of size 2 bytes",
+        "=========     at void pf_kernels::cuda::(anonymous namespace)::context_grad_kernel<c10::Half, float>(long)+0x10",
+        "cuda_kernel_calls: 186 calls 186 passed, 0 failed",
+        "========= ERROR SUMMARY: 73872 errors"])
+    summary = check._sanitizer_summary(report, 1)
+    assert summary.startswith("73872 errors (printed ones in: context_grad_kernel x2, reduce_kernel x1)"), summary
+    assert check._sanitizer_summary("========= ERROR SUMMARY: 0 errors", 0).startswith("0 errors;")
+
+
 def test_timing_parts_run_one_at_a_time(tmp_path, monkeypatch):
     # bench, paths and profile time the GPU: started together they would slow each other down.
     stamp = "import time; a = time.time(); time.sleep(0.4); print('span', a, time.time())"

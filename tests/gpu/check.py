@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -162,7 +163,15 @@ def paths_commands(ctx: Context):
 def _sanitizer_summary(text: str, rc: int) -> str:
     errors = re.findall(r"ERROR SUMMARY: (\d+) error", text)
     calls = [l.strip() for l in text.splitlines() if l.startswith(("cuda_kernel_calls:", "FAIL"))]
-    return f"{'+'.join(errors) or '?'} errors; " + "; ".join(calls[-3:])
+    # Which kernels the printed reports are in (the first line after each report names it), so that
+    # one run tells ours from cuBLAS's or torch's without a second visit.
+    sites = re.findall(r"^=+ +(?:Uninitialized|Invalid|Race|Error|Warning|Malloc|Leaked)[^\n]*\n=+ +at (.*)$", text,
+                       flags=re.MULTILINE)
+    kernels = [re.split(r"[<(]", re.sub(r"^(0x[0-9a-f]+ in )?(void )?|\(anonymous namespace\)::", "", site))[0]
+               .rsplit("::", 1)[-1] for site in sites]
+    where = ", ".join(f"{name} x{count}" for name, count in Counter(kernels).most_common(4))
+    return f"{'+'.join(errors) or '?'} errors" + (f" (printed ones in: {where})" if where else "") + "; " + \
+        "; ".join(calls[-3:])
 
 
 PARTS = [
