@@ -52,6 +52,25 @@ def test_refine_step(activation):
     assert_refine_step_matches_reference(BACKEND, activation)
 
 
+@pytest.mark.parametrize("positions", [37, 1])
+def test_row_passes_split_inside_a_batch_row(positions):
+    # The forward passes walk rows with a running (batch row, position) pair, not a division per row;
+    # on two threads the second chunk starts inside a batch row (1024 rows of D = 32 per chunk).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        B = 4096 // positions + 3
+        x, p = torch.randn(B, positions, 16), torch.randn(B, positions, 16)
+        z, w, b, pw = torch.randn(B, 9), torch.randn(16, 9), torch.randn(16), torch.randn(16, 16)
+        for backend_out, torch_out in (
+                (pk.backproj_concat(x, z, w, b, "tanh", backend="cpu"), pk.backproj_concat(x, z, w, b, "tanh", backend="torch")),
+                (pk.context_linear(p, z, w, b, pw, "relu", "relu", backend="cpu"),
+                 pk.context_linear(p, z, w, b, pw, "relu", "relu", backend="torch"))):
+            torch.testing.assert_close(backend_out, torch_out)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_only_x_needs_grad():
     # grad_x is a view of grad_out; nothing else is computed or saved.
     x, z, w, b = backproj_inputs(2, (3,), 4, 5, 6, True, requires_grad=False)

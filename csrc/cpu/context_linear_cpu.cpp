@@ -42,9 +42,15 @@ template <typename T>
 inline void add_term_rows_impl(T* __restrict__ out, const T* __restrict__ p, int64_t p_stride,
                                const T* __restrict__ term, int64_t r0, int64_t r1, int64_t positions, int64_t H,
                                bool relu) {
-  for (int64_t r = r0; r < r1; ++r) {
+  // the term's row advances with the position (no division per row)
+  int64_t b = r0 / positions, s = r0 % positions;
+  for (int64_t r = r0; r < r1; ++r, ++s) {
+    if (s == positions) {
+      s = 0;
+      ++b;
+    }
     const T* __restrict__ pr = p + r * p_stride;
-    const T* __restrict__ q = term + (r / positions) * H;
+    const T* __restrict__ q = term + b * H;
     T* __restrict__ o = out + r * H;
     if (relu) {
       for (int64_t h = 0; h < H; ++h) {
