@@ -311,7 +311,8 @@ def _rows(device, variant, B, T, task, providers, quick, with_compile, deadline)
     baseline_s = {k: measured[_BASELINE + k]["median_s"] for k in baselines
                   if "median_s" in measured[_BASELINE + k]}
     eager_s = measured.get("eager", {}).get("median_s")
-    if isinstance(variant.build, PFBuild) and "plain_pf" not in baselines and eager_s:
+    if isinstance(variant.build, PFBuild) and "plain_pf" not in baselines and "plain_pf" not in baseline_notes \
+            and eager_s:
         baseline_s["plain_pf"] = eager_s  # the variant is the plain PF (or this version cannot hoist)
     rows = []
     for name in providers:

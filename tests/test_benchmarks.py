@@ -136,6 +136,24 @@ def test_e2e_rows_say_what_ran_and_mark_unavailable_variants():
         assert r["cost_vs_late_fusion"] == pytest.approx(r["median_s"] / base["late_fusion"])
 
 
+def test_e2e_a_plain_baseline_left_out_is_not_replaced_by_the_variant(monkeypatch):
+    # A plain PF that fails its check must leave the row without a "vs plain" ratio, not quote the
+    # hoisted variant against itself.
+    class Quiet:
+        def step(self, what):
+            pass
+
+    def broken(dims):
+        raise RuntimeError("cannot build")
+
+    monkeypatch.setattr(e2e.PFBuild, "plain", lambda self: broken)
+    tiny = e2e.Variant("tiny-pf", "tiny", "narrow", ((2, 3),), e2e.progressive_fusion(2))
+    rows = e2e.e2e_rows(CPU, [tiny], {"eager": e2e.E2EProvider("torch")}, quick=True, progress=Quiet())
+    for r in rows:
+        assert r["status"] == "ok" and "plain_pf" not in r["baseline_s"] and r["speedup_vs_plain_pf"] is None
+        assert "cannot build" in r["baseline_notes"]["plain_pf"]
+
+
 def test_e2e_the_unhoisted_variant_is_its_own_plain_baseline():
     plain = e2e.Variant("tiny-plain", "tiny", "narrow", ((2, 3),), e2e.progressive_fusion(2, hoist=False))
     assert set(plain.baselines()) == {"late_fusion"}
