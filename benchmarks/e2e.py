@@ -21,7 +21,7 @@ from torch import nn
 
 from pf_kernels.nn import FusionHead, ProgressiveFusion
 
-from .cases import TOLERANCE
+from .cases import TOLERANCE, relative_error
 from .proof import FELL_BACK, ProvenCompile, describe_backends, fell_back_reason, record_backend_choice, timed_region
 from .timing import measure_side_by_side
 
@@ -298,7 +298,7 @@ def _rows(device, variant, B, T, task, providers, quick, with_compile, deadline)
         tol = TOLERANCE[variant.autocast or torch.float32]
         ref = runners["eager"].first
         for name, runner in list(runners.items()):
-            err = (runner.first - ref).norm().item() / max(ref.norm().item(), 1e-30)
+            err = relative_error(runner.first, ref)
             if not err <= tol:
                 status[name] = f"wrong result: relative error {err:.2e} vs eager (bound {tol:g})"
                 del runners[name]
@@ -363,7 +363,7 @@ def _baseline_runners(variant: Variant, dims, device, base_head, xs, y, task, ea
             if eager is None:
                 notes[key] = "no eager row to check it against"
                 continue
-            err = (runner.first - eager.first).norm().item() / max(eager.first.norm().item(), 1e-30)
+            err = relative_error(runner.first, eager.first)
             if not err <= TOLERANCE[variant.autocast or torch.float32]:
                 notes[key] = f"its result differs from the variant's eager one (relative error {err:.2e})"
                 continue
