@@ -30,32 +30,25 @@ inline void copy_row(scalar_t* __restrict__ dst, const scalar_t* __restrict__ sr
   }
 }
 
-// s[c] += sum over positions of g[p * sp + c] (fp32 / fp64), compiled per SIMD width.
+// s[c] += sum over positions of g[p * sp + c] (fp32 / fp64), compiled per SIMD width; true where it did
+// the sum (not for 16-bit inputs, which the caller's loop widens per element).
 template <typename T>
-inline void add_position_sums_impl(T* __restrict__ s, const T* __restrict__ g, int64_t positions, int64_t sp,
+inline bool add_position_sums_impl(T* __restrict__ s, const T* __restrict__ g, int64_t positions, int64_t sp,
                                    int64_t Dc) {
   for (int64_t p = 0; p < positions; ++p) {
     const T* __restrict__ row = g + p * sp;
     for (int64_t c = 0; c < Dc; ++c) s[c] += row[c];
   }
-}
-PF_SIMD_CLONES void add_position_sums(float* s, const float* g, int64_t positions, int64_t sp, int64_t Dc) {
-  add_position_sums_impl(s, g, positions, sp, Dc);
-}
-PF_SIMD_CLONES void add_position_sums(double* s, const double* g, int64_t positions, int64_t sp, int64_t Dc) {
-  add_position_sums_impl(s, g, positions, sp, Dc);
-}
-// Whether the SIMD pass above did it: not for 16-bit inputs (widened per element by the caller's loop).
-inline bool try_add_position_sums(float* s, const float* g, int64_t positions, int64_t sp, int64_t Dc) {
-  add_position_sums(s, g, positions, sp, Dc);
   return true;
 }
-inline bool try_add_position_sums(double* s, const double* g, int64_t positions, int64_t sp, int64_t Dc) {
-  add_position_sums(s, g, positions, sp, Dc);
-  return true;
+PF_SIMD_CLONES bool add_position_sums(float* s, const float* g, int64_t positions, int64_t sp, int64_t Dc) {
+  return add_position_sums_impl(s, g, positions, sp, Dc);
+}
+PF_SIMD_CLONES bool add_position_sums(double* s, const double* g, int64_t positions, int64_t sp, int64_t Dc) {
+  return add_position_sums_impl(s, g, positions, sp, Dc);
 }
 template <typename acc_t, typename scalar_t>
-bool try_add_position_sums(acc_t*, const scalar_t*, int64_t, int64_t, int64_t) {
+bool add_position_sums(acc_t*, const scalar_t*, int64_t, int64_t, int64_t) {
   return false;
 }
 
@@ -117,20 +110,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cpu(
     // The context's gradient: grad_out's last Dc features summed over positions, one pass (with one
     // position and no widening: grad_out's columns themselves, as eager autograd reads them).
     const at::Tensor g = grad_out.reshape({B, positions, D}).narrow(-1, x_features, Dc);
-    at::Tensor grad_c;
-    if (positions == 1 && std::is_same<scalar_t, acc_t>::value) {
-      grad_c = g.select(1, 0);
-    } else {
-      grad_c = at::zeros({B, Dc}, grad_out.options().dtype(acc));
-    }
-    if (positions > 0 && !(positions == 1 && std::is_same<scalar_t, acc_t>::value)) {
+    const bool columns_as_is = positions == 1 && std::is_same<scalar_t, acc_t>::value;
+    at::Tensor grad_c = columns_as_is ? g.select(1, 0) : at::zeros({B, Dc}, grad_out.options().dtype(acc));
+    if (positions > 0 && !columns_as_is) {
       acc_t* gc_ptr = grad_c.data_ptr<acc_t>();
       const scalar_t* g_ptr = g.data_ptr<scalar_t>();
       const int64_t sb = g.stride(0), sp = g.stride(1), sc = g.stride(2);
       at::parallel_for(0, B, grain_for(positions * Dc), [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           acc_t* __restrict__ s = gc_ptr + b * Dc;
-          if (sc == 1 && try_add_position_sums(s, g_ptr + b * sb, positions, sp, Dc)) continue;
+          if (sc == 1 && add_position_sums(s, g_ptr + b * sb, positions, sp, Dc)) continue;
           for (int64_t p = 0; p < positions; ++p) {
             const scalar_t* __restrict__ row = g_ptr + b * sb + p * sp;
             for (int64_t c = 0; c < Dc; ++c) s[c] += static_cast<acc_t>(row[c * sc]);
