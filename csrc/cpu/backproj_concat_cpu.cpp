@@ -77,18 +77,13 @@ at::Tensor backproj_concat_cpu(const at::Tensor& x, const at::Tensor& z, const a
     const scalar_t* x_ptr = x_rows.data_ptr<scalar_t>();
     const int64_t x_stride = x_rows.stride(0);
     scalar_t* o_ptr = out.data_ptr<scalar_t>();
-    // Then one pass writing every concatenated row. The batch row advances with the position, not by a
-    // division per row (which cost more than copying a short row).
+    // Then one pass writing every concatenated row.
     at::parallel_for(0, n_rows, grain_for(D), [&](int64_t begin, int64_t end) {
-      int64_t b = begin / positions, p = begin % positions;
-      for (int64_t r = begin; r < end; ++r) {
+      cpu::BatchRowWalk walk(begin, positions);
+      for (int64_t r = begin; r < end; ++r, walk.next()) {
         scalar_t* o = o_ptr + r * D;
         copy_row(o, x_ptr + r * x_stride, Dx);
-        copy_row(o + Dx, c_ptr + b * Dc, Dc);
-        if (++p == positions) {
-          p = 0;
-          ++b;
-        }
+        copy_row(o + Dx, c_ptr + walk.batch * Dc, Dc);
       }
     });
   });

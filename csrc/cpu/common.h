@@ -31,6 +31,21 @@ inline int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, elements_per_item));
 }
 
+// The batch row of flat row `row` of a (batch, positions) walk, advanced row by row: a 64-bit division
+// per row cost more than copying a short row.
+struct BatchRowWalk {
+  int64_t batch, position;
+  const int64_t positions;
+  BatchRowWalk(int64_t row, int64_t positions_)
+      : batch(row / positions_), position(row % positions_), positions(positions_) {}
+  void next() {
+    if (++position == positions) {
+      position = 0;
+      ++batch;
+    }
+  }
+};
+
 namespace {  // each including file gets its own copies (and SIMD clones)
 
 // y (N, M) = x (N, K) @ wt (K, M) (+ bias (M,)): wt is the weight transposed (contiguous), so the

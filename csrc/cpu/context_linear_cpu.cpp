@@ -42,15 +42,10 @@ template <typename T>
 inline void add_term_rows_impl(T* __restrict__ out, const T* __restrict__ p, int64_t p_stride,
                                const T* __restrict__ term, int64_t r0, int64_t r1, int64_t positions, int64_t H,
                                bool relu) {
-  // the term's row advances with the position (no division per row)
-  int64_t b = r0 / positions, s = r0 % positions;
-  for (int64_t r = r0; r < r1; ++r, ++s) {
-    if (s == positions) {
-      s = 0;
-      ++b;
-    }
+  cpu::BatchRowWalk walk(r0, positions);
+  for (int64_t r = r0; r < r1; ++r, walk.next()) {
     const T* __restrict__ pr = p + r * p_stride;
-    const T* __restrict__ q = term + b * H;
+    const T* __restrict__ q = term + walk.batch * H;
     T* __restrict__ o = out + r * H;
     if (relu) {
       for (int64_t h = 0; h < H; ++h) {
