@@ -3,7 +3,8 @@
 # at most 8 files back). Run from the repository root with the python it is given; results in $OUT.
 #   benchmarks/gpu.sh quick     about 2 min: python -m benchmarks --device cuda --quick (make gpu-check's part)
 #   benchmarks/gpu.sh full      about 8 min: the whole grid and every end-to-end variant (compile: some rows)
-#   benchmarks/gpu.sh profile   about 1-2 min: per op and provider, the kernels and what bounds each row
+#   benchmarks/gpu.sh profile   about 1-2 min: the end-to-end steps, then per op and provider: the kernels
+#                               (and host ops) and what bounds each row
 #   benchmarks/gpu.sh paths     about 1 min: the B=4096 rows with the launch plans' choice, then forced to
 #                               our kernels and to cuBLAS (PF_KERNELS_CUDA_PATH), and the comparison
 # Builds pf_kernels._C for this GPU first where its CUDA kernels are missing.
@@ -31,7 +32,8 @@ bench() {  # the time limit marks unstarted rows skipped; timeout is the backsto
         2>&1 | tee "$OUT/bench/log.txt"
 }
 profile() {
-    timeout $(($1 + 60)) "$PY" -m benchmarks.profile --device cuda --time-limit "$1" --out "$OUT/profile" \
+    timeout $(($1 + 60)) "$PY" -m benchmarks.profile --device cuda --time-limit "$1" --e2e pf-r3 pf-r3-wide \
+        --out "$OUT/profile" \
         2>&1 | tee "$OUT/profile/log.txt"
 }
 case "$MODE" in

@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile --device cuda --dtype bf16 --out $OUT/profile
     python -m benchmarks.profile --ops backproj_concat --cases "B=4096" --providers eager triton
+    python -m benchmarks.profile --ops --e2e pf-r3      # whole training steps and inference only
 
 For each op on the --quick grid (or the rows whose label holds one of --cases), each provider
 (eager and every fused backend, by default) and mode: the wall time per call (timed without the
@@ -9,7 +10,12 @@ profiler), the device time per call and the number of kernels per call, and the 
 launches per call, total and mean device time. A row where the device is busy a small share of
 the wall time is bound by launches and host work; otherwise its device time is compared with the
 floor max(bytes / copy bandwidth, FLOPs / matmul rate) measured in the same run. On a CPU the
-"kernels" are the ops (aten::, pf_kernels::, autograd) by self CPU time. Writes profile.txt and profile.json into --out.
+"kernels" are the ops (aten::, pf_kernels::, autograd) by self CPU time.
+
+With --e2e, whole end-to-end models first (benchmarks/e2e.py variants, each size, a training step and
+inference, eager and auto by default): wall and device time per step, kernels per step, and on a GPU
+the host side too (the ops by self CPU time), which says where a launch-bound step spends its time.
+Writes profile.txt and profile.json into --out.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from . import e2e
 from .cases import EAGER, OPS, BackendOps, Case, all_cases
 from .proof import ProvenCompile
 from .report import short_dtype
@@ -39,7 +46,8 @@ def kernel_table(prof, device: torch.device, calls: int) -> List[dict]:
         if device.type == "cuda":
             if evt.device_type == DeviceType.CUDA:
                 totals[evt.name].append(evt.time_range.elapsed_us())
-        elif evt.device_type == DeviceType.CPU and "::" in evt.name:  # aten, pf_kernels and autograd ops
+        elif evt.device_type == DeviceType.CPU and ("::" in evt.name or evt.name.startswith("cuda")):
+            # aten, pf_kernels and autograd ops, and the CUDA runtime's calls (launches, syncs)
             totals[evt.name].append(evt.self_cpu_time_total)
     table = [dict(name=name, per_call=len(ts) / calls, total_us=sum(ts), mean_us=sum(ts) / len(ts))
              for name, ts in totals.items()]
@@ -86,13 +94,52 @@ def profile_row(case: Case, provider: str, mode: str, dtype, device, calls: int,
     return row
 
 
+def profile_e2e_row(variant: e2e.Variant, B: int, T: int, task: str, provider: str, device, calls: int) -> dict:
+    """One end-to-end model's step (task "train": forward, backward, Adam; or "inference") on one
+    provider, as benchmarks/e2e.py times it; floor-less: what bounds it is the device's busy share."""
+    row = dict(op=f"e2e {variant.name}", case=f"B={B} T={T}", provider=provider, mode=task,
+               dtype="float32" + (f", {short_dtype(str(variant.autocast))} autocast" if variant.autocast else ""))
+    try:
+        known = e2e.e2e_providers(device, fused_backends(device), with_compile=True)
+        if provider not in known:
+            raise ValueError(f"no end-to-end provider {provider!r} on {device.type}; known: {', '.join(known)}")
+        dims = e2e.INPUTS[variant.inputs]
+        torch.manual_seed(0)
+        model = variant.build(dims).to(device)
+        head = torch.nn.Linear(e2e.FUSED, 1).to(device)
+        xs, y = e2e._inputs(device, dims, B, T)
+        runner = e2e._Runner(model, head, xs, y, task, known[provider], device, variant.autocast)
+        if runner.status != "ok":
+            raise RuntimeError(runner.status)
+        wall = measure(runner.step, device, min_time_s=0.2, warmup=3)["median_s"]
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+            for _ in range(calls):
+                runner.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        return row
+    kernels = kernel_table(prof, device, calls)
+    row.update(ran=runner.ran, wall_us=wall * 1e6, device_us_per_call=sum(k["total_us"] for k in kernels) / calls,
+               kernels_per_call=sum(k["per_call"] for k in kernels), floor_us=None, kernels=kernels)
+    if device.type == "cuda":  # a launch-bound step: where the host's time goes
+        row["host"] = kernel_table(prof, torch.device("cpu"), calls)
+    row["bound"] = _bound(row, device)
+    return row
+
+
 def _bound(row: dict, device) -> str:
     if device.type != "cuda":
+        if row["floor_us"] is None:
+            return f"CPU: {row['kernels_per_call']:.0f} ops per step"
         return f"CPU: wall {row['wall_us'] / max(row['floor_us'], 1e-9):.1f}x the {row['floor_kind']} floor"
     busy = row["device_us_per_call"] / max(row["wall_us"], 1e-9)
     if busy < 0.6:
         return (f"launch/host-bound: the device is busy {busy:.0%} of the wall time "
                 f"({row['kernels_per_call']:.0f} kernels per call)")
+    if row["floor_us"] is None:
+        return f"device-bound ({busy:.0%} busy)"
     return (f"device-bound ({busy:.0%} busy): device time {row['device_us_per_call'] / max(row['floor_us'], 1e-9):.2f}x "
             f"the {row['floor_kind']} floor")
 
@@ -101,27 +148,34 @@ def format_row(row: dict, top: int) -> str:
     title = f"{row['op']} {row['case']} {row['mode']} {short_dtype(row['dtype'])} {row['provider']}"
     if "error" in row:
         return f"## {title}\n  error: {row['error']}"
-    lines = [f"## {title}",
+    floor = "" if row["floor_us"] is None else \
+        f", floor {row['floor_us']:.1f} us ({row['bytes'] / 1e6:.2f} MB, {row['flops'] / 1e6:.1f} MFLOP)"
+    lines = [f"## {title}" + (f" (ran: {row['ran']})" if row.get("ran") else ""),
              f"  wall {row['wall_us']:.1f} us/call, device {row['device_us_per_call']:.1f} us/call, "
-             f"{row['kernels_per_call']:.1f} kernels/call, floor {row['floor_us']:.1f} us "
-             f"({row['bytes'] / 1e6:.2f} MB, {row['flops'] / 1e6:.1f} MFLOP)",
-             f"  bound: {row['bound']}",
-             f"  {'kernel':70s} {'per call':>8s} {'total us':>10s} {'mean us':>9s}"]
-    for k in row["kernels"][:top]:
-        lines.append(f"  {k['name'][:70]:70s} {k['per_call']:8.1f} {k['total_us']:10.1f} {k['mean_us']:9.2f}")
-    if len(row["kernels"]) > top:
-        lines.append(f"  ... {len(row['kernels']) - top} more")
+             f"{row['kernels_per_call']:.1f} kernels/call{floor}",
+             f"  bound: {row['bound']}"]
+    for heading, table in (("kernel", row["kernels"]), ("host op (self CPU time)", row.get("host"))):
+        if table is None:
+            continue
+        lines.append(f"  {heading:70s} {'per call':>8s} {'total us':>10s} {'mean us':>9s}")
+        for k in table[:top]:
+            lines.append(f"  {k['name'][:70]:70s} {k['per_call']:8.1f} {k['total_us']:10.1f} {k['mean_us']:9.2f}")
+        if len(table) > top:
+            lines.append(f"  ... {len(table) - top} more")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    parser.add_argument("--ops", nargs="*", default=list(OPS), choices=OPS, help="ops to profile (none: e2e only)")
+    parser.add_argument("--e2e", nargs="+", metavar="VARIANT", default=[],
+                        help="end-to-end variants to profile first (benchmarks/e2e.py VARIANTS), every size")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--cases", nargs="+", help="label substrings, e.g. 'B=4096' (default: the --quick grid)")
     parser.add_argument("--providers", nargs="+",
-                        help="default: eager and every fused backend of the device; 'compile' adds inductor's kernels")
+                        help="default: eager and every fused backend of the device (e2e: eager and auto); "
+                             "'compile' adds inductor's kernels, 'cudagraph' (e2e) the captured step")
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     parser.add_argument("--calls", type=int, default=20, help="profiled calls per row")
     parser.add_argument("--top", type=int, default=8, help="kernels listed per row")
@@ -140,11 +194,23 @@ def main(argv=None) -> None:
     mm = matmul_rate(device, dtype)
     meta = dict(device=str(device), device_name=device_name(device), torch=torch.__version__, dtype=str(dtype),
                 threads=torch.get_num_threads(), copy_gbps=copy_gbps, matmul_gflops=mm, calls=args.calls)
+    def out_of_time() -> bool:
+        return bool(args.time_limit) and time.perf_counter() - started > args.time_limit
+
     rows = []
+    for variant in e2e.select_variants(args.e2e, quick=False) if args.e2e else []:
+        for B, T in variant.sizes:
+            for task in ("train", "inference"):
+                for provider in args.providers or ["eager", "auto"]:
+                    if out_of_time():
+                        rows.append(dict(op=f"e2e {variant.name}", case=f"B={B} T={T}", provider=provider,
+                                         mode=task, dtype="float32", error="skipped (time limit)"))
+                        continue
+                    rows.append(profile_e2e_row(variant, B, T, task, provider, device, args.calls))
     for case in cases:
         for mode in args.modes:
             for provider in providers:
-                if args.time_limit and time.perf_counter() - started > args.time_limit:
+                if out_of_time():
                     rows.append(dict(op=case.op, case=case.label, provider=provider, mode=mode, dtype=str(dtype),
                                      error="skipped (time limit)"))
                     continue

@@ -211,3 +211,29 @@ def test_triton_host_time_runs_with_a_stand_in_driver():
     assert " fwd " in line and "1 launches" in line and "3 launches" in line, line
     line = next(x for x in done.stdout.splitlines() if x.startswith("context_linear"))
     assert "us, 1 launches (" in line, line  # the forward in one launch
+
+
+def test_profile_says_what_each_e2e_step_and_op_row_spends(tmp_path, monkeypatch):
+    from benchmarks import profile
+    tiny = e2e.Variant("tiny-pf", "tiny", "narrow", ((2, 3),), e2e.progressive_fusion(2))
+    monkeypatch.setattr(e2e, "VARIANTS", [tiny])
+    profile.main(["--device", "cpu", "--ops", "fusion_head", "--cases", "B=8 small", "--modes", "fwd",
+                  "--calls", "2", "--e2e", "tiny-pf", "--providers", "eager", "auto", "no-such-provider",
+                  "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "profile.json").read_text())["rows"]
+    steps = [r for r in rows if r["op"] == "e2e tiny-pf"]
+    assert {(r["mode"], r["provider"]) for r in steps} == \
+        {(t, p) for t in ("train", "inference") for p in ("eager", "auto", "no-such-provider")}
+    for r in steps:
+        if r["provider"] == "no-such-provider":
+            assert "no end-to-end provider" in r["error"], r
+            continue
+        # A training step runs more ops than inference; each row lists them and says what ran.
+        assert r["wall_us"] > 0 and r["kernels_per_call"] > 0 and r["kernels"], r
+        assert r["ran"] and (r["provider"] != "eager" or r["ran"] == "torch"), r
+    per_step = {(r["mode"], r["provider"]): r["kernels_per_call"] for r in steps if "error" not in r}
+    assert per_step["train", "eager"] > per_step["inference", "eager"]
+    ops = [r for r in rows if r["op"] == "fusion_head"]
+    assert ops and all(r["case"] == "B=8 small" and r["mode"] == "fwd" for r in ops)
+    text = (tmp_path / "profile.txt").read_text()
+    assert "## e2e tiny-pf B=2 T=3 train float32 auto (ran: " in text and "## fusion_head B=8 small fwd" in text
