@@ -3,11 +3,13 @@ between backends and with the plain-PyTorch modules they replace."""
 from __future__ import annotations
 
 import math
+import operator
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules import module as _module_globals  # the hooks registered for every module
 
 from . import ops
 from ._dispatch import check_backend_name, implements
@@ -114,30 +116,99 @@ class _Hoisting:
     looks its submodules up in the live encoder (so .to(), load_state_dict and module swaps below
     the first layer are seen), or is None for a bare nn.Linear encoder. `fused` holds the modules
     the hoisted path replaces, as (parent, name, module): if one is swapped out, the plan no longer
-    holds.
+    holds. `skipped`: the modules whose __call__ the hoisted path does not go through (a hook added
+    to one later makes the plan not hold). `attributes`: the encoder's plain attributes when it was
+    traced (the trace holds their values as constants: if one is reassigned, the plan is stale).
+    `fresh_first_input`: the tail may write into its input in place, so the first step (whose input
+    is the kept projection itself where no activation is fused) gets a copy.
     """
 
     def __init__(self, encoder: nn.Module, linear: nn.Linear, activation: str,
-                 tails: Optional[Dict[bool, nn.Module]], fused: Dict[str, nn.Module]):
+                 tails: Optional[Dict[bool, nn.Module]], fused: Dict[str, nn.Module],
+                 skipped: Sequence[nn.Module] = (), attributes: Tuple[Tuple[str, object], ...] = (),
+                 fresh_first_input: bool = False):
         self.encoder = encoder
         self.linear = linear
         self.activation = activation
         self.tails = tails
         self.fused = tuple((encoder.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], module)
                            for name, module in fused.items())
+        self.skipped = (encoder, *skipped)
+        self.attributes = attributes
+        self.fresh_first_input = fresh_first_input
 
     def holds_for(self, encoder: nn.Module) -> bool:
         # (checked every forward: dict lookups, not get_submodule's walk)
         return encoder is self.encoder and all(parent._modules.get(name) is module
-                                               for parent, name, module in self.fused)
+                                               for parent, name, module in self.fused) \
+            and not _has_hooks(*self.skipped) and not self.stale()
+
+    def stale(self) -> bool:
+        """An attribute the traced tail holds as a constant was reassigned since the trace."""
+        current = self.encoder.__dict__
+        return any(not _same_value(current.get(name, _MISSING), value) for name, value in self.attributes)
+
+    def first_input(self, p: torch.Tensor) -> torch.Tensor:
+        h = apply_activation(p, self.activation)
+        return h.clone() if h is p and self.fresh_first_input else h
 
     def tail(self, encoder: nn.Module, h: torch.Tensor) -> torch.Tensor:
         # .forward: our own GraphModule has no hooks, so skip __call__'s machinery
         return h if self.tails is None else self.tails[encoder.training].forward(h)
 
 
+_MISSING = object()
+# What every nn.Module keeps in its __dict__; the rest are the user's own attributes.
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+
+
+def _plain_attributes(module: nn.Module) -> Tuple[Tuple[str, object], ...]:
+    return tuple((k, v) for k, v in module.__dict__.items() if k not in _MODULE_INTERNALS)
+
+
+_ATOMIC = (int, float, bool, str, bytes, complex, type(None))
+
+
+def _same_value(a, b) -> bool:
+    # The same object, or an equal number or string (a copy or a pickle makes new ones of those).
+    return a is b or (type(a) is type(b) and isinstance(a, _ATOMIC) and a == b)
+
+
+def _reassigned(attributes: Tuple[Tuple[str, object], ...], module: nn.Module) -> List[str]:
+    """The plain attributes of module added, removed or reassigned since `attributes` was taken."""
+    before, after = dict(attributes), dict(_plain_attributes(module))
+    return sorted(k for k in before.keys() | after.keys()
+                  if not _same_value(before.get(k, _MISSING), after.get(k, _MISSING)))
+
+
 def _has_hooks(*modules: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return bool(_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks) or \
+        any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+# Modules and functions that read their input and return a new tensor (never the input itself, a
+# view of it, or the input written in place): a tail that begins with only these needs no copy of
+# the kept projection at the first step.
+_FRESH_MODULES = (nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Conv1d, nn.Conv2d, nn.GELU, nn.SiLU, nn.ReLU,
+                  nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Mish)
+_FRESH_FUNCTIONS = frozenset([operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.mul,
+                              torch.matmul, torch.tanh, torch.sigmoid, torch.relu, F.linear, F.layer_norm,
+                              F.gelu, F.silu, F.relu])
+
+
+def _writes_into_input(graph: fx.Graph, encoder: nn.Module) -> bool:
+    """Whether the tail may write into its input (or return it, or a view of it, to code that may):
+    anything but the known fresh-result readers above."""
+    h = next(n for n in graph.nodes if n.op == "placeholder")
+    for user in h.users:
+        if user.op == "call_module":
+            module = encoder.get_submodule(user.target.partition(".")[2])
+            if type(module) in _FRESH_MODULES and not getattr(module, "inplace", False):
+                continue
+        elif user.op == "call_function" and user.target in _FRESH_FUNCTIONS and not user.kwargs.get("inplace"):
+            continue
+        return True
+    return False
 
 
 # The activation modules a hoisted Linear's epilogue takes (exact types: a subclass may differ).
@@ -231,19 +302,31 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
     tails = {}
     plan = None
     was_training = encoder.training
+    attributes = _plain_attributes(encoder)
     try:
         for mode in (was_training, not was_training):  # fx records `self.training` as a constant
             encoder.training = mode
             planned = _plan_tail(encoder, context_dim)
             if isinstance(planned, str):
                 return planned
+            written = _reassigned(attributes, encoder)
+            if written:
+                # The trace ran the forward once with proxies: what it stored is not what a real call
+                # would, and the tail would never store it again.
+                return f"its forward sets attributes ({', '.join(written)})"
             if plan is not None and planned[:3] != plan[:3]:
                 return "its first layer differs between training and evaluation"
             plan = planned
             tails[mode] = _tail_module(encoder, planned[3])
     finally:
         encoder.training = was_training
-    return _Hoisting(encoder, plan[0], plan[1], tails, plan[2])
+        for k in [k for k in encoder.__dict__ if k not in _MODULE_INTERNALS]:
+            del encoder.__dict__[k]
+        encoder.__dict__.update(attributes)
+    linear, activation, replaced = plan[:3]
+    skipped = [*replaced.values(), *(m for m in encoder.modules() if isinstance(m, nn.Sequential))]
+    fresh = activation == "none" and any(_writes_into_input(tail.graph, encoder) for tail in tails.values())
+    return _Hoisting(encoder, linear, activation, tails, replaced, skipped, attributes, fresh)
 
 
 class ProgressiveFusion(nn.Module):
@@ -262,8 +345,10 @@ class ProgressiveFusion(nn.Module):
     encoder hoisted, the head and every context term are one pf_kernels.refine_step_hoisted). Same
     parameters and state_dict; the same outputs up to rounding. `hoisted` lists the encoders
     hoisted, `hoisting_notes` why the others were not. The plan is made at construction (and when
-    `hoist` is set); an encoder whose hoisted Linear or fused activation is replaced later runs
-    unhoisted until `hoist = True` plans again.
+    `hoist` is set); an encoder whose hoisted Linear or fused activation is replaced later, or that
+    gets forward hooks, runs unhoisted until `hoist = True` plans again; one whose plain attributes
+    (a temperature, a flag: the trace holds their values) are reassigned is planned again at the next
+    forward. An encoder whose forward sets attributes is not hoisted.
     """
 
     def __init__(self, encoders: Sequence[nn.Module], encoder_dims: Sequence[int], fused_dim: int,
@@ -347,6 +432,8 @@ class ProgressiveFusion(nn.Module):
     def _hoisting_for(self, xs: List[torch.Tensor]) -> Tuple[Optional[_Hoisting], ...]:
         if not any(self._hoisting) or not implements(self.backend, "context_linear"):
             return (None,) * len(xs)
+        if not torch.compiler.is_compiling() and any(plan is not None and plan.stale() for plan in self._hoisting):
+            self.hoist = self._hoist  # an attribute a traced tail holds was reassigned: trace again
         # A Linear that does not take Dx + Dc features: the unhoisted path raises the usual error.
         # A plan whose modules were swapped out no longer holds: that encoder runs unhoisted.
         return tuple(plan if plan is not None and x.shape[-1] + c == plan.linear.in_features
@@ -367,7 +454,7 @@ class ProgressiveFusion(nn.Module):
             weight, dx = plan.linear.weight, x.shape[-1]
             p = F.linear(x, weight[:, :dx], plan.linear.bias)
             projections[j] = (p, weight[:, dx:])
-            inputs.append(apply_activation(p, plan.activation))
+            inputs.append(plan.first_input(p))
         steps = []
         for step in range(self.iterations):
             hs = [encoder(x) if plan is None else plan.tail(encoder, x)

@@ -286,3 +286,108 @@ def test_trains_under_autocast_like_the_unhoisted_model(backend):
     for (name, a), b in zip(hoisted.named_parameters(), plain.parameters()):
         assert a.grad.dtype == torch.float32
         torch.testing.assert_close(a.grad, b.grad, rtol=5e-2, atol=5e-3, msg=name)
+
+
+class WritesInPlace(nn.Module):
+    """Writes into its input: a tail that begins with it must not overwrite the kept projection."""
+
+    def forward(self, h):
+        return h.mul_(0.5)
+
+
+@pytest.mark.parametrize("backend", HOISTING)
+@pytest.mark.parametrize("after_linear", [lambda: nn.LeakyReLU(0.1, inplace=True), lambda: nn.ELU(inplace=True),
+                                          lambda: nn.Dropout(0.3, inplace=True), WritesInPlace,
+                                          lambda: nn.LayerNorm(8)])
+def test_a_tail_writing_into_its_input_leaves_the_projection_alone(backend, after_linear):
+    # No activation is fused here, so step 1's input would be the projection kept for the later steps.
+    torch.manual_seed(0)
+    encoders = [nn.Sequential(nn.Linear(5 + 3, 8), after_linear(), nn.Linear(8, 6), LastAndMean()),
+                nn.Sequential(nn.Linear(4 + 3, 8), after_linear(), nn.Linear(8, 6), LastAndMean())]
+    hoisted = ProgressiveFusion(encoders, [12, 12], 5, 3, iterations=3, backend=backend)
+    plain = copy.deepcopy(hoisted)
+    plain.hoist = False
+    assert hoisted.hoisted == (0, 1), hoisted.hoisting_notes
+    # A LayerNorm reads its input and returns a new tensor: no copy is made for it.
+    assert hoisted._hoisting[0].fresh_first_input == (not isinstance(encoders[0][1], nn.LayerNorm))
+    xs = [torch.randn(4, 6, 5), torch.randn(4, 5, 4)]
+    torch.manual_seed(1)  # the same dropout masks on both
+    a = hoisted(xs)
+    torch.manual_seed(1)
+    b = plain(xs)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_hooks_added_after_construction_run_the_encoder_unhoisted():
+    hoisted, plain = make_pair()
+    calls = {"hoisted": 0, "plain": 0}
+    for name, model in (("hoisted", hoisted), ("plain", plain)):
+        model.encoders[0].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+        model.encoders[2].step[0].register_forward_hook(
+            lambda module, args, out, name=name: calls.__setitem__(name, calls[name] + 1))
+    assert hoisted.hoisted == (1, 3)
+    assert_same(hoisted, plain, make_inputs())
+    assert calls["hoisted"] == calls["plain"] == 3
+
+
+def test_a_global_forward_hook_runs_every_encoder_unhoisted():
+    hoisted, plain = make_pair()
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(module))
+    try:
+        assert hoisted.hoisted == ()
+        hoisted(make_inputs())
+        assert any(m is hoisted.encoders[2] for m in seen)
+    finally:
+        handle.remove()
+    assert hoisted.hoisted == (0, 1, 2, 3)
+
+
+class Scaled(nn.Module):
+    """Reads plain attributes in its forward (fx holds their values as constants in the trace)."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc, self.out = nn.Linear(d_in, d_out), nn.Linear(d_out, d_out)
+        self.temperature = 1.0
+
+    def forward(self, x):
+        return (self.out(torch.relu(self.fc(x))) / self.temperature).mean(1)
+
+
+def test_an_attribute_reassigned_after_planning_is_seen():
+    torch.manual_seed(0)
+    hoisted = ProgressiveFusion([Scaled(5 + 3, 8), Scaled(4 + 3, 8)], [8, 8], 6, 3, iterations=3)
+    plain = copy.deepcopy(hoisted)
+    plain.hoist = False
+    xs = [torch.randn(4, 6, 5), torch.randn(4, 6, 4)]
+    for temperature in (0.1, 3.0):
+        for model in (hoisted, plain):
+            for encoder in model.encoders:
+                encoder.temperature = temperature
+        assert_same(hoisted, plain, xs)
+        assert hoisted.hoisted == (0, 1)  # planned again, from the new values
+
+
+class StoresFeatures(nn.Module):
+    """Sets an attribute in its forward: a trace would run that once, with proxies."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc, self.out = nn.Linear(d_in, d_out), nn.Linear(d_out, d_out)
+        self.features = None
+
+    def forward(self, x):
+        self.features = torch.relu(self.fc(x))
+        return self.out(self.features).mean(1)
+
+
+def test_an_encoder_that_sets_attributes_is_not_hoisted_and_keeps_its_own():
+    torch.manual_seed(0)
+    model = ProgressiveFusion([StoresFeatures(5 + 3, 8), nn.Linear(4 + 3, 8)], [8, 8], 6, 3, iterations=2)
+    assert model.hoisted == (1,)
+    assert "sets attributes (features)" in model.hoisting_notes[0]
+    assert model.encoders[0].features is None  # not a proxy left by the trace
+    torch.save(model, io.BytesIO())
+    model([torch.randn(4, 6, 5), torch.randn(4, 4)])
+    assert isinstance(model.encoders[0].features, torch.Tensor)
