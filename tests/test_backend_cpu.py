@@ -186,3 +186,25 @@ def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
                      lambda: pk.context_linear(p, dual_z, w, b, pw, backend=BACKEND)):
             with pytest.raises(RuntimeError, match="jvp"):
                 call()
+
+
+@pytest.mark.parametrize("op", ["backproj_concat", "fusion_head", "context_linear"])
+def test_double_backward_raises_instead_of_returning_zeros(op):
+    # The backward ops have no derivative: a first backward with create_graph=True still gives the
+    # right gradients, and a second one through them raises (it used to warn and return zeros).
+    x, z, w, b = backproj_inputs(2, (3,), 4, 5, 6, True, dtype=torch.float64)
+    hs, hw, hb = fusion_inputs(2, (3, 4), 5, dtype=torch.float64)
+    p, pw = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True), \
+        torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    calls = {"backproj_concat": (lambda backend: pk.backproj_concat(x, z, w, b, "tanh", backend=backend), [z, w]),
+             "fusion_head": (lambda backend: pk.fusion_head(hs, hw, hb, "tanh", backend=backend), [hs[0], hw]),
+             "context_linear": (lambda backend: pk.context_linear(p, z, w, b, pw, "tanh", backend=backend), [z, pw])}
+    call, inputs = calls[op]
+    firsts = {}
+    for backend in (BACKEND, "torch"):
+        out = call(backend)
+        firsts[backend] = torch.autograd.grad((out ** 2).sum(), inputs, create_graph=True)
+    for got, want in zip(firsts[BACKEND], firsts["torch"]):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(RuntimeError, match=f"derivative for pf_kernels::{op}_backward is not implemented"):
+        torch.autograd.grad(sum((g ** 2).sum() for g in firsts[BACKEND]), inputs)

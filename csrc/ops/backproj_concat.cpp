@@ -1,6 +1,7 @@
 // backproj_concat: schema and autograd. The device kernels live in cpu/ and cuda/.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -89,6 +90,10 @@ TORCH_LIBRARY_FRAGMENT(pf_kernels, m) {
       "str activation, SymInt x_features) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(pf_kernels, Autograd, m) { m.impl("backproj_concat", &backproj_concat_autograd); }
+TORCH_LIBRARY_IMPL(pf_kernels, Autograd, m) {
+  m.impl("backproj_concat", &backproj_concat_autograd);
+  // Once differentiable: a double backward raises at its second pass instead of returning zeros.
+  m.impl("backproj_concat_backward", torch::autograd::autogradNotImplementedFallback());
+}
 
 }  // namespace pf_kernels

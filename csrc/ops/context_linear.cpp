@@ -3,6 +3,7 @@
 // p's positions: a hoisted encoder's first Linear applied to backproj_concat's output.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "context_linear.h"
@@ -117,6 +118,10 @@ TORCH_LIBRARY_FRAGMENT(pf_kernels, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(pf_kernels, Autograd, m) { m.impl("context_linear", &context_linear_autograd); }
+TORCH_LIBRARY_IMPL(pf_kernels, Autograd, m) {
+  m.impl("context_linear", &context_linear_autograd);
+  // Once differentiable: a double backward raises at its second pass instead of returning zeros.
+  m.impl("context_linear_backward", torch::autograd::autogradNotImplementedFallback());
+}
 
 }  // namespace pf_kernels

@@ -1,6 +1,7 @@
 // fusion_head: schema and autograd. The device kernels live in cpu/ and cuda/.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -82,6 +83,10 @@ TORCH_LIBRARY_FRAGMENT(pf_kernels, m) {
       "str activation) -> (Tensor[], Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(pf_kernels, Autograd, m) { m.impl("fusion_head", &fusion_head_autograd); }
+TORCH_LIBRARY_IMPL(pf_kernels, Autograd, m) {
+  m.impl("fusion_head", &fusion_head_autograd);
+  // Once differentiable: a double backward raises at its second pass instead of returning zeros.
+  m.impl("fusion_head_backward", torch::autograd::autogradNotImplementedFallback());
+}
 
 }  // namespace pf_kernels
