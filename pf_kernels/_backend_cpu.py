@@ -1,7 +1,7 @@
 """The cpu backend: the C++ kernels of pf_kernels._C on CPU tensors (fp32, fp64, fp16, bf16)."""
 import torch
 
-from ._extension import load
+from ._extension import load, unsupported  # noqa: F401  (the dtypes the kernels take)
 
 load()
 

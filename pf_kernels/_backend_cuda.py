@@ -1,7 +1,7 @@
 """The cuda backend: the CUDA C++ kernels of pf_kernels._C on CUDA tensors."""
 import torch
 
-from ._extension import load
+from ._extension import load, unsupported  # noqa: F401  (the dtypes the kernels take)
 
 load()
 if not torch._C._dispatch_has_kernel_for_dispatch_key("pf_kernels::backproj_concat", "CUDA"):

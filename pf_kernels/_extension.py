@@ -18,6 +18,9 @@ import torch
 
 _loaded = False
 _warned = False
+# The dtypes the compiled kernels (cpu and cuda) are instantiated for:
+# AT_DISPATCH_FLOATING_TYPES_AND2(Half, BFloat16) in csrc/.
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # The fix, in every message: what builds _C against the torch that runs.
 BUILD_COMMAND = "`pip install --no-build-isolation .` in pf_kernels' source (in a checkout: `make build`)"
 
@@ -65,6 +68,14 @@ def build_problem() -> Optional[Tuple[str, str]]:
                             "kernels are not loaded (the C++ ABI differs between torch versions) and "
                             "only the torch and triton backends serve. Rebuild it against this torch: "
                             f"{BUILD_COMMAND}.")
+    return None
+
+
+def unsupported(op: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """The registry's hook (pf_kernels._dispatch) of both compiled backends: validation passes every
+    floating dtype (float8 too), so the kernels' other dtypes go to the torch backend under auto."""
+    if dtype not in DTYPES:
+        return f"dtype {dtype} (the C++ kernels take float64, float32, float16 and bfloat16)"
     return None
 
 

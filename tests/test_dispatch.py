@@ -79,3 +79,54 @@ def test_auto_composes_refine_step_from_each_ops_own_choice(monkeypatch):
     want_z, (want_x1,) = pk.refine_step(hs, w, None, xs, ws, None, "relu", "tanh", backend="torch")
     torch.testing.assert_close(z, want_z)
     torch.testing.assert_close(x1, want_x1)
+
+
+FLOAT8 = [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+          if hasattr(torch, n)]
+# What each compiled backend's kernels are instantiated for (README: dtypes).
+KERNEL_DTYPES = {"cpu": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
+                 "cuda": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
+                 "triton": (torch.float32, torch.float16, torch.bfloat16)}
+
+
+@pytest.mark.parametrize("name", sorted(KERNEL_DTYPES))
+def test_each_compiled_backend_refuses_the_dtypes_its_kernels_lack(name):
+    from pf_kernels import _extension
+    module = _dispatch._BACKENDS[name].load()
+    if module is None and name == "triton":
+        pytest.skip(pk.available_backends()["triton"]["reason"])
+    if module is None:  # no kernels or no GPU here: the hook both C++ backends re-export
+        module = _extension
+    if name == "cpu":
+        assert module.unsupported is _extension.unsupported
+    device = torch.device("cpu" if name == "cpu" else "cuda")
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16, *FLOAT8):
+        why = module.unsupported("backproj_concat", device, dtype)
+        if dtype in KERNEL_DTYPES[name]:
+            assert why is None, (dtype, why)
+        else:
+            assert str(dtype) in why
+
+
+@pytest.mark.parametrize("dtype", FLOAT8, ids=str)
+def test_auto_serves_float8_through_torch_and_a_kernel_backend_named_refuses_it(dtype):
+    """float8 passes validation and the reference computes it right (fp32, rounded once: the float64
+    result rounded to float8), so auto falls back to torch rather than failing in a C++ kernel."""
+    x, z, w, b = (torch.randn(*s).to(dtype) for s in [(2, 3, 4), (2, 5), (3, 5), (3,)])
+    pw = torch.randn(4, 3).to(dtype)
+    wide = [t.double() for t in (x, z, w, b, pw)]
+    bits = lambda t: t.view(torch.uint8)  # noqa: E731  (torch.equal does not take float8)
+    exact = pk.reference.backproj_concat(*wide[:4], "tanh").to(dtype)
+    assert torch.equal(bits(pk.backproj_concat(x, z, w, b, "tanh")), bits(exact))
+    context = pk.reference.linear_act(wide[1], wide[2], wide[3], "gelu").to(dtype).double()  # rounded, as specified
+    exact = torch.sigmoid(wide[0] + (context @ wide[4].T)[:, None]).to(dtype)
+    assert torch.equal(bits(pk.context_linear(x, z, w, b, pw, "gelu", "sigmoid")), bits(exact))
+    hz, (hx,) = pk.refine_step([z], w, b, [x], [w[:, :3].contiguous()], None)
+    assert hz.dtype == hx.dtype == dtype
+    for op in _dispatch.OPS:
+        assert _dispatch.resolve_backend("auto", op, torch.device("cpu"), dtype) == "torch"
+    if pk.available_backends()["cpu"]["available"]:
+        with pytest.raises(RuntimeError, match=f"'cpu'.*{dtype}"):
+            pk.backproj_concat(x, z, w, b, backend="cpu")
+        with pytest.raises(RuntimeError, match=str(dtype)):
+            pk.fusion_head([z], w, b, backend="cpu")
