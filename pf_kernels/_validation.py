@@ -168,22 +168,23 @@ def _check_sequence(seq, name: str, what: str) -> list:
 
 
 def check_backproj_concat(x, z, weight, bias, activation, what: str = "backproj_concat",
-                          x_name: str = "x", weight_name: str = "weight", bias_name: str = "bias") -> None:
+                          x_name: str = "x", weight_name: str = "weight", bias_name: str = "bias",
+                          z_name: str = "z", activation_name: str = "activation") -> None:
     if _backproj_ok(x, z, weight, bias, activation):
         return
     check_tensor(x, x_name)
-    check_tensor(z, "z")
+    check_tensor(z, z_name)
     if x.dim() < 2:
         raise ValueError(f"{what}: {x_name} must be (B, *positions, Dx) with at least 2 dims, "
                          f"got {_describe(x)}")
     if z.dim() != 2:
-        raise ValueError(f"{what}: z must be 2-D (B, Dz), got {_describe(z)}")
+        raise ValueError(f"{what}: {z_name} must be 2-D (B, Dz), got {_describe(z)}")
     if x.shape[0] != z.shape[0]:
-        raise ValueError(f"{what}: batch sizes differ: {x_name} {tuple(x.shape)} vs z {tuple(z.shape)}")
-    named = [(x_name, x), ("z", z)]
-    named += _check_linear(weight, bias, z.shape[1], "z", weight_name, bias_name, what)
+        raise ValueError(f"{what}: batch sizes differ: {x_name} {tuple(x.shape)} vs {z_name} {tuple(z.shape)}")
+    named = [(x_name, x), (z_name, z)]
+    named += _check_linear(weight, bias, z.shape[1], z_name, weight_name, bias_name, what)
     check_same_dtype_device(named, what)
-    check_activation(activation)
+    check_activation(activation, activation_name)
 
 
 def _check_hs(hs, what: str) -> List[torch.Tensor]:
@@ -221,19 +222,35 @@ def _bias_list(biases, name: str, n: int, what: str) -> list:
     return list(biases)
 
 
-def check_backproj_grouped(xs, z, weights, biases, activation,
-                           what: str = "backproj_concat_grouped") -> List[Optional[torch.Tensor]]:
+def check_backproj_grouped(xs, z, weights, biases, activation, what: str = "backproj_concat_grouped",
+                           weights_name: str = "weights", biases_name: str = "biases", z_name: str = "z",
+                           activation_name: str = "activation") -> List[Optional[torch.Tensor]]:
     """Checks the per-modality lists; returns biases as a list (None -> all None)."""
     xs = _check_sequence(xs, "xs", what)
-    weights = _check_sequence(weights, "weights", what)
-    biases = _bias_list(biases, "biases", len(xs), what)
+    weights = _check_sequence(weights, weights_name, what)
+    biases = _bias_list(biases, biases_name, len(xs), what)
     if not len(xs) == len(weights) == len(biases):
-        raise ValueError(f"{what}: one x, weight and bias per modality: got {len(xs)} xs, "
-                         f"{len(weights)} weights, {len(biases)} biases")
+        raise ValueError(f"{what}: one entry of xs, {weights_name} and {biases_name} per modality: got "
+                         f"{len(xs)} xs, {len(weights)} {weights_name}, {len(biases)} {biases_name}")
     for j, (x, w, b) in enumerate(zip(xs, weights, biases)):
-        check_backproj_concat(x, z, w, b, activation, what, f"xs[{j}]", f"weights[{j}]", f"biases[{j}]")
-    check_same_dtype_device([("z", z)] + [(f"xs[{j}]", x) for j, x in enumerate(xs)], what)
+        check_backproj_concat(x, z, w, b, activation, what, f"xs[{j}]", f"{weights_name}[{j}]",
+                              f"{biases_name}[{j}]", z_name, activation_name)
+    check_same_dtype_device([(z_name, z)] + [(f"xs[{j}]", x) for j, x in enumerate(xs)], what)
     return biases
+
+
+# What a step's back-projections read: the head's output, which the caller never passes.
+_HEAD_OUTPUT = "z = fusion_head(hs) (B from hs[0], Dz from head_weight)"
+
+
+def _step_inputs(hs, head_weight, xs, xs_name: str, what: str):
+    """A step's per-modality inputs checked against hs[0] (whose dtype and device z takes), and a
+    stand-in for z: zero strides, z's shape, dtype and device. Call after check_fusion_head."""
+    xs = _check_sequence(xs, xs_name, what)
+    for j, x in enumerate(xs):
+        check_tensor(x, f"{xs_name}[{j}]")
+    check_same_dtype_device([("hs[0]", hs[0])] + [(f"{xs_name}[{j}]", x) for j, x in enumerate(xs)], what)
+    return xs, hs[0].new_empty(()).expand(hs[0].shape[0], head_weight.shape[0])
 
 
 def check_refine_step(hs, head_weight, head_bias, xs, bp_weights, bp_biases,
@@ -244,18 +261,20 @@ def check_refine_step(hs, head_weight, head_bias, xs, bp_weights, bp_biases,
         return [None] * len(xs) if bp_biases is None else list(bp_biases)
     check_fusion_head(hs, head_weight, head_bias, head_activation, what,
                       "head_weight", "head_bias", "head_activation")
-    # A zero-stride stand-in with z's shape, dtype and device: the back-projections read z.
-    z_like = hs[0].new_empty(()).expand(hs[0].shape[0], head_weight.shape[0])
-    return check_backproj_grouped(xs, z_like, bp_weights, bp_biases, backproj_activation, what)
+    xs, z_like = _step_inputs(hs, head_weight, xs, "xs", what)
+    return check_backproj_grouped(xs, z_like, bp_weights, bp_biases, backproj_activation, what,
+                                  "bp_weights", "bp_biases", _HEAD_OUTPUT, "backproj_activation")
 
 
 def check_context_linear(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation,
                          what: str = "context_linear", p_name: str = "p", bp_weight_name: str = "bp_weight",
                          bp_bias_name: str = "bp_bias", proj_weight_name: str = "proj_weight",
-                         out_activation_name: str = "out_activation") -> None:
+                         out_activation_name: str = "out_activation", z_name: str = "z",
+                         activation_name: str = "activation") -> None:
     if _context_linear_ok(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation):
         return
-    check_backproj_concat(p, z, bp_weight, bp_bias, activation, what, p_name, bp_weight_name, bp_bias_name)
+    check_backproj_concat(p, z, bp_weight, bp_bias, activation, what, p_name, bp_weight_name, bp_bias_name,
+                          z_name, activation_name)
     check_tensor(proj_weight, proj_weight_name)
     H, Dc = p.shape[-1], bp_weight.shape[0]
     if proj_weight.dim() != 2 or proj_weight.shape[0] != H or proj_weight.shape[1] != Dc:
@@ -278,7 +297,7 @@ def check_refine_step_hoisted(hs, head_weight, head_bias, ps, bp_weights, bp_bia
                 [out_activations] * n if isinstance(out_activations, str) else list(out_activations))
     check_fusion_head(hs, head_weight, head_bias, head_activation, what,
                       "head_weight", "head_bias", "head_activation")
-    ps = _check_sequence(ps, "ps", what)
+    ps, z_like = _step_inputs(hs, head_weight, ps, "ps", what)
     bp_weights = _check_sequence(bp_weights, "bp_weights", what)
     proj_weights = _check_sequence(proj_weights, "proj_weights", what)
     bp_biases = _bias_list(bp_biases, "bp_biases", len(ps), what)
@@ -292,12 +311,8 @@ def check_refine_step_hoisted(hs, head_weight, head_bias, ps, bp_weights, bp_bia
         raise ValueError(f"{what}: one p, bp_weight, bp_bias, proj_weight and out_activation per modality: "
                          f"got {len(ps)} ps, {len(bp_weights)} bp_weights, {len(bp_biases)} bp_biases, "
                          f"{len(proj_weights)} proj_weights, {len(out_activations)} out_activations")
-    for j, p in enumerate(ps):
-        check_tensor(p, f"ps[{j}]")
-    check_same_dtype_device([("hs[0]", hs[0])] + [(f"ps[{j}]", p) for j, p in enumerate(ps)], what)
-    # A zero-stride stand-in with z's shape, dtype and device: every modality reads z.
-    z_like = hs[0].new_empty(()).expand(hs[0].shape[0], head_weight.shape[0])
     for j, (p, w, b, pw, a) in enumerate(zip(ps, bp_weights, bp_biases, proj_weights, out_activations)):
         check_context_linear(p, z_like, w, b, pw, backproj_activation, a, what, f"ps[{j}]", f"bp_weights[{j}]",
-                             f"bp_biases[{j}]", f"proj_weights[{j}]", f"out_activations[{j}]")
+                             f"bp_biases[{j}]", f"proj_weights[{j}]", f"out_activations[{j}]", _HEAD_OUTPUT,
+                             "backproj_activation")
     return bp_biases, out_activations

@@ -1,4 +1,6 @@
 """Every bad input raises the right exception, with a message naming the argument, on every backend."""
+import re
+
 import pytest
 import torch
 
@@ -81,21 +83,41 @@ def refine_args():
                 bp_weights=[torch.randn(4, 5), torch.randn(1, 5)], bp_biases=[torch.randn(4), None])
 
 
+# Each message names the caller's own arguments; z, which the caller never passes, only as the
+# head's output.
 REFINE_BAD = [
-    ("lists differ", dict(bp_weights=[torch.randn(4, 5)]), ValueError, "modality"),
-    ("bp weight width", dict(bp_weights=[torch.randn(4, 5), torch.randn(1, 6)]), ValueError, r"weights\[1\]"),
-    ("x batch", dict(xs=[torch.randn(2, 3), torch.randn(3, 6, 2)]), ValueError, "batch"),
-    ("bp bias length", dict(bp_biases=[torch.randn(3), None]), ValueError, r"biases\[0\]"),
+    ("lists differ", dict(bp_weights=[torch.randn(4, 5)]), ValueError,
+     "modality: got 2 xs, 1 bp_weights, 2 bp_biases"),
+    ("bp biases short", dict(bp_biases=[torch.randn(4)]), ValueError, "2 bp_weights, 1 bp_biases"),
+    ("bp biases tensor", dict(bp_biases=torch.randn(4)), TypeError, "bp_biases must be None or a list"),
+    ("bp weight width", dict(bp_weights=[torch.randn(4, 5), torch.randn(1, 6)]), ValueError,
+     r"bp_weights\[1\] has in_features 6 .* but z = fusion_head\(hs\) .* has 5 features"),
+    ("bp weight dtype", dict(bp_weights=[torch.randn(4, 5).double(), torch.randn(1, 5)]), TypeError,
+     r"bp_weights\[0\] has dtype torch.float64 but xs\[0\]"),
+    ("x batch", dict(xs=[torch.randn(2, 3), torch.randn(3, 6, 2)]), ValueError,
+     r"batch sizes differ: xs\[1\] \(3, 6, 2\) vs z = fusion_head\(hs\)"),
+    ("bp bias length", dict(bp_biases=[torch.randn(3), None]), ValueError,
+     r"bp_biases\[0\] must have shape \(4,\) to match bp_weights\[0\]"),
     ("head weight", dict(head_weight=torch.randn(5, 6)), ValueError, "head_weight"),
-    ("x dtype", dict(xs=[torch.randn(2, 3).double(), torch.randn(2, 6, 2)]), TypeError, "dtype"),
+    ("x dtype", dict(xs=[torch.randn(2, 3).double(), torch.randn(2, 6, 2)]), TypeError,
+     r"xs\[0\] has dtype torch.float64 but hs\[0\]"),
     ("empty xs", dict(xs=[], bp_weights=[], bp_biases=[]), ValueError, "xs"),
+    ("backproj activation", dict(backproj_activation="elu"), ValueError, "^backproj_activation must be"),
+    ("head activation", dict(head_activation="elu"), ValueError, "^head_activation must be"),
 ]
+
+
+def assert_names_only_the_callers_arguments(message):
+    assert not re.search(r"(?<![a-z]_)(weights|biases)\b", message), message  # bp_weights, proj_weights
+    assert not message.startswith("activation"), message
+    assert not re.search(r"\bz\b", message) or "z = fusion_head(hs)" in message, message
 
 
 @pytest.mark.parametrize("name,override,exc,word", REFINE_BAD, ids=[c[0] for c in REFINE_BAD])
 def test_refine_step_bad_input(name, override, exc, word):
-    with pytest.raises(exc, match=word):
+    with pytest.raises(exc, match=word) as error:
         pk.refine_step(**{**refine_args(), **override})
+    assert_names_only_the_callers_arguments(str(error.value))
 
 
 def test_grouped_bad_input():
@@ -131,6 +153,23 @@ HOISTED_CASES = [
     ("backproj activation", dict(backproj_activation="swish")),
     ("head", dict(head_weight=torch.randn(5, 6))),
 ]
+
+
+HOISTED_MESSAGES = {
+    "backproj activation": "^backproj_activation must be",
+    "bp width": r"bp_weights\[1\] has in_features 6 .* but z = fusion_head\(hs\) .* has 5 features",
+    "bp bias": r"bp_biases\[0\] must have shape \(4,\) to match bp_weights\[0\]",
+    "p batch": r"batch sizes differ: ps\[0\] \(3, 8\) vs z = fusion_head\(hs\)",
+    "proj dtype": r"proj_weights\[0\] has dtype torch.float64 but ps\[0\]",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOISTED_MESSAGES))
+def test_refine_step_hoisted_names_the_callers_arguments(name):
+    override = dict(HOISTED_CASES)[name]
+    with pytest.raises((TypeError, ValueError), match=HOISTED_MESSAGES[name]) as error:
+        pk.refine_step_hoisted(**{**hoisted_args(), **override})
+    assert_names_only_the_callers_arguments(str(error.value))
 
 
 @pytest.mark.parametrize("hoisted", [False, True])
