@@ -114,7 +114,8 @@ class Cat:
 def as_cat(node) -> Optional[Cat]:
     if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _CAT_FUNCTIONS:
         return None
-    tensors, dim, out = _arg(node, 0, "tensors"), _arg(node, 1, "dim", 0), value(node)
+    dim = _arg(node, 1, "dim", node.kwargs.get("axis", 0))  # torch.concatenate(..., axis=k) too
+    tensors, out = _arg(node, 0, "tensors"), value(node)
     if out is None or not isinstance(dim, int) or not isinstance(tensors, (list, tuple)) or not tensors:
         return None
     if not all(value(t) is not None and value(t).dim() == out.dim() for t in tensors):
@@ -254,6 +255,128 @@ def _keeps_storage(node: fx.Node) -> bool:
     return before is not None and before.is_contiguous()
 
 
+# ---------------------------------------------------------------------------------------------
+# What a swap must respect beyond the dataflow: writes in place, grad mode and autocast
+_WRITING_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul, operator.iand,
+                      operator.ior, operator.ixor, operator.ilshift, operator.irshift}
+# Ops whose result may share its first argument's memory (views; dropout and .to()/.contiguous()
+# may return their input itself).
+_ALIASING_METHODS = {"view", "view_as", "reshape", "reshape_as", "unsqueeze", "squeeze", "expand", "expand_as",
+                     "transpose", "permute", "t", "narrow", "select", "flatten", "unflatten", "unbind", "split",
+                     "chunk", "as_strided", "contiguous", "detach", "to", "type", "type_as", "float", "double",
+                     "half", "bfloat16", "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "unfold",
+                     "__getitem__", "view_as_real", "view_as_complex", "squeeze_", "unsqueeze_", "align_as"}
+_ALIASING_FUNCTIONS = {operator.getitem, getattr, torch.reshape, torch.unsqueeze, torch.squeeze, torch.transpose,
+                       torch.permute, torch.narrow, torch.select, torch.flatten, torch.split, torch.chunk,
+                       torch.unbind, torch.broadcast_to, torch.movedim, torch.moveaxis, torch.t, torch.detach,
+                       torch.as_strided, torch.swapaxes, torch.swapdims, torch.diagonal, F.dropout,
+                       F.alpha_dropout, F.feature_alpha_dropout, F.dropout1d, F.dropout2d, F.dropout3d}
+# Calls that change the mode the ops after them run in (dynamo records `with torch.no_grad():` and
+# `with torch.autocast(...):` as these).
+_MODE_FUNCTIONS = {torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_autocast,
+                   torch.amp.autocast_mode._exit_autocast}
+
+
+def _inplace_flag(node: fx.Node) -> bool:
+    if node.kwargs.get("inplace") is True:
+        return True
+    try:  # an inplace flag passed by position (F.relu(x, True), F.dropout(x, p, training, True))
+        import inspect
+        params = list(inspect.signature(node.target).parameters)
+    except (TypeError, ValueError):
+        return False
+    return "inplace" in params and len(node.args) > params.index("inplace") and \
+        node.args[params.index("inplace")] is True
+
+
+def written_in_place(node: fx.Node) -> Optional[fx.Node]:
+    """The tensor node writes into (x.add_(y), x[i] = v, x += y, F.relu(x, inplace=True), out=x), or None."""
+    if node.op not in ("call_method", "call_function"):
+        return None
+    out = node.kwargs.get("out")
+    if isinstance(out, fx.Node):
+        return out
+    first = node.args[0] if node.args else None
+    if not isinstance(first, fx.Node):
+        return None
+    if node.op == "call_method":
+        name = str(node.target)
+        return first if name.endswith("_") and not name.startswith("__") else None
+    name = getattr(node.target, "__name__", "")
+    if node.target in _WRITING_OPERATORS or (name.endswith("_") and not name.startswith("__")) \
+            or _inplace_flag(node):
+        return first
+    return None
+
+
+class GraphFacts:
+    """Which nodes may share memory (views of one another), which nodes write into which, and the
+    grad-mode/autocast region of every node: what decides whether a fused call may compute a
+    pattern's value at its anchor from its inputs."""
+
+    def __init__(self, graph: fx.Graph):
+        self.order = {n: i for i, n in enumerate(graph.nodes)}
+        parent = {}
+
+        def root(n):
+            while parent.get(n, n) is not n:
+                n = parent[n]
+            return n
+
+        writes, region, self.region = [], 0, {}
+        for node in graph.nodes:
+            if node.op == "call_function" and node.target in _MODE_FUNCTIONS:
+                region += 1
+            self.region[node] = region
+            first = node.args[0] if node.args else None
+            aliasing = node.op == "call_method" and node.target in _ALIASING_METHODS or \
+                node.op == "call_function" and node.target in _ALIASING_FUNCTIONS
+            written = written_in_place(node)
+            if written is not None:
+                writes.append((node, written))
+                first, aliasing = written, True  # its result is the tensor it wrote
+            if aliasing and isinstance(first, fx.Node):
+                parent[root(node)] = root(first)
+        self._root = root
+        self.writers = {}
+        for writer, written in writes:
+            self.writers.setdefault(root(written), []).append(writer)
+
+    def writes_to(self, node, exclude=()) -> List[fx.Node]:
+        """The nodes that write into node's memory (node, a view of it, or what it views), in order."""
+        if not isinstance(node, fx.Node):
+            return []
+        return [w for w in self.writers.get(self._root(node), []) if w not in exclude]
+
+    def version(self, node, at: fx.Node) -> int:
+        """How many writes into node's memory come before `at`: two reads of one node see the same
+        values only where this is the same."""
+        return sum(self.order[w] < self.order[at] for w in self.writes_to(node))
+
+    def problem(self, match: "Match") -> Optional[str]:
+        """Why match's fused call cannot replace it, or None."""
+        own = set(match.walked) | {match.anchor}
+        if len({self.region[n] for n in own}) > 1:
+            return ("its ops are not all in one grad mode / autocast region (a `with torch.no_grad()` or "
+                    "`torch.autocast` boundary runs through it)")
+        first, anchor = min(self.order[n] for n in own), self.order[match.anchor]
+        anchor_root = self._root(match.anchor)
+        for node in own:
+            for writer in self.writes_to(node, own):
+                if self._root(node) is anchor_root and self.order[writer] > anchor:
+                    continue  # a write into the result: it goes to the fused call's result instead
+                return f"a value it computes is written in place at {where(writer)}"
+        for node in match.inputs:
+            for writer in self.writes_to(node, own):
+                if first <= self.order[writer] <= anchor:
+                    return f"an input is written in place at {where(writer)}, while the pattern reads it"
+        return None
+
+    def result_written_later(self, match_nodes: Set[fx.Node], anchor: fx.Node) -> bool:
+        return any(self.order[w] > self.order[anchor] for w in self.writes_to(anchor, match_nodes))
+
+
 @dataclass
 class Miss:
     pivot: fx.Node
@@ -293,7 +416,7 @@ class Pattern:
     op: str = ""
     rank: int = 0
 
-    def find(self, graph: fx.Graph) -> Iterable[Union[Match, Miss]]:
+    def find(self, graph: fx.Graph, facts: GraphFacts) -> Iterable[Union[Match, Miss]]:
         raise NotImplementedError
 
 
@@ -303,7 +426,7 @@ class FusionHeadPattern(Pattern):
 
     op = "fusion_head"
 
-    def find(self, graph):
+    def find(self, graph, facts):
         for node in graph.nodes:
             linear = as_linear(node)
             cat = as_cat(linear.input) if linear is not None else None
@@ -466,7 +589,7 @@ class BackprojConcatPattern(Pattern):
 
     op = "backproj_concat"
 
-    def find(self, graph):
+    def find(self, graph, facts):
         for node in graph.nodes:
             cat = as_cat(node)
             read = self.read(cat) if cat is not None else None
@@ -604,7 +727,7 @@ class ContextLinearPattern(Pattern):
     op = "context_linear"
     zero_op = "x_projection"
 
-    def find(self, graph):
+    def find(self, graph, facts):
         sites = []  # (linear, cat, x_index, the BackprojRead or zeros node)
         for node in graph.nodes:
             linear = as_linear(node)
@@ -645,27 +768,35 @@ class ContextLinearPattern(Pattern):
                 continue
             columns = (0, dx) if x_index == 0 else (width - dx, width)
             key = (x, linear.weight, linear.bias, columns)
-            projection = shared.setdefault(key, SharedProjection(*key))
+            # Sites share x's projection only where they read the same values in the same mode: not
+            # across a write into x (or W, b), a `no_grad` or autocast boundary.
+            when = (facts.region[linear.node], *(facts.version(n, linear.node) for n in key[:3]))
+            projection = shared.setdefault((key, when), SharedProjection(*key))
             found.append(_HoistSite(projection, linear, cat, x_index, context, act, formula, site))
         sharers = Counter(item.projection for item in found if not isinstance(item, Miss))
         for item in found:
             if isinstance(item, Miss):
                 yield item
             elif value(item.cat.node).dim() > 2 or sharers[item.projection] > 1:
-                yield self._match(*item)
+                yield self._match(*item, facts)
             # else nothing broadcast, nothing shared: no work saved (the plain readings serve)
 
-    def _match(self, projection, linear, cat, x_index, context, act, formula, site) -> Match:
+    def _match(self, projection, linear, cat, x_index, context, act, formula, site, facts) -> Match:
         out_act = act[0] if act else "none"
         anchor = act[1] if act else linear.node
         owners = {linear.node, cat.node} | ({anchor} if act else set())
         x, weight, bias = projection.x, linear.weight, linear.bias
         if not isinstance(context, BackprojRead):
             nodes = _exclusive([context], owners)
+            # p itself is what this site returns: where the code after it writes into that in place,
+            # it gets a copy (p is kept for the sites after it).
+            copy = out_act == "none" and facts.result_written_later(owners | {context}, anchor)
 
-            def emit(graph, remap, calls, projection=projection, out_act=out_act):
+            def emit(graph, remap, calls, projection=projection, out_act=out_act, copy=copy):
                 p = projection.emit(graph, remap, calls)
-                return p if out_act == "none" else graph.call_function(calls.activation, (p, out_act))
+                if out_act != "none":
+                    return graph.call_function(calls.activation, (p, out_act))
+                return graph.call_method("clone", (p,)) if copy else p
 
             return Match(self.zero_op, linear.node, anchor, nodes, [x, weight] + ([bias] if bias is not None else []),
                          [anchor, linear.node, cat.node, context], emit, f"{formula} -> {projection.text()}",

@@ -10,7 +10,7 @@ from torch import fx
 from .. import ops
 from .._dispatch import implements
 from ..reference import apply_activation
-from .patterns import PATTERNS, Match, Miss, value
+from .patterns import PATTERNS, GraphFacts, Match, Miss, value
 from .report import ConversionReport
 
 
@@ -115,10 +115,14 @@ def rewrite_graph(gm: fx.GraphModule, calls: FusedCalls, report: ConversionRepor
     Returns the number of swaps per op."""
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
+    facts = GraphFacts(graph)
     matches: List[Match] = []
     misses: List[Miss] = []
     for pattern in PATTERNS:
-        for found in pattern.find(graph):
+        for found in pattern.find(graph, facts):
+            why = facts.problem(found) if isinstance(found, Match) else None
+            if why:
+                found = Miss(found.pivot, found.formula, found.where, why)
             (matches if isinstance(found, Match) else misses).append(found)
     kept, lost = choose(matches, order)
     covered = {n for m in kept for n in m.nodes | {m.pivot}}

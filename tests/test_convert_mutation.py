@@ -1,0 +1,152 @@
+"""convert() on models that write tensors in place or switch grad mode inside their forward: a fused
+call computes a pattern's value at one point from the pattern's inputs, so it must not swap a
+pattern whose values are changed in place on the way, nor share x's projection across a write into
+x or a `no_grad` boundary. Each model here was computed wrongly before (found by a review); now the
+converted model equals the original (outputs, every gradient) and the report says what was left."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pf_kernels as pk
+from tests.convert_cases import fresh_dynamo  # noqa: F401  (a fixture)
+from tests.convert_cases import assert_same_model, cpu_backends
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+BACKEND = "cpu" if "cpu" in cpu_backends() else "torch"
+
+
+class Progressive(nn.Module):
+    """Two sequence modalities, R steps, written by hand; `variant` adds one idiom to it."""
+
+    def __init__(self, variant, dims=(6, 5), context=3, hidden=8, fused=5, steps=3):
+        super().__init__()
+        self.variant, self.context, self.steps = variant, context, steps
+        self.inp = nn.ModuleList(nn.Linear(d + context, hidden) for d in dims)
+        self.out = nn.ModuleList(nn.Linear(hidden, hidden) for _ in dims)
+        self.pos = nn.Parameter(torch.randn(hidden))
+        self.head = nn.Linear(hidden * len(dims), fused)
+        self.back = nn.ModuleList(nn.Linear(fused, context) for _ in dims)
+
+    def encode(self, j, x, c):
+        h = self.inp[j](torch.cat([x, c], -1))
+        if self.variant == "inplace activation":
+            h = F.leaky_relu(h, 0.1, inplace=True)
+        elif self.variant == "position added in place":
+            h += self.pos
+            h = torch.relu(h)
+        else:
+            h = torch.relu(h)
+        return self.out[j](h).mean(1)
+
+    def context_of(self, j, z, x):
+        c = self.back[j](z)
+        if self.variant == "context scaled in place":
+            c.mul_(0.5)
+        elif self.variant == "context entry set":
+            c[:, 0] = 0
+        return torch.relu(c).unsqueeze(1).expand(-1, x.shape[1], -1)
+
+    def step(self, xs, z):
+        hs = []
+        for j, x in enumerate(xs):
+            c = x.new_zeros(*x.shape[:-1], self.context) if z is None else self.context_of(j, z, x)
+            hs.append(self.encode(j, x, c))
+        u = torch.cat(hs, -1)
+        if self.variant == "fusion input masked":
+            u[:, :4] = 0
+        return torch.relu(self.head(u))
+
+    def forward(self, xs):
+        z = None
+        if self.variant == "steps under no_grad":  # only the last step trained
+            with torch.no_grad():
+                for _ in range(self.steps - 1):
+                    z = self.step(xs, z)
+            return self.step(xs, z)
+        for _ in range(self.steps):
+            if self.variant == "context under no_grad" and z is not None:
+                with torch.no_grad():
+                    z = z * 1.0  # a detached copy of z, then the context from it
+                    cs = [self.context_of(j, z, x) for j, x in enumerate(xs)]
+                z = torch.relu(self.head(torch.cat([self.encode(j, x, c) for j, (x, c) in
+                                                    enumerate(zip(xs, cs))], -1)))
+                continue
+            z = self.step(xs, z)
+            if self.variant == "x scaled in place between steps":
+                for x in xs:
+                    x.mul_(0.5)
+        return z
+
+
+def inputs(B=4):
+    return ([torch.randn(B, 7, 6), torch.randn(B, 5, 5)],)
+
+
+def converted_pair(variant, **kwargs):
+    torch.manual_seed(0)
+    model = Progressive(variant, **kwargs)
+    reference = copy.deepcopy(model)
+    _, report = pk.convert(model, backend=BACKEND, example_inputs=inputs())
+    return reference, model, report
+
+
+@pytest.mark.parametrize("variant", ["inplace activation", "position added in place"])
+def test_a_write_into_the_first_steps_projection_leaves_the_shared_one_alone(variant):
+    reference, model, report = converted_pair(variant)
+    # x's projection is still computed once per modality and shared by the steps after the first
+    assert report.counts.get("x_projection") == 2 and report.counts.get("context_linear") == 4, report
+    assert_same_model(reference, model, inputs())
+
+
+@pytest.mark.parametrize("variant", ["context scaled in place", "context entry set"])
+def test_a_context_written_in_place_is_not_recomputed_by_a_fused_call(variant):
+    reference, model, report = converted_pair(variant)
+    # (the encoder's Linear over [x, context] may still be read as a fusion head over positions,
+    # which reads the context as it is at the cat)
+    assert "context_linear" not in report.counts and "backproj_concat" not in report.counts, report
+    assert_same_model(reference, model, inputs())
+
+
+def test_a_fusion_input_written_in_place_is_not_read_past():
+    reference, model, report = converted_pair("fusion input masked")
+    heads = [line for line in report.replaced if "linear at head" in line]
+    assert not heads and "a value it computes is written in place at" in str(report), report
+    assert_same_model(reference, model, inputs())
+
+
+def test_x_written_in_place_between_steps_gets_a_projection_per_version():
+    reference, model, report = converted_pair("x scaled in place between steps")
+    assert report.counts.get("x_projection", 0) + report.counts.get("context_linear", 0) > 0, report
+    with torch.no_grad():  # (autograd of the original itself refuses the writes into x)
+        args = inputs()
+        torch.testing.assert_close(model(*copy.deepcopy(args)), reference(*copy.deepcopy(args)),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["steps under no_grad", "context under no_grad"])
+def test_no_grad_regions_keep_their_gradients(variant):
+    reference, model, report = converted_pair(variant)
+    assert report.counts, report  # still converted where the regions allow
+    assert_same_model(reference, model, inputs())
+
+
+class ConcatenateAxis(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 4), nn.Linear(5, 4), nn.Linear(8, 3)
+
+    def forward(self, x, y):
+        return torch.relu(self.head(torch.concatenate([self.a(x), self.b(y)], axis=-1)))
+
+
+def test_concatenate_with_axis_is_read_as_a_feature_cat():
+    torch.manual_seed(0)
+    model = ConcatenateAxis()
+    reference = copy.deepcopy(model)
+    args = (torch.randn(4, 6), torch.randn(4, 5))
+    _, report = pk.convert(model, backend=BACKEND, example_inputs=args)
+    assert report.counts == {"fusion_head": 1}, report
+    assert_same_model(reference, model, args)
