@@ -13,6 +13,8 @@ an instance in PATTERNS at its rank, and give FusedCalls (rewrite.py) the functi
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 from dataclasses import dataclass
 from collections import Counter
@@ -278,16 +280,24 @@ _MODE_FUNCTIONS = {torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_au
                    torch.amp.autocast_mode._exit_autocast}
 
 
+@functools.lru_cache(maxsize=None)
+def _inplace_position(function) -> Optional[int]:
+    """Where a function takes an `inplace` flag by position (F.relu(x, True), F.dropout(x, p, t, True))."""
+    try:
+        params = list(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("inplace") if "inplace" in params else None
+
+
 def _inplace_flag(node: fx.Node) -> bool:
     if node.kwargs.get("inplace") is True:
         return True
-    try:  # an inplace flag passed by position (F.relu(x, True), F.dropout(x, p, training, True))
-        import inspect
-        params = list(inspect.signature(node.target).parameters)
-    except (TypeError, ValueError):
+    try:
+        position = _inplace_position(node.target)
+    except TypeError:  # an unhashable target
         return False
-    return "inplace" in params and len(node.args) > params.index("inplace") and \
-        node.args[params.index("inplace")] is True
+    return position is not None and len(node.args) > position and node.args[position] is True
 
 
 def written_in_place(node: fx.Node) -> Optional[fx.Node]:
