@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Iterable
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,17 +18,40 @@ from ._validation import ACTIVATIONS, check_activation
 from .reference import apply_activation
 
 
+def _int_arg(value, name: str, minimum: int = 1) -> int:
+    """value as an int >= minimum. Integer scalars (numpy's, a one-element integer tensor) are taken;
+    a bool or a float is refused, never truncated."""
+    try:
+        index = None if isinstance(value, bool) or isinstance(value, torch.Tensor) and value.dtype == torch.bool \
+            else operator.index(value)
+    except TypeError:
+        index = None
+    if index is None:
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if index < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {index}")
+    return index
+
+
+def _int_list(values, name: str, minimum: int = 1) -> List[int]:
+    """A non-empty sequence of ints >= minimum, each checked as _int_arg does."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a list of ints, got {values!r} ({type(values).__name__})")
+    values = [_int_arg(v, f"{name}[{j}]", minimum) for j, v in enumerate(values)]
+    if not values:
+        raise ValueError(f"{name} must hold at least one int, got an empty list")
+    return values
+
+
 class _LinearParams(nn.Module):
-    """weight (out, in) and optional bias (out,), initialised exactly as nn.Linear."""
+    """weight (out, in) and optional bias (out,), initialised exactly as nn.Linear. The subclasses
+    check the sizes, under their own argument names."""
 
     def __init__(self, in_features: int, out_features: int, activation: str, bias: bool,
                  backend: str, device=None, dtype=None):
         super().__init__()
         check_activation(activation)
         check_backend_name(backend)
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
@@ -41,6 +65,8 @@ class _LinearParams(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if self.weight.numel() == 0:
+            return  # no outputs (a context of width 0): nothing to draw, and nn.init warns on empty tensors
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
@@ -51,12 +77,14 @@ class BackProjection(_LinearParams):
     """x~ = cat([x, act(z @ weight.T + bias) over every position of x], -1).
 
     Parameters as nn.Linear(fused_dim, context_dim). forward(x: (B, *S, Dx), z: (B, fused_dim))
-    returns (B, *S, Dx + context_dim).
+    returns (B, *S, Dx + context_dim). context_dim may be 0 (as nn.Linear's out_features): the
+    output is then a copy of x.
     """
 
     def __init__(self, fused_dim: int, context_dim: int, activation: str = "relu", bias: bool = True,
                  backend: str = "auto", device=None, dtype=None):
-        super().__init__(fused_dim, context_dim, activation, bias, backend, device, dtype)
+        super().__init__(_int_arg(fused_dim, "fused_dim"), _int_arg(context_dim, "context_dim", 0), activation,
+                         bias, backend, device, dtype)
 
     @property
     def fused_dim(self) -> int:
@@ -79,10 +107,8 @@ class FusionHead(_LinearParams):
 
     def __init__(self, in_dims: Sequence[int], out_dim: int, activation: str = "relu", bias: bool = True,
                  backend: str = "auto", device=None, dtype=None):
-        in_dims = [int(d) for d in in_dims]
-        if not in_dims or any(d < 1 for d in in_dims):
-            raise ValueError(f"in_dims must be a non-empty list of positive ints, got {in_dims}")
-        super().__init__(sum(in_dims), out_dim, activation, bias, backend, device, dtype)
+        in_dims = _int_list(in_dims, "in_dims")
+        super().__init__(sum(in_dims), _int_arg(out_dim, "out_dim"), activation, bias, backend, device, dtype)
         self.in_dims = in_dims
 
     def forward(self, hs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -336,7 +362,9 @@ class ProgressiveFusion(nn.Module):
     (B, encoder_dims[j]). The context starts at zero; each of the `iterations` steps runs the
     encoders and fuses, and every step but the last back-projects the fused vector z into each
     modality's input (broadcast over its positions) for the next. forward(xs) returns z_R, or the
-    list [z_1..z_R] with return_all_steps=True.
+    list [z_1..z_R] with return_all_steps=True. context_dims[j] = 0 gives modality j no
+    back-projection: its encoder reads its input unchanged at every step, while z still fuses its
+    output.
 
     Hoisting (hoist=True, the default): where encoder j begins with an nn.Linear over its input
     (see plan_hoisting for the forms detected), W x~ + b = (W_x x + b) + W_c c, so W_x x + b is
@@ -359,16 +387,17 @@ class ProgressiveFusion(nn.Module):
         encoders = list(encoders)
         if not encoders:
             raise ValueError("encoders must hold at least one module")
+        encoder_dims = _int_list(encoder_dims, "encoder_dims")
         if len(encoder_dims) != len(encoders):
             raise ValueError(f"encoder_dims has {len(encoder_dims)} entries for {len(encoders)} encoders")
-        if isinstance(context_dims, int):
-            context_dims = [context_dims] * len(encoders)
-        context_dims = [int(c) for c in context_dims]
+        fused_dim = _int_arg(fused_dim, "fused_dim")
+        if isinstance(context_dims, Iterable) and not isinstance(context_dims, (str, bytes)):
+            context_dims = _int_list(context_dims, "context_dims", 0)
+        else:  # one width for every modality
+            context_dims = [_int_arg(context_dims, "context_dims", 0)] * len(encoders)
         if len(context_dims) != len(encoders):
             raise ValueError(f"context_dims has {len(context_dims)} entries for {len(encoders)} encoders")
-        if not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
-        self.iterations = iterations
+        self.iterations = _int_arg(iterations, "iterations")
         self.context_dims = context_dims
         self.encoders = nn.ModuleList(encoders)
         self.fusion_head = FusionHead(encoder_dims, fused_dim, fusion_activation, bias, backend,

@@ -160,7 +160,7 @@ def context_inputs(B, S, H, Dz, Dc, bias=True, dtype=torch.float32, device="cpu"
     else:
         bp_weight = (rand((Dc, Dz), torch.float64, device) * Dz ** -0.5).to(dtype)
     bp_bias = rand((Dc,), dtype, device) if bias else None
-    linear_weight = (rand((H, x_features + Dc), torch.float64, device) * Dc ** -0.5).to(dtype)
+    linear_weight = (rand((H, x_features + Dc), torch.float64, device) * max(Dc, 1) ** -0.5).to(dtype)  # Dc may be 0
     proj_weight = linear_weight[:, x_features:]
     leaves = [bp_weight, bp_bias, proj_weight]
     for t in leaves:

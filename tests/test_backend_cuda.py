@@ -560,13 +560,15 @@ def test_torch_compile_fullgraph():
 
 
 # context_linear beyond the shared cases: the 16-byte path (H a multiple of 8) with positions split
-# across blocks in the backward, many positions on the scalar path, many batch rows, one feature.
+# across blocks in the backward, many positions on the scalar path, many batch rows, one feature,
+# no context columns (Dc = 0: a hoisted modality with context_dims 0).
 CONTEXT_EXTRA = [
     (2, (300,), 64, 48, 64),
     (3, (17, 19), 8, 70, 40),
     (1, (2049,), 5, 9, 33),
     (700, (), 16, 33, 8),
     (2, (4,), 1, 5, 3),
+    (3, (4,), 8, 5, 0),
 ]
 
 

@@ -127,6 +127,17 @@ def test_every_activation_pair(backend, dtype, out_activation):
                                      context_call("torch", activation, out_activation), args)
 
 
+@pytest.mark.parametrize("backend", fused())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("out_activation", ["none", "gelu"])
+def test_no_context_columns(backend, dtype, out_activation):
+    """Dc = 0 (a modality with context_dims 0, hoisted): out_act(p), and empty weight gradients."""
+    for activation, bias in (("relu", True), ("tanh", False)):
+        args = context_inputs(3, (4,), 9, 5, 0, bias, dtype, device_of(backend))
+        assert_matches_reference(context_call(backend, activation, out_activation),
+                                 context_call("torch", activation, out_activation), args)
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_triton_beyond_one_block_and_a_two_stage_position_sum(dtype):

@@ -1,4 +1,6 @@
 """The modules: parameters as nn.Linear's, and ProgressiveFusion's semantics end to end."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -133,6 +135,104 @@ def test_bad_inputs():
         model(torch.randn(4, 5))
     with pytest.raises(ValueError, match="context_dims"):
         ProgressiveFusion([nn.Identity()], [3], 4, [1, 2])
+
+
+SIZE_BAD = [
+    ("FusionHead in_dims float", lambda: FusionHead([2.7, 3], 4), TypeError, r"in_dims\[0\] must be an int, got 2.7"),
+    ("FusionHead in_dims bool", lambda: FusionHead([True, 3], 4), TypeError, r"in_dims\[0\] must be an int, got True"),
+    ("FusionHead in_dims zero", lambda: FusionHead([3, 0], 4), ValueError, r"in_dims\[1\] must be an int >= 1, got 0"),
+    ("FusionHead in_dims empty", lambda: FusionHead([], 4), ValueError, "in_dims must hold at least one"),
+    ("FusionHead in_dims int", lambda: FusionHead(3, 4), TypeError, "in_dims must be a list of ints, got 3"),
+    ("FusionHead out_dim bool", lambda: FusionHead([3], True), TypeError, "out_dim must be an int, got True"),
+    ("BackProjection context_dim float", lambda: BackProjection(5, 2.5), TypeError,
+     "context_dim must be an int, got 2.5"),
+    ("BackProjection context_dim negative", lambda: BackProjection(5, -1), ValueError,
+     "context_dim must be an int >= 0"),
+    ("BackProjection fused_dim zero", lambda: BackProjection(0, 2), ValueError, "fused_dim must be an int >= 1, got 0"),
+    ("context_dims float", lambda: ProgressiveFusion([nn.Linear(4, 6)], [6], 5, [2.5]), TypeError,
+     r"context_dims\[0\] must be an int, got 2.5"),
+    ("context_dims bool", lambda: ProgressiveFusion([nn.Linear(4, 6)], [6], 5, True), TypeError,
+     "context_dims must be an int, got True"),
+    ("context_dims negative", lambda: ProgressiveFusion([nn.Linear(4, 6)], [6], 5, [-1]), ValueError,
+     r"context_dims\[0\] must be an int >= 0, got -1"),
+    ("encoder_dims float", lambda: ProgressiveFusion([nn.Linear(4, 6)], [6.0], 5, 2), TypeError,
+     r"encoder_dims\[0\] must be an int, got 6.0"),
+    ("fused_dim float", lambda: ProgressiveFusion([nn.Linear(4, 6)], [6], 5.0, 2), TypeError,
+     "fused_dim must be an int, got 5.0"),
+    ("iterations bool", lambda: ProgressiveFusion([nn.Linear(4, 6)], [6], 5, 2, iterations=True), TypeError,
+     "iterations must be an int, got True"),
+    ("iterations float", lambda: ProgressiveFusion([nn.Linear(4, 6)], [6], 5, 2, iterations=2.0), TypeError,
+     "iterations must be an int, got 2.0"),
+    ("iterations zero", lambda: ProgressiveFusion([nn.Linear(4, 6)], [6], 5, 2, iterations=0), ValueError,
+     "iterations must be an int >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("name,make,exc,message", SIZE_BAD, ids=[c[0] for c in SIZE_BAD])
+def test_sizes_are_ints_never_truncated(name, make, exc, message):
+    with pytest.raises(exc, match=message):
+        make()
+
+
+def test_sizes_take_integer_scalars_of_numpy_and_torch():
+    np = pytest.importorskip("numpy")
+    head = FusionHead(np.array([2, 3]), torch.tensor(4))
+    assert head.in_dims == [2, 3] and all(type(d) is int for d in head.in_dims) and head.out_features == 4
+    model = ProgressiveFusion([nn.Linear(4, 6)], [np.int64(6)], 5, np.int32(2), iterations=np.int64(2))
+    assert model.context_dims == [2] and type(model.iterations) is int
+
+
+class PooledMLP(nn.Module):
+    """(B, *positions, D) -> (B, H): an MLP per position, then the mean over positions; hoistable
+    (torch.fx traces it: no branch on the input's shape)."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, 16), nn.Tanh(), nn.Linear(16, out_dim))
+
+    def forward(self, x):
+        return self.mlp(x).flatten(1, -2).mean(1)
+
+
+_TRITON = pk.available_backends()["triton"]
+
+
+@pytest.mark.parametrize("hoisting", ["every encoder", "the others", "none"])
+@pytest.mark.parametrize("backend", ["torch", "auto", pytest.param("triton", marks=pytest.mark.skipif(
+    not _TRITON["available"] or "cpu" not in _TRITON["devices"], reason="triton cannot run on CPU tensors here"))])
+def test_a_modality_with_context_dim_0_reads_its_input_unchanged(hoisting, backend):
+    """context_dims[j] = 0: modality j gets no back-projection (its encoder reads x_j at every step)
+    while z still fuses its output; against the method written out by hand, forward and gradients."""
+    encoders = [nn.Sequential(nn.Linear(5 + 3, 16), nn.Tanh(), nn.Linear(16, 6)), PooledMLP(3, 7), PooledMLP(2 + 4, 8)]
+    model = ProgressiveFusion(encoders, [6, 7, 8], 9, [3, 0, 4], iterations=3, fusion_activation="gelu",
+                              context_activation="tanh", backend=backend)
+    if hoisting == "the others":
+        encoders[1].register_forward_pre_hook(lambda module, args: None)  # runs it unhoisted
+    model.hoist = hoisting != "none"
+    assert model.hoisted == {"every encoder": (0, 1, 2), "the others": (0, 2), "none": ()}[hoisting]
+    head, bp = model.fusion_head, model.back_projections
+    assert bp[1].weight.shape == (0, 9) and bp[1].bias.shape == (0,)
+    xs = make_inputs()
+
+    def by_hand():
+        c0, c2 = torch.zeros(4, 3), torch.zeros(4, 4, 3, 4)
+        for _ in range(3):
+            hs = [encoders[0](torch.cat([xs[0], c0], -1)), encoders[1](xs[1]),
+                  encoders[2](torch.cat([xs[2], c2], -1))]
+            z = nn.functional.gelu(nn.functional.linear(torch.cat(hs, -1), head.weight, head.bias))
+            c0 = torch.tanh(nn.functional.linear(z, bp[0].weight, bp[0].bias))
+            c2 = torch.tanh(nn.functional.linear(z, bp[2].weight, bp[2].bias))[:, None, None].expand(4, 4, 3, 4)
+        return z
+
+    params = [p for p in model.parameters() if p.numel()]
+    got, want = model(xs), by_hand()
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
+        torch.testing.assert_close(a, b)
+    (empty,) = torch.autograd.grad(model(xs).sum(), bp[1].weight)
+    assert empty.shape == (0, 9)
+    model.load_state_dict(ProgressiveFusion([copy.deepcopy(e) for e in encoders], [6, 7, 8], 9, [3, 0, 4]).state_dict())
 
 
 def test_short_training_run_fits():
