@@ -128,11 +128,21 @@ class FusionHead(_LinearParams):
 
 
 class _OpaqueTracer(fx.Tracer):
-    """Traces an encoder's own forward only: nn.Sequential is looked into, every other submodule
-    is an opaque call (it may be untraceable, and what it does with its input is its business)."""
+    """Traces an encoder's own forward: nn.Sequential is looked into, and the modules named in
+    `through` (the user's own modules the input goes into first); every other submodule is an
+    opaque call (it may be untraceable, and what it does with its input is its business)."""
+
+    def __init__(self, through: frozenset = frozenset()):
+        super().__init__()
+        self.through = through
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return not isinstance(m, nn.Sequential)
+        return not isinstance(m, nn.Sequential) and module_qualified_name not in self.through
+
+
+def _is_users_module(module) -> bool:
+    """A module of the user's own class (not torch's), which may hold a Linear to trace to."""
+    return isinstance(module, nn.Module) and not type(module).__module__.startswith("torch.")
 
 
 class _Hoisting:
@@ -151,7 +161,7 @@ class _Hoisting:
 
     def __init__(self, encoder: nn.Module, linear: nn.Linear, activation: str,
                  tails: Optional[Dict[bool, nn.Module]], fused: Dict[str, nn.Module],
-                 skipped: Sequence[nn.Module] = (), attributes: Tuple[Tuple[str, object], ...] = (),
+                 traced: Sequence[Tuple[nn.Module, Tuple[str, ...], tuple]] = (),
                  fresh_first_input: bool = False):
         self.encoder = encoder
         self.linear = linear
@@ -159,20 +169,30 @@ class _Hoisting:
         self.tails = tails
         self.fused = tuple((encoder.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], module)
                            for name, module in fused.items())
-        self.skipped = (encoder, *skipped)
-        self.attributes = attributes
+        # The modules whose forward the trace went through: (module, its children's names, its plain
+        # attributes). A child added or removed, or an attribute reassigned, and the trace is stale.
+        self.traced = tuple(traced)
+        self.skipped = (encoder, *(m for _, _, m in self.fused), *(m for m, _, _ in self.traced))
         self.fresh_first_input = fresh_first_input
 
     def holds_for(self, encoder: nn.Module) -> bool:
         # (checked every forward: dict lookups, not get_submodule's walk)
         return encoder is self.encoder and all(parent._modules.get(name) is module
                                                for parent, name, module in self.fused) \
-            and not _has_hooks(*self.skipped) and not self.stale()
+            and not _has_hooks(*self.skipped) and not self.stale() \
+            and all(m.training is encoder.training or type(m) is nn.Sequential  # traced in one mode
+                    for m, _, _ in self.traced)
 
     def stale(self) -> bool:
-        """An attribute the traced tail holds as a constant was reassigned since the trace."""
-        current = self.encoder.__dict__
-        return any(not _same_value(current.get(name, _MISSING), value) for name, value in self.attributes)
+        """The traced structure changed: a child of a traced-through module added or removed, or a
+        plain attribute (the trace holds its value as a constant) reassigned."""
+        for module, children, attributes in self.traced:
+            if tuple(module._modules) != children:
+                return True
+            current = module.__dict__
+            if any(not _same_value(current.get(name, _MISSING), value) for name, value in attributes):
+                return True
+        return False
 
     def first_input(self, p: torch.Tensor) -> torch.Tensor:
         h = apply_activation(p, self.activation)
@@ -258,12 +278,13 @@ def _epilogue_of(node: fx.Node, source: fx.Node, modules: Dict[str, nn.Module]) 
     return found[0]
 
 
-def _plan_tail(encoder: nn.Module, context_dim: int):
+def _plan_tail(encoder: nn.Module, context_dim: int, through: frozenset):
     """(linear, activation, {name: module} of the modules the hoisted path replaces, graph that
-    takes the activated output of the linear), or a reason string."""
+    takes the activated output of the linear), the path of a module of the user's own to trace
+    into (the input goes there first), or a reason string."""
 
     try:
-        graph = _OpaqueTracer().trace(encoder)
+        graph = _OpaqueTracer(through).trace(encoder)
     except Exception as exc:  # fx raises many kinds
         return f"torch.fx cannot trace it ({type(exc).__name__})"
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
@@ -272,6 +293,9 @@ def _plan_tail(encoder: nn.Module, context_dim: int):
     users = list(inputs[0].users)
     modules = dict(encoder.named_modules())
     first = users[0] if len(users) == 1 else None
+    if first is not None and first.op == "call_module" and first.args == (inputs[0],) and not first.kwargs \
+            and _is_users_module(modules.get(first.target)) and first.target not in through:
+        return _Into(first.target)
     if first is None or first.op != "call_module" or type(modules.get(first.target)) is not nn.Linear \
             or first.args != (inputs[0],) or first.kwargs:
         return "its input goes to something other than one nn.Linear"
@@ -283,12 +307,10 @@ def _plan_tail(encoder: nn.Module, context_dim: int):
     epilogue = _epilogue_of(follower, first, modules) if follower is not None else None
     if epilogue is not None:
         fused, activation = follower, epilogue
-    # Hooks of the modules the hoisted path does not call (the Sequentials were traced through).
+    # Hooks of the modules the hoisted path does not call (the first layer, what was traced through).
     replaced = {n.target: modules[n.target] for n in (first, fused) if n.op == "call_module"}
-    skipped = list(replaced.values())
-    skipped += [m for m in encoder.modules() if isinstance(m, nn.Sequential)]
-    if _has_hooks(encoder, *skipped):
-        return "it, a Sequential in it, or its first layer has forward hooks"
+    if _has_hooks(encoder, *replaced.values(), *(m for _, m in _traced_modules(encoder, through))):
+        return "it, a module traced through in it, or its first layer has forward hooks"
     # The rest: every node after the fused one, reading the fused node's output from a placeholder;
     # module and attribute paths are resolved through `encoder`, the live module.
     tail = fx.Graph()
@@ -303,6 +325,17 @@ def _plan_tail(encoder: nn.Module, context_dim: int):
     return linear, activation, replaced, tail
 
 
+class _Into(str):
+    """The path of the user's own module that the encoder's input goes into first: trace into it."""
+
+
+def _traced_modules(encoder: nn.Module, through: frozenset) -> List[Tuple[str, nn.Module]]:
+    """(path, module) of every module the trace goes through: the encoder, its Sequentials and the
+    modules of `through`."""
+    return [(path, m) for path, m in encoder.named_modules()
+            if path == "" or isinstance(m, nn.Sequential) or path in through]
+
+
 def _tail_module(encoder: nn.Module, graph: fx.Graph) -> nn.Module:
     holder = nn.Module()
     holder.encoder = encoder
@@ -315,9 +348,11 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
     """How to hoist encoder's first Linear out of the refinement loop, or why it cannot be.
 
     Detected: a bare nn.Linear; any module whose forward torch.fx can trace (nn.Sequential looked
-    into, nested or not; every other submodule an opaque call) in which the input goes to exactly
-    one nn.Linear and nowhere else, e.g. an nn.Sequential that begins with one, or a module whose
-    forward starts with `self.mlp(x)`; one of our activations right after that Linear is fused.
+    into, nested or not; every other submodule an opaque call, except a module of the user's own
+    that the input goes into first, which is traced into too) in which the input goes to exactly
+    one nn.Linear and nowhere else, e.g. an nn.Sequential that begins with one, a module whose
+    forward starts with `self.fc(x)`, or one that starts with `self.mlp(x)` where mlp's own forward
+    starts with its Linear; one of our activations right after that Linear is fused.
     """
     if type(encoder) is nn.Linear:
         if _has_hooks(encoder):
@@ -327,15 +362,23 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
         return _Hoisting(encoder, encoder, "none", None, {})
     tails = {}
     plan = None
+    through = frozenset()
     was_training = encoder.training
-    attributes = _plain_attributes(encoder)
+    modes = {m: m.training for m in encoder.modules()}
+    # Every module's plain attributes, put back after the traces (a forward that sets one ran with proxies).
+    attributes = {m: _plain_attributes(m) for m in encoder.modules()}
     try:
         for mode in (was_training, not was_training):  # fx records `self.training` as a constant
-            encoder.training = mode
-            planned = _plan_tail(encoder, context_dim)
+            encoder.train(mode)
+            planned = _plan_tail(encoder, context_dim, through)
+            while isinstance(planned, _Into) and len(through) < 4:
+                through |= {planned}
+                planned = _plan_tail(encoder, context_dim, through)
             if isinstance(planned, str):
-                return planned
-            written = _reassigned(attributes, encoder)
+                return planned if not isinstance(planned, _Into) else \
+                    "its input goes through more than 4 nested modules of its own before a Linear"
+            written = [f"{path + '.' if path else ''}{k}" for path, m in _traced_modules(encoder, through)
+                       for k in _reassigned(attributes[m], m)]
             if written:
                 # The trace ran the forward once with proxies: what it stored is not what a real call
                 # would, and the tail would never store it again.
@@ -345,14 +388,18 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
             plan = planned
             tails[mode] = _tail_module(encoder, planned[3])
     finally:
-        encoder.training = was_training
-        for k in [k for k in encoder.__dict__ if k not in _MODULE_INTERNALS]:
-            del encoder.__dict__[k]
-        encoder.__dict__.update(attributes)
+        for m, saved in attributes.items():
+            m.training = modes[m]
+            for k in [k for k in m.__dict__ if k not in _MODULE_INTERNALS]:
+                del m.__dict__[k]
+            m.__dict__.update(saved)
     linear, activation, replaced = plan[:3]
-    skipped = [*replaced.values(), *(m for m in encoder.modules() if isinstance(m, nn.Sequential))]
+    traced = _traced_modules(encoder, through)
+    # A traced-through module swapped out changes the structure the tails were traced from.
+    replaced = {**{path: m for path, m in traced if path}, **replaced}
     fresh = activation == "none" and any(_writes_into_input(tail.graph, encoder) for tail in tails.values())
-    return _Hoisting(encoder, linear, activation, tails, replaced, skipped, attributes, fresh)
+    return _Hoisting(encoder, linear, activation, tails, replaced,
+                     [(m, tuple(m._modules), attributes[m]) for _, m in traced], fresh)
 
 
 class ProgressiveFusion(nn.Module):
@@ -488,12 +535,24 @@ class ProgressiveFusion(nn.Module):
         for step in range(self.iterations):
             hs = [encoder(x) if plan is None else plan.tail(encoder, x)
                   for encoder, plan, x in zip(self.encoders, hoisting, inputs)]
-            if step == self.iterations - 1:
-                z = self.fusion_head(hs)
-            else:
-                z, inputs = self._refine(hs, xs, hoisting, projections)
+            try:
+                if step == self.iterations - 1:
+                    z = self.fusion_head(hs)
+                else:
+                    z, inputs = self._refine(hs, xs, hoisting, projections)
+            except (ValueError, TypeError) as exc:  # (free until raised) say which encoder, if one
+                self._check_encoder_outputs(hs, xs, exc)
+                raise
             steps.append(z)
         return steps if return_all_steps else steps[-1]
+
+    def _check_encoder_outputs(self, hs, xs, cause: Exception) -> None:
+        for j, (h, x, width) in enumerate(zip(hs, xs, self.fusion_head.in_dims)):
+            if not isinstance(h, torch.Tensor) or h.dim() != 2 or h.shape != (x.shape[0], width):
+                got = f"shape {tuple(h.shape)}" if isinstance(h, torch.Tensor) else type(h).__name__
+                raise ValueError(f"ProgressiveFusion: encoders[{j}] returned {got} for xs[{j}] of shape "
+                                 f"{tuple(x.shape)}; it must return (B, encoder_dims[{j}]) = "
+                                 f"({x.shape[0]}, {width})") from cause
 
     def _refine(self, hs, xs, hoisting, projections):
         """z from hs, and every encoder's input (or hoisted first layer's output) for the next step."""

@@ -391,3 +391,74 @@ def test_an_encoder_that_sets_attributes_is_not_hoisted_and_keeps_its_own():
     torch.save(model, io.BytesIO())
     model([torch.randn(4, 6, 5), torch.randn(4, 4)])
     assert isinstance(model.encoders[0].features, torch.Tensor)
+
+
+class InnerMLP(nn.Module):
+    """A module of the user's own whose forward starts with its Linear; reads a plain attribute."""
+
+    def __init__(self, d_in, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d_in, hidden), nn.Linear(hidden, hidden)
+        self.scale = 1.0
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x))) * self.scale
+
+
+class WrapsMLP(nn.Module):
+    def __init__(self, d_in, hidden, depth=1, pool=True):
+        super().__init__()
+        self.mlp = InnerMLP(d_in, hidden) if depth == 1 else WrapsMLP(d_in, hidden, depth - 1, pool=False)
+        self.drop = nn.Dropout(0.3)
+        self.pool = pool
+
+    def forward(self, x):
+        h = self.drop(self.mlp(x))
+        return h.mean(1) if self.pool else h
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_linear_inside_the_users_own_modules_is_hoisted(depth):
+    torch.manual_seed(0)
+    hoisted = ProgressiveFusion([WrapsMLP(5 + 3, 8, depth), nn.Linear(4 + 3, 8)], [8, 8], 6, 3, iterations=3)
+    plain = copy.deepcopy(hoisted)
+    plain.hoist = False
+    assert hoisted.hoisted == (0, 1) and "gelu fused" in hoisted.hoisting_notes[0], hoisted.hoisting_notes
+    xs = [torch.randn(4, 6, 5), torch.randn(4, 4)]
+    for mode in ("train", "eval"):
+        for model in (hoisted, plain):
+            getattr(model, mode)()
+        torch.manual_seed(1)  # the same dropout masks on both
+        a = hoisted(xs)
+        torch.manual_seed(1)
+        b = plain(xs)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    def inner(model):
+        return model.encoders[0].mlp if depth == 1 else model.encoders[0].mlp.mlp
+
+    # An attribute of the traced-through module reassigned: planned again from its new value.
+    for model in (hoisted, plain):
+        inner(model).scale = 3.0
+    assert_same(hoisted, plain, xs)
+    assert hoisted.hoisted == (0, 1)
+    # The inner module in another mode than its encoder (its trace is the encoder's mode): unhoisted.
+    for model in (hoisted, plain):
+        inner(model).train(not model.encoders[0].training)
+    assert hoisted.hoisted == (1,)
+    assert_same(hoisted, plain, xs)
+    # The traced-through module swapped for another: unhoisted until planned again.
+    torch.manual_seed(5)
+    replacement = InnerMLP(8, 8)
+    for model in (hoisted, plain):
+        model.encoders[0].mlp = copy.deepcopy(replacement)
+    assert hoisted.hoisted == (1,)
+    assert_same(hoisted, plain, xs)
+
+
+def test_a_sequential_grown_after_planning_is_planned_again():
+    hoisted, plain = make_pair()
+    for model in (hoisted, plain):
+        model.encoders[0].append(nn.Tanh())
+    assert_same(hoisted, plain, make_inputs())
+    assert hoisted.hoisted == (0, 1, 2, 3)

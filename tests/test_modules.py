@@ -1,5 +1,6 @@
 """The modules: parameters as nn.Linear's, and ProgressiveFusion's semantics end to end."""
 import copy
+import re
 
 import pytest
 import torch
@@ -135,6 +136,17 @@ def test_bad_inputs():
         model(torch.randn(4, 5))
     with pytest.raises(ValueError, match="context_dims"):
         ProgressiveFusion([nn.Identity()], [3], 4, [1, 2])
+
+
+@pytest.mark.parametrize("hoist", [True, False])
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_an_encoder_of_the_wrong_output_shape_is_named(hoist, iterations):
+    for encoder, shape in ((nn.Linear(4 + 3, 5), "(2, 5)"), (nn.Sequential(nn.Linear(4 + 3, 6)), "(2, 7, 6)")):
+        model = ProgressiveFusion([nn.Linear(6 + 3, 4), encoder], [4, 6], 5, 3, iterations=iterations, hoist=hoist)
+        x = torch.randn(2, 4) if shape == "(2, 5)" else torch.randn(2, 7, 4)
+        with pytest.raises(ValueError, match=rf"encoders\[1\] returned shape {re.escape(shape)} .* must return "
+                                             rf"\(B, encoder_dims\[1\]\) = \(2, 6\)"):
+            model([torch.randn(2, 6), x])
 
 
 SIZE_BAD = [
