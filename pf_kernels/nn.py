@@ -509,12 +509,16 @@ class ProgressiveFusion(nn.Module):
         if not any(self._hoisting) or not implements(self.backend, "context_linear"):
             return (None,) * len(xs)
         if not torch.compiler.is_compiling() and any(plan is not None and plan.stale() for plan in self._hoisting):
-            self.hoist = self._hoist  # an attribute a traced tail holds was reassigned: trace again
-        # A Linear that does not take Dx + Dc features: the unhoisted path raises the usual error.
+            self.hoist = self._hoist  # the traced structure or an attribute it holds changed: trace again
         # A plan whose modules were swapped out no longer holds: that encoder runs unhoisted.
-        return tuple(plan if plan is not None and x.shape[-1] + c == plan.linear.in_features
-                     and plan.holds_for(encoder) else None
-                     for plan, encoder, x, c in zip(self._hoisting, self.encoders, xs, self.context_dims))
+        plans = tuple(plan if plan is not None and plan.holds_for(encoder) else None
+                      for plan, encoder in zip(self._hoisting, self.encoders))
+        for j, (plan, x, c) in enumerate(zip(plans, xs, self.context_dims)):
+            if plan is not None and x.shape[-1] + c != plan.linear.in_features:
+                raise ValueError(f"ProgressiveFusion: xs[{j}] has {x.shape[-1]} features and context_dims[{j}] = {c}, "
+                                 f"but the first Linear of encoders[{j}] takes {plan.linear.in_features} "
+                                 f"(xs[{j}] of shape {tuple(x.shape)})")
+        return plans
 
     def forward(self, xs: Sequence[torch.Tensor], return_all_steps: bool = False):
         xs = self._check_inputs(xs)

@@ -264,10 +264,10 @@ def test_hoisted_path_calls_context_linear_not_backproj_concat(monkeypatch):
     assert calls.count("context_linear") == 8 and calls.count("refine_step") == 2
 
 
-def test_a_linear_of_the_wrong_width_fails_as_unhoisted():
+def test_a_linear_of_the_wrong_width_fails_with_the_widths_named():
     model = ProgressiveFusion([nn.Sequential(nn.Linear(5 + 2, 4), nn.ReLU())], [4], 3, 2)
     assert model.hoisted == (0,)
-    with pytest.raises(RuntimeError, match="shapes"):
+    with pytest.raises(ValueError, match=r"6 features and context_dims\[0\] = 2, but the first Linear .* takes 7"):
         model([torch.randn(2, 6)])  # 6 + 2 features for a Linear that takes 7
 
 

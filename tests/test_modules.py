@@ -138,6 +138,13 @@ def test_bad_inputs():
         ProgressiveFusion([nn.Identity()], [3], 4, [1, 2])
 
 
+def test_an_input_of_the_wrong_width_for_a_hoisted_encoder_is_named():
+    model = ProgressiveFusion([nn.Linear(6 + 3, 4), nn.Sequential(nn.Linear(4 + 3, 6), nn.ReLU())], [4, 6], 5, 3)
+    with pytest.raises(ValueError, match=r"xs\[1\] has 5 features and context_dims\[1\] = 3, but the first "
+                                         r"Linear of encoders\[1\] takes 7"):
+        model([torch.randn(2, 6), torch.randn(2, 7, 5)])
+
+
 @pytest.mark.parametrize("hoist", [True, False])
 @pytest.mark.parametrize("iterations", [1, 3])
 def test_an_encoder_of_the_wrong_output_shape_is_named(hoist, iterations):
