@@ -180,7 +180,7 @@ class _Hoisting:
         return encoder is self.encoder and all(parent._modules.get(name) is module
                                                for parent, name, module in self.fused) \
             and not _has_hooks(*self.skipped) and not self.stale() \
-            and all(m.training is encoder.training or type(m) is nn.Sequential  # traced in one mode
+            and all(m.training is encoder.training or isinstance(m, _CONTAINERS)  # traced in one mode
                     for m, _, _ in self.traced)
 
     def stale(self) -> bool:
@@ -190,7 +190,8 @@ class _Hoisting:
             if tuple(module._modules) != children:
                 return True
             current = module.__dict__
-            if any(not _same_value(current.get(name, _MISSING), value) for name, value in attributes):
+            if any(not _same_value(current.get(name, _MISSING), value) or
+                   (contents is not None and _contents(value) != contents) for name, value, contents in attributes):
                 return True
         return False
 
@@ -210,6 +211,40 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 
 def _plain_attributes(module: nn.Module) -> Tuple[Tuple[str, object], ...]:
     return tuple((k, v) for k, v in module.__dict__.items() if k not in _MODULE_INTERNALS)
+
+
+class _Same:
+    """Equal to another _Same of the very same object (what a container holds beyond plain values)."""
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and other.obj is self.obj
+
+
+def _contents(value, depth: int = 3):
+    """What a container attribute holds (lists, tuples, dicts, sets, plain objects such as a config,
+    a few levels deep), comparable with == so that a change made in place shows; None for values
+    with no contents to watch (numbers, strings, tensors, modules, functions)."""
+    if depth == 0:
+        return _Same(value)
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(v if isinstance(v, _ATOMIC) else _contents(v, depth - 1) for v in value))
+    if isinstance(value, dict):
+        return (dict, tuple((k, v if isinstance(v, _ATOMIC) else _contents(v, depth - 1)) for k, v in value.items()))
+    if isinstance(value, (set, frozenset)):
+        return (type(value), frozenset(v for v in value if isinstance(v, _ATOMIC)), len(value))
+    if isinstance(value, (_ATOMIC, torch.Tensor, nn.Module, type)) or callable(value) or \
+            not hasattr(value, "__dict__"):
+        return None if depth == 3 else (value if isinstance(value, _ATOMIC) else _Same(value))
+    return (type(value), _contents(vars(value), depth - 1))
+
+
+def _watched(attributes: Tuple[Tuple[str, object], ...]) -> Tuple[Tuple[str, object, object], ...]:
+    """attributes with the contents of each container among them (None for the rest)."""
+    return tuple((k, v, _contents(v)) for k, v in attributes)
 
 
 _ATOMIC = (int, float, bool, str, bytes, complex, type(None))
@@ -329,11 +364,14 @@ class _Into(str):
     """The path of the user's own module that the encoder's input goes into first: trace into it."""
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
 def _traced_modules(encoder: nn.Module, through: frozenset) -> List[Tuple[str, nn.Module]]:
-    """(path, module) of every module the trace goes through: the encoder, its Sequentials and the
-    modules of `through`."""
+    """(path, module) of every module the trace goes through or unrolls: the encoder, its
+    containers (Sequential, ModuleList, ModuleDict) and the modules of `through`."""
     return [(path, m) for path, m in encoder.named_modules()
-            if path == "" or isinstance(m, nn.Sequential) or path in through]
+            if path == "" or isinstance(m, _CONTAINERS) or path in through]
 
 
 def _tail_module(encoder: nn.Module, graph: fx.Graph) -> nn.Module:
@@ -399,7 +437,7 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
     replaced = {**{path: m for path, m in traced if path}, **replaced}
     fresh = activation == "none" and any(_writes_into_input(tail.graph, encoder) for tail in tails.values())
     return _Hoisting(encoder, linear, activation, tails, replaced,
-                     [(m, tuple(m._modules), attributes[m]) for _, m in traced], fresh)
+                     [(m, tuple(m._modules), _watched(attributes[m])) for _, m in traced], fresh)
 
 
 class ProgressiveFusion(nn.Module):

@@ -34,6 +34,12 @@ class Progressive(nn.Module):
         h = self.inp[j](torch.cat([x, c], -1))
         if self.variant == "inplace activation":
             h = F.leaky_relu(h, 0.1, inplace=True)
+        elif self.variant == "half written through tensor_split":
+            h.tensor_split(2, -1)[0].mul_(0.5)
+            h = torch.tanh(h)
+        elif self.variant == "written through .data":
+            h.data.mul_(0.5)
+            h = torch.tanh(h)
         elif self.variant == "position added in place":
             h += self.pos
             h = torch.relu(h)
@@ -47,6 +53,8 @@ class Progressive(nn.Module):
             c.mul_(0.5)
         elif self.variant == "context entry set":
             c[:, 0] = 0
+        elif self.variant == "context split and scaled":
+            c.tensor_split(2, -1)[0].mul_(0.5)
         return torch.relu(c).unsqueeze(1).expand(-1, x.shape[1], -1)
 
     def step(self, xs, z):
@@ -93,7 +101,8 @@ def converted_pair(variant, **kwargs):
     return reference, model, report
 
 
-@pytest.mark.parametrize("variant", ["inplace activation", "position added in place"])
+@pytest.mark.parametrize("variant", ["inplace activation", "position added in place", "half written through tensor_split",
+                                     "written through .data"])
 def test_a_write_into_the_first_steps_projection_leaves_the_shared_one_alone(variant):
     reference, model, report = converted_pair(variant)
     # x's projection is still computed once per modality and shared by the steps after the first
@@ -101,7 +110,7 @@ def test_a_write_into_the_first_steps_projection_leaves_the_shared_one_alone(var
     assert_same_model(reference, model, inputs())
 
 
-@pytest.mark.parametrize("variant", ["context scaled in place", "context entry set"])
+@pytest.mark.parametrize("variant", ["context scaled in place", "context entry set", "context split and scaled"])
 def test_a_context_written_in_place_is_not_recomputed_by_a_fused_call(variant):
     reference, model, report = converted_pair(variant)
     # (the encoder's Linear over [x, context] may still be read as a fusion head over positions,

@@ -462,3 +462,41 @@ def test_a_sequential_grown_after_planning_is_planned_again():
         model.encoders[0].append(nn.Tanh())
     assert_same(hoisted, plain, make_inputs())
     assert hoisted.hoisted == (0, 1, 2, 3)
+
+
+class LoopsOverLayers(nn.Module):
+    """Loops over a ModuleList (fx unrolls it) and reads a config dict (fx holds its value)."""
+
+    def __init__(self, d_in, hidden):
+        super().__init__()
+        self.fc = nn.Linear(d_in, hidden)
+        self.layers = nn.ModuleList([nn.Linear(hidden, hidden)])
+        self.cfg = {"scale": 1.0, "shift": [0.0]}
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        for layer in self.layers:
+            h = layer(h)
+        return (h * self.cfg["scale"] + self.cfg["shift"][0]).mean(1)
+
+
+def test_a_list_grown_or_a_config_changed_in_place_is_planned_again():
+    torch.manual_seed(0)
+    hoisted = ProgressiveFusion([LoopsOverLayers(5 + 3, 8), nn.Linear(4 + 3, 8)], [8, 8], 6, 3, iterations=3)
+    plain = copy.deepcopy(hoisted)
+    plain.hoist = False
+    xs = [torch.randn(4, 6, 5), torch.randn(4, 4)]
+    assert hoisted.hoisted == (0, 1)
+    assert_same(hoisted, plain, xs)
+    torch.manual_seed(1)
+    extra = nn.Linear(8, 8)
+    for model in (hoisted, plain):
+        model.encoders[0].layers.append(copy.deepcopy(extra))
+    assert_same(hoisted, plain, xs)
+    for model in (hoisted, plain):
+        model.encoders[0].cfg["scale"] = 3.0
+    assert_same(hoisted, plain, xs)
+    for model in (hoisted, plain):
+        model.encoders[0].cfg["shift"][0] = 0.5
+    assert_same(hoisted, plain, xs)
+    assert hoisted.hoisted == (0, 1)

@@ -268,11 +268,17 @@ _ALIASING_METHODS = {"view", "view_as", "reshape", "reshape_as", "unsqueeze", "s
                      "transpose", "permute", "t", "narrow", "select", "flatten", "unflatten", "unbind", "split",
                      "chunk", "as_strided", "contiguous", "detach", "to", "type", "type_as", "float", "double",
                      "half", "bfloat16", "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "unfold",
-                     "__getitem__", "view_as_real", "view_as_complex", "squeeze_", "unsqueeze_", "align_as"}
+                     "__getitem__", "view_as_real", "view_as_complex", "squeeze_", "unsqueeze_", "align_as",
+                     "tensor_split", "hsplit", "vsplit", "dsplit", "split_with_sizes", "unsafe_split",
+                     "unsafe_chunk", "unsafe_split_with_sizes", "mT", "mH", "T", "H", "real", "imag", "data",
+                     "indices", "values", "adjoint", "conj", "resolve_conj", "resolve_neg", "positive"}
 _ALIASING_FUNCTIONS = {operator.getitem, getattr, torch.reshape, torch.unsqueeze, torch.squeeze, torch.transpose,
                        torch.permute, torch.narrow, torch.select, torch.flatten, torch.split, torch.chunk,
                        torch.unbind, torch.broadcast_to, torch.movedim, torch.moveaxis, torch.t, torch.detach,
-                       torch.as_strided, torch.swapaxes, torch.swapdims, torch.diagonal, F.dropout,
+                       torch.as_strided, torch.swapaxes, torch.swapdims, torch.diagonal, torch.tensor_split,
+                       torch.hsplit, torch.vsplit, torch.dsplit, torch.split_with_sizes, torch.unsafe_split,
+                       torch.unsafe_chunk, torch.adjoint, torch.conj, torch.resolve_conj, torch.resolve_neg,
+                       torch.positive, torch.real, torch.imag, torch.view_as_real, torch.view_as_complex, F.dropout,
                        F.alpha_dropout, F.feature_alpha_dropout, F.dropout1d, F.dropout2d, F.dropout3d}
 # Calls that change the mode the ops after them run in (dynamo records `with torch.no_grad():` and
 # `with torch.autocast(...):` as these).
@@ -341,7 +347,8 @@ class GraphFacts:
             self.region[node] = region
             first = node.args[0] if node.args else None
             aliasing = node.op == "call_method" and node.target in _ALIASING_METHODS or \
-                node.op == "call_function" and node.target in _ALIASING_FUNCTIONS
+                node.op == "call_function" and (node.target in _ALIASING_FUNCTIONS or
+                                                getattr(node.target, "__name__", "") == "_get_data_attr")  # t.data
             written = written_in_place(node)
             if written is not None:
                 writes.append((node, written))
