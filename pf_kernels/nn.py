@@ -230,6 +230,8 @@ def _contents(value, depth: int = 3):
     with no contents to watch (numbers, strings, tensors, modules, functions)."""
     if depth == 0:
         return _Same(value)
+    if isinstance(value, (list, tuple, dict, set, frozenset)) and len(value) > 64:
+        return (type(value), len(value), _Same(value))  # (a vocabulary, a table: not walked every forward)
     if isinstance(value, (list, tuple)):
         return (type(value), tuple(v if isinstance(v, _ATOMIC) else _contents(v, depth - 1) for v in value))
     if isinstance(value, dict):
