@@ -153,8 +153,7 @@ class _Hoisting:
     the first layer are seen), or is None for a bare nn.Linear encoder. `fused` holds the modules
     the hoisted path replaces, as (parent, name, module): if one is swapped out, the plan no longer
     holds. `skipped`: the modules whose __call__ the hoisted path does not go through (a hook added
-    to one later makes the plan not hold). `attributes`: the encoder's plain attributes when it was
-    traced (the trace holds their values as constants: if one is reassigned, the plan is stale).
+    to one later makes the plan not hold). `traced`: what the tails were traced from (see stale()).
     `fresh_first_input`: the tail may write into its input in place, so the first step (whose input
     is the kept projection itself where no activation is fused) gets a copy.
     """
@@ -176,10 +175,11 @@ class _Hoisting:
         self.fresh_first_input = fresh_first_input
 
     def holds_for(self, encoder: nn.Module) -> bool:
-        # (checked every forward: dict lookups, not get_submodule's walk)
+        """Whether the hoisted path still computes encoder (stale() aside: that one plans again).
+        Checked every forward: dict lookups, not get_submodule's walk."""
         return encoder is self.encoder and all(parent._modules.get(name) is module
                                                for parent, name, module in self.fused) \
-            and not _has_hooks(*self.skipped) and not self.stale() \
+            and not _has_hooks(*self.skipped) \
             and all(m.training is encoder.training or isinstance(m, _CONTAINERS)  # traced in one mode
                     for m, _, _ in self.traced)
 
@@ -211,6 +211,14 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 
 def _plain_attributes(module: nn.Module) -> Tuple[Tuple[str, object], ...]:
     return tuple((k, v) for k, v in module.__dict__.items() if k not in _MODULE_INTERNALS)
+
+
+_ATOMIC = (int, float, bool, str, bytes, complex, type(None))
+
+
+def _same_value(a, b) -> bool:
+    # The same object, or an equal number or string (a copy or a pickle makes new ones of those).
+    return a is b or (type(a) is type(b) and isinstance(a, _ATOMIC) and a == b)
 
 
 class _Same:
@@ -247,14 +255,6 @@ def _contents(value, depth: int = 3):
 def _watched(attributes: Tuple[Tuple[str, object], ...]) -> Tuple[Tuple[str, object, object], ...]:
     """attributes with the contents of each container among them (None for the rest)."""
     return tuple((k, v, _contents(v)) for k, v in attributes)
-
-
-_ATOMIC = (int, float, bool, str, bytes, complex, type(None))
-
-
-def _same_value(a, b) -> bool:
-    # The same object, or an equal number or string (a copy or a pickle makes new ones of those).
-    return a is b or (type(a) is type(b) and isinstance(a, _ATOMIC) and a == b)
 
 
 def _reassigned(attributes: Tuple[Tuple[str, object], ...], module: nn.Module) -> List[str]:
@@ -461,9 +461,10 @@ class ProgressiveFusion(nn.Module):
     parameters and state_dict; the same outputs up to rounding. `hoisted` lists the encoders
     hoisted, `hoisting_notes` why the others were not. The plan is made at construction (and when
     `hoist` is set); an encoder whose hoisted Linear or fused activation is replaced later, or that
-    gets forward hooks, runs unhoisted until `hoist = True` plans again; one whose plain attributes
-    (a temperature, a flag: the trace holds their values) are reassigned is planned again at the next
-    forward. An encoder whose forward sets attributes is not hoisted.
+    gets forward hooks, runs unhoisted until `hoist = True` plans again; one whose traced structure
+    changes (a Sequential or ModuleList grown) or whose plain attributes (a temperature, a config:
+    the trace holds their values) change is planned again at the next forward. An encoder whose
+    forward sets attributes is not hoisted.
     """
 
     def __init__(self, encoders: Sequence[nn.Module], encoder_dims: Sequence[int], fused_dim: int,
@@ -517,7 +518,7 @@ class ProgressiveFusion(nn.Module):
         if not implements(self.backend, "context_linear"):
             return ()
         return tuple(j for j, (plan, encoder) in enumerate(zip(self._hoisting, self.encoders))
-                     if plan is not None and plan.holds_for(encoder))
+                     if plan is not None and plan.holds_for(encoder) and not plan.stale())
 
     def extra_repr(self) -> str:
         return f"iterations={self.iterations}, context_dims={self.context_dims}, hoisted={self.hoisted}"
@@ -548,11 +549,13 @@ class ProgressiveFusion(nn.Module):
     def _hoisting_for(self, xs: List[torch.Tensor]) -> Tuple[Optional[_Hoisting], ...]:
         if not any(self._hoisting) or not implements(self.backend, "context_linear"):
             return (None,) * len(xs)
-        if not torch.compiler.is_compiling() and any(plan is not None and plan.stale() for plan in self._hoisting):
+        stale = [plan is not None and plan.stale() for plan in self._hoisting]
+        if any(stale) and not torch.compiler.is_compiling():
             self.hoist = self._hoist  # the traced structure or an attribute it holds changed: trace again
+            stale = [False] * len(stale)  # (fresh plans; under torch.compile a stale one runs unhoisted)
         # A plan whose modules were swapped out no longer holds: that encoder runs unhoisted.
-        plans = tuple(plan if plan is not None and plan.holds_for(encoder) else None
-                      for plan, encoder in zip(self._hoisting, self.encoders))
+        plans = tuple(plan if plan is not None and not old and plan.holds_for(encoder) else None
+                      for plan, old, encoder in zip(self._hoisting, stale, self.encoders))
         for j, (plan, x, c) in enumerate(zip(plans, xs, self.context_dims)):
             if plan is not None and x.shape[-1] + c != plan.linear.in_features:
                 raise ValueError(f"ProgressiveFusion: xs[{j}] has {x.shape[-1]} features and context_dims[{j}] = {c}, "
