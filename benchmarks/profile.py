@@ -54,6 +54,27 @@ def kernel_table(prof, device: torch.device, calls: int) -> List[dict]:
     return sorted(table, key=lambda k: -k["total_us"])
 
 
+def _wall_and_profile(run_once, device, calls: int, min_time_s: float):
+    """The median seconds per call of run_once (timed without the profiler), then `calls` calls
+    under torch.profiler."""
+    wall = measure(run_once, device, min_time_s=min_time_s, warmup=3)["median_s"]
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+        for _ in range(calls):
+            run_once()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return wall, prof
+
+
+def _per_call(wall: float, kernels: List[dict], calls: int) -> dict:
+    return dict(wall_us=wall * 1e6, device_us_per_call=sum(k["total_us"] for k in kernels) / calls,
+                kernels_per_call=sum(k["per_call"] for k in kernels))
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
 def profile_row(case: Case, provider: str, mode: str, dtype, device, calls: int, copy_gbps: float,
                 matmul_gflops: float) -> dict:
     rotation = [case.make_inputs(device, dtype) for _ in range(2)]
@@ -74,20 +95,13 @@ def profile_row(case: Case, provider: str, mode: str, dtype, device, calls: int,
                 fn.warm_up(run_once, times=2)
                 if fn.check():
                     raise RuntimeError(fn.check())
-            wall = measure(run_once, device, min_time_s=0.1, warmup=3)["median_s"]
-            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
-                for _ in range(calls):
-                    run_once()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+            wall, prof = _wall_and_profile(run_once, device, calls, min_time_s=0.1)
         except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-            return row
+            return dict(row, error=_error_text(exc))
     kernels = kernel_table(prof, device, calls)
     memory_us = case.bytes(mode, dtype) / (copy_gbps * 1e9) * 1e6
     compute_us = case.flops(mode) / (matmul_gflops * 1e9) * 1e6
-    row.update(wall_us=wall * 1e6, device_us_per_call=sum(k["total_us"] for k in kernels) / calls,
-               kernels_per_call=sum(k["per_call"] for k in kernels), floor_us=max(memory_us, compute_us),
+    row.update(_per_call(wall, kernels, calls), floor_us=max(memory_us, compute_us),
                floor_kind="memory" if memory_us >= compute_us else "compute",
                bytes=case.bytes(mode, dtype), flops=case.flops(mode), kernels=kernels)
     row["bound"] = _bound(row, device)
@@ -111,18 +125,11 @@ def profile_e2e_row(variant: e2e.Variant, B: int, T: int, task: str, provider: s
         runner = e2e._Runner(model, head, xs, y, task, known[provider], device, variant.autocast)
         if runner.status != "ok":
             raise RuntimeError(runner.status)
-        wall = measure(runner.step, device, min_time_s=0.2, warmup=3)["median_s"]
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
-            for _ in range(calls):
-                runner.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+        wall, prof = _wall_and_profile(runner.step, device, calls, min_time_s=0.2)
     except Exception as exc:
-        row["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-        return row
+        return dict(row, error=_error_text(exc))
     kernels = kernel_table(prof, device, calls)
-    row.update(ran=runner.ran, wall_us=wall * 1e6, device_us_per_call=sum(k["total_us"] for k in kernels) / calls,
-               kernels_per_call=sum(k["per_call"] for k in kernels), floor_us=None, kernels=kernels)
+    row.update(_per_call(wall, kernels, calls), ran=runner.ran, floor_us=None, kernels=kernels)
     if device.type == "cuda":  # a launch-bound step: where the host's time goes
         row["host"] = kernel_table(prof, torch.device("cpu"), calls)
     row["bound"] = _bound(row, device)
