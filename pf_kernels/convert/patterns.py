@@ -279,7 +279,8 @@ _ALIASING_FUNCTIONS = {operator.getitem, getattr, torch.reshape, torch.unsqueeze
                        torch.hsplit, torch.vsplit, torch.dsplit, torch.split_with_sizes, torch.unsafe_split,
                        torch.unsafe_chunk, torch.adjoint, torch.conj, torch.resolve_conj, torch.resolve_neg,
                        torch.positive, torch.real, torch.imag, torch.view_as_real, torch.view_as_complex, F.dropout,
-                       F.alpha_dropout, F.feature_alpha_dropout, F.dropout1d, F.dropout2d, F.dropout3d}
+                       F.alpha_dropout, F.feature_alpha_dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+                       getattr(torch._C._autograd, "_get_data_attr", F.dropout)}  # (what dynamo makes of t.data)
 # Calls that change the mode the ops after them run in (dynamo records `with torch.no_grad():` and
 # `with torch.autocast(...):` as these).
 _MODE_FUNCTIONS = {torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_autocast,
@@ -347,8 +348,7 @@ class GraphFacts:
             self.region[node] = region
             first = node.args[0] if node.args else None
             aliasing = node.op == "call_method" and node.target in _ALIASING_METHODS or \
-                node.op == "call_function" and (node.target in _ALIASING_FUNCTIONS or
-                                                getattr(node.target, "__name__", "") == "_get_data_attr")  # t.data
+                node.op == "call_function" and node.target in _ALIASING_FUNCTIONS
             written = written_in_place(node)
             if written is not None:
                 writes.append((node, written))

@@ -114,8 +114,8 @@ def rewrite_graph(gm: fx.GraphModule, calls: FusedCalls, report: ConversionRepor
     """Swaps the fused ops into gm in place; writes what it did and did not do into report.
     Returns the number of swaps per op."""
     graph = gm.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
     facts = GraphFacts(graph)
+    order = facts.order
     matches: List[Match] = []
     misses: List[Miss] = []
     for pattern in PATTERNS:
