@@ -127,12 +127,18 @@ def make_inputs(B=4, dtype=torch.float32):
             torch.randn(B, 2, 3, 2, dtype=dtype).flatten(1, 2), torch.randn(B, 3, 2, dtype=dtype)]
 
 
+def unhoisted(model):
+    """A copy of model (same weights) that runs without hoisting: the reference it must equal."""
+    plain = copy.deepcopy(model)
+    plain.hoist = False
+    return plain
+
+
 def make_pair(backend="auto", iterations=3, context=(3, 2, 4, 1, 2), **kwargs):
     torch.manual_seed(0)
     hoisted = ProgressiveFusion(make_encoders(context), [6] * 5, 7, list(context), iterations=iterations,
                                 backend=backend, **kwargs)
-    plain = copy.deepcopy(hoisted)
-    plain.hoist = False
+    plain = unhoisted(hoisted)
     return hoisted, plain
 
 
@@ -195,8 +201,7 @@ def test_training_and_evaluation_mode():
     torch.manual_seed(0)
     encoders = [SeriesEncoder(4 + 2, 8, 6, dropout=0.5), nn.Linear(3 + 2, 6)]
     hoisted = ProgressiveFusion(encoders, [6, 6], 5, 2, iterations=2)
-    plain = copy.deepcopy(hoisted)
-    plain.hoist = False
+    plain = unhoisted(hoisted)
     xs = [torch.randn(4, 7, 4), torch.randn(4, 3)]
     hoisted.eval(), plain.eval()
     assert_same(hoisted, plain, xs)
@@ -305,8 +310,7 @@ def test_a_tail_writing_into_its_input_leaves_the_projection_alone(backend, afte
     encoders = [nn.Sequential(nn.Linear(5 + 3, 8), after_linear(), nn.Linear(8, 6), LastAndMean()),
                 nn.Sequential(nn.Linear(4 + 3, 8), after_linear(), nn.Linear(8, 6), LastAndMean())]
     hoisted = ProgressiveFusion(encoders, [12, 12], 5, 3, iterations=3, backend=backend)
-    plain = copy.deepcopy(hoisted)
-    plain.hoist = False
+    plain = unhoisted(hoisted)
     assert hoisted.hoisted == (0, 1), hoisted.hoisting_notes
     # A LayerNorm reads its input and returns a new tensor: no copy is made for it.
     assert hoisted._hoisting[0].fresh_first_input == (not isinstance(encoders[0][1], nn.LayerNorm))
@@ -358,8 +362,7 @@ class Scaled(nn.Module):
 def test_an_attribute_reassigned_after_planning_is_seen():
     torch.manual_seed(0)
     hoisted = ProgressiveFusion([Scaled(5 + 3, 8), Scaled(4 + 3, 8)], [8, 8], 6, 3, iterations=3)
-    plain = copy.deepcopy(hoisted)
-    plain.hoist = False
+    plain = unhoisted(hoisted)
     xs = [torch.randn(4, 6, 5), torch.randn(4, 6, 4)]
     for temperature in (0.1, 3.0):
         for model in (hoisted, plain):
@@ -421,8 +424,7 @@ class WrapsMLP(nn.Module):
 def test_a_linear_inside_the_users_own_modules_is_hoisted(depth):
     torch.manual_seed(0)
     hoisted = ProgressiveFusion([WrapsMLP(5 + 3, 8, depth), nn.Linear(4 + 3, 8)], [8, 8], 6, 3, iterations=3)
-    plain = copy.deepcopy(hoisted)
-    plain.hoist = False
+    plain = unhoisted(hoisted)
     assert hoisted.hoisted == (0, 1) and "gelu fused" in hoisted.hoisting_notes[0], hoisted.hoisting_notes
     xs = [torch.randn(4, 6, 5), torch.randn(4, 4)]
     for mode in ("train", "eval"):
@@ -483,8 +485,7 @@ class LoopsOverLayers(nn.Module):
 def test_a_list_grown_or_a_config_changed_in_place_is_planned_again():
     torch.manual_seed(0)
     hoisted = ProgressiveFusion([LoopsOverLayers(5 + 3, 8), nn.Linear(4 + 3, 8)], [8, 8], 6, 3, iterations=3)
-    plain = copy.deepcopy(hoisted)
-    plain.hoist = False
+    plain = unhoisted(hoisted)
     xs = [torch.randn(4, 6, 5), torch.randn(4, 4)]
     assert hoisted.hoisted == (0, 1)
     assert_same(hoisted, plain, xs)
