@@ -1,5 +1,6 @@
-"""A converted model under DistributedDataParallel (gloo, 2 processes on this CPU) trains exactly as
-the unconverted model does: same gradients after DDP's all-reduce, same parameters after the steps."""
+"""Under DistributedDataParallel (gloo, 2 processes on this CPU), a converted model trains exactly as
+the unconverted model does, and a hoisted ProgressiveFusion as the same model unhoisted: same
+gradients after DDP's all-reduce, same parameters after the steps, the same on both ranks."""
 import copy
 import datetime
 import json
@@ -13,6 +14,7 @@ import torch
 import torch._dynamo
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import pf_kernels as pk
@@ -23,15 +25,51 @@ WORLD = 2
 STEPS = 3
 
 
-def _worker(rank, port, out_dir):
+def _convert_pair():
+    """(model, reference, fused calls expected per forward, what convert() reported, a batch)."""
+    model, expected = small_progressive_model()
+    reference = copy.deepcopy(model)
+    _, report = pk.convert(model)  # captured at the first call, inside DDP's forward
+    return model, reference, expected, lambda: report.counts, lambda: small_progressive_inputs()[0]
+
+
+def _progressive_fusion_pair():
+    """A hoisted ProgressiveFusion (a sequence encoder, a vector one) and its unhoisted twin."""
+    encoders = [nn.Sequential(nn.Linear(5 + 3, 8), nn.GELU(), nn.Linear(8, 8), Mean(1)),
+                nn.Sequential(nn.Linear(4 + 2, 8), nn.Tanh())]
+    model = _Head(pk.nn.ProgressiveFusion(encoders, [8, 8], 6, [3, 2], iterations=3))
+    reference = copy.deepcopy(model)
+    reference.body.hoist = False
+    assert reference.body.hoisted == ()
+    return model, reference, {"hoisted": [0, 1]}, lambda: {"hoisted": list(model.body.hoisted)}, \
+        lambda: [torch.randn(4, 7, 5), torch.randn(4, 4)]
+
+
+class Mean(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, h):
+        return h.mean(self.dim)
+
+
+class _Head(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body, self.out = body, nn.Linear(6, 2)
+
+    def forward(self, xs):
+        return self.out(self.body(xs))
+
+
+def _worker(rank, port, out_dir, kind):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     try:
         torch.manual_seed(0)  # the same initial weights on both ranks
-        model, expected = small_progressive_model()
-        reference = copy.deepcopy(model)
-        _, report = pk.convert(model)  # captured at the first call, inside DDP's forward
+        model, reference, expected, counts, batch = _convert_pair() if kind == "convert" else _progressive_fusion_pair()
         # tiny buckets: torch.compile's DDP optimizer would cut the graph at every one
         ddp = DistributedDataParallel(model, bucket_cap_mb=1e-4)
         ddp_ref = DistributedDataParallel(reference, bucket_cap_mb=1e-4)
@@ -40,14 +78,14 @@ def _worker(rank, port, out_dir):
         grad_diff, calls = 0.0, None
         for step in range(STEPS):
             torch.manual_seed(100 + 10 * step + rank)  # each rank its own batch
-            (inputs,), target = small_progressive_inputs(), torch.randint(0, 2, (4,))
+            inputs, target = batch(), torch.randint(0, 2, (4,))
             for net, optimizer in ((ddp_ref, opt_ref), (ddp, opt)):
                 optimizer.zero_grad()
                 with count_fused_calls() as counted:
                     loss = torch.nn.functional.cross_entropy(net(inputs), target)
                 loss.backward()
                 if net is ddp:
-                    calls = dict(counted)
+                    calls = dict(counted) if kind == "convert" else {"hoisted": list(model.body.hoisted)}
             grad_diff = max([grad_diff] + [(p.grad - q.grad).abs().max().item()
                                            for p, q in zip(model.parameters(), reference.parameters())])
             opt_ref.step()
@@ -57,7 +95,7 @@ def _worker(rank, port, out_dir):
         gathered = [torch.zeros(1) for _ in range(WORLD)]
         dist.all_gather(gathered, torch.stack([p.sum() for p in model.parameters()]).sum().reshape(1))
         result = {"grad_diff": grad_diff, "param_diff": param_diff, "calls": calls, "expected": expected,
-                  "counts": report.counts,
+                  "counts": counts(),
                   "rank_spread": (gathered[0] - gathered[1]).abs().item()}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
@@ -81,14 +119,15 @@ def _free_port():
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo in this torch")
-def test_converted_model_under_ddp_trains_like_the_original(tmp_path):
+@pytest.mark.parametrize("kind", ["convert", "progressive_fusion"])
+def test_under_ddp_trains_like_the_original(tmp_path, kind):
     # fork where it is safe: the workers start with torch and pf_kernels imported (spawn imports
     # them again in each: several seconds here). A CUDA build of torch starts autograd device
     # threads at the first backward, after which a forked child cannot run backward; a CPU-only
     # build starts none (and each worker runs one OpenMP thread).
     method = "fork" if torch.version.cuda is None and "fork" in mp.get_all_start_methods() else "spawn"
     torch._dynamo.reset()
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method=method)
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path), kind), nprocs=WORLD, join=True, start_method=method)
     for rank in range(WORLD):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["calls"] == result["expected"] == result["counts"], result
