@@ -61,33 +61,39 @@ inline int64_t check_fusion_head(at::TensorList hs, const at::Tensor& weight,
   return in;
 }
 
-// The backward ops' arguments: grad_out and the saved out are (B, *positions, x_features + Dc).
-inline void check_backproj_concat_backward(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& z,
-                                           const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                                           int64_t x_features) {
+// The backward ops' arguments: grad_out is (B, *positions, x_features + Dc); the optional context,
+// act(y) as the forward returned it, is (B, Dc).
+inline void check_backproj_concat_backward(const at::Tensor& grad_out, const c10::optional<at::Tensor>& context,
+                                           const at::Tensor& z, const at::Tensor& weight,
+                                           const c10::optional<at::Tensor>& bias, int64_t x_features) {
   check_floating(grad_out, "grad_out");
-  check_like(out, grad_out, "out", "grad_out");
   check_like(z, grad_out, "z", "grad_out");
   TORCH_CHECK(z.dim() == 2, "pf_kernels: z must be (B, Dz), got ", z.sizes());
   check_linear(weight, bias, z.size(1), grad_out, "grad_out");
-  const int64_t B = z.size(0), D = x_features + weight.size(0);
-  TORCH_CHECK(grad_out.dim() >= 2 && grad_out.size(0) == B && grad_out.size(-1) == D &&
-                  out.sizes() == grad_out.sizes(),
-              "pf_kernels: grad_out and out must be (", B, ", *positions, ", D, "), got ", grad_out.sizes(),
-              " and ", out.sizes());
+  const int64_t B = z.size(0), Dc = weight.size(0), D = x_features + Dc;
+  TORCH_CHECK(grad_out.dim() >= 2 && grad_out.size(0) == B && grad_out.size(-1) == D,
+              "pf_kernels: grad_out must be (", B, ", *positions, ", D, "), got ", grad_out.sizes());
+  if (context.has_value() && context->defined()) {
+    check_like(*context, grad_out, "context", "grad_out");
+    TORCH_CHECK(context->dim() == 2 && context->size(0) == B && context->size(1) == Dc,
+                "pf_kernels: context must be (", B, ", ", Dc, "), got ", context->sizes());
+  }
 }
 
-// grad_out and the saved out are (B, Dz); returns sum D_j as check_fusion_head does.
+// grad_out and the optional saved out are (B, Dz); returns sum D_j as check_fusion_head does.
 inline int64_t check_fusion_head_backward(const at::Tensor& grad_out, at::TensorList hs, const at::Tensor& weight,
-                                          const c10::optional<at::Tensor>& bias, const at::Tensor& out) {
+                                          const c10::optional<at::Tensor>& bias,
+                                          const c10::optional<at::Tensor>& out) {
   const int64_t in_features = check_fusion_head(hs, weight, bias);
   const int64_t B = hs[0].size(0), Dz = weight.size(0);
   check_like(grad_out, hs[0], "grad_out", "hs[0]");
-  check_like(out, hs[0], "out", "hs[0]");
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == B && grad_out.size(1) == Dz &&
-                  out.sizes() == grad_out.sizes(),
-              "pf_kernels: grad_out and out must be (", B, ", ", Dz, "), got ", grad_out.sizes(), " and ",
-              out.sizes());
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == B && grad_out.size(1) == Dz,
+              "pf_kernels: grad_out must be (", B, ", ", Dz, "), got ", grad_out.sizes());
+  if (out.has_value() && out->defined()) {
+    check_like(*out, hs[0], "out", "hs[0]");
+    TORCH_CHECK(out->sizes() == grad_out.sizes(), "pf_kernels: out must be (", B, ", ", Dz, "), got ",
+                out->sizes());
+  }
   return in_features;
 }
 

@@ -129,7 +129,7 @@ def _register_fakes() -> None:
         return x.new_empty((*x.shape[:-1], x.shape[-1] + weight.shape[0]))
 
     @torch.library.register_fake(lib + "backproj_concat_backward")
-    def _backproj_concat_backward(grad_out, out, z, weight, bias, activation, x_features):
+    def _backproj_concat_backward(grad_out, context, z, weight, bias, activation, x_features):
         torch._check(grad_out.shape[-1] == x_features + weight.shape[0],
                      lambda: f"grad_out must have {x_features} + {weight.shape[0]} features")
         grad_bias = grad_out.new_empty(bias.shape if bias is not None else (0,))

@@ -9,6 +9,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 import pf_kernels as pk
+from pf_kernels import reference
 
 ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -207,6 +208,42 @@ def context_call(backend: str, activation: str, out_activation: str) -> Callable
 def backproj_call(backend: str, activation: str) -> Callable:
     """backproj_concat on one backend, as a function of (x, z, weight, bias)."""
     return lambda x, z, w, b: pk.backproj_concat(x, z, w, b, activation, backend=backend)
+
+
+def written_into(call: Callable) -> Callable:
+    """call's output then written in place, as a model may mask or normalise its input x~ (eager's
+    torch.cat keeps nothing of its output, so its backward allows it): the first position overwritten,
+    then everything scaled."""
+    def written(*args):
+        out = call(*args)
+        out[:, :1] = 0.25
+        return out.mul_(1.5)
+    return written
+
+
+def assert_backproj_output_writable(backend: str, device="cpu", dtype=torch.float32) -> None:
+    for activation in ACTIVATIONS:
+        for shape in [(3, (4, 2)), (2, ())]:  # positions, and none (a vector modality)
+            args = backproj_inputs(*shape, 5, 6, 7, True, dtype, device)
+            assert_matches_reference(written_into(backproj_call(backend, activation)),
+                                     written_into(lambda x, z, w, b: reference.backproj_concat(x, z, w, b, activation)),
+                                     args)
+
+
+def assert_fusion_output_writable(backend: str, device="cpu", dtype=torch.float32) -> None:
+    """Writes into the head's output (z += r): where eager keeps nothing of it (no activation; gelu
+    keeps its input) they are legal and the gradients equal the reference's; where eager's
+    activation keeps its result (relu, tanh, sigmoid), the backward may refuse as eager's does, but
+    never reads the overwritten values."""
+    args = fusion_inputs(3, (4, 5), 6, True, dtype, device)
+    for activation in ACTIVATIONS:
+        truth = written_into(lambda w, b, *hs: reference.fusion_head(list(hs), w, b, activation).clone())
+        try:
+            assert_matches_reference(written_into(fusion_call(backend, activation)), truth,
+                                     (args[1], args[2], *args[0]))
+        except RuntimeError as e:
+            if activation in ("none", "gelu") or "modified by an inplace operation" not in str(e):
+                raise
 
 
 def fusion_call(backend: str, activation: str) -> Callable:

@@ -7,9 +7,10 @@ import torch
 
 import pf_kernels as pk
 from pf_kernels import reference
-from tests.cases import (ACTIVATIONS, BACKPROJ_SHAPES, FUSION_SHAPES, assert_matches_reference,
-                         assert_refine_step_matches_reference, backproj_call, backproj_inputs,
-                         fusion_call, fusion_inputs)
+from tests.cases import (ACTIVATIONS, BACKPROJ_SHAPES, FUSION_SHAPES, assert_backproj_output_writable,
+                         assert_fusion_output_writable, assert_matches_reference,
+                         assert_refine_step_matches_reference, backproj_call, backproj_inputs, fusion_call,
+                         fusion_inputs)
 
 BACKEND = "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -34,6 +35,16 @@ def test_backproj_concat(shape, dtype, noncontiguous):
             args = backproj_inputs(B, S, Dx, Dz, Dc, bias, dtype, noncontiguous=noncontiguous)
             assert_matches_reference(backproj_call(BACKEND, activation),
                                      backproj_call("torch", activation), args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backproj_concat_output_written_in_place(dtype):
+    assert_backproj_output_writable(BACKEND, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fusion_head_output_written_in_place(dtype):
+    assert_fusion_output_writable(BACKEND, dtype=dtype)
 
 
 @pytest.mark.parametrize("shape", FUSION_SHAPES, ids=str)
@@ -117,7 +128,9 @@ def test_direct_calls_of_the_cpp_ops_check_their_arguments():
     with pytest.raises(RuntimeError, match="weight"):
         ops.fusion_head([torch.randn(2, 3)], w, None, "relu")
     with pytest.raises(RuntimeError, match="grad_out"):
-        ops.backproj_concat_backward(torch.randn(2, 3, 9), torch.randn(2, 3, 9), z, w, None, "relu", 4)
+        ops.backproj_concat_backward(torch.randn(2, 3, 9), torch.randn(2, 6), z, w, None, "relu", 4)
+    with pytest.raises(RuntimeError, match="context must be"):
+        ops.backproj_concat_backward(torch.randn(2, 3, 10), torch.randn(2, 3, 6), z, w, None, "relu", 4)
 
 
 def test_inference_mode_and_no_grad():

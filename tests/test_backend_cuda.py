@@ -18,9 +18,10 @@ import pytest
 import torch
 
 import pf_kernels as pk
-from tests.cases import (ACTIVATIONS, BACKPROJ_SHAPES, CONTEXT_SHAPES, FUSION_SHAPES, assert_matches_reference,
-                         assert_refine_step_matches_reference, backproj_call, backproj_inputs, context_call,
-                         context_inputs, fusion_call, fusion_inputs)
+from tests.cases import (ACTIVATIONS, BACKPROJ_SHAPES, CONTEXT_SHAPES, FUSION_SHAPES,
+                         assert_backproj_output_writable, assert_fusion_output_writable,
+                         assert_matches_reference, assert_refine_step_matches_reference, backproj_call,
+                         backproj_inputs, context_call, context_inputs, fusion_call, fusion_inputs)
 
 from pf_kernels import reference
 
@@ -411,6 +412,18 @@ def test_backproj_concat(shape, dtype, noncontiguous):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backproj_concat_output_written_in_place(dtype):
+    assert_backproj_output_writable(BACKEND, "cuda", dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fusion_head_output_written_in_place(dtype):
+    assert_fusion_output_writable(BACKEND, "cuda", dtype)
+
+
+@needs_gpu
 @pytest.mark.parametrize("shape", FUSION_SHAPES + FUSION_EXTRA, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("noncontiguous", [False, True], ids=["contig", "strided"])
@@ -503,7 +516,10 @@ def test_direct_calls_check_their_arguments():
     with pytest.raises(ValueError, match="activation"):
         ops.fusion_head([z], w, None, "swish")
     with pytest.raises(RuntimeError, match="grad_out"):
-        ops.backproj_concat_backward(torch.randn(2, 3, 9, device="cuda"), torch.randn(2, 3, 9, device="cuda"),
+        ops.backproj_concat_backward(torch.randn(2, 3, 9, device="cuda"), torch.randn(2, 6, device="cuda"),
+                                     z, w, None, "relu", 4)
+    with pytest.raises(RuntimeError, match="context must be"):
+        ops.backproj_concat_backward(torch.randn(2, 3, 10, device="cuda"), torch.randn(2, 3, 6, device="cuda"),
                                      z, w, None, "relu", 4)
 
 
@@ -537,10 +553,13 @@ def test_opcheck_on_cuda_tensors():
         torch.library.opcheck(ops.fusion_head.default, (hs, w, b, act))
     x, z, w, b = backproj_inputs(3, (4,), 5, 6, 7, True, device="cuda", requires_grad=False)
     out = ops.backproj_concat(x, z, w, b, "tanh")
-    torch.library.opcheck(ops.backproj_concat_backward.default, (torch.randn_like(out), out, z, w, b, "tanh", 5))
+    for context in (out[:, 0, 5:].clone(), None):  # act(y) saved, or recomputed from z
+        torch.library.opcheck(ops.backproj_concat_backward.default,
+                              (torch.randn_like(out), context, z, w, b, "tanh", 5))
     hs, hw, hb = fusion_inputs(4, (3, 5), 6, device="cuda", requires_grad=False)
     out = ops.fusion_head(hs, hw, hb, "relu")
-    torch.library.opcheck(ops.fusion_head_backward.default, (torch.randn_like(out), hs, hw, hb, out, "relu"))
+    for saved in (out, None):  # act(y) saved, or recomputed
+        torch.library.opcheck(ops.fusion_head_backward.default, (torch.randn_like(out), hs, hw, hb, saved, "relu"))
 
 
 @needs_gpu

@@ -24,9 +24,11 @@ triton = pytest.importorskip("triton")
 
 import pf_kernels as pk  # noqa: E402
 from pf_kernels import reference  # noqa: E402
-from tests.cases import (ACTIVATIONS, BACKPROJ_SHAPES, FUSION_SHAPES, assert_matches_reference,  # noqa: E402
-                         assert_ops_compile_without_graph_breaks, backproj_call, backproj_inputs, context_call,
-                         context_inputs, fusion_call, fusion_inputs, hoisted_step_call, hoisted_step_inputs, rand)
+from tests.cases import (ACTIVATIONS, BACKPROJ_SHAPES, FUSION_SHAPES, assert_backproj_output_writable,  # noqa: E402
+                         assert_fusion_output_writable, assert_matches_reference,
+                         assert_ops_compile_without_graph_breaks, backproj_call, backproj_inputs,
+                         context_call, context_inputs, fusion_call, fusion_inputs, hoisted_step_call,
+                         hoisted_step_inputs, rand)
 
 BACKEND = "triton"
 _info = pk.available_backends()[BACKEND]
@@ -64,6 +66,14 @@ def test_backproj_concat(index, shape, dtype, noncontiguous):
     for activation, bias in combos(2 * index + noncontiguous):
         args = backproj_inputs(B, S, Dx, Dz, Dc, bias, dtype, DEVICE, noncontiguous=noncontiguous)
         assert_matches_reference(backproj_call(BACKEND, activation), backproj_call("torch", activation), args)
+
+
+def test_backproj_concat_output_written_in_place():
+    assert_backproj_output_writable(BACKEND, DEVICE)
+
+
+def test_fusion_head_output_written_in_place():
+    assert_fusion_output_writable(BACKEND, DEVICE)
 
 
 def test_backproj_concat_larger_than_one_block():

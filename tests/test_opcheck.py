@@ -40,9 +40,11 @@ def test_opcheck_fusion_head(sample):
 def test_opcheck_backward_ops():
     x, z, w, b = backproj_inputs(3, (4,), 5, 6, 7, True, requires_grad=False)
     out = torch.ops.pf_kernels.backproj_concat(x, z, w, b, "tanh")
-    torch.library.opcheck(torch.ops.pf_kernels.backproj_concat_backward.default,
-                          (torch.randn_like(out), out, z, w, b, "tanh", 5))
+    for context in (out[:, 0, 5:].clone(), None):  # act(y) saved, or recomputed from z
+        torch.library.opcheck(torch.ops.pf_kernels.backproj_concat_backward.default,
+                              (torch.randn_like(out), context, z, w, b, "tanh", 5))
     hs, hw, hb = fusion_inputs(4, (3, 5), 6, requires_grad=False)
     out = torch.ops.pf_kernels.fusion_head(hs, hw, hb, "relu")
-    torch.library.opcheck(torch.ops.pf_kernels.fusion_head_backward.default,
-                          (torch.randn_like(out), hs, hw, hb, out, "relu"))
+    for saved in (out, None):  # act(y) saved, or recomputed
+        torch.library.opcheck(torch.ops.pf_kernels.fusion_head_backward.default,
+                              (torch.randn_like(out), hs, hw, hb, saved, "relu"))

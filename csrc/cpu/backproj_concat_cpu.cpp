@@ -91,9 +91,10 @@ at::Tensor backproj_concat_cpu(const at::Tensor& x, const at::Tensor& z, const a
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& z, const at::Tensor& weight,
-    const c10::optional<at::Tensor>& bias, c10::string_view activation_name, int64_t x_features) {
-  check_backproj_concat_backward(grad_out, out, z, weight, bias, x_features);
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& context, const at::Tensor& z,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, c10::string_view activation_name,
+    int64_t x_features) {
+  check_backproj_concat_backward(grad_out, context, z, weight, bias, x_features);
   const int64_t B = z.size(0), Dc = weight.size(0), D = x_features + Dc;
   const Activation act = parse_activation(std::string(activation_name));
   const at::ScalarType dtype = grad_out.scalar_type(), acc = at::toOpMathType(dtype);
@@ -122,14 +123,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cpu(
         }
       });
     }
-    // grad_y = grad_c * act'(y): act' from the saved output where it holds act(y) exactly
-    // (fp32/fp64), as eager autograd does; from y itself for gelu and for 16-bit outputs, whose
-    // rounding loses 1 - a^2 near saturation (a small (B, Dc) GEMM).
-    const bool from_y = act == Activation::Gelu || !std::is_same<scalar_t, acc_t>::value;
+    // grad_y = grad_c * act'(y): act' from the saved context where it holds act(y) exactly
+    // (fp32/fp64), as eager autograd does; from y itself for gelu, for 16-bit outputs, whose
+    // rounding loses 1 - a^2 near saturation, and where no context is given (a small (B, Dc) GEMM).
+    const bool from_y = act == Activation::Gelu || !std::is_same<scalar_t, acc_t>::value ||
+                        !(context.has_value() && context->defined());
     at::Tensor grad_y = grad_c;
     if (act != Activation::None && B > 0 && positions > 0) {
-      const at::Tensor source = from_y ? linear_acc<scalar_t, acc_t>(z, weight, bias)
-                                       : out.reshape({B, positions, D}).select(1, 0).narrow(-1, x_features, Dc);
+      const at::Tensor source = from_y ? linear_acc<scalar_t, acc_t>(z, weight, bias) : *context;
       grad_y = activation_backward(grad_c, source, act, from_y).contiguous();
     }
     std::tie(grad_z, grad_weight, grad_bias) =

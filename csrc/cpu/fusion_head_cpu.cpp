@@ -54,19 +54,19 @@ at::Tensor fusion_head_cpu(at::TensorList hs, const at::Tensor& weight, const c1
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward_cpu(
     const at::Tensor& grad_out, at::TensorList hs, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& out, c10::string_view activation_name) {
+    const c10::optional<at::Tensor>& out, c10::string_view activation_name) {
   const int64_t in_features = check_fusion_head_backward(grad_out, hs, weight, bias, out);
   const Activation act = parse_activation(std::string(activation_name));
   const at::ScalarType dtype = hs[0].scalar_type(), acc = at::toOpMathType(dtype);
   const at::Tensor h = gather_inputs(hs, in_features, acc), w = as_type(weight, acc);
 
   // act' from the saved output where it holds act(y) exactly (fp32/fp64), as eager PyTorch does;
-  // from y (one small GEMM) for gelu and for 16-bit outputs, whose rounding loses 1 - a^2 near
-  // saturation.
-  const bool from_y = act == Activation::Gelu || dtype != acc;
+  // from y (one small GEMM) for gelu, for 16-bit outputs, whose rounding loses 1 - a^2 near
+  // saturation, and where no output is given.
+  const bool from_y = act == Activation::Gelu || dtype != acc || !(out.has_value() && out->defined());
   at::Tensor grad_y = as_type(grad_out, acc);
   if (act != Activation::None) {
-    grad_y = activation_backward(grad_y, from_y ? pre_activation(h, w, bias, acc) : out, act, from_y);
+    grad_y = activation_backward(grad_y, from_y ? pre_activation(h, w, bias, acc) : *out, act, from_y);
   }
   // Each h_j's gradient is its own tensor (outputs must not alias each other), computed from its
   // own block of the weight.

@@ -7,9 +7,9 @@
 // cores for fp16/bf16 inputs, fp32 accumulation and output), and the kernel adds the bias and applies
 // the activation to it before rounding once to the output dtype, as the reference does.
 // Backward: one launch (two when positions are split across blocks) reduces grad_out's context
-// features over positions times act' into grad_pre (B, Dc) in fp32; act' reads y from the saved output
-// or, where the rounded output loses it, from y recomputed (inline, or by the forward's GEMM, by the
-// same rule). The GEMMs of the gradients go to ATen, in fp32 as eager autograd of the reference does.
+// features over positions times act' into grad_pre (B, Dc) in fp32; act' reads y from the saved
+// context act(y) or, where none is given or the rounded context loses it, from y recomputed (inline,
+// or by the forward's GEMM, by the same rule). The GEMMs of the gradients go to ATen, in fp32 as eager autograd of the reference does.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -107,10 +107,10 @@ __global__ void __launch_bounds__(kCopyThreads) backproj_concat_fwd_kernel(const
   });
 }
 
-// Where act'(y) comes from (plan::YSource): the saved output act(y), z W^T from a GEMM, or inline.
+// Where act'(y) comes from (plan::YSource): the saved context act(y), z W^T from a GEMM, or inline.
 template <typename scalar_t, typename acc_t>
 struct ActGradSource {
-  const scalar_t* out_ctx;  // act(y) at position 0: out_ctx[b * o_sb + c * o_sc] (kYFromOutput)
+  const scalar_t* out_ctx;  // act(y), the saved context: out_ctx[b * o_sb + c * o_sc] (kYFromOutput)
   int64_t o_sb, o_sc;
   const acc_t* pre;        // (B, Dc) contiguous z W^T (kYFromGemm)
   const scalar_t* z;       // (B, Dz) and (Dc, Dz) contiguous (kYInline)
@@ -124,8 +124,8 @@ struct ActGradSource {
 // Sums g[b * g_sb + p * g_sp + c * g_sc] over p in this task's split of positions. With one split it
 // finishes the job: dst[b, c] = sum * act'(b, c), rounded to scalar_t; otherwise it writes the partial
 // sum to partial[split, b, c] (fp32) and a second launch (in_t = acc_t, over the splits) finishes. act'
-// comes from the saved output a = act(y) (any position holds the context: position 0 is read), or from
-// y: for gelu, and for tanh / sigmoid in 16-bit dtypes, where 1 - a^2 or a (1 - a) of a rounded a loses
+// comes from the saved context a = act(y) (autograd's copy of the output's first position), or from
+// y: where no context is given, for gelu, and for tanh / sigmoid in 16-bit dtypes, where 1 - a^2 or a (1 - a) of a rounded a loses
 // most of its bits near saturation.
 template <typename in_t, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kBwdCols* kBwdRows)
@@ -162,7 +162,9 @@ __global__ void __launch_bounds__(kBwdCols* kBwdRows)
       for (int r = 0; r < kBwdRows; ++r) total += part[r][tx];
       if (finish) {
         acc_t d;
-        if (src.y_source == plan::kYFromOutput) {
+        if (src.act == Activation::None) {  // no context is passed for it
+          d = acc_t(1);
+        } else if (src.y_source == plan::kYFromOutput) {
           d = grad_from_activated<acc_t>(static_cast<acc_t>(src.out_ctx[b * src.o_sb + c * src.o_sc]), src.act);
         } else {
           acc_t y = src.y_source == plan::kYInline ? y_tile[tx] : src.pre[b * Dc + c];
@@ -242,9 +244,10 @@ at::Tensor backproj_concat_cuda(const at::Tensor& x, const at::Tensor& z, const 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& z, const at::Tensor& weight,
-    const c10::optional<at::Tensor>& bias, c10::string_view activation_name, int64_t x_features) {
-  check_backproj_concat_backward(grad_out, out, z, weight, bias, x_features);
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& context, const at::Tensor& z,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, c10::string_view activation_name,
+    int64_t x_features) {
+  check_backproj_concat_backward(grad_out, context, z, weight, bias, x_features);
   TORCH_CHECK(grad_out.is_cuda(), "pf_kernels: backproj_concat_backward (CUDA) needs CUDA tensors");
   const int64_t B = z.size(0), Dz = z.size(1), Dc = weight.size(0), D = x_features + Dc;
   const Activation act = parse_activation(std::string(activation_name));
@@ -258,11 +261,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
     grad_pre = at::zeros({B, Dc}, grad_out.options());
   } else {
     grad_pre = at::empty({B, Dc}, grad_out.options());
-    const bool from_y = act == Activation::Gelu ||
+    const bool has_context = context.has_value() && context->defined();
+    const bool from_y = act == Activation::Gelu || (act != Activation::None && !has_context) ||
                         (at::elementSize(dtype) == 2 && (act == Activation::Tanh || act == Activation::Sigmoid));
     const plan::BackprojBackward p = plan::backproj_backward(B, positions, Dz, Dc, from_y, sm_count());
     const at::Tensor g = grad_out.reshape({B, positions, D}).narrow(-1, x_features, Dc);
-    const at::Tensor a = out.reshape({B, positions, D}).select(1, 0).narrow(-1, x_features, Dc);
     const bool y_inline = p.y_source == plan::kYInline;
     const at::Tensor zc = y_inline ? z.contiguous() : z, wc = y_inline ? weight.contiguous() : weight;
     const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();
@@ -276,9 +279,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "backproj_concat_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       ActGradSource<scalar_t, acc_t> src;
-      src.out_ctx = a.data_ptr<scalar_t>();
-      src.o_sb = a.stride(0);
-      src.o_sc = a.stride(1);
+      src.out_ctx = has_context ? context->data_ptr<scalar_t>() : nullptr;
+      src.o_sb = has_context ? context->stride(0) : 0;
+      src.o_sc = has_context ? context->stride(1) : 0;
       src.pre = pre.defined() ? pre.data_ptr<acc_t>() : nullptr;
       src.z = y_inline ? zc.data_ptr<scalar_t>() : nullptr;
       src.w = y_inline ? wc.data_ptr<scalar_t>() : nullptr;

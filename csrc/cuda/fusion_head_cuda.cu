@@ -382,14 +382,13 @@ void fusion_head_backward_gemm(const at::Tensor& g, at::TensorList hs, const at:
   at::Tensor grad_pre = at::empty({B, Dz}, g.options());
   const int64_t n = grad_pre.numel();
   if (n > 0) {
-    const at::Tensor o = out.contiguous();
     const at::Tensor y = from_y ? mm_acc(h, weight.t()).contiguous() : at::Tensor();
     const int64_t blocks = plan::elementwise_grid(n, sm_count());
     const auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusion_head_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       fusion_head_grad_pre_kernel<scalar_t, acc_t><<<launch_grid(blocks), plan::kElementwiseThreads, 0, stream>>>(
-          g.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), y.defined() ? y.data_ptr<acc_t>() : nullptr,
+          g.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), y.defined() ? y.data_ptr<acc_t>() : nullptr,
           y.defined() && bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, grad_pre.data_ptr<scalar_t>(), n,
           Dz, act);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -409,18 +408,22 @@ void fusion_head_backward_gemm(const at::Tensor& g, at::TensorList hs, const at:
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward_cuda(
     const at::Tensor& grad_out, at::TensorList hs, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& out, c10::string_view activation_name) {
+    const c10::optional<at::Tensor>& out, c10::string_view activation_name) {
   const int64_t in_features = check_fusion_head_backward(grad_out, hs, weight, bias, out);
   TORCH_CHECK(grad_out.is_cuda(), "pf_kernels: fusion_head_backward (CUDA) needs CUDA tensors");
   const Activation act = parse_activation(std::string(activation_name));
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t B = hs[0].size(0), Dz = weight.size(0);
   const at::ScalarType dtype = hs[0].scalar_type(), acc = at::toOpMathType(dtype);
-  // act' from y for gelu, and for tanh / sigmoid in 16-bit dtypes (whose rounded outputs lose it near
-  // saturation); else from the saved output.
-  const bool from_y = act == Activation::Gelu ||
+  // act' from y for gelu, where no output is given, and for tanh / sigmoid in 16-bit dtypes (whose
+  // rounded outputs lose it near saturation); else from the saved output.
+  const bool has_out = out.has_value() && out->defined();
+  const bool from_y = act == Activation::Gelu || (act != Activation::None && !has_out) ||
                       (at::elementSize(dtype) == 2 && (act == Activation::Tanh || act == Activation::Sigmoid));
   const at::Tensor g = grad_out.contiguous();
+  // The kernels read act(y) where they do not compute y; none's derivative (1) ignores the value read,
+  // so without a saved output they read grad_out (no branch in the GEMM's inner loop).
+  const at::Tensor saved_out = has_out ? out->contiguous() : g;
   const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();
   const std::vector<int64_t> widths = widths_of(hs);
   const plan::FusionHeadBackward fp = plan::fusion_head_backward(
@@ -443,14 +446,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward
                                             src.y.data_ptr<acc_t>(), B, Dz, Activation::None);
       });
     } else {
-      src.out = out.contiguous();
+      src.out = saved_out;
     }
     for (const at::Tensor& hj : hs) grad_hs.push_back(at::empty(hj.sizes(), g.options()));
     grad_weight = at::empty({Dz, in_features}, g.options());
     if (bc.defined()) grad_bias = at::empty({Dz}, g.options());
     linear_backward_fused(fp.linear, src, hs, wc, grad_hs, grad_weight, bc.defined() ? grad_bias : at::Tensor());
   } else {
-    fusion_head_backward_gemm(g, hs, weight, bc, out, act, from_y, grad_hs, grad_weight, grad_bias);
+    fusion_head_backward_gemm(g, hs, weight, bc, saved_out, act, from_y, grad_hs, grad_weight, grad_bias);
   }
   TORCH_CHECK(static_cast<int64_t>(grad_hs.size()) == static_cast<int64_t>(hs.size()),
               "pf_kernels: internal error: one gradient per input");

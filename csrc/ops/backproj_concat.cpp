@@ -4,6 +4,7 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include "activations.h"
 #include "checks.h"
 #include "ops/needs_autograd.h"
 
@@ -23,14 +24,30 @@ at::Tensor call_forward(const at::Tensor& x, const at::Tensor& z, const at::Tens
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& z, const at::Tensor& weight,
-    const c10::optional<at::Tensor>& bias, c10::string_view activation, const c10::SymInt& x_features) {
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& context, const at::Tensor& z,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, c10::string_view activation,
+    const c10::SymInt& x_features) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("pf_kernels::backproj_concat_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const c10::optional<at::Tensor>&, c10::string_view, c10::SymInt)>();
-  return op.call(grad_out, out, z, weight, bias, activation, x_features);
+                           const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
+                           const at::Tensor&, const c10::optional<at::Tensor>&, c10::string_view, c10::SymInt)>();
+  return op.call(grad_out, context, z, weight, bias, activation, x_features);
+}
+
+// act(y) as the backward reads it for relu/tanh/sigmoid: the context columns of out's first
+// position, copied (B, Dc). Not out itself: saving out would fail the backward after any write into
+// it (a mask, a normalisation in place), which eager's torch.cat allows. Undefined where there is
+// no position (the backward reads nothing) or where the backward recomputes y (none, gelu).
+at::Tensor saved_context(const at::Tensor& out, const c10::SymInt& x_features, c10::string_view activation) {
+  const Activation act = parse_activation(std::string(activation));
+  if (act == Activation::None || act == Activation::Gelu) return {};
+  at::Tensor first = out;
+  while (first.dim() > 2) {
+    if (first.sym_size(1) == 0) return {};
+    first = first.select(1, 0);
+  }
+  return first.narrow_symint(-1, x_features, first.sym_size(-1) - x_features).clone();
 }
 
 // Autograd in C++: one node per call, no Python on the hot path. Backward is its own op, so
@@ -46,8 +63,8 @@ class BackprojConcatFunction : public torch::autograd::Function<BackprojConcatFu
         z.requires_grad() || weight.requires_grad() || (has_bias(bias) && bias->requires_grad());
     at::Tensor out = call_forward(x, z, weight, bias, activation);
     if (needs_context_grad) {  // grad_x alone needs nothing saved
-      // out holds act(y) at every position: the activation's derivative is read from it, no recompute.
-      ctx->save_for_backward({out, z, weight, has_bias(bias) ? *bias : at::Tensor()});
+      ctx->save_for_backward({saved_context(out, x.sym_size(-1), activation), z, weight,
+                              has_bias(bias) ? *bias : at::Tensor()});
     }
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["x_features"] = x.sym_size(-1);  // sym_: under torch.compile sizes stay symbolic
@@ -62,10 +79,11 @@ class BackprojConcatFunction : public torch::autograd::Function<BackprojConcatFu
     at::Tensor grad_z, grad_weight, grad_bias;
     if (ctx->saved_data["needs_context_grad"].toBool()) {
       auto saved = ctx->get_saved_variables();
-      c10::optional<at::Tensor> bias;
+      c10::optional<at::Tensor> context, bias;
+      if (saved[0].defined()) context = saved[0];
       if (saved[3].defined()) bias = saved[3];
       std::tie(grad_z, grad_weight, grad_bias) = call_backward(
-          grad_out, saved[0], saved[1], saved[2], bias, ctx->saved_data["activation"].toStringRef(), x_features);
+          grad_out, context, saved[1], saved[2], bias, ctx->saved_data["activation"].toStringRef(), x_features);
       if (!bias.has_value()) grad_bias = at::Tensor();
     }
     return {grad_x, grad_z, grad_weight, grad_bias, at::Tensor()};
@@ -86,7 +104,7 @@ at::Tensor backproj_concat_autograd(const at::Tensor& x, const at::Tensor& z, co
 TORCH_LIBRARY_FRAGMENT(pf_kernels, m) {
   m.def("backproj_concat(Tensor x, Tensor z, Tensor weight, Tensor? bias, str activation) -> Tensor");
   m.def(
-      "backproj_concat_backward(Tensor grad_out, Tensor out, Tensor z, Tensor weight, Tensor? bias, "
+      "backproj_concat_backward(Tensor grad_out, Tensor? context, Tensor z, Tensor weight, Tensor? bias, "
       "str activation, SymInt x_features) -> (Tensor, Tensor, Tensor)");
 }
 

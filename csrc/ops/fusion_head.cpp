@@ -4,6 +4,7 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include "activations.h"
 #include "checks.h"
 #include "ops/needs_autograd.h"
 
@@ -24,12 +25,12 @@ at::Tensor call_forward(at::TensorList hs, const at::Tensor& weight, const c10::
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> call_backward(
     const at::Tensor& grad_out, at::TensorList hs, const at::Tensor& weight,
-    const c10::optional<at::Tensor>& bias, const at::Tensor& out, c10::string_view activation) {
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& out, c10::string_view activation) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("pf_kernels::fusion_head_backward", "")
                        .typed<std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor>(
                            const at::Tensor&, at::TensorList, const at::Tensor&,
-                           const c10::optional<at::Tensor>&, const at::Tensor&, c10::string_view)>();
+                           const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, c10::string_view)>();
   return op.call(grad_out, hs, weight, bias, out, activation);
 }
 
@@ -42,7 +43,10 @@ class FusionHeadFunction : public torch::autograd::Function<FusionHeadFunction> 
     std::vector<at::Tensor> saved(hs.begin(), hs.end());
     saved.push_back(weight);
     saved.push_back(has_bias(bias) ? *bias : at::Tensor());
-    saved.push_back(out);
+    // act(y) for act' where eager's activation keeps its result too (relu, tanh, sigmoid); for none
+    // and gelu the backward needs no output, and writes into it (z += r) stay legal, as in eager.
+    const Activation act = parse_activation(std::string(activation));
+    saved.push_back(act == Activation::None || act == Activation::Gelu ? at::Tensor() : out);
     ctx->save_for_backward(saved);
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["k"] = static_cast<int64_t>(hs.size());
@@ -55,8 +59,10 @@ class FusionHeadFunction : public torch::autograd::Function<FusionHeadFunction> 
     std::vector<at::Tensor> hs(saved.begin(), saved.begin() + k);
     c10::optional<at::Tensor> bias;
     if (saved[k + 1].defined()) bias = saved[k + 1];
-    auto [grad_hs, grad_weight, grad_bias] = call_backward(
-        grads[0], hs, saved[k], bias, saved[k + 2], ctx->saved_data["activation"].toStringRef());
+    c10::optional<at::Tensor> out;
+    if (saved[k + 2].defined()) out = saved[k + 2];
+    auto [grad_hs, grad_weight, grad_bias] =
+        call_backward(grads[0], hs, saved[k], bias, out, ctx->saved_data["activation"].toStringRef());
     variable_list result(grad_hs.begin(), grad_hs.end());
     result.push_back(grad_weight);
     result.push_back(bias.has_value() ? grad_bias : at::Tensor());
@@ -79,7 +85,7 @@ at::Tensor fusion_head_autograd(at::TensorList hs, const at::Tensor& weight, con
 TORCH_LIBRARY_FRAGMENT(pf_kernels, m) {
   m.def("fusion_head(Tensor[] hs, Tensor weight, Tensor? bias, str activation) -> Tensor");
   m.def(
-      "fusion_head_backward(Tensor grad_out, Tensor[] hs, Tensor weight, Tensor? bias, Tensor out, "
+      "fusion_head_backward(Tensor grad_out, Tensor[] hs, Tensor weight, Tensor? bias, Tensor? out, "
       "str activation) -> (Tensor[], Tensor, Tensor)");
 }
 
