@@ -33,8 +33,9 @@ STEP_CONFIGS = [  # the 3-D copy tiles [BM, BP, BD|BC] hold at most 8 elements p
     dict(BM=16, BK=32, BC=32, BP=2, BD=32, num_warps=8, num_stages=2),
     dict(BM=16, BK=32, BC=32, BP=4, BD=32, num_warps=8, num_stages=2),
 ]
-STEP_CONFIGS_FP32 = [  # fp32 (FMA) dots hold their whole K slice in registers per thread
-    dict(BM=16, BK=16, BC=32, BP=4, BD=32, num_warps=8, num_stages=2),
+STEP_CONFIGS_FP32 = [  # fp32 (FMA) dots hold their whole K slice in registers per thread; BP=4 on 8
+    # warps spilled 4 B at ptxas' 128-register cap (sm_90, triton 3.8)
+    dict(BM=16, BK=16, BC=32, BP=2, BD=32, num_warps=8, num_stages=2),
     dict(BM=16, BK=16, BC=32, BP=2, BD=32, num_warps=4, num_stages=2),
 ]
 
