@@ -23,7 +23,7 @@ from pf_kernels.nn import FusionHead, ProgressiveFusion
 
 from .cases import TOLERANCE, relative_error
 from .proof import FELL_BACK, ProvenCompile, describe_backends, fell_back_reason, record_backend_choice, timed_region
-from .timing import measure_side_by_side
+from .timing import error_text, measure_side_by_side
 
 # Feature widths per modality: a vector and two sequences (T positions).
 INPUTS = {"narrow": (32, 16, 8), "wide": (768, 512, 64)}
@@ -286,7 +286,7 @@ def _rows(device, variant, B, T, task, providers, quick, with_compile, deadline)
             runner = _Runner(copy.deepcopy(base), copy.deepcopy(base_head), xs, y, task, provider, device,
                              variant.autocast)
         except Exception as exc:  # the row says why; the others are still timed
-            status[name] = fell_back_reason(_text(exc), compiled=provider.wrap == "compile")
+            status[name] = fell_back_reason(error_text(exc), compiled=provider.wrap == "compile")
             continue
         ran[name] = runner.ran
         if runner.status != "ok":
@@ -357,7 +357,7 @@ def _baseline_runners(variant: Variant, dims, device, base_head, xs, y, task, ea
         except NotAvailable:
             continue
         except Exception as exc:  # the rows say why; the providers are still timed
-            notes[key] = _text(exc)
+            notes[key] = error_text(exc)
             continue
         if key == "plain_pf":
             if eager is None:
@@ -369,10 +369,6 @@ def _baseline_runners(variant: Variant, dims, device, base_head, xs, y, task, ea
                 continue
         runners[key] = runner
     return runners, notes
-
-
-def _text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
 
 __all__ = ["VARIANTS", "E2EProvider", "FELL_BACK", "e2e_providers", "e2e_rows", "select_variants"]

@@ -36,7 +36,7 @@ from .cases import EAGER, OPS, BackendOps, Case, all_cases
 from .proof import ProvenCompile
 from .report import short_dtype
 from .run import DTYPES, _outputs, _rotating, device_name, fused_backends
-from .timing import copy_bandwidth, matmul_rate, measure
+from .timing import copy_bandwidth, error_text, matmul_rate, measure
 
 
 def kernel_table(prof, device: torch.device, calls: int) -> List[dict]:
@@ -71,10 +71,6 @@ def _per_call(wall: float, kernels: List[dict], calls: int) -> dict:
                 kernels_per_call=sum(k["per_call"] for k in kernels))
 
 
-def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-
-
 def profile_row(case: Case, provider: str, mode: str, dtype, device, calls: int, copy_gbps: float,
                 matmul_gflops: float) -> dict:
     rotation = [case.make_inputs(device, dtype) for _ in range(2)]
@@ -97,7 +93,7 @@ def profile_row(case: Case, provider: str, mode: str, dtype, device, calls: int,
                     raise RuntimeError(fn.check())
             wall, prof = _wall_and_profile(run_once, device, calls, min_time_s=0.1)
         except Exception as exc:
-            return dict(row, error=_error_text(exc))
+            return dict(row, error=error_text(exc))
     kernels = kernel_table(prof, device, calls)
     memory_us = case.bytes(mode, dtype) / (copy_gbps * 1e9) * 1e6
     compute_us = case.flops(mode) / (matmul_gflops * 1e9) * 1e6
@@ -127,7 +123,7 @@ def profile_e2e_row(variant: e2e.Variant, B: int, T: int, task: str, provider: s
             raise RuntimeError(runner.status)
         wall, prof = _wall_and_profile(runner.step, device, calls, min_time_s=0.2)
     except Exception as exc:
-        return dict(row, error=_error_text(exc))
+        return dict(row, error=error_text(exc))
     kernels = kernel_table(prof, device, calls)
     row.update(_per_call(wall, kernels, calls), ran=runner.ran, floor_us=None, kernels=kernels)
     if device.type == "cuda":  # a launch-bound step: where the host's time goes

@@ -82,7 +82,7 @@ def measure_side_by_side(fns: Dict[str, Callable[[], object]], device: torch.dev
             calls[name] = calls_per_sample(fn, device)
             live[name] = fn
         except Exception as exc:  # the row says why; the other providers are still timed
-            results[name] = {"error": _describe(exc)}
+            results[name] = {"error": error_text(exc)}
     times = {name: [] for name in live}
     reps, start = 0, time.perf_counter()
     budget = min_time_s * max(len(live), 1)
@@ -95,7 +95,7 @@ def measure_side_by_side(fns: Dict[str, Callable[[], object]], device: torch.dev
             try:
                 times[name].append(time_calls(live[name], device, calls[name]) / calls[name])
             except Exception as exc:
-                results[name] = {"error": _describe(exc)}
+                results[name] = {"error": error_text(exc)}
                 del live[name]
         reps += 1
     for name in live:
@@ -112,9 +112,9 @@ def measure(fn: Callable[[], object], device: torch.device, min_time_s: float = 
     return result
 
 
-def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}"
+def error_text(exc: BaseException) -> str:
+    """An exception as one line for a result row: its type and the start of its message."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 256) -> float:
