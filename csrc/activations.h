@@ -76,6 +76,12 @@ PF_HOST_DEVICE T activation_grad(T y, Activation act) {
   }
 }
 
+// Whether act's derivative can be read from its output (relu, tanh, sigmoid: eager autograd keeps
+// their results for it); none needs nothing, gelu needs y.
+inline bool derivative_from_output(Activation act) {
+  return act == Activation::Relu || act == Activation::Tanh || act == Activation::Sigmoid;
+}
+
 // d act / dy from the activation's output a = act(y), as eager autograd does (exact while a is
 // held in the accumulation type); gelu cannot be recovered from its output and needs y.
 template <typename T>

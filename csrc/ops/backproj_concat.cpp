@@ -40,8 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
 // it (a mask, a normalisation in place), which eager's torch.cat allows. Undefined where there is
 // no position (the backward reads nothing) or where the backward recomputes y (none, gelu).
 at::Tensor saved_context(const at::Tensor& out, const c10::SymInt& x_features, c10::string_view activation) {
-  const Activation act = parse_activation(std::string(activation));
-  if (act == Activation::None || act == Activation::Gelu) return {};
+  if (!derivative_from_output(parse_activation(std::string(activation)))) return {};
   at::Tensor first = out;
   while (first.dim() > 2) {
     if (first.sym_size(1) == 0) return {};

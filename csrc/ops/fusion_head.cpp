@@ -45,8 +45,7 @@ class FusionHeadFunction : public torch::autograd::Function<FusionHeadFunction> 
     saved.push_back(has_bias(bias) ? *bias : at::Tensor());
     // act(y) for act' where eager's activation keeps its result too (relu, tanh, sigmoid); for none
     // and gelu the backward needs no output, and writes into it (z += r) stay legal, as in eager.
-    const Activation act = parse_activation(std::string(activation));
-    saved.push_back(act == Activation::None || act == Activation::Gelu ? at::Tensor() : out);
+    saved.push_back(derivative_from_output(parse_activation(std::string(activation))) ? out : at::Tensor());
     ctx->save_for_backward(saved);
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["k"] = static_cast<int64_t>(hs.size());
