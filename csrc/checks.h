@@ -9,6 +9,10 @@
 
 namespace pf_kernels {
 
+// An optional tensor that was passed: Python's None arrives as nullopt, but a C++ caller may pass
+// an undefined tensor.
+inline bool is_given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
 inline void check_floating(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.defined(), "pf_kernels: ", name, " is undefined");
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "pf_kernels: ", name, " must be floating, got ",
@@ -29,7 +33,7 @@ inline void check_linear(const at::Tensor& weight, const c10::optional<at::Tenso
   check_like(weight, ref, "weight", ref_name);
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == in, "pf_kernels: weight must be (out_features, ", in,
               "), got ", weight.sizes());
-  if (bias.has_value() && bias->defined()) {
+  if (is_given(bias)) {
     check_like(*bias, ref, "bias", ref_name);
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "pf_kernels: bias must be (",
                 weight.size(0), ",), got ", bias->sizes());
@@ -73,7 +77,7 @@ inline void check_backproj_concat_backward(const at::Tensor& grad_out, const c10
   const int64_t B = z.size(0), Dc = weight.size(0), D = x_features + Dc;
   TORCH_CHECK(grad_out.dim() >= 2 && grad_out.size(0) == B && grad_out.size(-1) == D,
               "pf_kernels: grad_out must be (", B, ", *positions, ", D, "), got ", grad_out.sizes());
-  if (context.has_value() && context->defined()) {
+  if (is_given(context)) {
     check_like(*context, grad_out, "context", "grad_out");
     TORCH_CHECK(context->dim() == 2 && context->size(0) == B && context->size(1) == Dc,
                 "pf_kernels: context must be (", B, ", ", Dc, "), got ", context->sizes());
@@ -89,14 +93,12 @@ inline int64_t check_fusion_head_backward(const at::Tensor& grad_out, at::Tensor
   check_like(grad_out, hs[0], "grad_out", "hs[0]");
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == B && grad_out.size(1) == Dz,
               "pf_kernels: grad_out must be (", B, ", ", Dz, "), got ", grad_out.sizes());
-  if (out.has_value() && out->defined()) {
+  if (is_given(out)) {
     check_like(*out, hs[0], "out", "hs[0]");
     TORCH_CHECK(out->sizes() == grad_out.sizes(), "pf_kernels: out must be (", B, ", ", Dz, "), got ",
                 out->sizes());
   }
   return in_features;
 }
-
-inline bool has_bias(const c10::optional<at::Tensor>& bias) { return bias.has_value() && bias->defined(); }
 
 }  // namespace pf_kernels

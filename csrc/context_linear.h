@@ -23,7 +23,7 @@ inline void check_context_linear(const at::Tensor& p, const at::Tensor& z, const
               ", got ", z.sizes());
   TORCH_CHECK(bp_weight.dim() == 2 && bp_weight.size(1) == z.size(1), "pf_kernels: bp_weight must be (Dc, ",
               z.size(1), "), got ", bp_weight.sizes());
-  if (has_bias(bp_bias)) {
+  if (is_given(bp_bias)) {
     check_like(*bp_bias, p, "bp_bias", "p");
     TORCH_CHECK(bp_bias->dim() == 1 && bp_bias->size(0) == bp_weight.size(0), "pf_kernels: bp_bias must be (",
                 bp_weight.size(0), ",), got ", bp_bias->sizes());
@@ -48,7 +48,7 @@ inline at::Tensor check_context_linear_backward(const at::Tensor& grad_out, cons
                                                 const at::Tensor& proj_weight, Activation out_act) {
   check_context_linear(grad_out, z, bp_weight, bp_bias, proj_weight);
   if (out_act == Activation::None) return at::Tensor();
-  const bool has_p = p.has_value() && p->defined(), has_out = out.has_value() && out->defined();
+  const bool has_p = is_given(p), has_out = is_given(out);
   TORCH_CHECK(has_p || (has_out && !out_grad_needs_p(out_act, grad_out.scalar_type())),
               "pf_kernels: context_linear_backward with this out_activation and dtype (", grad_out.scalar_type(),
               ") needs p");

@@ -127,14 +127,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cpu(
     // (fp32/fp64), as eager autograd does; from y itself for gelu, for 16-bit outputs, whose
     // rounding loses 1 - a^2 near saturation, and where no context is given (a small (B, Dc) GEMM).
     const bool from_y = act == Activation::Gelu || !std::is_same<scalar_t, acc_t>::value ||
-                        !(context.has_value() && context->defined());
+                        !is_given(context);
     at::Tensor grad_y = grad_c;
     if (act != Activation::None && B > 0 && positions > 0) {
       const at::Tensor source = from_y ? linear_acc<scalar_t, acc_t>(z, weight, bias) : *context;
       grad_y = activation_backward(grad_c, source, act, from_y).contiguous();
     }
     std::tie(grad_z, grad_weight, grad_bias) =
-        cpu::linear_backward<scalar_t, acc_t>(grad_y, z, weight, has_bias(bias), dtype);
+        cpu::linear_backward<scalar_t, acc_t>(grad_y, z, weight, is_given(bias), dtype);
   });
   if (!grad_bias.defined()) grad_bias = at::empty({0}, grad_out.options());
   return {grad_z, grad_weight, grad_bias};

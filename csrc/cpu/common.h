@@ -123,11 +123,11 @@ at::Tensor linear_acc(const at::Tensor& in, const at::Tensor& weight, const c10:
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   if (N * M * K > kSmallGemm) {
     const at::Tensor in_acc = in.to(acc), w_acc = weight.to(acc);
-    return has_bias(bias) ? at::addmm(bias->to(acc), in_acc, w_acc.t()) : at::mm(in_acc, w_acc.t());
+    return is_given(bias) ? at::addmm(bias->to(acc), in_acc, w_acc.t()) : at::mm(in_acc, w_acc.t());
   }
   at::Tensor y = at::empty({N, M}, in.options().dtype(acc));
   const at::Tensor x = acc_rows(in, acc), wt = weight.to(acc).t().contiguous();
-  const at::Tensor b = has_bias(bias) ? bias->to(acc).contiguous() : at::Tensor();
+  const at::Tensor b = is_given(bias) ? bias->to(acc).contiguous() : at::Tensor();
   small_linear(y.data_ptr<acc_t>(), x.data_ptr<acc_t>(), row_stride(x), wt.data_ptr<acc_t>(),
                b.defined() ? b.data_ptr<acc_t>() : nullptr, N, K, M);
   return y;

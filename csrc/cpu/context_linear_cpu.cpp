@@ -149,7 +149,7 @@ Grads context_linear_backward_cpu(const at::Tensor& grad_out, const c10::optiona
   const Activation act = parse_activation(std::string(activation_name));
   const Activation out_act = parse_activation(std::string(out_activation_name));
   const at::Tensor saved = check_context_linear_backward(grad_out, out, p, z, bp_weight, bp_bias, proj_weight, out_act);
-  const bool from_p = saved.defined() && p.has_value() && p->defined();
+  const bool from_p = saved.defined() && is_given(p);
   const at::ScalarType dtype = grad_out.scalar_type(), acc = at::toOpMathType(dtype);
   const int64_t B = grad_out.size(0), H = grad_out.size(-1);
   std::vector<int64_t> positions;  // the dims the term was broadcast over
@@ -208,7 +208,7 @@ Grads context_linear_backward_cpu(const at::Tensor& grad_out, const c10::optiona
     (void)unused;
     const at::Tensor grad_pre = activation_backward(grad_c, pre, act, /*from_y=*/true).contiguous();
     auto [grad_z, grad_bp_weight, grad_bp_bias] =
-        cpu::linear_backward<scalar_t, acc_t>(grad_pre, z, bp_weight, has_bias(bp_bias), dtype);
+        cpu::linear_backward<scalar_t, acc_t>(grad_pre, z, bp_weight, is_given(bp_bias), dtype);
     if (!grad_bp_bias.defined()) grad_bp_bias = at::empty({0}, grad_out.options());
     grads = Grads{grad_p, grad_z, grad_bp_weight, grad_bp_bias, grad_proj_weight.to(dtype)};
   });

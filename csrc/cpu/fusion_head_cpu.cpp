@@ -37,7 +37,7 @@ at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype) {
 
 at::Tensor pre_activation(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                           at::ScalarType acc) {
-  return has_bias(bias) ? at::addmm(as_type(*bias, acc), h, w.t()) : at::mm(h, w.t());
+  return is_given(bias) ? at::addmm(as_type(*bias, acc), h, w.t()) : at::mm(h, w.t());
 }
 
 at::Tensor fusion_head_cpu(at::TensorList hs, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -63,7 +63,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward
   // act' from the saved output where it holds act(y) exactly (fp32/fp64), as eager PyTorch does;
   // from y (one small GEMM) for gelu, for 16-bit outputs, whose rounding loses 1 - a^2 near
   // saturation, and where no output is given.
-  const bool from_y = act == Activation::Gelu || dtype != acc || !(out.has_value() && out->defined());
+  const bool from_y = act == Activation::Gelu || dtype != acc || !is_given(out);
   at::Tensor grad_y = as_type(grad_out, acc);
   if (act != Activation::None) {
     grad_y = activation_backward(grad_y, from_y ? pre_activation(h, w, bias, acc) : *out, act, from_y);
@@ -78,7 +78,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward
     offset += hj.size(1);
   }
   at::Tensor grad_weight = as_type(at::mm(grad_y.t(), h), dtype);
-  at::Tensor grad_bias = has_bias(bias) ? as_type(grad_y.sum(0), dtype) : at::empty({0}, grad_out.options());
+  at::Tensor grad_bias = is_given(bias) ? as_type(grad_y.sum(0), dtype) : at::empty({0}, grad_out.options());
   return {grad_hs, grad_weight, grad_bias};
 }
 

@@ -202,7 +202,7 @@ at::Tensor backproj_concat_cuda(const at::Tensor& x, const at::Tensor& z, const 
   if (Dc > 0 && Dz > 0) p.inline_context = use_kernel(p.inline_context);
   const at::Tensor zc = p.inline_context ? z.contiguous() : z;
   const at::Tensor wc = p.inline_context ? weight.contiguous() : weight;
-  const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();
+  const at::Tensor bc = is_given(bias) ? bias->contiguous() : at::Tensor();
   const at::Tensor pre = p.inline_context ? at::Tensor() : mm_acc(z, weight.t()).contiguous();
   const auto stream = at::cuda::getCurrentCUDAStream();
 
@@ -261,14 +261,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
     grad_pre = at::zeros({B, Dc}, grad_out.options());
   } else {
     grad_pre = at::empty({B, Dc}, grad_out.options());
-    const bool has_context = context.has_value() && context->defined();
+    const bool has_context = is_given(context);
     const bool from_y = act == Activation::Gelu || (act != Activation::None && !has_context) ||
                         (at::elementSize(dtype) == 2 && (act == Activation::Tanh || act == Activation::Sigmoid));
     const plan::BackprojBackward p = plan::backproj_backward(B, positions, Dz, Dc, from_y, sm_count());
     const at::Tensor g = grad_out.reshape({B, positions, D}).narrow(-1, x_features, Dc);
     const bool y_inline = p.y_source == plan::kYInline;
     const at::Tensor zc = y_inline ? z.contiguous() : z, wc = y_inline ? weight.contiguous() : weight;
-    const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();
+    const at::Tensor bc = is_given(bias) ? bias->contiguous() : at::Tensor();
     // The forward's GEMM: the same y (16-bit inputs on tensor cores, not an fp32 GEMM of z_acc, W_acc).
     const at::Tensor pre =
         p.y_source == plan::kYFromGemm ? mm_acc(z, weight.t()).contiguous() : at::Tensor();
@@ -305,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
   // results, each a launch at the launch-bound sizes where this op runs.
   at::Tensor grad_z = at::mm(grad_pre, weight);
   at::Tensor grad_weight = at::mm(grad_pre.t(), z);
-  at::Tensor grad_bias = has_bias(bias) ? grad_pre.sum(0) : at::empty({0}, grad_out.options());
+  at::Tensor grad_bias = is_given(bias) ? grad_pre.sum(0) : at::empty({0}, grad_out.options());
   return {grad_z, grad_weight, grad_bias};
 }
 

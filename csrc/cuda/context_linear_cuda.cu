@@ -163,9 +163,9 @@ at::Tensor as_rows(const at::Tensor& t, int64_t n_rows) {
 std::pair<at::Tensor, at::Tensor> context(const at::Tensor& z, const at::Tensor& bp_weight,
                                           const c10::optional<at::Tensor>& bp_bias, Activation act) {
   const at::ScalarType dtype = z.scalar_type(), acc = at::toOpMathType(dtype);
-  const bool bias_in_gemm = dtype == acc && has_bias(bp_bias);  // fp32/fp64: cuBLAS's epilogue adds it
+  const bool bias_in_gemm = dtype == acc && is_given(bp_bias);  // fp32/fp64: cuBLAS's epilogue adds it
   at::Tensor pre = bias_in_gemm ? at::addmm(*bp_bias, z, bp_weight.t()) : mm_acc(z, bp_weight.t());
-  const bool bias_here = has_bias(bp_bias) && !bias_in_gemm;
+  const bool bias_here = is_given(bp_bias) && !bias_in_gemm;
   if (act == Activation::None && dtype == acc) return {pre, pre};  // c is pre itself
   at::Tensor c = at::empty(pre.sizes(), z.options());
   const int64_t n = pre.numel();
@@ -235,7 +235,7 @@ Grads context_linear_backward_cuda(const at::Tensor& grad_out, const c10::option
   const at::Tensor saved = check_context_linear_backward(grad_out, out, p, z, bp_weight, bp_bias, proj_weight, out_act);
   TORCH_CHECK(grad_out.is_cuda(), "pf_kernels: context_linear_backward (CUDA) needs CUDA tensors");
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  const bool from_p = saved.defined() && p.has_value() && p->defined();
+  const bool from_p = saved.defined() && is_given(p);
   const at::ScalarType dtype = grad_out.scalar_type(), acc = at::toOpMathType(dtype);
   const int64_t B = grad_out.size(0), H = grad_out.size(-1);
   const int64_t positions = B > 0 && H > 0 ? grad_out.numel() / (B * H) : 0;
@@ -304,7 +304,7 @@ Grads context_linear_backward_cuda(const at::Tensor& grad_out, const c10::option
   }
   at::Tensor grad_z = at::mm(grad_pre, bp_weight);
   at::Tensor grad_bp_weight = at::mm(grad_pre.t(), z);
-  at::Tensor grad_bp_bias = has_bias(bp_bias) ? grad_pre.sum(0) : at::empty({0}, grad_out.options());
+  at::Tensor grad_bp_bias = is_given(bp_bias) ? grad_pre.sum(0) : at::empty({0}, grad_out.options());
   return {grad_p, grad_z, grad_bp_weight, grad_bp_bias, grad_proj_weight};
 }
 

@@ -326,7 +326,7 @@ at::Tensor fusion_head_cuda(at::TensorList hs_in, const at::Tensor& weight, cons
   const c10::cuda::CUDAGuard guard(hs_in[0].device());
   const int64_t B = hs_in[0].size(0), Dz = weight.size(0);
   const at::ScalarType dtype = hs_in[0].scalar_type();
-  const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();
+  const at::Tensor bc = is_given(bias) ? bias->contiguous() : at::Tensor();
   if (B == 0 || Dz == 0) return at::empty({B, Dz}, hs_in[0].options());
   const std::vector<int64_t> widths = widths_of(hs_in);
   const plan::FusionHeadPath path =
@@ -417,14 +417,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward
   const at::ScalarType dtype = hs[0].scalar_type(), acc = at::toOpMathType(dtype);
   // act' from y for gelu, where no output is given, and for tanh / sigmoid in 16-bit dtypes (whose
   // rounded outputs lose it near saturation); else from the saved output.
-  const bool has_out = out.has_value() && out->defined();
+  const bool has_out = is_given(out);
   const bool from_y = act == Activation::Gelu || (act != Activation::None && !has_out) ||
                       (at::elementSize(dtype) == 2 && (act == Activation::Tanh || act == Activation::Sigmoid));
   const at::Tensor g = grad_out.contiguous();
   // The kernels read act(y) where they do not compute y; none's derivative (1) ignores the value read,
   // so without a saved output they read grad_out (no branch in the GEMM's inner loop).
   const at::Tensor saved_out = has_out ? out->contiguous() : g;
-  const at::Tensor bc = has_bias(bias) ? bias->contiguous() : at::Tensor();
+  const at::Tensor bc = is_given(bias) ? bias->contiguous() : at::Tensor();
   const std::vector<int64_t> widths = widths_of(hs);
   const plan::FusionHeadBackward fp = plan::fusion_head_backward(
       B, Dz, widths.data(), static_cast<int64_t>(widths.size()), bc.defined(), from_y, at::elementSize(dtype),

@@ -59,11 +59,11 @@ class BackprojConcatFunction : public torch::autograd::Function<BackprojConcatFu
     at::AutoDispatchBelowADInplaceOrView guard;
     // (ctx->needs_input_grad is unusable here: without any input requiring grad there are no edges.)
     const bool needs_context_grad =
-        z.requires_grad() || weight.requires_grad() || (has_bias(bias) && bias->requires_grad());
+        z.requires_grad() || weight.requires_grad() || (is_given(bias) && bias->requires_grad());
     at::Tensor out = call_forward(x, z, weight, bias, activation);
     if (needs_context_grad) {  // grad_x alone needs nothing saved
       ctx->save_for_backward({saved_context(out, x.sym_size(-1), activation), z, weight,
-                              has_bias(bias) ? *bias : at::Tensor()});
+                              is_given(bias) ? *bias : at::Tensor()});
     }
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["x_features"] = x.sym_size(-1);  // sym_: under torch.compile sizes stay symbolic
@@ -83,7 +83,7 @@ class BackprojConcatFunction : public torch::autograd::Function<BackprojConcatFu
       if (saved[3].defined()) bias = saved[3];
       std::tie(grad_z, grad_weight, grad_bias) = call_backward(
           grad_out, context, saved[1], saved[2], bias, ctx->saved_data["activation"].toStringRef(), x_features);
-      if (!bias.has_value()) grad_bias = at::Tensor();
+      if (!is_given(bias)) grad_bias = at::Tensor();
     }
     return {grad_x, grad_z, grad_weight, grad_bias, at::Tensor()};
   }

@@ -54,7 +54,7 @@ class ContextLinearFunction : public torch::autograd::Function<ContextLinearFunc
     at::AutoDispatchBelowADInplaceOrView guard;
     const Activation out_act = parse_activation(std::string(out_activation));
     const bool needs_context_grad = z.requires_grad() || bp_weight.requires_grad() ||
-                                    (has_bias(bp_bias) && bp_bias->requires_grad()) || proj_weight.requires_grad();
+                                    (is_given(bp_bias) && bp_bias->requires_grad()) || proj_weight.requires_grad();
     const bool epilogue = out_act != Activation::None;
     at::Tensor out = call_forward(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation);
     // Without an output activation, grad_p is grad_out itself and only the small context needs
@@ -62,7 +62,7 @@ class ContextLinearFunction : public torch::autograd::Function<ContextLinearFunc
     if (needs_context_grad || epilogue) {
       const bool from_p = out_grad_needs_p(out_act, p.scalar_type());
       ctx->save_for_backward({epilogue && !from_p ? out : at::Tensor(), epilogue && from_p ? p : at::Tensor(), z,
-                              bp_weight, has_bias(bp_bias) ? *bp_bias : at::Tensor(), proj_weight});
+                              bp_weight, is_given(bp_bias) ? *bp_bias : at::Tensor(), proj_weight});
     }
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["out_activation"] = std::string(out_activation);
@@ -85,7 +85,7 @@ class ContextLinearFunction : public torch::autograd::Function<ContextLinearFunc
     return {epilogue ? grad_p : grad_out,  // no output activation: a view of grad_out, no copy
             grad_z,
             grad_bp_weight,
-            bp_bias.has_value() ? grad_bp_bias : at::Tensor(),
+            is_given(bp_bias) ? grad_bp_bias : at::Tensor(),
             grad_proj_weight,
             at::Tensor(),
             at::Tensor()};

@@ -42,7 +42,7 @@ class FusionHeadFunction : public torch::autograd::Function<FusionHeadFunction> 
     at::Tensor out = call_forward(hs, weight, bias, activation);
     std::vector<at::Tensor> saved(hs.begin(), hs.end());
     saved.push_back(weight);
-    saved.push_back(has_bias(bias) ? *bias : at::Tensor());
+    saved.push_back(is_given(bias) ? *bias : at::Tensor());
     // act(y) for act' where eager's activation keeps its result too (relu, tanh, sigmoid); for none
     // and gelu the backward needs no output, and writes into it (z += r) stay legal, as in eager.
     saved.push_back(derivative_from_output(parse_activation(std::string(activation))) ? out : at::Tensor());
@@ -64,7 +64,7 @@ class FusionHeadFunction : public torch::autograd::Function<FusionHeadFunction> 
         call_backward(grads[0], hs, saved[k], bias, out, ctx->saved_data["activation"].toStringRef());
     variable_list result(grad_hs.begin(), grad_hs.end());
     result.push_back(grad_weight);
-    result.push_back(bias.has_value() ? grad_bias : at::Tensor());
+    result.push_back(is_given(bias) ? grad_bias : at::Tensor());
     result.push_back(at::Tensor());  // activation
     return result;
   }
