@@ -2,8 +2,11 @@
 between backends and with the plain-PyTorch modules they replace."""
 from __future__ import annotations
 
+import dis
+import inspect
 import math
 import operator
+import types
 from collections.abc import Iterable
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -161,7 +164,8 @@ class _Hoisting:
     def __init__(self, encoder: nn.Module, linear: nn.Linear, activation: str,
                  tails: Optional[Dict[bool, nn.Module]], fused: Dict[str, nn.Module],
                  traced: Sequence[Tuple[nn.Module, Tuple[str, ...], tuple]] = (),
-                 fresh_first_input: bool = False):
+                 fresh_first_input: bool = False,
+                 watched: Sequence[Tuple[nn.Module, tuple]] = ()):
         self.encoder = encoder
         self.linear = linear
         self.activation = activation
@@ -171,6 +175,9 @@ class _Hoisting:
         # The modules whose forward the trace went through: (module, its children's names, its plain
         # attributes). A child added or removed, or an attribute reassigned, and the trace is stale.
         self.traced = tuple(traced)
+        # The other modules of the user's own classes, called live by the tails, whose plain
+        # attributes the traced code may have read as well (`self.pool.temperature`).
+        self.watched = tuple(watched)
         self.skipped = (encoder, *(m for _, _, m in self.fused), *(m for m, _, _ in self.traced))
         self.fresh_first_input = fresh_first_input
 
@@ -179,16 +186,16 @@ class _Hoisting:
         Checked every forward: dict lookups, not get_submodule's walk."""
         return encoder is self.encoder and all(parent._modules.get(name) is module
                                                for parent, name, module in self.fused) \
-            and not _has_hooks(*self.skipped) \
+            and not _intercepted(*self.skipped) \
             and all(m.training is encoder.training or isinstance(m, _CONTAINERS)  # traced in one mode
                     for m, _, _ in self.traced)
 
     def stale(self) -> bool:
         """The traced structure changed: a child of a traced-through module added or removed, or a
         plain attribute (the trace holds its value as a constant) reassigned."""
-        for module, children, attributes in self.traced:
-            if tuple(module._modules) != children:
-                return True
+        if any(tuple(module._modules) != children for module, children, _ in self.traced):
+            return True
+        for module, attributes in (*((m, a) for m, _, a in self.traced), *self.watched):
             current = module.__dict__
             if any(not _same_value(current.get(name, _MISSING), value) or
                    (contents is not None and _contents(value) != contents) for name, value, contents in attributes):
@@ -246,10 +253,59 @@ def _contents(value, depth: int = 3):
         return (dict, tuple((k, v if isinstance(v, _ATOMIC) else _contents(v, depth - 1)) for k, v in value.items()))
     if isinstance(value, (set, frozenset)):
         return (type(value), frozenset(v for v in value if isinstance(v, _ATOMIC)), len(value))
-    if isinstance(value, (_ATOMIC, torch.Tensor, nn.Module, type)) or callable(value) or \
-            not hasattr(value, "__dict__"):
+    fields = None if isinstance(value, (_ATOMIC, torch.Tensor, nn.Module, type)) or callable(value) \
+        else _fields(value)
+    if fields is None:
         return None if depth == 3 else (value if isinstance(value, _ATOMIC) else _Same(value))
-    return (type(value), _contents(vars(value), depth - 1))
+    return (type(value), _contents(fields, depth))  # (the fields one level down, as the object)
+
+
+def _fields(value) -> Optional[dict]:
+    """A plain object's attributes (its __dict__, or its __slots__' values), None for other values
+    (torch.dtype, enums, builtins' objects)."""
+    if type(value).__module__ in ("builtins", "torch") or type(value).__module__.startswith("torch."):
+        return None
+    if hasattr(value, "__dict__"):
+        return vars(value)
+    slots = [name for cls in type(value).__mro__ for name in getattr(cls, "__slots__", ())
+             if isinstance(name, str) and name not in ("__dict__", "__weakref__")]
+    return {name: getattr(value, name, _MISSING) for name in slots} if slots else None
+
+
+_MUTABLE = (list, dict, set, bytearray)
+
+
+def _shelve(attributes: Tuple[Tuple[str, object], ...]) -> List[Tuple[str, object, object]]:
+    """(name, container, a shallow copy) of the lists, dicts and sets among attributes."""
+    return [(k, v, type(v)(v)) for k, v in attributes if type(v) in _MUTABLE]
+
+
+def _same_contents(a, b) -> bool:
+    # By identity: a trace leaves fx proxies behind, whose == is itself traced.
+    if len(a) != len(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+    if isinstance(a, set):
+        return {id(x) for x in a} == {id(y) for y in b}
+    return all(x is y for x, y in zip(a, b))
+
+
+def _changed(shelf) -> List[str]:
+    """The names of the shelved containers whose contents differ from their copies."""
+    return [k for k, container, copy in shelf if not _same_contents(container, copy)]
+
+
+def _unshelve(shelf) -> None:
+    """Puts the shelved containers' changed contents back, in place (the user holds those objects)."""
+    for _, container, copy in shelf:
+        if _same_contents(container, copy):
+            continue
+        if isinstance(container, (list, bytearray)):
+            container[:] = copy
+        else:
+            container.clear()
+            container.update(copy)
 
 
 def _watched(attributes: Tuple[Tuple[str, object], ...]) -> Tuple[Tuple[str, object, object], ...]:
@@ -264,9 +320,17 @@ def _reassigned(attributes: Tuple[Tuple[str, object], ...], module: nn.Module) -
                   if not _same_value(before.get(k, _MISSING), after.get(k, _MISSING)))
 
 
-def _has_hooks(*modules: nn.Module) -> bool:
-    return bool(_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks) or \
-        any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def _intercepted(*modules: nn.Module) -> bool:
+    """Whether a call of one of these modules runs more than its class's forward: hooks of any kind
+    (the module's own or every module's), or a forward set on the instance (accelerate's hooks,
+    adapters). The hoisted path does not call the modules it replaces or traced through."""
+    return any(getattr(_module_globals, name, None) for name in _GLOBAL_HOOKS) or \
+        any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+            or "forward" in m.__dict__ for m in modules)
 
 
 # Modules and functions that read their input and return a new tensor (never the input itself, a
@@ -346,8 +410,11 @@ def _plan_tail(encoder: nn.Module, context_dim: int, through: frozenset):
         fused, activation = follower, epilogue
     # Hooks of the modules the hoisted path does not call (the first layer, what was traced through).
     replaced = {n.target: modules[n.target] for n in (first, fused) if n.op == "call_module"}
-    if _has_hooks(encoder, *replaced.values(), *(m for _, m in _traced_modules(encoder, through))):
-        return "it, a module traced through in it, or its first layer has forward hooks"
+    why = _unreplayable([m for _, m in _traced_modules(encoder, through)])
+    if why is not None:
+        return why
+    if _intercepted(encoder, *replaced.values(), *(m for _, m in _traced_modules(encoder, through))):
+        return "it, a module traced through in it, or its first layer has hooks or a forward of its own"
     # The rest: every node after the fused one, reading the fused node's output from a placeholder;
     # module and attribute paths are resolved through `encoder`, the live module.
     tail = fx.Graph()
@@ -360,6 +427,29 @@ def _plan_tail(encoder: nn.Module, context_dim: int, through: frozenset):
             copied.target = f"encoder.{copied.target}"
         env[node] = copied
     return linear, activation, replaced, tail
+
+
+# A with-block (torch.no_grad, torch.autocast: fx records neither) and Python's or numpy's random
+# (drawn once, at trace time) in a traced forward: the tail would not do what the forward does.
+_WITH_OPS = frozenset(["SETUP_WITH", "BEFORE_WITH", "SETUP_ASYNC_WITH", "BEFORE_ASYNC_WITH", "LOAD_SPECIAL"])
+
+
+def _unreplayable(modules: Sequence[nn.Module]) -> Optional[str]:
+    """Why the traced forwards of these modules (those of the user's own classes) cannot be replayed
+    from their trace, or None. Reads their code (nested functions included), not what they call."""
+    for module in modules:
+        if not _is_users_module(module):
+            continue
+        code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
+        codes = [code] if code is not None else []
+        while codes:
+            code = codes.pop()
+            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+            if any(i.opname in _WITH_OPS for i in dis.get_instructions(code)):
+                return f"the forward of {type(module).__name__} has a with-block (no_grad, autocast: a trace drops it)"
+            if "random" in code.co_names:
+                return f"the forward of {type(module).__name__} draws Python random numbers (a trace fixes them)"
+    return None
 
 
 class _Into(str):
@@ -395,8 +485,8 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
     starts with its Linear; one of our activations right after that Linear is fused.
     """
     if type(encoder) is nn.Linear:
-        if _has_hooks(encoder):
-            return "it has forward hooks"
+        if _intercepted(encoder):
+            return "it has hooks or a forward of its own"
         if encoder.in_features <= context_dim:
             return f"it takes {encoder.in_features} <= context_dims features"
         return _Hoisting(encoder, encoder, "none", None, {})
@@ -407,6 +497,8 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
     modes = {m: m.training for m in encoder.modules()}
     # Every module's plain attributes, put back after the traces (a forward that sets one ran with proxies).
     attributes = {m: _plain_attributes(m) for m in encoder.modules()}
+    # ... and the contents of the lists, dicts and sets among them (a forward that appends to one).
+    shelved = {m: _shelve(attrs) for m, attrs in attributes.items()}
     try:
         for mode in (was_training, not was_training):  # fx records `self.training` as a constant
             encoder.train(mode)
@@ -418,7 +510,7 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
                 return planned if not isinstance(planned, _Into) else \
                     "its input goes through more than 4 nested modules of its own before a Linear"
             written = [f"{path + '.' if path else ''}{k}" for path, m in _traced_modules(encoder, through)
-                       for k in _reassigned(attributes[m], m)]
+                       for k in _reassigned(attributes[m], m) + _changed(shelved[m])]
             if written:
                 # The trace ran the forward once with proxies: what it stored is not what a real call
                 # would, and the tail would never store it again.
@@ -428,7 +520,10 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
             plan = planned
             tails[mode] = _tail_module(encoder, planned[3])
     finally:
+        if encoder.training != was_training:
+            encoder.train(was_training)  # the user's own train(), if any, undoes what its other call did
         for m, saved in attributes.items():
+            _unshelve(shelved[m])
             m.training = modes[m]
             for k in [k for k in m.__dict__ if k not in _MODULE_INTERNALS]:
                 del m.__dict__[k]
@@ -438,8 +533,11 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
     # A traced-through module swapped out changes the structure the tails were traced from.
     replaced = {**{path: m for path, m in traced if path}, **replaced}
     fresh = activation == "none" and any(_writes_into_input(tail.graph, encoder) for tail in tails.values())
+    traced_ids = {id(m) for _, m in traced}
+    watched = [(m, _watched(attributes[m])) for m in encoder.modules()
+               if id(m) not in traced_ids and _is_users_module(m) and attributes[m]]
     return _Hoisting(encoder, linear, activation, tails, replaced,
-                     [(m, tuple(m._modules), _watched(attributes[m])) for _, m in traced], fresh)
+                     [(m, tuple(m._modules), _watched(attributes[m])) for _, m in traced], fresh, watched)
 
 
 class ProgressiveFusion(nn.Module):
@@ -461,10 +559,12 @@ class ProgressiveFusion(nn.Module):
     parameters and state_dict; the same outputs up to rounding. `hoisted` lists the encoders
     hoisted, `hoisting_notes` why the others were not. The plan is made at construction (and when
     `hoist` is set); an encoder whose hoisted Linear or fused activation is replaced later, or that
-    gets forward hooks, runs unhoisted until `hoist = True` plans again; one whose traced structure
-    changes (a Sequential or ModuleList grown) or whose plain attributes (a temperature, a config:
-    the trace holds their values) change is planned again at the next forward. An encoder whose
-    forward sets attributes is not hoisted.
+    gets hooks (forward or backward) or a forward set on the instance, runs unhoisted until
+    `hoist = True` plans again; one whose traced structure changes (a Sequential or ModuleList
+    grown) or whose modules' plain attributes (a temperature, a config: the trace holds their
+    values) change is planned again at the next forward. An encoder whose traced forward sets
+    attributes, appends to a list of its own, has a with-block (no_grad, autocast) or draws Python
+    random numbers is not hoisted (a trace cannot replay those; helpers it calls are not read).
     """
 
     def __init__(self, encoders: Sequence[nn.Module], encoder_dims: Sequence[int], fused_dim: int,
@@ -485,7 +585,7 @@ class ProgressiveFusion(nn.Module):
             context_dims = [_int_arg(context_dims, "context_dims", 0)] * len(encoders)
         if len(context_dims) != len(encoders):
             raise ValueError(f"context_dims has {len(context_dims)} entries for {len(encoders)} encoders")
-        self.iterations = _int_arg(iterations, "iterations")
+        self.iterations = iterations
         self.context_dims = context_dims
         self.encoders = nn.ModuleList(encoders)
         self.fusion_head = FusionHead(encoder_dims, fused_dim, fusion_activation, bias, backend,
@@ -494,6 +594,14 @@ class ProgressiveFusion(nn.Module):
             BackProjection(fused_dim, c, context_activation, bias, backend, device, dtype)
             for c in context_dims)
         self.hoist = hoist
+
+    @property
+    def iterations(self) -> int:
+        return self._iterations
+
+    @iterations.setter
+    def iterations(self, value: int) -> None:
+        self._iterations = _int_arg(value, "iterations")
 
     @property
     def hoist(self) -> bool:
@@ -544,6 +652,14 @@ class ProgressiveFusion(nn.Module):
             if x.dim() < 2:
                 raise ValueError(f"xs[{j}] must be (B, *positions, D) with at least 2 dims, "
                                  f"got shape {tuple(x.shape)}")
+            if x.shape[0] != xs[0].shape[0]:
+                raise ValueError(f"xs[{j}] has batch size {x.shape[0]} ({tuple(x.shape)}) but xs[0] has "
+                                 f"{xs[0].shape[0]} ({tuple(xs[0].shape)})")
+            # The back-projection concatenates to x in the model's dtype (autocast casts both).
+            dtype = self.back_projections[j].weight.dtype
+            if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+                raise TypeError(f"xs[{j}] has dtype {x.dtype} but the model's parameters are {dtype}: pass "
+                                f"inputs in the parameters' dtype (or run under torch.autocast)")
         return list(xs)
 
     def _hoisting_for(self, xs: List[torch.Tensor]) -> Tuple[Optional[_Hoisting], ...]:

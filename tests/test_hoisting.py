@@ -3,6 +3,8 @@ unhoisted one (outputs, every gradient, state_dict) on every backend this machin
 autocast, after copies, dtype changes and module swaps, in training and evaluation mode."""
 import copy
 import io
+import random
+import types
 
 import pytest
 import torch
@@ -501,3 +503,181 @@ def test_a_list_grown_or_a_config_changed_in_place_is_planned_again():
         model.encoders[0].cfg["shift"][0] = 0.5
     assert_same(hoisted, plain, xs)
     assert hoisted.hoisted == (0, 1)
+
+
+@pytest.mark.parametrize("where", ["encoder", "first Linear"])
+@pytest.mark.parametrize("kind", ["backward", "backward_pre", "forward set on the instance"])
+def test_backward_hooks_and_instance_forwards_run_the_encoder_unhoisted(where, kind):
+    hoisted, plain = make_pair()
+    calls = {"hoisted": 0, "plain": 0}
+    for name, model in (("hoisted", hoisted), ("plain", plain)):
+        target = model.encoders[0] if where == "encoder" else model.encoders[0][0]
+
+        def count(name=name):
+            calls[name] += 1
+        if kind == "backward":  # scales the gradient: skipping it changes every gradient
+            target.register_full_backward_hook(
+                lambda m, gi, go, count=count: (count(), tuple(None if g is None else 2 * g for g in gi))[1])
+        elif kind == "backward_pre":
+            target.register_full_backward_pre_hook(lambda m, go, count=count: (count(), tuple(2 * g for g in go))[1])
+        else:
+            original = target.forward
+            target.forward = lambda x, original=original, count=count: (count(), 0.5 * original(x))[1]
+    assert hoisted.hoisted == (1, 2, 3)
+    xs = make_inputs()
+    assert_same(hoisted, plain, xs)
+    assert calls["hoisted"] == calls["plain"] > 0
+    plan = plan_hoisting(hoisted.encoders[0], 3)
+    assert isinstance(plan, str) and "hooks or a forward of its own" in plan
+
+
+class Pool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.temperature = 1.0
+
+    def forward(self, h):
+        return h.mean(1)
+
+
+class ReadsAChildsAttribute(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc, self.pool = nn.Linear(d_in, d_out), Pool()
+
+    def forward(self, x):
+        return self.pool(torch.tanh(self.fc(x))) / self.pool.temperature
+
+
+def test_an_attribute_of_a_child_read_by_the_forward_is_watched():
+    torch.manual_seed(0)
+    hoisted = ProgressiveFusion([ReadsAChildsAttribute(5 + 3, 8), nn.Linear(4 + 3, 8)], [8, 8], 6, 3,
+                                iterations=3)
+    plain = unhoisted(hoisted)
+    xs = [torch.randn(4, 6, 5), torch.randn(4, 4)]
+    for temperature in (1.0, 4.0):
+        for model in (hoisted, plain):
+            model.encoders[0].pool.temperature = temperature
+        assert_same(hoisted, plain, xs)
+        assert hoisted.hoisted == (0, 1)
+
+
+class Options:
+    __slots__ = ("scale",)
+
+    def __init__(self):
+        self.scale = 1.0
+
+
+class ReadsConfigs(nn.Module):
+    """Reads a slotted object and a value three objects deep."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+        self.slotted = Options()
+        self.cfg = types.SimpleNamespace(model=types.SimpleNamespace(opt=types.SimpleNamespace(shift=0.0)))
+
+    def forward(self, x):
+        return (self.fc(x) * self.slotted.scale + self.cfg.model.opt.shift).mean(1)
+
+
+def test_configs_changed_in_place_are_seen_in_slots_and_three_objects_deep():
+    torch.manual_seed(0)
+    hoisted = ProgressiveFusion([ReadsConfigs(5 + 3, 8), nn.Linear(4 + 3, 8)], [8, 8], 6, 3, iterations=3)
+    plain = unhoisted(hoisted)
+    xs = [torch.randn(4, 6, 5), torch.randn(4, 4)]
+    for model in (hoisted, plain):
+        model.encoders[0].slotted.scale = 3.0
+    assert_same(hoisted, plain, xs)
+    for model in (hoisted, plain):
+        model.encoders[0].cfg.model.opt.shift = 0.5
+    assert_same(hoisted, plain, xs)
+    assert hoisted.hoisted == (0, 1)
+
+
+class NoGradGate(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc, self.gate = nn.Linear(d_in, d_out), nn.Linear(d_out, d_out)
+
+    def forward(self, x):
+        h = self.fc(x)
+        with torch.no_grad():
+            w = torch.sigmoid(self.gate(h))
+        return (h * w).mean(1)
+
+
+class LayerDrop(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc, self.block = nn.Linear(d_in, d_out), nn.Linear(d_out, d_out)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        if self.training and random.random() < 0.5:
+            return h.mean(1)
+        return self.block(h).mean(1)
+
+
+class CachesFeatures(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+        self.cache = []
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        self.cache.append(h.detach())
+        return h.mean(1)
+
+
+@pytest.mark.parametrize("encoder,reason", [
+    (NoGradGate, "with-block"), (LayerDrop, "random"), (CachesFeatures, "sets attributes (cache)")])
+def test_forwards_a_trace_cannot_replay_are_not_hoisted(encoder, reason):
+    torch.manual_seed(0)
+    hoisted = ProgressiveFusion([encoder(5 + 3, 8), nn.Linear(4 + 3, 8)], [8, 8], 6, 3, iterations=3)
+    assert hoisted.hoisted == (1,) and reason in hoisted.hoisting_notes[0]
+    if encoder is CachesFeatures:
+        assert hoisted.encoders[0].cache == []  # the trace's proxies taken out again
+    plain = unhoisted(hoisted)
+    xs = [torch.randn(4, 6, 5), torch.randn(4, 4)]
+    random.seed(3)
+    a = hoisted(xs)
+    random.seed(3)
+    b = plain(xs)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class TogglesTraining(nn.Module):
+    """A train() of the user's own that freezes a layer in evaluation mode."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc, self.head = nn.Linear(d_in, d_out), nn.Linear(d_out, d_out)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.head.requires_grad_(mode)
+        return self
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(x)))
+
+
+def test_planning_leaves_a_train_override_in_the_encoders_mode():
+    encoder = TogglesTraining(5 + 2, 4).train()
+    model = ProgressiveFusion([encoder, nn.Linear(5, 4)], [4, 4], 5, 2)
+    assert model.hoisted == (0, 1) and encoder.training and encoder.head.weight.requires_grad
+
+
+def test_inputs_of_another_batch_size_or_dtype_are_named():
+    hoisted, _ = make_pair()
+    xs = make_inputs()
+    with pytest.raises(ValueError, match=r"xs\[2\] has batch size 3"):
+        hoisted([*xs[:2], xs[2][:3], *xs[3:]])
+    with pytest.raises(TypeError, match=r"xs\[1\] has dtype torch.float64 but the model's parameters are "
+                                        r"torch.float32"):
+        hoisted([xs[0], xs[1].double(), *xs[2:]])
+    with pytest.raises(ValueError, match="iterations must be an int >= 1"):
+        hoisted.iterations = 0
