@@ -37,6 +37,12 @@ class Progressive(nn.Module):
         elif self.variant == "half written through tensor_split":
             h.tensor_split(2, -1)[0].mul_(0.5)
             h = torch.tanh(h)
+        elif self.variant == "half written through torch.unflatten":
+            torch.unflatten(h, -1, (2, -1))[..., 0, :].mul_(0.5)
+            h = torch.tanh(h)
+        elif self.variant == "written through ravel":
+            h.ravel()[:7].mul_(0.5)
+            h = torch.tanh(h)
         elif self.variant == "written through .data":
             h.data.mul_(0.5)
             h = torch.tanh(h)
@@ -102,6 +108,7 @@ def converted_pair(variant, **kwargs):
 
 
 @pytest.mark.parametrize("variant", ["inplace activation", "position added in place", "half written through tensor_split",
+                                     "half written through torch.unflatten", "written through ravel",
                                      "written through .data"])
 def test_a_write_into_the_first_steps_projection_leaves_the_shared_one_alone(variant):
     reference, model, report = converted_pair(variant)
@@ -159,3 +166,123 @@ def test_concatenate_with_axis_is_read_as_a_feature_cat():
     _, report = pk.convert(model, backend=BACKEND, example_inputs=args)
     assert report.counts == {"fusion_head": 1}, report
     assert_same_model(reference, model, args)
+
+
+class ContextReadAgain(nn.Module):
+    """Activates the back-projection's output in place and returns it too (an auxiliary output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head, self.back = nn.Linear(8, 5), nn.Linear(5, 3)
+
+    def forward(self, seq, h1, h2):
+        z = torch.relu(self.head(torch.cat([h1, h2], -1)))
+        c = self.back(z)
+        ctx = F.relu(c, inplace=True)  # c now holds relu(back(z)) as well
+        x = torch.cat([seq, ctx.unsqueeze(1).expand(-1, seq.shape[1], -1)], -1)
+        return torch.cat([x.flatten(1), c], -1)
+
+
+def test_an_inplace_activation_of_a_value_read_elsewhere_is_not_swapped():
+    torch.manual_seed(0)
+    model = ContextReadAgain()
+    reference = copy.deepcopy(model)
+    args = (torch.randn(3, 4, 3), torch.randn(3, 4), torch.randn(3, 4))
+    _, report = pk.convert(model, backend=BACKEND, example_inputs=args)
+    assert "backproj_concat" not in report.counts and "writes in place into a value" in str(report), report
+    assert_same_model(reference, model, args)
+
+
+class WarmStart(nn.Module):
+    """A first step under inference_mode (or a tensor hook on the first step's Linear output)."""
+
+    def __init__(self, variant):
+        super().__init__()
+        self.variant = variant
+        self.enc, self.head, self.back = nn.Linear(4 + 3, 6), nn.Linear(6 + 4, 5), nn.Linear(5, 3)
+
+    def step(self, seq, vec, z, first):
+        c = seq.new_zeros(*seq.shape[:2], 3) if z is None else \
+            torch.relu(self.back(z)).unsqueeze(1).expand(-1, seq.shape[1], -1)
+        h = self.enc(torch.cat([seq, c], -1))
+        if first and self.variant == "hook on the first step":
+            h.register_hook(lambda g: g * 0.5)  # only the first step's gradient is halved
+        return torch.relu(self.head(torch.cat([torch.relu(h).mean(1), vec], -1)))
+
+    def forward(self, seq, vec):
+        if self.variant == "first step under inference_mode":
+            with torch.inference_mode():
+                z = self.step(seq, vec, None, True)
+            z = z.clone()
+        else:
+            z = self.step(seq, vec, None, True)
+        for _ in range(2):
+            z = self.step(seq, vec, z, False)
+        return z
+
+
+@pytest.mark.parametrize("variant", ["first step under inference_mode", "hook on the first step"])
+def test_a_first_step_apart_from_the_others_keeps_its_gradients(variant):
+    torch.manual_seed(0)
+    model = WarmStart(variant)
+    reference = copy.deepcopy(model)
+    args = (torch.randn(3, 5, 4), torch.randn(3, 4))
+    pk.convert(model, backend=BACKEND, example_inputs=args)
+    assert_same_model(reference, model, args)
+
+
+class ChannelsFirst(nn.Module):
+    """A back-projection concatenated on dim 1 of a (B, C, *S) tensor, then flattened with .view."""
+
+    def __init__(self, positions):
+        super().__init__()
+        self.head, self.back = nn.Linear(8, 4), nn.Linear(4, 2)
+        self.fc = nn.Linear((3 + 2) * positions, 3)
+
+    def forward(self, x, h1, h2):
+        z = torch.relu(self.head(torch.cat([h1, h2], -1)))
+        c = torch.relu(self.back(z))
+        c = c.view(*c.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+        out = torch.cat([x, c], dim=1)
+        return self.fc(out.reshape(out.shape[0], -1)), out
+
+
+@pytest.mark.parametrize("layout", ["(B, C, T)", "(B, C, H, W)", "(B, C, H, W) channels-last"])
+def test_a_channels_first_concat_keeps_torch_cats_layout(layout):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5) if layout == "(B, C, T)" else torch.randn(2, 3, 2, 3)
+    if "channels-last" in layout:
+        x = x.contiguous(memory_format=torch.channels_last)
+    model = ChannelsFirst(x[0, 0].numel())
+    reference = copy.deepcopy(model)
+    args = (x, torch.randn(2, 4), torch.randn(2, 4))
+    _, report = pk.convert(model, backend=BACKEND, example_inputs=args)
+    assert report.counts.get("backproj_concat") == 1, report
+    (y_ref, cat_ref), (y, cat) = reference(*args), model(*args)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cat, cat_ref, rtol=1e-5, atol=1e-6)
+    assert cat.stride() == cat_ref.stride()  # (.view works where it does on torch.cat's)
+
+
+class TwoEncoders(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc1, self.enc2, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(8, 5)
+
+    def forward(self, x1, x2):
+        return torch.relu(self.head(torch.cat([torch.relu(self.enc1(x1)), torch.relu(self.enc2(x2))], -1)))
+
+
+def test_hooks_added_after_convert_run():
+    torch.manual_seed(0)
+    model = TwoEncoders()
+    reference = copy.deepcopy(model)
+    args = (torch.randn(2, 4), torch.randn(2, 4))
+    _, report = pk.convert(model, backend=BACKEND, example_inputs=args)
+    assert report.counts == {"fusion_head": 1}, report
+    seen = {"reference": 0, "converted": 0}
+    for name, m in (("reference", reference), ("converted", model)):
+        m.enc1.register_forward_hook(lambda mod, i, o, name=name: seen.__setitem__(name, seen[name] + 1))
+        m.enc2.register_forward_hook(lambda mod, i, o: o * 0.5)  # changes the output
+    assert_same_model(reference, model, args)
+    assert seen["converted"] == seen["reference"] == 1

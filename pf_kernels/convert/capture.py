@@ -40,13 +40,15 @@ class _DynamoSettings:
     suppress_errors: where dynamo itself fails, the forward runs eagerly instead of raising.
     allow_rnn (models with an nn.LSTM/GRU/RNN): trace them instead of breaking the graph there (a
     break in a loop over encoders makes dynamo skip the whole forward).
+    skip_nnmodule_hook_guards off: a hook added to a submodule after capture recompiles (with
+    dynamo's default the captured graph would go on without it).
     optimize_ddp off (inside DDP's forward): our graphs run eager ops, so DDP's per-parameter hooks
     already overlap the all-reduce; the DDP optimizer would only cut the graph (and patterns) into
     buckets.
     """
 
     def __init__(self, rnn: bool):
-        self.values = {"suppress_errors": True}
+        self.values = {"suppress_errors": True, "skip_nnmodule_hook_guards": False}
         if rnn:
             self.values["allow_rnn"] = True
         self.saved = []

@@ -271,7 +271,8 @@ _ALIASING_METHODS = {"view", "view_as", "reshape", "reshape_as", "unsqueeze", "s
                      "__getitem__", "view_as_real", "view_as_complex", "squeeze_", "unsqueeze_", "align_as",
                      "tensor_split", "hsplit", "vsplit", "dsplit", "split_with_sizes", "unsafe_split",
                      "unsafe_chunk", "unsafe_split_with_sizes", "mT", "mH", "T", "H", "real", "imag", "data",
-                     "indices", "values", "adjoint", "conj", "resolve_conj", "resolve_neg", "positive"}
+                     "indices", "values", "adjoint", "conj", "resolve_conj", "resolve_neg", "positive",
+                     "ravel", "broadcast_to", "sum_to_size"}
 _ALIASING_FUNCTIONS = {operator.getitem, getattr, torch.reshape, torch.unsqueeze, torch.squeeze, torch.transpose,
                        torch.permute, torch.narrow, torch.select, torch.flatten, torch.split, torch.chunk,
                        torch.unbind, torch.broadcast_to, torch.movedim, torch.moveaxis, torch.t, torch.detach,
@@ -280,11 +281,14 @@ _ALIASING_FUNCTIONS = {operator.getitem, getattr, torch.reshape, torch.unsqueeze
                        torch.unsafe_chunk, torch.adjoint, torch.conj, torch.resolve_conj, torch.resolve_neg,
                        torch.positive, torch.real, torch.imag, torch.view_as_real, torch.view_as_complex, F.dropout,
                        F.alpha_dropout, F.feature_alpha_dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+                       torch.ravel, torch.unflatten, torch.atleast_1d, torch.atleast_2d, torch.atleast_3d,
+                       torch.broadcast_tensors, torch.meshgrid,
                        getattr(torch._C._autograd, "_get_data_attr", F.dropout)}  # (what dynamo makes of t.data)
-# Calls that change the mode the ops after them run in (dynamo records `with torch.no_grad():` and
-# `with torch.autocast(...):` as these).
+# Calls that change the mode the ops after them run in (dynamo records `with torch.no_grad():`,
+# `with torch.inference_mode():` and `with torch.autocast(...):` as these).
 _MODE_FUNCTIONS = {torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_autocast,
-                   torch.amp.autocast_mode._exit_autocast}
+                   torch.amp.autocast_mode._exit_autocast, torch.autograd.grad_mode._enter_inference_mode,
+                   torch.autograd.grad_mode._exit_inference_mode}
 
 
 @functools.lru_cache(maxsize=None)
@@ -379,6 +383,12 @@ class GraphFacts:
                     "`torch.autocast` boundary runs through it)")
         first, anchor = min(self.order[n] for n in own), self.order[match.anchor]
         anchor_root = self._root(match.anchor)
+        for writer in own:
+            # (an in-place activation: c = lin(z); relu_(c); ... c read again after the fused call)
+            written = written_in_place(writer)
+            if written is not None and (written not in own or any(u not in own for u in written.users)):
+                return (f"{where(writer)} writes in place into a value that is read outside the pattern (the "
+                        f"fused call would not write it)")
         for node in own:
             for writer in self.writes_to(node, own):
                 if self._root(node) is anchor_root and self.order[writer] > anchor:
@@ -813,7 +823,9 @@ class ContextLinearPattern(Pattern):
                 p = projection.emit(graph, remap, calls)
                 if out_act != "none":
                     return graph.call_function(calls.activation, (p, out_act))
-                return graph.call_method("clone", (p,)) if copy else p
+                # A view otherwise: a distinct autograd node (a hook on this step's value must not
+                # see the later steps' gradients of the shared p).
+                return graph.call_method("clone" if copy else "view_as", (p,) if copy else (p, p))
 
             return Match(self.zero_op, linear.node, anchor, nodes, [x, weight] + ([bias] if bias is not None else []),
                          [anchor, linear.node, cat.node, context], emit, f"{formula} -> {projection.text()}",

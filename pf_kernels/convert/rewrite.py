@@ -49,9 +49,11 @@ class FusedCalls:
     def backproj_concat(self, x, z, weight, bias, activation, dim):
         if dim == x.dim() - 1:
             return ops.backproj_concat(x, z, weight, bias, activation, backend=self.backend)
-        # Features in another dim (a channels-first image): the op on the features-last view.
+        # Features in another dim (a channels-first image): the op on the features-last view, made
+        # contiguous as torch.cat returns it here (code after it may .view() it), channels-last
+        # images included (the expanded context is in no channels-last layout).
         out = ops.backproj_concat(x.movedim(dim, -1), z, weight, bias, activation, backend=self.backend)
-        return out.movedim(-1, dim)
+        return out.movedim(-1, dim).contiguous()
 
 
 def _conflicts(a: Match, b: Match) -> bool:
