@@ -273,6 +273,9 @@ def check_context_linear(p, z, bp_weight, bp_bias, proj_weight, activation, out_
                          activation_name: str = "activation") -> None:
     if _context_linear_ok(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation):
         return
+    check_tensor(p, p_name)
+    if p.dim() < 2:
+        raise ValueError(f"{what}: {p_name} must be (B, *positions, H) with at least 2 dims, got {_describe(p)}")
     check_backproj_concat(p, z, bp_weight, bp_bias, activation, what, p_name, bp_weight_name, bp_bias_name,
                           z_name, activation_name)
     check_tensor(proj_weight, proj_weight_name)

@@ -4,7 +4,7 @@ Every op computes in fp32 (fp64 for fp64 inputs) and returns the input dtype, as
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,15 @@ def backproj_concat_grouped(xs: Sequence[torch.Tensor], z: torch.Tensor,
                             biases: Sequence[Optional[torch.Tensor]],
                             activation: str = "relu") -> List[torch.Tensor]:
     """One backproj_concat per modality, all reading the same z."""
+    _same_lengths(xs=xs, weights=weights, biases=biases)
     return [backproj_concat(x, z, w, b, activation) for x, w, b in zip(xs, weights, biases)]
+
+
+def _same_lengths(**lists) -> None:
+    """One entry per modality in every list (zip would drop the modalities past the shortest)."""
+    lengths = {name: len(items) for name, items in lists.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"one entry per modality expected, got lengths {lengths}")
 
 
 def fusion_head(hs: Sequence[torch.Tensor], weight: torch.Tensor,
@@ -103,10 +111,15 @@ def refine_step_hoisted(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
                         head_bias: Optional[torch.Tensor], ps: Sequence[torch.Tensor],
                         bp_weights: Sequence[torch.Tensor], bp_biases: Sequence[Optional[torch.Tensor]],
                         proj_weights: Sequence[torch.Tensor], head_activation: str = "relu",
-                        backproj_activation: str = "relu", out_activations: Sequence[str] = (),
+                        backproj_activation: str = "relu", out_activations: Union[str, Sequence[str]] = "none",
                         ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """A refinement step of encoders whose first Linears are hoisted: the fusion head, then every
-    modality's context_linear reading its output (as refine_step's back-projections read it)."""
+    modality's context_linear reading its output (as refine_step's back-projections read it).
+    out_activations: one for every modality, or one per modality."""
+    if isinstance(out_activations, str):
+        out_activations = [out_activations] * len(ps)
+    _same_lengths(ps=ps, bp_weights=bp_weights, bp_biases=bp_biases, proj_weights=proj_weights,
+                  out_activations=out_activations)
     z = fusion_head(hs, head_weight, head_bias, head_activation)
     return z, [context_linear(p, z, w, b, pw, backproj_activation, a)
                for p, w, b, pw, a in zip(ps, bp_weights, bp_biases, proj_weights, out_activations)]

@@ -676,3 +676,55 @@ def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
         with pytest.raises(RuntimeError, match="forward-mode AD"):
             pk.fusion_head([dual, hs[1]], w, b, backend=BACKEND)
     torch.testing.assert_close(pk.fusion_head(hs, w, b, backend=BACKEND), reference.fusion_head(hs, w, b))
+
+
+@pytest.mark.parametrize("where", ["NaN pre-activation", "NaN gradient where relu is off"])
+def test_relu_backward_at_nan_is_torchs(where):
+    """torch's relu backward selects (where(y <= 0, 0, g)): a NaN pre-activation passes g on, a NaN
+    gradient where relu is off gives 0; a product (g * relu') differs both ways."""
+    torch.manual_seed(0)
+    h, hw, hb = rand((3, 4), device=DEVICE), rand((5, 4), device=DEVICE), rand((5,), device=DEVICE)
+    x, z = rand((2, 3, 2), device=DEVICE), rand((2, 4), device=DEVICE)
+    w, b = rand((3, 4), device=DEVICE), torch.tensor([-100.0, 0.5, 0.5], device=DEVICE)  # context 0 off
+    p, pw = rand((2, 3, 5), device=DEVICE), rand((5, 3), device=DEVICE)
+    g_head, g_cat, g_ctx = rand((3, 5), device=DEVICE), rand((2, 3, 5), device=DEVICE), rand((2, 3, 5), device=DEVICE)
+    if where == "NaN pre-activation":
+        h[1, 2] = float("nan")
+        p[0, 1, 3] = float("nan")
+    else:
+        g_cat[0, 1, 2] = float("nan")
+        g_head[0, 0] = float("nan")
+    calls = {
+        "fusion_head": (lambda m, h: m.fusion_head([h], hw, hb, "relu"), h, g_head),
+        "backproj_concat": (lambda m, z: m.backproj_concat(x, z, w, b, "relu"), z, g_cat),
+        "context_linear": (lambda m, p: m.context_linear(p, z, w, b, pw, "relu", "relu"), p, g_ctx),
+    }
+    for name, (call, leaf, grad_out) in calls.items():
+        grads = []
+        for module in (reference, tr):
+            leaf_ = leaf.clone().requires_grad_()
+            out = call(module, leaf_)
+            grads.append(torch.autograd.grad(out, leaf_, grad_out)[0])
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6, equal_nan=True, msg=name)
+
+
+def test_registered_ops_called_directly_check_their_inputs():
+    hs, hw = [rand((4, 3), device=DEVICE, requires_grad=True)], rand((5, 3), device=DEVICE, requires_grad=True)
+    ops = torch.ops.pf_kernels_triton
+    for name in ("fusion_head", "refine_step"):
+        if name == "fusion_head":
+            out = ops.fusion_head(hs, hw, None, "relu", False)[0]
+        else:
+            x, w = rand((4, 2), device=DEVICE), rand((3, 5), device=DEVICE)
+            out = ops.refine_step(hs, hw, None, [x], [w], [], 0, "relu", "relu", False)[0]
+        with pytest.raises(RuntimeError, match=f"{name} ran with save_pre=False"):
+            out.sum().backward()
+    with pytest.raises(RuntimeError, match=r"pre must be the forward's \(4, 5\) float32 pre-activation"):
+        ops.fusion_head_backward(rand((4, 5), device=DEVICE), hs, hw, hw.new_empty(0), False, "relu")
+    x, z, w = rand((6, 3, 4), device=DEVICE), rand((2, 5), device=DEVICE), rand((3, 5), device=DEVICE)
+    with pytest.raises(ValueError, match=r"batch sizes differ: x \(6, 3, 4\) vs z \(2, 5\)"):
+        ops.backproj_concat(x, z, w, None, "relu")
+    with pytest.raises(ValueError, match=r"grad_out must be \(B, \*positions, x_features \+ Dc\) = \(2, ..., 403\)"):
+        ops.backproj_concat_backward(rand((2, 3, 7), device=DEVICE), z, w, None, "relu", 400)
+    with pytest.raises(ValueError, match=r"p must be \(B, \*positions, H\)"):
+        ops.context_linear(rand((5,), device=DEVICE), z, w, None, rand((5, 3), device=DEVICE), "relu", "none")

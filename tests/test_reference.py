@@ -97,3 +97,16 @@ def test_gradcheck_float64(activation):
     hs, hw, hb = fusion_inputs(3, (2, 3, 1), 4, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda w_, b_, *h: reference.fusion_head(h, w_, b_, activation),
                                     (hw, hb, *hs))
+
+
+def test_per_modality_lists_of_another_length_are_refused_not_cut():
+    torch.manual_seed(0)
+    hs, hw = [torch.randn(3, 4)], torch.randn(5, 4)
+    ps, ws, vs = [torch.randn(3, 2, 6), torch.randn(3, 6)], [torch.randn(2, 5)] * 2, [torch.randn(6, 2)] * 2
+    z, outs = reference.refine_step_hoisted(hs, hw, None, ps, ws, [None, None], vs)  # out_activations "none"
+    assert len(outs) == 2
+    torch.testing.assert_close(outs[1], reference.context_linear(ps[1], z, ws[1], None, vs[1], "relu", "none"))
+    with pytest.raises(ValueError, match="one entry per modality"):
+        reference.refine_step_hoisted(hs, hw, None, ps, ws, [None, None], vs, out_activations=["relu"])
+    with pytest.raises(ValueError, match="one entry per modality"):
+        reference.backproj_concat_grouped([torch.randn(3, 2)] * 2, z, ws[:1], [None, None])

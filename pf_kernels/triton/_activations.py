@@ -77,6 +77,17 @@ def act(y, ACT: tl.constexpr):
 
 
 @triton.jit
+def grad_through(g, y, ACT: tl.constexpr):
+    """g * act'(y), relu's as torch's threshold_backward: where(y <= 0, 0, g), so a NaN y passes g
+    on and a NaN g where y <= 0 gives 0 (a product would give NaN * 0)."""
+    if ACT == 1:
+        r = tl.where(y <= 0, 0.0, g)
+    else:
+        r = g * act_grad(y, ACT)
+    return r
+
+
+@triton.jit
 def act_grad(y, ACT: tl.constexpr):
     """d act / d y at the pre-activation y (fp32). tanh' = 4e / (1 + e)^2 with e = exp(-2|y|) and
     sigmoid' = e / (1 + e)^2 with e = exp(-|y|): no 1 - t^2 or s (1 - s) cancellation for large |y|."""

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._activations import act_grad
+from .._validation import check_backproj_concat
+from ._activations import grad_through
 from ._common import act_code, autotune, cdiv, define_op, launch, positions, size_class, smax, smin
 from ._matmul import mm, mm_tuned, mm_tuned_fp32
 
@@ -100,7 +101,7 @@ def backproj_reduce_kernel(g_ptr, pre_ptr, out_ptr, P, CH, NCH, S1, S2, Dx, Dc,
     g = tl.sum(gsum, axis=0)
     if FINISH:
         if ACT != 0:
-            g = g * act_grad(tl.load(pre_ptr + b * Dc + offs_c, mask=mask_c, other=0.0), ACT)
+            g = grad_through(g, tl.load(pre_ptr + b * Dc + offs_c, mask=mask_c, other=0.0), ACT)
         tl.store(out_ptr + b * Dc + offs_c, g, mask=mask_c)
     else:
         tl.store(out_ptr + (b * NCH + s) * Dc + offs_c, g, mask=mask_c)
@@ -130,6 +131,7 @@ def launch_forward(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
 
 def _forward(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              activation: str) -> torch.Tensor:
+    check_backproj_concat(x, z, weight, bias, activation, "pf_kernels_triton.backproj_concat")
     out = torch.empty((*x.shape[:-1], x.shape[-1] + weight.shape[0]), dtype=x.dtype, device=x.device)
     launch_forward(x, z, weight, bias, activation, out)
     return out
@@ -186,6 +188,10 @@ def grad_pre_of(grad_out: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
 def _backward(grad_out: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
               bias: Optional[torch.Tensor], activation: str, x_features: int) -> List[torch.Tensor]:
     """[grad_z, grad_weight, grad_bias (fp32 sum of grad_pre, in the input dtype)]."""
+    width = x_features + weight.shape[0]
+    if grad_out.dim() < 2 or grad_out.shape[0] != z.shape[0] or grad_out.shape[-1] != width or x_features < 0:
+        raise ValueError(f"pf_kernels_triton.backproj_concat_backward: grad_out must be (B, *positions, "
+                         f"x_features + Dc) = ({z.shape[0]}, ..., {width}), got {tuple(grad_out.shape)}")
     grad_pre = grad_pre_of(grad_out, z, weight, bias, activation, x_features)
     grad_z = mm(grad_pre, weight, z.dtype)
     grad_weight = mm(grad_pre.t(), z, z.dtype)

@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._activations import act, act_grad
+from .._validation import check_context_linear
+from ._activations import act, grad_through
 from ._common import (PROGRAMS_TARGET, act_code, autotune, cdiv, define_op, dot_precision, launch, positions,
                       size_class, smax, smin)
 from ._matmul import dot, mm, mm_tuned, mm_tuned_fp32
@@ -147,10 +148,9 @@ def context_reduce_kernel(g_ptr, s_ptr, term_ptr, gp_ptr, sum_ptr, P, CH, NCH, S
         if OUT_ACT != 0:
             saved = tl.load(s_row[None, :] + position_offsets(offs_p, T1, T2, ss0, ss1, ss2)[:, None],
                             mask=m, other=0.0).to(tl.float32)
-            if OUT_ACT == 1:
-                g = tl.where(saved > 0, g, 0.0)  # relu' from the output, as torch's relu backward
-            else:
-                g = g * act_grad(saved + term[None, :], OUT_ACT)
+            if OUT_ACT != 1:  # (relu's from its output: the pre-activation's sign, NaN included)
+                saved = saved + term[None, :]
+            g = grad_through(g, saved, OUT_ACT)
             tl.store(gp_row[None, :] + offs_p.to(tl.int64)[:, None] * H, g.to(gp_ptr.dtype.element_ty), mask=m)
         gsum += g
     tl.store(sum_ptr + (b * NCH + s) * H + offs_h, tl.sum(gsum, axis=0), mask=mask_h)
@@ -164,6 +164,8 @@ context_reduce = autotune("context_reduce", context_reduce_kernel, REDUCE_CONFIG
 
 def _forward(p: torch.Tensor, z: torch.Tensor, bp_weight: torch.Tensor, bp_bias: Optional[torch.Tensor],
              proj_weight: torch.Tensor, activation: str, out_activation: str) -> torch.Tensor:
+    check_context_linear(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation,
+                         "pf_kernels_triton.context_linear")
     out = torch.empty(p.shape, dtype=p.dtype, device=p.device)
     if out.numel() == 0:
         return out

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._activations import act, act_grad
+from .._validation import check_fusion_head
+from ._activations import act, grad_through
 from ._common import (act_code, autotune, cdiv, define_op, dot_precision, launch, pointer_slots,
                       scalar_slots, size_class, smax)
 from ._matmul import dot, dot_split
@@ -177,7 +178,7 @@ def grad_pre_tile(g_ptr, pre_ptr, offs_m, offs_n, mask, sgm, sgn, N, ACT: tl.con
     g = g.to(tl.float32)
     if ACT != 0:
         pre = tl.load(pre_ptr + offs_m[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
-        g = g * act_grad(pre, ACT)
+        g = grad_through(g, pre, ACT)
     return g
 
 
@@ -297,6 +298,7 @@ def launch_forward(hs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[
 def _forward(hs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
              activation: str, save_pre: bool) -> List[torch.Tensor]:
     """[out, pre]: pre is the fp32 pre-activation when save_pre and act is not "none", else empty."""
+    check_fusion_head(hs, weight, bias, activation, "pf_kernels_triton.fusion_head")
     if len(hs) > MAX_K:
         hs = [torch.cat(hs, dim=1)]
     M, N = hs[0].shape[0], weight.shape[0]
@@ -330,6 +332,9 @@ def backward(grad_out: torch.Tensor, hs: List[torch.Tensor], weight: torch.Tenso
     grad_w = torch.empty((N, sum(dims)), dtype=dtype, device=dev)
     grad_b = torch.empty((N,) if has_bias else (0,), dtype=dtype, device=dev)
     act_id = act_code(activation)
+    if act_id != 0 and (tuple(pre.shape) != (M, N) or pre.dtype != torch.float32):
+        raise RuntimeError(f"pf_kernels_triton.fusion_head_backward: pre must be the forward's ({M}, {N}) "
+                           f"float32 pre-activation (saved with save_pre=True), got {tuple(pre.shape)} {pre.dtype}")
     pre = pre if act_id != 0 else grad_out.new_empty((0,), dtype=torch.float32)  # never read
     prec = dot_precision(dtype)
     key = size_class(M, N, sum(dims))
@@ -369,12 +374,20 @@ fusion_head_backward_op = define_op("fusion_head_backward", backward, _backward_
 def _setup_context(ctx, inputs, output):
     hs, weight, bias, activation, save_pre = inputs
     ctx.save_for_backward(*hs, weight, output[1])
+    ctx.pre_saved = save_pre or activation == "none"
     ctx.activation = activation
     ctx.has_bias = bias is not None
     ctx.k = len(hs)
 
 
+def unsaved_pre(op: str) -> RuntimeError:
+    return RuntimeError(f"pf_kernels_triton.{op} ran with save_pre=False, so its backward has no pre-activation: "
+                        f"call it with save_pre=True where it is differentiated")
+
+
 def _autograd_backward(ctx, grads):
+    if not ctx.pre_saved:
+        raise unsaved_pre("fusion_head")
     saved = ctx.saved_tensors
     hs, weight, pre = list(saved[:ctx.k]), saved[ctx.k], saved[ctx.k + 1]
     grad_out = grads[0]

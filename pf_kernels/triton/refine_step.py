@@ -23,7 +23,7 @@ from ._common import (PROGRAMS_TARGET, act_code, autotune, cdiv, define_op, dot_
                       positions, scalar_slots, size_class, smax, smin)
 from ._matmul import dot
 from .backproj_concat import backproj_concat_backward_op, backproj_concat_op, position_offsets
-from .fusion_head import (MAX_K, fusion_head_backward_op, fusion_head_op, head_tile, needs_grad,
+from .fusion_head import (MAX_K, fusion_head_backward_op, fusion_head_op, head_tile, needs_grad, unsaved_pre,
                           unit_feature_strides)
 
 MAX_DZ = 128  # the head's [BM, Dz] fp32 accumulator lives in registers
@@ -251,11 +251,14 @@ def _setup_context(ctx, inputs, output):
     ctx.has_head_bias = hb is not None
     ctx.bp_has_bias = [b is not None for b in _biases(bs, bias_mask, len(xs))]
     ctx.acts = (head_act, bp_act)
+    ctx.pre_saved = save_pre or head_act == "none"
     ctx.x_features = [x.shape[-1] for x in xs]
     ctx.save_for_backward(*hs, hw, output[0], output[1], *ws, *bs)
 
 
 def _autograd_backward(ctx, grads):
+    if not ctx.pre_saved:
+        raise unsaved_pre("refine_step")
     saved = ctx.saved_tensors
     k, n = ctx.k, ctx.n
     hs, hw, z, pre = list(saved[:k]), saved[k], saved[k + 1], saved[k + 2]

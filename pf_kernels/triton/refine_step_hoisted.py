@@ -11,7 +11,7 @@ step is fusion_head then context_linear per modality. The backward composes thos
 kernels.
 """
 import functools
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 import triton
@@ -21,7 +21,8 @@ from ._activations import CODES
 from ._common import (PROGRAMS_TARGET, act_code, autotune, cdiv, define_op, dot_precision, launch, pointer_slots,
                       positions, scalar_slots, size_class, smax, smin)
 from .context_linear import add_term, context_linear_backward_op, context_linear_op, store_context
-from .fusion_head import MAX_K, fusion_head_backward_op, fusion_head_op, needs_grad, unit_feature_strides
+from .fusion_head import (MAX_K, fusion_head_backward_op, fusion_head_op, needs_grad, unit_feature_strides,
+                          unsaved_pre)
 from .refine_step import MAX_MODALITIES, _biases, fits_one_launch, pick4, store_z_rows
 
 _NAMES = {code: name for name, code in CODES.items()}
@@ -176,6 +177,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_head_bias = hb is not None
     ctx.bp_has_bias = [b is not None for b in _biases(bs, bias_mask, n)]
     ctx.acts = (head_act, bp_act, _out_names(out_codes, n))
+    ctx.pre_saved = save_pre or head_act == "none"
     # what each out_act' needs, as context_linear saves it: the output for relu, p for the others
     saved = [output[2 + j] if a == "relu" else (p if a != "none" else None)
              for j, (p, a) in enumerate(zip(ps, ctx.acts[2]))]
@@ -183,6 +185,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _autograd_backward(ctx, grads):
+    if not ctx.pre_saved:
+        raise unsaved_pre("refine_step_hoisted")
     saved = ctx.saved_tensors
     k, n = ctx.k, ctx.n
     hs, hw, z, pre = list(saved[:k]), saved[k], saved[k + 1], saved[k + 2]
@@ -214,8 +218,9 @@ def refine_step_hoisted(hs: List[torch.Tensor], head_weight: torch.Tensor, head_
                         ps: List[torch.Tensor], bp_weights: List[torch.Tensor],
                         bp_biases: List[Optional[torch.Tensor]], proj_weights: List[torch.Tensor],
                         head_activation: str = "relu", backproj_activation: str = "relu",
-                        out_activations: List[str] = ()):
+                        out_activations: Union[str, List[str]] = "none"):
     hs, ps, bp_weights, proj_weights = list(hs), list(ps), list(bp_weights), list(proj_weights)
+    out_activations = [out_activations] * len(ps) if isinstance(out_activations, str) else list(out_activations)
     bp_biases = list(bp_biases)
     save = needs_grad(*hs, head_weight, head_bias, *ps, *bp_weights, *bp_biases, *proj_weights)
     if not fits_one_launch(hs, head_weight, ps):
