@@ -320,15 +320,17 @@ def _reassigned(attributes: Tuple[Tuple[str, object], ...], module: nn.Module) -
                   if not _same_value(before.get(k, _MISSING), after.get(k, _MISSING)))
 
 
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                 "_global_backward_pre_hooks")
+# The dicts of hooks registered for every module (torch adds to and removes from them in place).
+_GLOBAL_HOOKS = tuple(getattr(_module_globals, name) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+    if hasattr(_module_globals, name))
 
 
 def _intercepted(*modules: nn.Module) -> bool:
     """Whether a call of one of these modules runs more than its class's forward: hooks of any kind
     (the module's own or every module's), or a forward set on the instance (accelerate's hooks,
     adapters). The hoisted path does not call the modules it replaces or traced through."""
-    return any(getattr(_module_globals, name, None) for name in _GLOBAL_HOOKS) or \
+    return any(_GLOBAL_HOOKS) or \
         any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
             or "forward" in m.__dict__ for m in modules)
 

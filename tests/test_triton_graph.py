@@ -216,7 +216,7 @@ def _fake_cases(torch, tr):
         for save in (True, False):
             yield ("refine_step_hoisted", (hs, t(6, 7, dtype=dtype), t(6, dtype=dtype), ps, ws, [t(3, dtype=dtype)],
                                            vs, 0b10, "gelu", "tanh", 1 | 2 << 3, save), rsh._forward_fake)
-        p, pw = t(3, 5, 4, dtype=dtype).transpose(1, 2), t(4, 7, dtype=dtype)
+        p, pw = t(3, 4, 5, dtype=dtype).transpose(1, 2), t(4, 7, dtype=dtype)  # (3, 5, 4), H = 4
         yield "context_linear", (p, z, w, b, pw, "tanh", "gelu"), cl._forward_fake
         for out_act in ("none", "relu", "gelu"):
             saved_out = t(3, 5, 4, dtype=dtype) if out_act == "relu" else None
