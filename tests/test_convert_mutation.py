@@ -101,9 +101,13 @@ def inputs(B=4):
 
 def converted_pair(variant, **kwargs):
     torch.manual_seed(0)
-    model = Progressive(variant, **kwargs)
+    return convert_copy(Progressive(variant, **kwargs), inputs())
+
+
+def convert_copy(model, args):
+    """(an unconverted copy of model, model converted in place, the conversion's report)."""
     reference = copy.deepcopy(model)
-    _, report = pk.convert(model, backend=BACKEND, example_inputs=inputs())
+    _, report = pk.convert(model, backend=BACKEND, example_inputs=args)
     return reference, model, report
 
 
@@ -160,10 +164,8 @@ class ConcatenateAxis(nn.Module):
 
 def test_concatenate_with_axis_is_read_as_a_feature_cat():
     torch.manual_seed(0)
-    model = ConcatenateAxis()
-    reference = copy.deepcopy(model)
     args = (torch.randn(4, 6), torch.randn(4, 5))
-    _, report = pk.convert(model, backend=BACKEND, example_inputs=args)
+    reference, model, report = convert_copy(ConcatenateAxis(), args)
     assert report.counts == {"fusion_head": 1}, report
     assert_same_model(reference, model, args)
 
@@ -185,10 +187,8 @@ class ContextReadAgain(nn.Module):
 
 def test_an_inplace_activation_of_a_value_read_elsewhere_is_not_swapped():
     torch.manual_seed(0)
-    model = ContextReadAgain()
-    reference = copy.deepcopy(model)
     args = (torch.randn(3, 4, 3), torch.randn(3, 4), torch.randn(3, 4))
-    _, report = pk.convert(model, backend=BACKEND, example_inputs=args)
+    reference, model, report = convert_copy(ContextReadAgain(), args)
     assert "backproj_concat" not in report.counts and "writes in place into a value" in str(report), report
     assert_same_model(reference, model, args)
 
@@ -224,10 +224,9 @@ class WarmStart(nn.Module):
 @pytest.mark.parametrize("variant", ["first step under inference_mode", "hook on the first step"])
 def test_a_first_step_apart_from_the_others_keeps_its_gradients(variant):
     torch.manual_seed(0)
-    model = WarmStart(variant)
-    reference = copy.deepcopy(model)
     args = (torch.randn(3, 5, 4), torch.randn(3, 4))
-    pk.convert(model, backend=BACKEND, example_inputs=args)
+    reference, model, report = convert_copy(WarmStart(variant), args)
+    assert report.counts.get("context_linear") == 2, report  # (the steps after the first still share p)
     assert_same_model(reference, model, args)
 
 
@@ -253,10 +252,8 @@ def test_a_channels_first_concat_keeps_torch_cats_layout(layout):
     x = torch.randn(2, 3, 5) if layout == "(B, C, T)" else torch.randn(2, 3, 2, 3)
     if "channels-last" in layout:
         x = x.contiguous(memory_format=torch.channels_last)
-    model = ChannelsFirst(x[0, 0].numel())
-    reference = copy.deepcopy(model)
     args = (x, torch.randn(2, 4), torch.randn(2, 4))
-    _, report = pk.convert(model, backend=BACKEND, example_inputs=args)
+    reference, model, report = convert_copy(ChannelsFirst(x[0, 0].numel()), args)
     assert report.counts.get("backproj_concat") == 1, report
     (y_ref, cat_ref), (y, cat) = reference(*args), model(*args)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
@@ -275,10 +272,8 @@ class TwoEncoders(nn.Module):
 
 def test_hooks_added_after_convert_run():
     torch.manual_seed(0)
-    model = TwoEncoders()
-    reference = copy.deepcopy(model)
     args = (torch.randn(2, 4), torch.randn(2, 4))
-    _, report = pk.convert(model, backend=BACKEND, example_inputs=args)
+    reference, model, report = convert_copy(TwoEncoders(), args)
     assert report.counts == {"fusion_head": 1}, report
     seen = {"reference": 0, "converted": 0}
     for name, m in (("reference", reference), ("converted", model)):
