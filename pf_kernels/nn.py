@@ -175,6 +175,9 @@ class _Hoisting:
         # The modules whose forward the trace went through: (module, its children's names, its plain
         # attributes). A child added or removed, or an attribute reassigned, and the trace is stale.
         self.traced = tuple(traced)
+        # A trace may hold the parameters' dtype or device (an HF-style self.dtype): .double(), .to()
+        # and the plan is made again.
+        self.placed = (linear.weight.dtype, linear.weight.device)
         # The other modules of the user's own classes, called live by the tails, whose plain
         # attributes the traced code may have read as well (`self.pool.temperature`).
         self.watched = tuple(watched)
@@ -193,7 +196,8 @@ class _Hoisting:
     def stale(self) -> bool:
         """The traced structure changed: a child of a traced-through module added or removed, or a
         plain attribute (the trace holds its value as a constant) reassigned."""
-        if any(tuple(module._modules) != children for module, children, _ in self.traced):
+        if any(tuple(module._modules) != children for module, children, _ in self.traced) or \
+                (self.linear.weight.dtype, self.linear.weight.device) != self.placed:
             return True
         for module, attributes in (*((m, a) for m, _, a in self.traced), *self.watched):
             current = module.__dict__
@@ -412,7 +416,7 @@ def _plan_tail(encoder: nn.Module, context_dim: int, through: frozenset):
         fused, activation = follower, epilogue
     # Hooks of the modules the hoisted path does not call (the first layer, what was traced through).
     replaced = {n.target: modules[n.target] for n in (first, fused) if n.op == "call_module"}
-    why = _unreplayable([m for _, m in _traced_modules(encoder, through)])
+    why, _ = _read_forwards([m for _, m in _traced_modules(encoder, through)], encoder)
     if why is not None:
         return why
     if _intercepted(encoder, *replaced.values(), *(m for _, m in _traced_modules(encoder, through))):
@@ -431,27 +435,50 @@ def _plan_tail(encoder: nn.Module, context_dim: int, through: frozenset):
     return linear, activation, replaced, tail
 
 
-# A with-block (torch.no_grad, torch.autocast: fx records neither) and Python's or numpy's random
-# (drawn once, at trace time) in a traced forward: the tail would not do what the forward does.
+# What a trace cannot replay: a with-block or a decorator (torch.no_grad, torch.autocast: fx records
+# neither), random numbers drawn apart from the input (Python's, numpy's, torch's: drawn once, at trace
+# time), torch.utils.checkpoint (the trace inlines it: the memory it saves would be spent).
 _WITH_OPS = frozenset(["SETUP_WITH", "BEFORE_WITH", "SETUP_ASYNC_WITH", "BEFORE_ASYNC_WITH", "LOAD_SPECIAL"])
+_DRAWS = frozenset(["random", "rand", "randn", "randint", "randperm", "bernoulli", "bernoulli_", "multinomial",
+                    "normal", "normal_", "uniform_", "exponential_", "geometric_", "cauchy_", "log_normal_",
+                    "random_", "poisson"])
 
 
-def _unreplayable(modules: Sequence[nn.Module]) -> Optional[str]:
-    """Why the traced forwards of these modules (those of the user's own classes) cannot be replayed
-    from their trace, or None. Reads their code (nested functions included), not what they call."""
-    for module in modules:
-        if not _is_users_module(module):
+def _read_forwards(modules: Sequence[nn.Module], encoder: nn.Module) -> Tuple[Optional[str], frozenset]:
+    """(why the traced forwards of these modules cannot be replayed from their trace, or None; the
+    names their code reads). Reads the forwards of the user's own classes, the functions nested in
+    them and the functions of the user's own they call by name (methods of the encoder's modules'
+    classes, module-level functions), not what they reach otherwise."""
+    classes = {type(m) for m in encoder.modules() if _is_users_module(m)}
+    names, seen = set(), set()
+    todo = [(type(m).forward, type(m).__name__) for m in modules if _is_users_module(m)]
+    while todo:
+        function, owner = todo.pop()
+        if hasattr(function, "__wrapped__"):
+            return f"{owner}.{function.__name__} is decorated (no_grad, autocast: a trace drops what it does)", names
+        code = getattr(function, "__code__", None)
+        if code is None or code in seen:
             continue
-        code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
-        codes = [code] if code is not None else []
+        seen.add(code)
+        codes = [code]
         while codes:
             code = codes.pop()
             codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+            where = f"{owner}.{code.co_name}"
             if any(i.opname in _WITH_OPS for i in dis.get_instructions(code)):
-                return f"the forward of {type(module).__name__} has a with-block (no_grad, autocast: a trace drops it)"
-            if "random" in code.co_names:
-                return f"the forward of {type(module).__name__} draws Python random numbers (a trace fixes them)"
-    return None
+                return f"{where} has a with-block (no_grad, autocast: a trace drops it)", names
+            drawn = _DRAWS.intersection(code.co_names)
+            if drawn:
+                return f"{where} draws random numbers ({min(drawn)}: a trace draws them once)", names
+            if "checkpoint" in code.co_names:
+                return f"{where} uses checkpoint (a trace inlines it)", names
+            names.update(code.co_names)
+            for name in code.co_names:
+                callees = [getattr(cls, name, None) for cls in classes]
+                callees.append(getattr(function, "__globals__", {}).get(name))
+                todo.extend((c, getattr(c, "__qualname__", name).rpartition(".")[0] or owner) for c in callees
+                            if isinstance(c, types.FunctionType) and not c.__module__.startswith("torch"))
+    return None, frozenset(names)
 
 
 class _Into(str):
@@ -513,6 +540,8 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
                     "its input goes through more than 4 nested modules of its own before a Linear"
             written = [f"{path + '.' if path else ''}{k}" for path, m in _traced_modules(encoder, through)
                        for k in _reassigned(attributes[m], m) + _changed(shelved[m])]
+            if written and all(k.rpartition(".")[2].startswith("_tensor_constant") for k in written):
+                return "its forward makes tensors of constants (torch.linspace, torch.tensor: a trace keeps them)"
             if written:
                 # The trace ran the forward once with proxies: what it stored is not what a real call
                 # would, and the tail would never store it again.
@@ -536,8 +565,12 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
     replaced = {**{path: m for path, m in traced if path}, **replaced}
     fresh = activation == "none" and any(_writes_into_input(tail.graph, encoder) for tail in tails.values())
     traced_ids = {id(m) for _, m in traced}
-    watched = [(m, _watched(attributes[m])) for m in encoder.modules()
-               if id(m) not in traced_ids and _is_users_module(m) and attributes[m]]
+    # Watched besides: every plain attribute of the user's other modules, and those of torch's modules
+    # that the traced code names (`self.attn_drop.p`).
+    _, read = _read_forwards([m for _, m in traced], encoder)
+    watched = [(m, _watched(attrs)) for m, attrs in (
+        (m, attributes[m] if _is_users_module(m) else tuple((k, v) for k, v in attributes[m] if k in read))
+        for m in encoder.modules() if id(m) not in traced_ids) if attrs]
     return _Hoisting(encoder, linear, activation, tails, replaced,
                      [(m, tuple(m._modules), _watched(attributes[m])) for _, m in traced], fresh, watched)
 
@@ -564,9 +597,11 @@ class ProgressiveFusion(nn.Module):
     gets hooks (forward or backward) or a forward set on the instance, runs unhoisted until
     `hoist = True` plans again; one whose traced structure changes (a Sequential or ModuleList
     grown) or whose modules' plain attributes (a temperature, a config: the trace holds their
-    values) change is planned again at the next forward. An encoder whose traced forward sets
-    attributes, appends to a list of its own, has a with-block (no_grad, autocast) or draws Python
-    random numbers is not hoisted (a trace cannot replay those; helpers it calls are not read).
+    values; also a torch module's attribute the forward names, and the parameters' dtype or device)
+    change is planned again at the next forward. An encoder whose traced forward (or a method or
+    function of the user's own that it calls by name) sets attributes, appends to a list of its
+    own, has a with-block or a decorator (no_grad, autocast), draws random numbers or checkpoints
+    is not hoisted: a trace cannot replay those.
     """
 
     def __init__(self, encoders: Sequence[nn.Module], encoder_dims: Sequence[int], fused_dim: int,
@@ -614,8 +649,15 @@ class ProgressiveFusion(nn.Module):
         if not isinstance(value, bool):
             raise TypeError(f"hoist must be a bool, got {type(value).__name__}")
         self._hoist = value
+        self._plan(range(len(self.encoders)))
+
+    def _plan(self, which) -> None:
+        """Plans (again) the encoders numbered in `which`; the others keep theirs."""
+        plans = list(getattr(self, "_plans", [None] * len(self.encoders)))
+        for j in which:
+            plans[j] = plan_hoisting(self.encoders[j], self.context_dims[j]) if self._hoist else "hoist=False"
         # Plain attributes, not submodules: the plans reference the encoders' own modules.
-        plans = [plan_hoisting(e, c) if value else "hoist=False" for e, c in zip(self.encoders, self.context_dims)]
+        self._plans = tuple(plans)
         self._hoisting: Tuple[Optional[_Hoisting], ...] = tuple(p if isinstance(p, _Hoisting) else None for p in plans)
         self.hoisting_notes: Tuple[str, ...] = tuple(
             f"encoder {j}: {'hoisted, ' + p.activation + ' fused' if isinstance(p, _Hoisting) else 'not hoisted: ' + p}"
@@ -669,7 +711,8 @@ class ProgressiveFusion(nn.Module):
             return (None,) * len(xs)
         stale = [plan is not None and plan.stale() for plan in self._hoisting]
         if any(stale) and not torch.compiler.is_compiling():
-            self.hoist = self._hoist  # the traced structure or an attribute it holds changed: trace again
+            # The traced structure or an attribute it holds changed: trace that encoder again.
+            self._plan([j for j, old in enumerate(stale) if old])
             stale = [False] * len(stale)  # (fresh plans; under torch.compile a stale one runs unhoisted)
         # A plan whose modules were swapped out no longer holds: that encoder runs unhoisted.
         plans = tuple(plan if plan is not None and not old and plan.holds_for(encoder) else None

@@ -219,3 +219,74 @@ def test_count_fused_calls_counts_and_restores():
     except KeyError:
         pass
     assert (pk.ops.fusion_head, pk.ops.backproj_concat, pk.ops.context_linear) == originals
+
+
+class BreakInTheLoop(WithGraphBreak):
+    def forward(self, seq, h1, h2):
+        z = torch.tanh(self.head(torch.cat([h1, h2], -1)))
+        for _ in range(2):
+            if z.sum() > 0:  # a break inside a loop: dynamo runs the whole forward as it is
+                z = -z
+        return torch.cat([seq, torch.relu(self.back(z)).unsqueeze(1).expand(-1, seq.shape[1], -1)], -1)
+
+
+def test_a_graph_break_in_a_loop_is_reported_and_the_model_keeps_its_forward():
+    args = (torch.randn(3, 4, 2), torch.randn(3, 3), torch.randn(3, 4))
+    model = BreakInTheLoop()
+    reference = copy.deepcopy(model)
+    _, report = pk.convert(model, backend=BACKEND, example_inputs=args)
+    assert "forward" not in model.__dict__ and report.counts == {}
+    assert any("captured no graph of BreakInTheLoop.forward" in line for line in report.left_alone), str(report)
+    assert "no forward captured yet" not in str(report)
+    assert_same_model(reference, model, args)
+
+
+class BroadcastBias(nn.Module):
+    """Biases F.linear broadcasts but the fused ops do not take: (1, out) and 0-d."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(5, 7)), nn.Parameter(torch.randn(1, 5))
+        self.bw, self.bb = nn.Parameter(torch.randn(2, 5)), nn.Parameter(torch.randn(()))
+
+    def forward(self, seq, h1, h2):
+        z = torch.relu(F.linear(torch.cat([h1, h2], -1), self.w, self.b))
+        c = torch.relu(F.linear(z, self.bw, self.bb))
+        return torch.cat([seq, c.unsqueeze(1).expand(-1, seq.shape[1], -1)], -1)
+
+
+def test_a_bias_of_another_shape_than_out_is_left_alone():
+    _convert_and_check(BroadcastBias(), (torch.randn(3, 4, 2), torch.randn(3, 3), torch.randn(3, 4)), {})
+
+
+class Steps(nn.Module):
+    def __init__(self, dims, hidden=8, fused=6, context=4):
+        super().__init__()
+        self.context = context
+        self.enc = nn.ModuleList(nn.Linear(d + context, hidden) for d in dims)
+        self.back = nn.ModuleList(nn.Linear(fused, context) for _ in dims)
+        self.head = nn.Linear(len(dims) * hidden, fused)
+
+    def forward(self, xs):
+        z = None
+        for _ in range(2):
+            hs = []
+            for j, x in enumerate(xs):
+                c = x.new_zeros(*x.shape[:2], self.context) if z is None else \
+                    torch.relu(self.back[j](z)).unsqueeze(1).expand(-1, x.shape[1], -1)
+                hs.append(torch.relu(self.enc[j](torch.cat([x, c], -1))).mean(1))
+            z = torch.tanh(self.head(torch.cat(hs, -1)))
+        return z
+
+
+def test_models_of_one_class_with_other_sizes_are_each_captured_with_static_sizes():
+    # dynamo remembers sizes that changed per file, line and code name: without a name of its own,
+    # the second model would be captured with symbolic feature widths and nothing hoisted
+    for dims in [(6, 7), (10, 3), (6, 7)]:
+        xs = [torch.randn(3, 4, d) for d in dims]
+        model = Steps(dims)
+        reference = copy.deepcopy(model)
+        _, report = pk.convert(model, backend=BACKEND, example_inputs=(xs,))
+        assert report.counts == {"fusion_head": 2, "context_linear": 2, "x_projection": 2}, str(report)
+        assert "static shapes" in report.captures[0], str(report)
+        assert_same_model(reference, model, (xs,))

@@ -13,6 +13,7 @@ from torch import nn
 
 import pf_kernels as pk
 from pf_kernels._dispatch import implements
+import pf_kernels.nn as pf_nn
 from pf_kernels.nn import ProgressiveFusion, plan_hoisting
 
 BACKENDS = [b for b, info in pk.available_backends().items()
@@ -681,3 +682,118 @@ def test_inputs_of_another_batch_size_or_dtype_are_named():
         hoisted([xs[0], xs[1].double(), *xs[2:]])
     with pytest.raises(ValueError, match="iterations must be an int >= 1"):
         hoisted.iterations = 0
+
+
+class NoGradForward(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+
+    @torch.no_grad()
+    def forward(self, x):
+        return torch.relu(self.fc(x)).mean(1)
+
+
+class WithInAHelper(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc, self.score = nn.Linear(d_in, d_out), nn.Linear(d_out, 1)
+
+    def _pool(self, h):
+        with torch.no_grad():
+            w = torch.softmax(self.score(h), 1)
+        return (w * h).sum(1)
+
+    def forward(self, x):
+        return self._pool(torch.tanh(self.fc(x)))
+
+
+class TorchLayerDrop(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc, self.block = nn.Linear(d_in, d_out), nn.Linear(d_out, d_out)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        if self.training and torch.empty(1).uniform_() < 0.5:
+            return h.mean(1)
+        return self.block(h).mean(1)
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc, self.block = nn.Linear(d_in, d_out), nn.Sequential(nn.Linear(d_out, d_out), nn.GELU())
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        return torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=False).mean(1)
+
+
+class ConstantScale(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return (self.fc(x) * torch.linspace(0.5, 1.5, self.fc.out_features)).mean(1)
+
+
+@pytest.mark.parametrize("encoder,reason", [
+    (NoGradForward, "is decorated"), (WithInAHelper, "WithInAHelper._pool has a with-block"),
+    (TorchLayerDrop, "draws random numbers (uniform_"), (Checkpointed, "uses checkpoint"),
+    (ConstantScale, "makes tensors of constants")])
+def test_what_a_trace_cannot_replay_in_decorators_helpers_and_torch_calls(encoder, reason):
+    torch.manual_seed(0)
+    hoisted = ProgressiveFusion([encoder(5 + 3, 8), nn.Linear(4 + 3, 8)], [8, 8], 6, 3, iterations=3)
+    assert hoisted.hoisted == (1,) and reason in hoisted.hoisting_notes[0], hoisted.hoisting_notes
+    plain = unhoisted(hoisted)
+    xs = [torch.randn(4, 6, 5), torch.randn(4, 4)]
+    torch.manual_seed(2)
+    a = hoisted(xs)
+    torch.manual_seed(2)
+    b = plain(xs)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class ReadsTorchModuleAttributes(nn.Module):
+    """Reads a torch module's attribute (a dropout schedule) and the parameters' dtype (HF style)."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc, self.drop = nn.Linear(d_in, d_out), nn.Dropout(0.5)
+
+    @property
+    def dtype(self):
+        return self.fc.weight.dtype
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        return F.dropout(h, self.drop.p, self.training).mean(1).to(self.dtype)
+
+
+def test_torch_modules_attributes_and_the_parameters_dtype_are_watched():
+    torch.manual_seed(0)
+    hoisted = ProgressiveFusion([ReadsTorchModuleAttributes(5 + 3, 8), nn.Linear(4 + 3, 8)], [8, 8], 6, 3,
+                                iterations=3)
+    plain = unhoisted(hoisted)
+    xs = [torch.randn(4, 6, 5), torch.randn(4, 4)]
+    for model in (hoisted, plain):
+        model.encoders[0].drop.p = 0.0  # training mode, but nothing dropped now
+    assert_same(hoisted, plain, xs)
+    assert hoisted.hoisted == (0, 1)
+    hoisted.double()
+    plain.double()
+    assert_same(hoisted, plain, [x.double() for x in xs])
+    assert hoisted.hoisted == (0, 1)
+
+
+def test_only_the_encoder_whose_attribute_changed_is_planned_again(monkeypatch):
+    torch.manual_seed(0)
+    hoisted = ProgressiveFusion([Scaled(5 + 3, 8), Scaled(4 + 3, 8)], [8, 8], 6, 3, iterations=3)
+    planned = []
+    original = pf_nn.plan_hoisting
+    monkeypatch.setattr(pf_nn, "plan_hoisting", lambda e, c: (planned.append(e), original(e, c))[1])
+    hoisted.encoders[1].temperature = 2.0
+    hoisted([torch.randn(4, 6, 5), torch.randn(4, 6, 4)])
+    assert planned == [hoisted.encoders[1]] and hoisted.hoisted == (0, 1)

@@ -22,6 +22,7 @@ for that code, and other compiled uses of the class are unaffected.
 from __future__ import annotations
 
 import functools
+import itertools
 import types
 from typing import Optional
 
@@ -74,10 +75,17 @@ def _inside_ddp() -> bool:
     return DistributedDataParallel._get_active_ddp_module() is not None
 
 
+_copies = itertools.count(1)
+
+
 def _own_copy(function: types.FunctionType) -> types.FunctionType:
-    """The same function with its own code object (dynamo keeps its cache per code object)."""
-    copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
-                              function.__defaults__, function.__closure__)
+    """The same function with its own code object (dynamo keeps its cache per code object) and its
+    own code name: dynamo keeps what it learnt about sizes that changed (automatic dynamic shapes)
+    per file, line and name, so another model of the same class would be captured with symbolic
+    sizes (its feature widths too: then nothing is hoisted)."""
+    code = function.__code__
+    copy = types.FunctionType(code.replace(co_name=f"{code.co_name}__pf_kernels_{next(_copies)}"),
+                              function.__globals__, function.__name__, function.__defaults__, function.__closure__)
     copy.__kwdefaults__ = function.__kwdefaults__
     copy.__qualname__ = function.__qualname__
     copy.__dict__.update(function.__dict__)
@@ -134,7 +142,13 @@ class ConvertedForward:
             self.report.add_left_alone(
                 f"torch.compile split {type(self.module).__name__}.forward into {captured} graphs (graph breaks; "
                 "torch._dynamo.explain(model)(*inputs) says where and why): a pattern across a break is not seen")
-        if captured and not self.report.replaced:
+        if not self.report.captures:  # dynamo ran the forward without capturing (a break in a loop)
+            uninstall(self.module)
+            self.report.add_left_alone(
+                f"torch.compile captured no graph of {type(self.module).__name__}.forward (a graph break inside a "
+                "loop makes it run the whole forward as it is; torch._dynamo.explain(model)(*inputs) says where): "
+                "the model keeps its own forward")
+        elif captured and not self.report.replaced:
             uninstall(self.module)
             self.report.add_left_alone(f"nothing to swap in {type(self.module).__name__}.forward: "
                                        "the model keeps its own forward")

@@ -89,8 +89,8 @@ def as_linear(node) -> Optional[Linear]:
     inp, weight, bias = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
     if value(inp) is None or value(weight) is None or value(weight).dim() != 2:
         return None
-    if bias is not None and value(bias) is None:
-        return None
+    if bias is not None and (value(bias) is None or tuple(value(bias).shape) != (value(weight).shape[0],)):
+        return None  # (a bias F.linear broadcasts, (1, out) or 0-d: the fused ops take (out,))
     return Linear(node, inp, weight, bias)
 
 

@@ -44,7 +44,7 @@ class ConversionReport:
         counts = ", ".join(f"{n} {op}" for op, n in self.counts.items()) or "nothing"
         lines = [f"pf_kernels.convert: {counts} swapped, {len(self.left_alone)} left alone, "
                  f"{len(self.backends_set)} module backend(s) set, {len(self.captures)} graph(s) captured"]
-        if not self.captures:
+        if not self.captures and not self.left_alone:
             lines.append("  (no forward captured yet: the patterns are found at the first call, "
                          "or at convert() when given example_inputs)")
         lines += [f"  captured:   {c}" for c in self.captures]
