@@ -181,6 +181,7 @@ class _Hoisting:
         # The other modules of the user's own classes, called live by the tails, whose plain
         # attributes the traced code may have read as well (`self.pool.temperature`).
         self.watched = tuple(watched)
+        self._attributes = tuple((m, a) for m, _, a in self.traced if a) + self.watched
         self.skipped = (encoder, *(m for _, _, m in self.fused), *(m for m, _, _ in self.traced))
         self.fresh_first_input = fresh_first_input
 
@@ -189,21 +190,25 @@ class _Hoisting:
         Checked every forward: dict lookups, not get_submodule's walk."""
         return encoder is self.encoder and all(parent._modules.get(name) is module
                                                for parent, name, module in self.fused) \
-            and not _intercepted(*self.skipped) \
+            and not _intercepted(self.skipped) \
             and all(m.training is encoder.training or isinstance(m, _CONTAINERS)  # traced in one mode
                     for m, _, _ in self.traced)
 
     def stale(self) -> bool:
         """The traced structure changed: a child of a traced-through module added or removed, or a
         plain attribute (the trace holds its value as a constant) reassigned."""
-        if any(tuple(module._modules) != children for module, children, _ in self.traced) or \
-                (self.linear.weight.dtype, self.linear.weight.device) != self.placed:
+        weight = self.linear.weight
+        if (weight.dtype, weight.device) != self.placed:
             return True
-        for module, attributes in (*((m, a) for m, _, a in self.traced), *self.watched):
-            current = module.__dict__
-            if any(not _same_value(current.get(name, _MISSING), value) or
-                   (contents is not None and _contents(value) != contents) for name, value, contents in attributes):
+        for module, children, _ in self.traced:  # (loops, not generators: this runs every forward)
+            if tuple(module._modules) != children:
                 return True
+        for module, attributes in self._attributes:
+            current = module.__dict__
+            for name, value, contents in attributes:
+                if not _same_value(current.get(name, _MISSING), value) or \
+                        (contents is not None and _contents(value) != contents):
+                    return True
         return False
 
     def first_input(self, p: torch.Tensor) -> torch.Tensor:
@@ -330,13 +335,17 @@ _GLOBAL_HOOKS = tuple(getattr(_module_globals, name) for name in (
     if hasattr(_module_globals, name))
 
 
-def _intercepted(*modules: nn.Module) -> bool:
+def _intercepted(modules: Sequence[nn.Module]) -> bool:
     """Whether a call of one of these modules runs more than its class's forward: hooks of any kind
     (the module's own or every module's), or a forward set on the instance (accelerate's hooks,
     adapters). The hoisted path does not call the modules it replaces or traced through."""
-    return any(_GLOBAL_HOOKS) or \
-        any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-            or "forward" in m.__dict__ for m in modules)
+    if any(_GLOBAL_HOOKS):
+        return True
+    for m in modules:  # (a loop, not a generator: this runs every forward)
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks \
+                or "forward" in m.__dict__:
+            return True
+    return False
 
 
 # Modules and functions that read their input and return a new tensor (never the input itself, a
@@ -419,7 +428,7 @@ def _plan_tail(encoder: nn.Module, context_dim: int, through: frozenset):
     why, _ = _read_forwards([m for _, m in _traced_modules(encoder, through)], encoder)
     if why is not None:
         return why
-    if _intercepted(encoder, *replaced.values(), *(m for _, m in _traced_modules(encoder, through))):
+    if _intercepted([encoder, *replaced.values(), *(m for _, m in _traced_modules(encoder, through))]):
         return "it, a module traced through in it, or its first layer has hooks or a forward of its own"
     # The rest: every node after the fused one, reading the fused node's output from a placeholder;
     # module and attribute paths are resolved through `encoder`, the live module.
@@ -514,7 +523,7 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
     starts with its Linear; one of our activations right after that Linear is fused.
     """
     if type(encoder) is nn.Linear:
-        if _intercepted(encoder):
+        if _intercepted([encoder]):
             return "it has hooks or a forward of its own"
         if encoder.in_features <= context_dim:
             return f"it takes {encoder.in_features} <= context_dims features"
