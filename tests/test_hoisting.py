@@ -691,12 +691,8 @@ class WithInAHelper(nn.Module):
         return self._pool(torch.tanh(self.fc(x)))
 
 
-class TorchLayerDrop(nn.Module):
-    def __init__(self, d_in, d_out):
-        super().__init__()
-        self.fc, self.block = nn.Linear(d_in, d_out), nn.Linear(d_out, d_out)
-
-    def forward(self, x):
+class TorchLayerDrop(LayerDrop):
+    def forward(self, x):  # (its own code: the code is what planning reads)
         h = torch.relu(self.fc(x))
         if self.training and torch.empty(1).uniform_() < 0.5:
             return h.mean(1)
