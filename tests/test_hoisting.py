@@ -145,6 +145,14 @@ def make_pair(backend="auto", iterations=3, context=(3, 2, 4, 1, 2), **kwargs):
     return hoisted, plain
 
 
+def pair_with(encoder, iterations=3):
+    """A model of `encoder` (a sequence modality, 5 features + a context of 3) and a Linear (a vector
+    modality), its unhoisted copy, and inputs."""
+    torch.manual_seed(0)
+    hoisted = ProgressiveFusion([encoder, nn.Linear(4 + 3, 8)], [8, 8], 6, 3, iterations=iterations)
+    return hoisted, unhoisted(hoisted), [torch.randn(4, 6, 5), torch.randn(4, 4)]
+
+
 def assert_same(hoisted, plain, xs, rtol=1e-5, atol=1e-6, steps=False):
     a = hoisted(xs, return_all_steps=steps)
     b = plain(xs, return_all_steps=steps)
@@ -486,10 +494,7 @@ class LoopsOverLayers(nn.Module):
 
 
 def test_a_list_grown_or_a_config_changed_in_place_is_planned_again():
-    torch.manual_seed(0)
-    hoisted = ProgressiveFusion([LoopsOverLayers(5 + 3, 8), nn.Linear(4 + 3, 8)], [8, 8], 6, 3, iterations=3)
-    plain = unhoisted(hoisted)
-    xs = [torch.randn(4, 6, 5), torch.randn(4, 4)]
+    hoisted, plain, xs = pair_with(LoopsOverLayers(5 + 3, 8))
     assert hoisted.hoisted == (0, 1)
     assert_same(hoisted, plain, xs)
     torch.manual_seed(1)
@@ -551,11 +556,7 @@ class ReadsAChildsAttribute(nn.Module):
 
 
 def test_an_attribute_of_a_child_read_by_the_forward_is_watched():
-    torch.manual_seed(0)
-    hoisted = ProgressiveFusion([ReadsAChildsAttribute(5 + 3, 8), nn.Linear(4 + 3, 8)], [8, 8], 6, 3,
-                                iterations=3)
-    plain = unhoisted(hoisted)
-    xs = [torch.randn(4, 6, 5), torch.randn(4, 4)]
+    hoisted, plain, xs = pair_with(ReadsAChildsAttribute(5 + 3, 8))
     for temperature in (1.0, 4.0):
         for model in (hoisted, plain):
             model.encoders[0].pool.temperature = temperature
@@ -584,10 +585,7 @@ class ReadsConfigs(nn.Module):
 
 
 def test_configs_changed_in_place_are_seen_in_slots_and_three_objects_deep():
-    torch.manual_seed(0)
-    hoisted = ProgressiveFusion([ReadsConfigs(5 + 3, 8), nn.Linear(4 + 3, 8)], [8, 8], 6, 3, iterations=3)
-    plain = unhoisted(hoisted)
-    xs = [torch.randn(4, 6, 5), torch.randn(4, 4)]
+    hoisted, plain, xs = pair_with(ReadsConfigs(5 + 3, 8))
     for model in (hoisted, plain):
         model.encoders[0].slotted.scale = 3.0
     assert_same(hoisted, plain, xs)
@@ -756,11 +754,7 @@ class ReadsTorchModuleAttributes(nn.Module):
 
 
 def test_torch_modules_attributes_and_the_parameters_dtype_are_watched():
-    torch.manual_seed(0)
-    hoisted = ProgressiveFusion([ReadsTorchModuleAttributes(5 + 3, 8), nn.Linear(4 + 3, 8)], [8, 8], 6, 3,
-                                iterations=3)
-    plain = unhoisted(hoisted)
-    xs = [torch.randn(4, 6, 5), torch.randn(4, 4)]
+    hoisted, plain, xs = pair_with(ReadsTorchModuleAttributes(5 + 3, 8))
     for model in (hoisted, plain):
         model.encoders[0].drop.p = 0.0  # training mode, but nothing dropped now
     assert_same(hoisted, plain, xs)
