@@ -178,10 +178,9 @@ class _Hoisting:
         # A trace may hold the parameters' dtype or device (an HF-style self.dtype): .double(), .to()
         # and the plan is made again.
         self.placed = (linear.weight.dtype, linear.weight.device)
-        # The other modules of the user's own classes, called live by the tails, whose plain
-        # attributes the traced code may have read as well (`self.pool.temperature`).
-        self.watched = tuple(watched)
-        self._attributes = tuple((m, a) for m, _, a in self.traced if a) + self.watched
+        # (module, attributes) watched by stale(): the traced modules', and `watched`, those of the
+        # modules called live by the tails that the traced code may have read (`self.pool.temperature`).
+        self._attributes = tuple((m, a) for m, _, a in self.traced if a) + tuple(watched)
         self.skipped = (encoder, *(m for _, _, m in self.fused), *(m for m, _, _ in self.traced))
         self.fresh_first_input = fresh_first_input
 
@@ -425,9 +424,6 @@ def _plan_tail(encoder: nn.Module, context_dim: int, through: frozenset):
         fused, activation = follower, epilogue
     # Hooks of the modules the hoisted path does not call (the first layer, what was traced through).
     replaced = {n.target: modules[n.target] for n in (first, fused) if n.op == "call_module"}
-    why, _ = _read_forwards([m for _, m in _traced_modules(encoder, through)], encoder)
-    if why is not None:
-        return why
     if _intercepted([encoder, *replaced.values(), *(m for _, m in _traced_modules(encoder, through))]):
         return "it, a module traced through in it, or its first layer has hooks or a forward of its own"
     # The rest: every node after the fused one, reading the fused node's output from a placeholder;
@@ -570,13 +566,15 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
             m.__dict__.update(saved)
     linear, activation, replaced = plan[:3]
     traced = _traced_modules(encoder, through)
+    why, read = _read_forwards([m for _, m in traced], encoder)  # (once: the code does not change with the mode)
+    if why is not None:
+        return why
     # A traced-through module swapped out changes the structure the tails were traced from.
     replaced = {**{path: m for path, m in traced if path}, **replaced}
     fresh = activation == "none" and any(_writes_into_input(tail.graph, encoder) for tail in tails.values())
     traced_ids = {id(m) for _, m in traced}
     # Watched besides: every plain attribute of the user's other modules, and those of torch's modules
     # that the traced code names (`self.attn_drop.p`).
-    _, read = _read_forwards([m for _, m in traced], encoder)
     watched = [(m, _watched(attrs)) for m, attrs in (
         (m, attributes[m] if _is_users_module(m) else tuple((k, v) for k, v in attributes[m] if k in read))
         for m in encoder.modules() if id(m) not in traced_ids) if attrs]
