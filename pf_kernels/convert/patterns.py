@@ -360,6 +360,7 @@ class GraphFacts:
             if aliasing and isinstance(first, fx.Node):
                 parent[root(node)] = root(first)
         self._root = root
+        self.written = dict(writes)  # writer -> the tensor it writes into
         self.writers = {}
         for writer, written in writes:
             self.writers.setdefault(root(written), []).append(writer)
@@ -385,7 +386,7 @@ class GraphFacts:
         anchor_root = self._root(match.anchor)
         for writer in own:
             # (an in-place activation: c = lin(z); relu_(c); ... c read again after the fused call)
-            written = written_in_place(writer)
+            written = self.written.get(writer)
             if written is not None and (written not in own or any(u not in own for u in written.users)):
                 return (f"{where(writer)} writes in place into a value that is read outside the pattern (the "
                         f"fused call would not write it)")
