@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pf_kernels.nn import FusionHead, ProgressiveFusion
 
@@ -311,6 +312,9 @@ def _rows(device, variant, B, T, task, providers, quick, with_compile, deadline)
     baseline_s = {k: measured[_BASELINE + k]["median_s"] for k in baselines
                   if "median_s" in measured[_BASELINE + k]}
     eager_s = measured.get("eager", {}).get("median_s")
+    # After the timing: each count runs one more step, which moves those weights.
+    flops = {k: gemm_flops(r.step) for k, r in (("model", runners.get("eager")),
+                                                 ("late_fusion", baselines.get("late_fusion"))) if r is not None}
     if isinstance(variant.build, PFBuild) and "plain_pf" not in baselines and "plain_pf" not in baseline_notes \
             and eager_s:
         baseline_s["plain_pf"] = eager_s  # the variant is the plain PF (or this version cannot hoist)
@@ -335,11 +339,41 @@ def _rows(device, variant, B, T, task, providers, quick, with_compile, deadline)
                              speedup_vs_eager=eager_s / median if eager_s else None,
                              speedup_vs_plain_pf=plain / median if plain else None,
                              cost_vs_late_fusion=median / late if late else None,
+                             gemm_flops=flops.get("model"),
+                             flops_vs_late_fusion=flops["model"] / flops["late_fusion"]
+                             if len(flops) == 2 and flops["late_fusion"] else None,
                              **({"baseline_notes": baseline_notes} if baseline_notes else {})))
     return rows
 
 
 _BASELINE = "baseline:"
+
+_ATEN = torch.ops.aten
+_GEMMS = (_ATEN.mm.default, _ATEN.addmm.default, _ATEN.bmm.default, _ATEN.baddbmm.default)
+
+
+class _GemmFlops(TorchDispatchMode):
+    """Counts the FLOPs of the matrix products a step runs. Not torch.utils.flop_counter: its module
+    hooks (global ones) make ProgressiveFusion run unhoisted, and it does not see into our ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _GEMMS:
+            a, b = args[-2], args[-1]  # (.., m, k) @ (.., k, n)
+            self.flops += 2 * a.numel() * b.shape[-1]
+        return func(*args, **(kwargs or {}))
+
+
+def gemm_flops(step: Callable[[], object]) -> int:
+    """The matrix-product FLOPs of one call of step, on the torch backend (our ops as ATen ops).
+    Hoisting removes GEMMs, so the ratio of two models' counts is the floor of their cost ratio
+    where GEMMs dominate (this class of encoder)."""
+    with _GemmFlops() as counter:
+        step()
+    return counter.flops
 
 
 def _baseline_runners(variant: Variant, dims, device, base_head, xs, y, task, eager: Optional[_Runner]

@@ -167,10 +167,12 @@ def ops_table(rows: List[dict], providers: List[str]) -> str:
 def e2e_table(e2e: List[dict]) -> str:
     providers = list(dict.fromkeys(r["provider"] for r in e2e))
     head = (f"{'variant':20s} {'task':9s} {'B':>5s} {'T':>4s} |" + "".join(f"{p:>24s}" for p in providers)
-            + f" | {'plain PF':>8s} {'late':>6s} {'auto/late':>9s} | {'auto ran':9s}")
+            + f" | {'plain PF':>8s} {'late':>6s} {'auto/late':>9s} {'GEMMs/late':>10s} | {'auto ran':9s}")
     out = ["end to end (fp32, or the autocast its variant names): ms per step (speed-up vs the same model on eager; "
            "[vs the plain unhoisted PF on eager] where it differs); plain PF, late: those baselines on eager, ms, "
-           "timed in the same rounds; auto/late: the auto step's cost relative to late fusion", head, "-" * len(head)]
+           "timed in the same rounds; auto/late: the auto step's cost relative to late fusion; GEMMs/late: the "
+           "model's matrix-product FLOPs relative to late fusion's (the floor of auto/late where GEMMs dominate)",
+           head, "-" * len(head)]
     notes: Dict[str, List[str]] = {}
     keyed: Dict[tuple, Dict[str, dict]] = {}
     for r in e2e:
@@ -197,7 +199,9 @@ def e2e_table(e2e: List[dict]) -> str:
         line += " | " + " ".join(f"{base[k] * 1e3:{w}.2f}" if base.get(k) else f"{'-':>{w}s}"
                                  for k, w in (("plain_pf", 8), ("late_fusion", 6)))
         cost = auto.get("cost_vs_late_fusion")
-        line += f" {f'{cost:.2f}x' if cost else '-':>9s} | {auto.get('ran') or '-'}"
+        floor = next((r["flops_vs_late_fusion"] for r in by.values() if r.get("flops_vs_late_fusion")), None)
+        line += f" {f'{cost:.2f}x' if cost else '-':>9s} {f'{floor:.2f}x' if floor else '-':>10s}"
+        line += f" | {auto.get('ran') or '-'}"
         out.append(line)
     out += _not_timed(notes)
     compiles = [r for r in e2e if r.get("compile_s")]
@@ -279,6 +283,12 @@ def targets(result: dict) -> str:
                 check(f"wide inputs, PF training step (auto) relative to late fusion (eager) ({where}, best variant)",
                       max(min(r["cost_vs_late_fusion"] for r in costs if r["B"] == B) for B in {r["B"] for r in costs}),
                       1.3, higher=False)
+                floors = [r["flops_vs_late_fusion"] for r in costs if r.get("flops_vs_late_fusion")]
+                if floors:
+                    below = any(r["cost_vs_late_fusion"] < 0.9 * r["flops_vs_late_fusion"]
+                                for r in costs if r.get("flops_vs_late_fusion"))
+                    lines.append(f"         (its GEMM FLOPs relative to late fusion's, the floor of that ratio: "
+                                 f"{min(floors):.2f}x" + ("; a row well below it: a noisy run, time again)" if below else ")"))
     return ("targets:\n" + "\n".join(lines)) if lines else ""
 
 

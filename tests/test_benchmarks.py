@@ -134,6 +134,33 @@ def test_e2e_rows_say_what_ran_and_mark_unavailable_variants():
         assert set(base) == {"plain_pf", "late_fusion"} and "baseline_notes" not in r, r
         assert r["speedup_vs_plain_pf"] == pytest.approx(base["plain_pf"] / r["median_s"])
         assert r["cost_vs_late_fusion"] == pytest.approx(r["median_s"] / base["late_fusion"])
+        # R=2 runs the encoders (after the first Linear), the head and the back-projections twice
+        assert r["flops_vs_late_fusion"] > 1.0 and r["gemm_flops"] > 0, r
+
+
+def test_gemm_flops_counts_what_torch_flop_counter_counts_and_sees_hoisting():
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    dims, B, T = (6, 5, 4), 3, 7
+    xs = [torch.randn(B, dims[0])] + [torch.randn(B, T, d) for d in dims[1:]]
+
+    def train_step(model):
+        return lambda: model(xs).square().sum().backward()
+
+    late = e2e.late_fusion(dims)
+    late.backend = "torch"
+    with FlopCounterMode(display=False) as reference:
+        train_step(late)()
+    assert e2e.gemm_flops(train_step(late)) == reference.get_total_flops() > 0
+    counts = {}
+    for hoist in (True, False):
+        model = e2e.progressive_fusion(3, hoist=hoist)(dims)
+        model.backend = "torch"
+        assert bool(model.hoisted) == hoist
+        counts[hoist] = e2e.gemm_flops(train_step(model))
+    # x's part of each first Linear once instead of three times (forward, and its weight gradient)
+    x_part = sum(2 * B * (T if j else 1) * d * e2e.HIDDEN for j, d in enumerate(dims))
+    assert counts[False] - counts[True] >= 2 * 2 * x_part
 
 
 def test_e2e_a_plain_baseline_left_out_is_not_replaced_by_the_variant(monkeypatch):
