@@ -7,7 +7,7 @@ import inspect
 import math
 import operator
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -616,9 +616,17 @@ class ProgressiveFusion(nn.Module):
                  fusion_activation: str = "relu", context_activation: str = "relu", bias: bool = True,
                  backend: str = "auto", device=None, dtype=None, hoist: bool = True):
         super().__init__()
+        # A dict's iteration gives its keys; a lone module (but a container of them) is no list.
+        if isinstance(encoders, (Mapping, nn.ModuleDict, torch.Tensor)) or not isinstance(encoders, Iterable) or \
+                (isinstance(encoders, nn.Module) and not isinstance(encoders, (nn.ModuleList, nn.Sequential))):
+            raise TypeError(f"encoders must be a list (or nn.ModuleList) of modules, one per modality in the "
+                            f"order of xs, got {type(encoders).__name__}")
         encoders = list(encoders)
         if not encoders:
             raise ValueError("encoders must hold at least one module")
+        for j, encoder in enumerate(encoders):
+            if not isinstance(encoder, nn.Module):
+                raise TypeError(f"encoders[{j}] must be an nn.Module, got {type(encoder).__name__}")
         encoder_dims = _int_list(encoder_dims, "encoder_dims")
         if len(encoder_dims) != len(encoders):
             raise ValueError(f"encoder_dims has {len(encoder_dims)} entries for {len(encoders)} encoders")
@@ -748,8 +756,16 @@ class ProgressiveFusion(nn.Module):
             inputs.append(plan.first_input(p))
         steps = []
         for step in range(self.iterations):
-            hs = [encoder(x) if plan is None else plan.tail(encoder, x)
-                  for encoder, plan, x in zip(self.encoders, hoisting, inputs)]
+            hs = []
+            for j, (encoder, plan, x) in enumerate(zip(self.encoders, hoisting, inputs)):
+                try:
+                    hs.append(encoder(x) if plan is None else plan.tail(encoder, x))
+                except Exception as exc:  # the encoder's own error (a shape mismatch): say whose input
+                    if hasattr(exc, "add_note"):
+                        exc.add_note(f"ProgressiveFusion: raised by encoders[{j}] in step {step + 1} on its input "
+                                     f"xs[{j}] {tuple(xs[j].shape)} with context_dims[{j}] = {self.context_dims[j]} "
+                                     f"context features appended" + (" (its first Linear hoisted)" if plan else ""))
+                    raise
             try:
                 if step == self.iterations - 1:
                     z = self.fusion_head(hs)

@@ -1,6 +1,7 @@
 """The modules: parameters as nn.Linear's, and ProgressiveFusion's semantics end to end."""
 import copy
 import re
+import sys
 
 import pytest
 import torch
@@ -154,6 +155,27 @@ def test_an_encoder_of_the_wrong_output_shape_is_named(hoist, iterations):
         with pytest.raises(ValueError, match=rf"encoders\[1\] returned shape {re.escape(shape)} .* must return "
                                              rf"\(B, encoder_dims\[1\]\) = \(2, 6\)"):
             model([torch.randn(2, 6), x])
+
+
+@pytest.mark.parametrize("encoders", [{"audio": nn.Linear(5, 4)}, nn.ModuleDict({"audio": nn.Linear(5, 4)}),
+                                      nn.Linear(5, 4), [nn.Linear(5, 4), "video"]], ids=["dict", "ModuleDict",
+                                                                                        "one module", "a str"])
+def test_encoders_other_than_a_list_of_modules_are_refused_by_name(encoders):
+    # (a dict iterates over its keys: its str keys reached nn.ModuleList's own message)
+    with pytest.raises(TypeError, match=r"encoders(\[1\])? must be (a list|an nn.Module)"):
+        ProgressiveFusion(encoders, [4] * (2 if isinstance(encoders, list) else 1), 5, 2)
+
+
+@pytest.mark.parametrize("hoist", [True, False])
+def test_an_encoder_that_raises_on_its_input_is_named(hoist):
+    # (an Identity before the Linear: not hoisted either) the encoder itself meets the (2, 7 + 3) input
+    encoder = nn.Sequential(nn.Identity(), nn.Linear(9, 4)) if hoist else nn.Linear(9, 4)
+    model = ProgressiveFusion([nn.Linear(6 + 3, 4), encoder], [4, 4], 5, 3, hoist=hoist)
+    with pytest.raises(RuntimeError) as info:
+        model([torch.randn(2, 6), torch.randn(2, 7)])
+    if sys.version_info >= (3, 11):
+        assert "ProgressiveFusion: raised by encoders[1] in step 1 on its input xs[1] (2, 7) with " \
+               "context_dims[1] = 3" in "".join(info.value.__notes__)
 
 
 SIZE_BAD = [
