@@ -6,8 +6,9 @@
 // Backward: one launch (two when positions are split across blocks: partial sums, then their sum
 // in a fixed order, so the result is deterministic) reduces grad_out (times out_act', also written
 // as grad_p) over positions into the term's gradient (B, H); the rest is small cuBLAS GEMMs on the
-// input dtype and one elementwise kernel for act'. Gradients are rounded to the input dtype where
-// eager autograd of the definition rounds them (the term's, the context's pre-activation's).
+// input dtype and one elementwise kernel for act'. The term's gradient stays fp32 (as the
+// reference's fp32 sum p + term gives it); the context pre-activation's is rounded to the input
+// dtype, as eager autograd rounds a 16-bit Linear's.
 // Any size: 1-D grids with grid-stride loops (cuda/launch_plan.h: the grids, the backward's splits and
 // its task walk are backproj_concat's, whose position reduction this is), 64-bit offsets and no 64-bit
 // division, fixed shared memory (none tied to H or Dc); no host synchronisation, so the op can be
@@ -107,15 +108,14 @@ __global__ void __launch_bounds__(kThreads)
 // (from the saved output `src`, or from y = src + term[b] when src is p: from_p), written to grad_p
 // (contiguous, B x positions x H) when it is given. With grad_p null, a plain sum: also the second
 // pass, over the splits' partial sums. Tiles of 32 features x 8 position lanes, walked as
-// backproj_concat's backward walks them; a fixed order, so deterministic. dst is out_t: acc_t for
-// partial sums, scalar_t for the finished gradient.
-template <typename in_t, typename scalar_t, typename acc_t, typename out_t>
+// backproj_concat's backward walks them; a fixed order, so deterministic. dst in fp32 (acc_t).
+template <typename in_t, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kBwdCols* kBwdRows)
     position_sum_kernel(const in_t* __restrict__ g, int64_t g_sb, int64_t g_sp, int64_t g_sh,
                         const scalar_t* __restrict__ src, int64_t s_sb, int64_t s_sp, int64_t s_sh,
                         const acc_t* __restrict__ term, bool from_p, Activation out_act, scalar_t* __restrict__ grad_p,
                         int64_t B, int64_t positions, int64_t H, int64_t h_tiles, int64_t per_split, int64_t splits,
-                        out_t* __restrict__ dst) {
+                        acc_t* __restrict__ dst) {
   __shared__ acc_t part[kBwdRows][kBwdCols + 1];
   const int tx = threadIdx.x, ty = threadIdx.y;
   plan::for_each_grad_task(blockIdx.x, gridDim.x, B, h_tiles, splits, [&](int64_t b, int64_t split, int64_t tile) {
@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kBwdCols* kBwdRows)
       acc_t total = acc_t(0);
 #pragma unroll
       for (int k = 0; k < kBwdRows; ++k) total += part[k][tx];
-      dst[(split * B + b) * H + h] = static_cast<out_t>(total);
+      dst[(split * B + b) * H + h] = total;
     }
     __syncthreads();  // part is reused by the next task
   });
@@ -246,12 +246,13 @@ Grads context_linear_backward_cuda(const at::Tensor& grad_out, const c10::option
   const at::Tensor pre = pre_and_c.first, c = pre_and_c.second;
   const at::Tensor term = from_p ? mm_acc(c, proj_weight.t()) : at::Tensor();
 
-  // The term's gradient in the input dtype, as eager autograd rounds it.
+  // The term's gradient in fp32, as the reference sums it (p + term is an fp32 sum there): rounded to
+  // 16 bits, a sum over many positions overflows fp16 where the gradients it feeds would not.
   at::Tensor grad_term;
   if (positions == 0) {
-    grad_term = at::zeros({B, H}, grad_out.options());
+    grad_term = at::zeros({B, H}, grad_out.options().dtype(acc));
   } else {
-    grad_term = at::empty({B, H}, grad_out.options());
+    grad_term = at::empty({B, H}, grad_out.options().dtype(acc));
     const at::Tensor g = grad_out.reshape({B, positions, H});
     const at::Tensor src = saved.defined() ? saved.reshape({B, positions, H}) : at::Tensor();
     // backproj_concat's reduction over positions (its Dc features are our H; no y to compute)
@@ -271,25 +272,26 @@ Grads context_linear_backward_cuda(const at::Tensor& grad_out, const c10::option
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (pl.splits == 1) {
-        sum_positions(grad_term.data_ptr<scalar_t>());
-      } else {  // partial sums in fp32, then their sum in a fixed order
+        sum_positions(grad_term.data_ptr<acc_t>());
+      } else {  // partial sums, then their sum in a fixed order
         const at::Tensor partial = at::empty({pl.splits, B, H}, grad_out.options().dtype(acc));
         sum_positions(partial.data_ptr<acc_t>());
         position_sum_kernel<acc_t, scalar_t, acc_t><<<launch_grid(pl.finish_grid), block, 0, stream>>>(
             partial.data_ptr<acc_t>(), H, B * H, 1, nullptr, 0, 0, 0, nullptr, false, Activation::None, nullptr, B,
-            pl.splits, H, pl.c_tiles, pl.splits, 1, grad_term.data_ptr<scalar_t>());
+            pl.splits, H, pl.c_tiles, pl.splits, 1, grad_term.data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
   }
 
-  // The small GEMMs on the input dtype (cuBLAS, fp32 accumulation), as eager.
-  const at::Tensor grad_proj_weight = at::mm(grad_term.t(), c);
+  // The two small GEMMs that read the term's gradient in fp32 (c and W_c upcast: (B, Dc), (H, Dc));
+  // those of the back-projection on the input dtype (cuBLAS, fp32 accumulation), as eager.
+  const at::Tensor grad_proj_weight = at::mm(grad_term.t(), c.to(acc)).to(dtype);
+  const at::Tensor grad_c = at::mm(grad_term, proj_weight.to(acc));
   at::Tensor grad_pre;  // of pre: the gradient of c times act'(pre), rounded to the dtype
   if (act == Activation::None) {
-    grad_pre = at::mm(grad_term, proj_weight);
+    grad_pre = grad_c.to(dtype);
   } else {
-    const at::Tensor grad_c = mm_acc(grad_term, proj_weight);
     grad_pre = at::empty(grad_c.sizes(), grad_out.options());
     if (grad_pre.numel() > 0) {
       const auto stream = at::cuda::getCurrentCUDAStream();
