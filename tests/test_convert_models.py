@@ -176,6 +176,47 @@ def test_training_loop_that_reads_model_attributes():
         torch.testing.assert_close(p, p_ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+class StatefulFusion(nn.Module):
+    """A late-fusion head whose forward keeps state as models do: an EMA buffer reassigned, a
+    buffer written in place, a call counter, a list of recent outputs, an attribute it sets."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoders = nn.ModuleList([nn.Linear(3, 4), nn.Linear(5, 4)])
+        self.head = nn.Linear(8, 6)
+        self.register_buffer("z_ema", torch.zeros(6))
+        self.register_buffer("seen", torch.zeros(()))
+        self.calls, self.recent = 0, []
+
+    def forward(self, xs):
+        z = torch.relu(self.head(torch.cat([enc(x) for enc, x in zip(self.encoders, xs)], -1)))
+        self.z_ema = 0.9 * self.z_ema + 0.1 * z.detach().mean(0)
+        self.seen.add_(z.shape[0])
+        self.calls += 1
+        self.recent.append(z.detach())
+        self.last = z
+        return z + self.z_ema
+
+
+def test_example_inputs_leave_the_model_as_it_was():
+    # The example run's changes were kept: a reassigned buffer (the EMA) kept its new tensor, and
+    # every later output of the converted model differed from the original's.
+    torch.manual_seed(0)
+    model = StatefulFusion()
+    reference = copy.deepcopy(model)
+    inputs = [torch.randn(5, 3), torch.randn(5, 5)]
+    _, report = pk.convert(model, backend="torch", example_inputs=(inputs,))
+    assert report.replaced and model.calls == 0 and model.recent == [] and not hasattr(model, "last")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    for _ in range(2):
+        xs = [torch.randn(5, 3), torch.randn(5, 5)]
+        with count_fused_calls() as calls:
+            torch.testing.assert_close(model(xs), reference(xs))
+        assert dict(calls) == {"fusion_head": 1}
+    torch.testing.assert_close(model.z_ema, reference.z_ema)
+    assert model.calls == reference.calls == 2 and len(model.recent) == 2 and float(model.seen) == 10
+
+
 def test_without_example_inputs_the_first_call_captures_and_batch_sizes_vary():
     model, expected = tanh_progressive_model(steps=2)
     reference = copy.deepcopy(model)

@@ -21,6 +21,7 @@ for that code, and other compiled uses of the class are unaffected.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import types
@@ -29,6 +30,7 @@ from typing import Optional
 import torch
 import torch._dynamo
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils import _pytree
 
 from .report import ConversionReport
@@ -183,14 +185,49 @@ def uninstall(module: nn.Module) -> None:
         del module.forward
 
 
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"forward"}  # (forward: ours, installed or not)
+_CONTAINERS = (list, dict, set)
+
+
+def _state(module: nn.Module):
+    """What a forward may change on a module: its buffers by name (an EMA written `self.ema = 0.9 *
+    self.ema + ...` replaces the tensor), the values in them, its plain attributes (a call counter,
+    a cached output) and the contents of its lists, dicts and sets. Lazy modules are left to
+    initialise themselves."""
+    if isinstance(module, LazyModuleMixin):
+        return None
+    buffers = dict(module._buffers)
+    values = {k: b.detach().clone() for k, b in buffers.items() if b is not None}
+    attributes = {k: v for k, v in module.__dict__.items() if k not in _MODULE_INTERNALS}
+    contents = {k: copy.copy(v) for k, v in attributes.items() if type(v) in _CONTAINERS}
+    return buffers, values, attributes, contents
+
+
+def _restore(module: nn.Module, state) -> None:
+    buffers, values, attributes, contents = state
+    module._buffers.clear()
+    module._buffers.update(buffers)
+    for k, value in values.items():
+        buffers[k].copy_(value)
+    for k in [k for k in module.__dict__ if k not in _MODULE_INTERNALS and k not in attributes]:
+        del module.__dict__[k]  # set by the example run
+    module.__dict__.update(attributes)
+    for k, saved in contents.items():  # in place: the model may share them
+        container = attributes[k]
+        container.clear()
+        container.extend(saved) if type(saved) is list else container.update(saved)
+
+
 def run_example(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """One forward on the example inputs, so that the graph is captured (and the report written)
-    now. The model's buffers (BatchNorm statistics) and the RNG state are restored afterwards."""
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    now. What the forward changes on the model (its buffers, their values, its plain attributes and
+    their lists, dicts and sets) and the RNG state are restored afterwards: the model is as it was."""
+    saved = [(m, _state(m)) for m in module.modules()]
     devices = sorted({t.device.index or 0 for t in _pytree.tree_leaves((args, kwargs, list(module.parameters())))
                       if isinstance(t, torch.Tensor) and t.is_cuda})
     with torch.random.fork_rng(devices=devices):
         module(*args, **kwargs)
     with torch.no_grad():
-        for buffer, value in saved:
-            buffer.copy_(value)
+        for m, state in saved:
+            if state is not None:
+                _restore(m, state)
