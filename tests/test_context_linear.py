@@ -218,6 +218,34 @@ def test_grad_p_is_grad_out_without_an_output_activation(backend, dtype):
     assert gp.data_ptr() == g.data_ptr()
 
 
+_CUDA_BUILT = pk.available_backends()["cuda"]["available"]
+WITH_CUDA = fused() + [pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
+    not (_CUDA_BUILT and torch.cuda.is_available()), reason="the cuda backend needs a CUDA GPU (the cpu "
+    "kernel keeps the same fp32 sum: its case here is the CPU twin)"))]
+
+
+@pytest.mark.parametrize("backend", WITH_CUDA)
+@pytest.mark.parametrize("out_activation", ["none", "relu"])
+def test_fp16_position_sum_beyond_fp16_range_stays_finite(backend, out_activation):
+    # 4096 positions of gradient 20: the term's gradient is 81920 > fp16's 65504. The reference sums
+    # p + term in fp32, and the gradients that sum feeds are in range: the CUDA kernel rounded the
+    # sum to fp16 (inf, then inf/NaN in every gradient but p's).
+    device = "cuda" if backend == "cuda" else device_of(backend)
+    p, z, w, b, pw = context_inputs(1, (4096,), 2, 3, 2, True, torch.float16, device)
+    p = (p.detach().abs() + 1).requires_grad_(True)  # relu on: the gradient passes everywhere
+    with torch.no_grad():  # |context| < 0.5 and a small W_c: every gradient but the sum is in range
+        pw.mul_(0.01), w.mul_(0.1), b.mul_(0.1)
+    g = torch.full(p.shape, 20.0, dtype=torch.float16, device=device)
+    grads = torch.autograd.grad(pk.context_linear(p, z, w, b, pw, "tanh", out_activation, backend=backend),
+                                [z, w, b, pw], g)
+    expected = torch.autograd.grad(reference.context_linear(p, z, w, b, pw, "tanh", out_activation),
+                                   [z, w, b, pw], g)
+    for name, got, want in zip(("z", "bp_weight", "bp_bias", "proj_weight"), grads, expected):
+        assert torch.isfinite(want).all()
+        assert torch.isfinite(got).all(), f"grad of {name}: {got}"
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-2, msg=lambda m: f"grad of {name}: {m}")
+
+
 @pytest.mark.parametrize("backend", fused())
 def test_only_some_inputs_need_grad(backend):
     for needs in ([0], [1], [2], [4], [0, 3]):
