@@ -313,9 +313,9 @@ PF_HOST_DEVICE void for_each_linear_backward_task(int64_t block, int64_t grid, i
 }
 
 // fusion_head's backward: the fused kernel (plus, for act' from y, one launch of the forward kernel for y),
-// or cuBLAS as before the fused kernel, in the accumulation dtype: [h_1..h_K] gathered (K > 1) and, for
-// 16-bit inputs, h and W upcast (2); [y GEMM]; grad_pre (1); one GEMM per input and one for W; the bias's
-// sum; for 16-bit inputs, each gradient rounded back (K + 1 + bias). Its GEMMs run at the fp32 rate.
+// or cuBLAS on the input dtype (fusion_head_cuda.cu: fusion_head_backward_gemm): [h_1..h_K] gathered
+// (K > 1); [y GEMM]; grad_pre (1); one GEMM per input and one for W; the bias's sum. Its GEMMs read the
+// input dtype (16-bit: tensor cores).
 struct FusionHeadBackward {
   LinearBackward linear;
   int64_t launches = 0;
@@ -329,10 +329,8 @@ inline FusionHeadBackward fusion_head_backward(int64_t B, int64_t Dz, const int6
     D += widths[j];
     col_tiles += ceil_div(widths[j], kLinearTile);
   }
-  const bool sixteen = elem_size == 2;
-  const int64_t cublas = (inputs > 1 ? 1 : 0) + (sixteen ? 2 : 0) + 1 + inputs + 1 + (bias ? 1 : 0) +
-                         (sixteen ? inputs + 1 + (bias ? 1 : 0) : 0);
-  r.linear = linear_backward(B, Dz, D, col_tiles, inputs, bias, sixteen ? 4 : elem_size, cublas, sm_count);
+  const int64_t cublas = (inputs > 1 ? 1 : 0) + 1 + inputs + 1 + (bias ? 1 : 0);
+  r.linear = linear_backward(B, Dz, D, col_tiles, inputs, bias, elem_size, cublas, sm_count);
   r.launches = (from_y ? 1 : 0) + (r.linear.fused ? 1 : cublas);
   return r;
 }
