@@ -339,6 +339,25 @@ def test_grid_limits_of_every_launch(monkeypatch, sizes):
             assert all(0 <= n <= limit for n, limit in zip(grid, common.GRID_LIMITS)), (kernel, grid)
 
 
+def test_positions_stop_short_of_int32_overflow_in_the_kernels_loops():
+    # The kernels' strided position loops step past the last position by up to 65535 programs x a
+    # block (< 2^23); from 2^31 - 2^23 positions, that step would wrap int32. (Stride-0: no memory.)
+    largest = torch.empty(1, 1, 2).expand(1, common.MAX_POSITIONS - 1, 2)
+    assert common.positions(largest)[1][0] == common.MAX_POSITIONS - 1
+    assert 65535 * max(c["BP"] for c in _bp_configs()) < 2 ** 31 - common.MAX_POSITIONS
+    with pytest.raises(ValueError, match=r"2147483648 positions per batch row .* fewer than 2\^31 - 2\^23"):
+        common.positions(torch.empty(1, 1, 2).expand(1, 2 ** 31, 2))
+    with pytest.raises(ValueError, match="fewer than 2\\^31 - 2\\^23"):
+        common.positions(torch.empty(1, 1, 1, 2).expand(1, 2 ** 16, 2 ** 15 - 2 ** 7, 2))
+
+
+def _bp_configs():
+    modules = [importlib.import_module(f"pf_kernels.triton.{m}")
+               for m in ("context_linear", "refine_step", "refine_step_hoisted")]
+    return [c for m in modules for name in dir(m) if name.endswith(("CONFIGS", "CONFIGS_FP32"))
+            for c in getattr(m, name) if "BP" in c]
+
+
 def test_grid_beyond_every_limit_is_a_clear_error():
     with pytest.raises(ValueError, match="grid axis 0"):
         common.check_grid("k", (2 ** 31, 1, 1))

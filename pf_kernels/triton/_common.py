@@ -144,6 +144,9 @@ NAMESPACE = "pf_kernels_triton"
 MAX_POS_DIMS = 3  # position dims the kernels index with strides; more are merged by reshape
 # CUDA's grid limits per axis. Launchers put every program count on axis 0.
 GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
+# Positions per batch row: int32 in the kernels, whose strided loops step past the last one by up to
+# 65535 programs x a block (< 2^23) before they stop.
+MAX_POSITIONS = 2 ** 31 - 2 ** 23
 
 
 def _config_from_env() -> Optional[int]:
@@ -392,9 +395,9 @@ def positions(t: torch.Tensor) -> Tuple[torch.Tensor, List[int], List[int]]:
     count = 1
     for size, _ in merged:
         count *= size
-    if count >= 2 ** 31:
+    if count >= MAX_POSITIONS:
         raise ValueError(f"{count} positions per batch row (shape {tuple(t.shape)}); the Triton kernels "
-                         f"take fewer than 2^31")
+                         f"take fewer than 2^31 - 2^23")
     pad = MAX_POS_DIMS - len(merged)
     return t, [m[0] for m in merged] + [1] * pad, [m[1] for m in merged] + [0] * pad
 

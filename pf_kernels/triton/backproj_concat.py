@@ -91,7 +91,7 @@ def backproj_reduce_kernel(g_ptr, pre_ptr, out_ptr, P, CH, NCH, S1, S2, Dx, Dc,
     mask_c = offs_c < Dc
     g_row = g_ptr + b * sgb + (Dx + offs_c).to(tl.int64) * sgd
     p_start = s * CH
-    p_end = tl.minimum(p_start + CH, P)
+    p_end = p_start + tl.minimum(CH, P - p_start)  # (p_start + CH may pass 2^31)
     gsum = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     for p0 in range(p_start, p_end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)

@@ -138,7 +138,7 @@ def context_reduce_kernel(g_ptr, s_ptr, term_ptr, gp_ptr, sum_ptr, P, CH, NCH, S
     if OUT_ACT > 1:
         term = tl.load(term_ptr + b * H + offs_h, mask=mask_h, other=0.0)
     p_start = s * CH
-    p_end = tl.minimum(p_start + CH, P)
+    p_end = p_start + tl.minimum(CH, P - p_start)  # (p_start + CH may pass 2^31)
     gsum = tl.zeros([BLOCK_P, BLOCK_H], tl.float32)
     for p0 in range(p_start, p_end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
