@@ -339,6 +339,39 @@ def test_grid_limits_of_every_launch(monkeypatch, sizes):
             assert all(0 <= n <= limit for n, limit in zip(grid, common.GRID_LIMITS)), (kernel, grid)
 
 
+def test_fp16_backward_gemms_keep_the_references_range_and_precision():
+    """dot_split sends an fp32 gradient into fp16 tensor-core dots as hi + lo. Unscaled, a gradient
+    times gelu' (up to 1.13) beyond 65504 became inf, then NaN, where the reference (fp32 GEMMs)
+    stays finite; and below 2^-14 both parts were subnormal, 16x less accurate than the reference."""
+    torch.manual_seed(0)
+    dev, dt = DEVICE, torch.float16
+    h = [(torch.randn(16, 16, device=dev) * 0.01).to(dt) for _ in range(2)]
+    w = (torch.randn(16, 32, device=dev) * 0.01).to(dt)
+    b = torch.full((16,), 1.414, dtype=dt, device=dev)  # gelu' near its maximum
+    g = torch.full((16, 16), 60000.0, dtype=dt, device=dev)
+    for backend in ("triton", "torch"):
+        args = [t.clone().requires_grad_(True) for t in (*h, w, b)]
+        pk.fusion_head(args[:2], args[2], args[3], "gelu", backend=backend).backward(g)
+        grads = [a.grad for a in args[:3]]  # (the bias's batch sum is beyond fp16 in both)
+        if backend == "torch":
+            assert all(torch.isfinite(t).all() for t in grads)
+            torch.testing.assert_close(got, grads, rtol=1e-2, atol=1.0)
+        got = grads
+    # Small gradients: against fp64, within twice the reference's own error.
+    x = torch.randn(256, 32, device=dev).to(dt)
+    w = (torch.randn(32, 32, device=dev) * 0.2).to(dt)
+    b = torch.randn(32, device=dev).to(dt)
+    g = (torch.randn(256, 32, device=dev) * 1e-6).to(dt)
+    truth = [t.double().requires_grad_(True) for t in (x, w)]
+    torch.sigmoid(truth[0] @ truth[1].T + b.double()).backward(g.double())
+    errors = {}
+    for backend in ("triton", "torch"):
+        args = [t.clone().requires_grad_(True) for t in (x, w)]
+        pk.fusion_head([args[0]], args[1], b, "sigmoid", backend=backend).backward(g)
+        errors[backend] = [float((a.grad.double() - t.grad).norm() / t.grad.norm()) for a, t in zip(args, truth)]
+    assert all(e <= 2 * r + 1e-4 for e, r in zip(errors["triton"], errors["torch"])), errors
+
+
 def test_positions_stop_short_of_int32_overflow_in_the_kernels_loops():
     # The kernels' strided position loops step past the last position by up to 65535 programs x a
     # block (< 2^23); from 2^31 - 2^23 positions, that step would wrap int32. (Stride-0: no memory.)

@@ -34,7 +34,9 @@ aot = importlib.import_module("pf_kernels.triton.aot")
 ARCHS = (80, 90)
 MATRIX = [spec[0] for spec in aot._kernel_specs("bfloat16") if spec[5]]
 # (dtype, tf32, kernels or None for all)
-VARIANTS = [("bfloat16", False, None), ("float32", False, None), ("float32", True, MATRIX)]
+# fp16: the kernels whose dot_split scales a tile into fp16's range (its own code path)
+SPLIT = ["mm_grad", "fusion_grad_h", "fusion_grad_w"]
+VARIANTS = [("bfloat16", False, None), ("float32", False, None), ("float32", True, MATRIX), ("float16", False, SPLIT)]
 TTIR_DTYPES = ("bfloat16", "float32")
 RECORDS_ENV = "PF_KERNELS_AOT_RECORDS"  # a file to write every record to (JSON lines)
 

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._activations import act
+from ._activations import _pow2, act
 from ._common import INTERPRET, act_code, autotune, cdiv, dot_precision, launch, size_class
 
 # Triton 3.9's interpreter multiplies bf16 operands as their raw uint16 bits in tl.dot; there we
@@ -36,9 +36,22 @@ def dot(a, b, acc, PREC: tl.constexpr):
 def dot_split(a, b, acc, PREC: tl.constexpr):
     """acc + a @ b for an fp32 a (a gradient) and b in the input dtype. For 16-bit b, a enters
     as hi + lo in b's dtype: two tensor-core dots that keep ~16 bits of a, not 8, so gradients match
-    an fp32 reference as closely as eager PyTorch's (which computes these in fp32)."""
+    an fp32 reference as closely as eager PyTorch's (which computes these in fp32).
+    fp16 holds neither a gradient beyond 65504 (inf, then NaN) nor the low bits of one below 2^-14
+    (subnormal): the tile of a, and acc, are first scaled by a power of two (exact) that brings the
+    tile's largest |a| to [2^14, 2^15), within 2^+-24; the result is scaled back. (A scale per row
+    spilled on sm_80.)"""
     if b.dtype == tl.float32:
         return dot(a, b, acc, PREC)
+    if b.dtype == tl.float16:
+        amax = tl.max(tl.abs(a))
+        exponent = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2(amax))
+        k = tl.minimum(tl.maximum(14 - exponent, -24), 24)
+        scale, unscale = _pow2(k), _pow2(-k)
+        a = a * scale
+        hi = a.to(b.dtype)
+        lo = (a - hi.to(tl.float32)).to(b.dtype)
+        return dot(lo, b, dot(hi, b, acc * scale, PREC), PREC) * unscale
     hi = a.to(b.dtype)
     lo = (a - hi.to(tl.float32)).to(b.dtype)
     return dot(lo, b, dot(hi, b, acc, PREC), PREC)
