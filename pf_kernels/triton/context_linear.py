@@ -238,12 +238,10 @@ def _backward(grad_out: torch.Tensor, out: Optional[torch.Tensor], p: Optional[t
     # pre = p + term only where out_act' needs it (not for none, nor relu: read from the output)
     term = mm(c, proj_weight.t(), torch.float32) if act_id > 1 else grad_p.new_empty((0,), dtype=torch.float32)
     g_ctx = _grad_context(grad_out, saved, term, grad_p, out_activation)
-    # The term's gradient is an fp32 sum over positions, as the reference's: beyond fp16's range
-    # (65504) where there are many, so its GEMMs read fp32 copies of the small fp16 operands (the
-    # fp16 tensor-core split would round it to inf); bf16's range holds it.
-    c_, proj_weight_ = (c.float(), proj_weight.float()) if dtype == torch.float16 else (c, proj_weight)
-    grad_proj_weight = mm(g_ctx.t(), c_, dtype)
-    grad_c = mm(g_ctx, proj_weight_, torch.float32)
+    # (an fp32 sum over positions, as the reference's: beyond fp16's range where there are many;
+    # mm's fp16 dots scale it into range)
+    grad_proj_weight = mm(g_ctx.t(), c, dtype)
+    grad_c = mm(g_ctx, proj_weight, torch.float32)
     # grad_c is the gradient of a context broadcast over one position: backproj_concat's backward
     grad_z, grad_bp_weight, grad_bp_bias = backproj_backward(grad_c.unsqueeze(1), z, bp_weight, bp_bias,
                                                              activation, 0)
