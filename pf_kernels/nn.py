@@ -316,6 +316,15 @@ def _unshelve(shelf) -> None:
             container.update(copy)
 
 
+def _put_back(module: nn.Module, attributes: Tuple[Tuple[str, object], ...], shelf, keep=()) -> None:
+    """module's plain attributes as `attributes` (from _plain_attributes) held them, those added
+    since removed (but the names in `keep`), and the shelved containers' contents (in place)."""
+    _unshelve(shelf)
+    for k in [k for k in module.__dict__ if k not in _MODULE_INTERNALS and k not in keep]:
+        del module.__dict__[k]
+    module.__dict__.update(attributes)
+
+
 def _watched(attributes: Tuple[Tuple[str, object], ...]) -> Tuple[Tuple[str, object, object], ...]:
     """attributes with the contents of each container among them (None for the rest)."""
     return tuple((k, v, _contents(v)) for k, v in attributes)
@@ -559,11 +568,8 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
         if encoder.training != was_training:
             encoder.train(was_training)  # the user's own train(), if any, undoes what its other call did
         for m, saved in attributes.items():
-            _unshelve(shelved[m])
             m.training = modes[m]
-            for k in [k for k in m.__dict__ if k not in _MODULE_INTERNALS]:
-                del m.__dict__[k]
-            m.__dict__.update(saved)
+            _put_back(m, saved, shelved[m])
     linear, activation, replaced = plan[:3]
     traced = _traced_modules(encoder, through)
     why, read = _read_forwards([m for _, m in traced], encoder)  # (once: the code does not change with the mode)
@@ -617,7 +623,7 @@ class ProgressiveFusion(nn.Module):
                  backend: str = "auto", device=None, dtype=None, hoist: bool = True):
         super().__init__()
         # A dict's iteration gives its keys; a lone module (but a container of them) is no list.
-        if isinstance(encoders, (Mapping, nn.ModuleDict, torch.Tensor)) or not isinstance(encoders, Iterable) or \
+        if isinstance(encoders, (Mapping, torch.Tensor)) or not isinstance(encoders, Iterable) or \
                 (isinstance(encoders, nn.Module) and not isinstance(encoders, (nn.ModuleList, nn.Sequential))):
             raise TypeError(f"encoders must be a list (or nn.ModuleList) of modules, one per modality in the "
                             f"order of xs, got {type(encoders).__name__}")

@@ -21,7 +21,6 @@ for that code, and other compiled uses of the class are unaffected.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import itertools
 import types
@@ -33,6 +32,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils import _pytree
 
+from ..nn import _plain_attributes, _put_back, _shelve
 from .report import ConversionReport
 from .rewrite import FusedCalls, rewrite_graph
 
@@ -185,10 +185,6 @@ def uninstall(module: nn.Module) -> None:
         del module.forward
 
 
-_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"forward"}  # (forward: ours, installed or not)
-_CONTAINERS = (list, dict, set)
-
-
 def _state(module: nn.Module):
     """What a forward may change on a module: its buffers by name (an EMA written `self.ema = 0.9 *
     self.ema + ...` replaces the tensor), the values in them, its plain attributes (a call counter,
@@ -198,24 +194,17 @@ def _state(module: nn.Module):
         return None
     buffers = dict(module._buffers)
     values = {k: b.detach().clone() for k, b in buffers.items() if b is not None}
-    attributes = {k: v for k, v in module.__dict__.items() if k not in _MODULE_INTERNALS}
-    contents = {k: copy.copy(v) for k, v in attributes.items() if type(v) in _CONTAINERS}
-    return buffers, values, attributes, contents
+    attributes = tuple((k, v) for k, v in _plain_attributes(module) if k != "forward")
+    return buffers, values, attributes, _shelve(attributes)
 
 
 def _restore(module: nn.Module, state) -> None:
-    buffers, values, attributes, contents = state
+    buffers, values, attributes, shelf = state
     module._buffers.clear()
     module._buffers.update(buffers)
     for k, value in values.items():
         buffers[k].copy_(value)
-    for k in [k for k in module.__dict__ if k not in _MODULE_INTERNALS and k not in attributes]:
-        del module.__dict__[k]  # set by the example run
-    module.__dict__.update(attributes)
-    for k, saved in contents.items():  # in place: the model may share them
-        container = attributes[k]
-        container.clear()
-        container.extend(saved) if type(saved) is list else container.update(saved)
+    _put_back(module, attributes, shelf, keep=("forward",))  # (ours: installed, or uninstalled by the run)
 
 
 def run_example(module: nn.Module, args: tuple, kwargs: dict) -> None:
