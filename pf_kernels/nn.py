@@ -6,6 +6,7 @@ import dis
 import inspect
 import math
 import operator
+import sys
 import types
 from collections.abc import Iterable, Mapping
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -135,6 +136,11 @@ class _OpaqueTracer(fx.Tracer):
     `through` (the user's own modules the input goes into first); every other submodule is an
     opaque call (it may be untraceable, and what it does with its input is its business)."""
 
+    # Buffers read by the traced code become get_attr nodes, read live by the tails, as parameters
+    # are: one read as a number (float(self.temperature), `if self.step > 0`) fails the trace
+    # instead of being kept as the constant it was at planning.
+    proxy_buffer_attributes = True
+
     def __init__(self, through: frozenset = frozenset()):
         super().__init__()
         self.through = through
@@ -170,45 +176,63 @@ class _Hoisting:
         self.linear = linear
         self.activation = activation
         self.tails = tails
-        self.fused = tuple((encoder.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], module)
-                           for name, module in fused.items())
+        # (parent, name, module, its class): a parametrization registered later changes the class.
+        self.fused = tuple((encoder.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], module,
+                            type(module)) for name, module in fused.items())
         # The modules whose forward the trace went through: (module, its children's names, its plain
         # attributes). A child added or removed, or an attribute reassigned, and the trace is stale.
         self.traced = tuple(traced)
         # A trace may hold the parameters' dtype or device (an HF-style self.dtype): .double(), .to()
         # and the plan is made again.
         self.placed = (linear.weight.dtype, linear.weight.device)
-        # (module, attributes) watched by stale(): the traced modules', and `watched`, those of the
-        # modules called live by the tails that the traced code may have read (`self.pool.temperature`).
+        # (owner, attributes) watched by stale() in owner.__dict__: the traced modules', and `watched`:
+        # those of the modules called live by the tails that the traced code may have read
+        # (`self.pool.temperature`), of the fused modules, and the globals (owner: the Python module)
+        # and class attributes (owner: the class) it reads.
         self._attributes = tuple((m, a) for m, _, a in self.traced if a) + tuple(watched)
-        self.skipped = (encoder, *(m for _, _, m in self.fused), *(m for m, _, _ in self.traced))
+        self.skipped = (encoder, *(m for _, _, m, _ in self.fused), *(m for m, _, _ in self.traced))
         self.fresh_first_input = fresh_first_input
 
     def holds_for(self, encoder: nn.Module) -> bool:
         """Whether the hoisted path still computes encoder (stale() aside: that one plans again).
         Checked every forward: dict lookups, not get_submodule's walk."""
-        return encoder is self.encoder and all(parent._modules.get(name) is module
-                                               for parent, name, module in self.fused) \
+        return encoder is self.encoder and type(self.linear) is nn.Linear \
+            and all(parent._modules.get(name) is module and type(module) is kind
+                    for parent, name, module, kind in self.fused) \
             and not _intercepted(self.skipped) \
             and all(m.training is encoder.training or isinstance(m, _CONTAINERS)  # traced in one mode
                     for m, _, _ in self.traced)
 
     def stale(self) -> bool:
-        """The traced structure changed: a child of a traced-through module added or removed, or a
-        plain attribute (the trace holds its value as a constant) reassigned."""
+        """The traced structure changed: a child of a traced-through module added, removed or
+        replaced, or a value the trace holds as a constant (a plain attribute, a global, a class
+        attribute) reassigned or changed in place. Asked only of a plan that holds_for its encoder."""
         weight = self.linear.weight
         if (weight.dtype, weight.device) != self.placed:
             return True
         for module, children, _ in self.traced:  # (loops, not generators: this runs every forward)
-            if tuple(module._modules) != children:
+            if tuple(module._modules.items()) != children:
                 return True
-        for module, attributes in self._attributes:
-            current = module.__dict__
+        for owner, attributes in self._attributes:
+            current = owner.__dict__
             for name, value, contents in attributes:
                 if not _same_value(current.get(name, _MISSING), value) or \
                         (contents is not None and _contents(value) != contents):
                     return True
         return False
+
+    # Copies (deepcopy, pickle) refer to the Python modules whose globals are watched by name: a
+    # module object can be neither copied nor pickled, and a copy of the model shares them anyway.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_attributes"] = tuple((_ModuleRef(o.__name__) if isinstance(o, types.ModuleType) else o, a)
+                                     for o, a in self._attributes)
+        return state
+
+    def __setstate__(self, state):
+        state["_attributes"] = tuple((sys.modules[o.name] if isinstance(o, _ModuleRef) else o, a)
+                                     for o, a in state["_attributes"])
+        self.__dict__.update(state)
 
     def first_input(self, p: torch.Tensor) -> torch.Tensor:
         h = apply_activation(p, self.activation)
@@ -219,7 +243,31 @@ class _Hoisting:
         return h if self.tails is None else self.tails[encoder.training].forward(h)
 
 
-_MISSING = object()
+class _Missing:
+    """No such attribute; one object across copies and pickles of a plan (which watch for it)."""
+    __slots__ = ()  # (no contents to watch)
+
+    def __reduce__(self):
+        return "_MISSING"  # (pickle and deepcopy: the module's own object)
+
+
+_MISSING = _Missing()
+
+
+class _ModuleRef:
+    """A Python module by name, in a copied or pickled plan."""
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getstate__(self):
+        return self.name
+
+    def __setstate__(self, name):
+        self.name = name
+
+
 # What every nn.Module keeps in its __dict__; the rest are the user's own attributes.
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 
@@ -458,41 +506,90 @@ _DRAWS = frozenset(["random", "rand", "randn", "randint", "randperm", "bernoulli
                     "random_", "poisson"])
 
 
-def _read_forwards(modules: Sequence[nn.Module], encoder: nn.Module) -> Tuple[Optional[str], frozenset]:
+_TYPE_TESTS = frozenset(["isinstance", "is_tensor"])
+
+
+def _read_forwards(modules: Sequence[nn.Module], encoder: nn.Module) -> Tuple[Optional[str], frozenset, list]:
     """(why the traced forwards of these modules cannot be replayed from their trace, or None; the
-    names their code reads). Reads the forwards of the user's own classes, the functions nested in
-    them and the functions of the user's own they call by name (methods of the encoder's modules'
-    classes, module-level functions), not what they reach otherwise."""
+    names their code reads; (Python module, name) of the module-level values it reads). Reads the forwards
+    of the user's own classes, the functions nested in them and the functions of the user's own they
+    call by name (methods of the encoder's modules' classes, module-level functions), not what they
+    reach otherwise."""
     classes = {type(m) for m in encoder.modules() if _is_users_module(m)}
-    names, seen = set(), set()
+    names, seen, read_globals = set(), set(), []
     todo = [(type(m).forward, type(m).__name__) for m in modules if _is_users_module(m)]
     while todo:
         function, owner = todo.pop()
         if hasattr(function, "__wrapped__"):
-            return f"{owner}.{function.__name__} is decorated (no_grad, autocast: a trace drops what it does)", names
+            return f"{owner}.{function.__name__} is decorated (no_grad, autocast: a trace drops what it does)", names, []
         code = getattr(function, "__code__", None)
         if code is None or code in seen:
             continue
         seen.add(code)
+        namespace = getattr(function, "__globals__", {})
+        home = sys.modules.get(namespace.get("__name__"))
+        home = home if getattr(home, "__dict__", None) is namespace else None
         codes = [code]
         while codes:
             code = codes.pop()
             codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
             where = f"{owner}.{code.co_name}"
-            if any(i.opname in _WITH_OPS for i in dis.get_instructions(code)):
-                return f"{where} has a with-block (no_grad, autocast: a trace drops it)", names
+            for i in dis.get_instructions(code):
+                if i.opname in _WITH_OPS:
+                    return f"{where} has a with-block (no_grad, autocast: a trace drops it)", names, []
+                # fx records `h += t` out of place: a view of h taken before would not see the write.
+                if i.opname.startswith("INPLACE_") or (i.opname == "BINARY_OP" and i.argrepr.endswith("=")):
+                    return f"{where} assigns in place ({i.argrepr or i.opname}: a trace records it out of place)", \
+                        names, []
+                # A trace passes proxies, not tensors: the branch taken at planning would be kept.
+                if i.opname in ("LOAD_GLOBAL", "LOAD_NAME", "LOAD_ATTR", "LOAD_METHOD") and i.argval in _TYPE_TESTS:
+                    return f"{where} tests types ({i.argval}: a trace sees proxies, not tensors)", names, []
+                if i.opname in ("LOAD_GLOBAL", "LOAD_NAME") and home is not None:
+                    read_globals.append((home, i.argval))
             drawn = _DRAWS.intersection(code.co_names)
             if drawn:
-                return f"{where} draws random numbers ({min(drawn)}: a trace draws them once)", names
+                return f"{where} draws random numbers ({min(drawn)}: a trace draws them once)", names, []
             if "checkpoint" in code.co_names:
-                return f"{where} uses checkpoint (a trace inlines it)", names
+                return f"{where} uses checkpoint (a trace inlines it)", names, []
             names.update(code.co_names)
             for name in code.co_names:
                 callees = [getattr(cls, name, None) for cls in classes]
                 callees.append(getattr(function, "__globals__", {}).get(name))
                 todo.extend((c, getattr(c, "__qualname__", name).rpartition(".")[0] or owner) for c in callees
                             if isinstance(c, types.FunctionType) and not c.__module__.startswith("torch"))
-    return None, frozenset(names)
+    return None, frozenset(names), read_globals
+
+
+def _held_constants(encoder: nn.Module, read: frozenset, read_globals: list) -> list:
+    """(owner, watched attributes) of the values a trace holds as constants beyond the modules' own
+    attributes: the module-level globals the traced code reads (a SCALE = 1.0, a config dict: the
+    owner is the Python module) and the class attributes of the user's modules it names (`scale =
+    1.0` in the class body: watched along the class's MRO and as an instance attribute that would
+    shadow it). stale() reads owner.__dict__."""
+    held = {}
+    for owner, name in read_globals:
+        value = owner.__dict__.get(name, _MISSING)
+        if isinstance(value, _ATOMIC) or _contents(value) is not None:
+            held.setdefault(id(owner), (owner, {}))[1][name] = value
+    for m in encoder.modules():
+        if not _is_users_module(m):
+            continue
+        for name in read:
+            if name in m.__dict__ or name in m._parameters or name in m._buffers or name in m._modules:
+                continue
+            owners = []
+            for cls in type(m).__mro__:
+                owners.append(cls)
+                if name in cls.__dict__:
+                    break
+            else:
+                continue
+            value = owners[-1].__dict__[name]
+            if not (isinstance(value, _ATOMIC) or _contents(value) is not None):
+                continue  # a method, property or other descriptor: code, not a held value
+            for owner in (m, *owners):
+                held.setdefault(id(owner), (owner, {}))[1][name] = owner.__dict__.get(name, _MISSING)
+    return [(owner, _watched(tuple(values.items()))) for owner, values in held.values()]
 
 
 class _Into(str):
@@ -572,20 +669,24 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
             _put_back(m, saved, shelved[m])
     linear, activation, replaced = plan[:3]
     traced = _traced_modules(encoder, through)
-    why, read = _read_forwards([m for _, m in traced], encoder)  # (once: the code does not change with the mode)
+    why, read, read_globals = _read_forwards([m for _, m in traced], encoder)  # (once: the code does not change with the mode)
     if why is not None:
         return why
     # A traced-through module swapped out changes the structure the tails were traced from.
     replaced = {**{path: m for path, m in traced if path}, **replaced}
     fresh = activation == "none" and any(_writes_into_input(tail.graph, encoder) for tail in tails.values())
     traced_ids = {id(m) for _, m in traced}
-    # Watched besides: every plain attribute of the user's other modules, and those of torch's modules
-    # that the traced code names (`self.attn_drop.p`).
+    # Watched besides: every plain attribute of the user's other modules and of the fused ones (a GELU's
+    # approximate), those of torch's modules that the traced code names (`self.attn_drop.p`), and the
+    # globals and class attributes it reads.
+    fused_ids = {id(m) for m in plan[2].values()}
     watched = [(m, _watched(attrs)) for m, attrs in (
-        (m, attributes[m] if _is_users_module(m) else tuple((k, v) for k, v in attributes[m] if k in read))
+        (m, attributes[m] if _is_users_module(m) or id(m) in fused_ids
+         else tuple((k, v) for k, v in attributes[m] if k in read))
         for m in encoder.modules() if id(m) not in traced_ids) if attrs]
+    watched += _held_constants(encoder, read, read_globals)
     return _Hoisting(encoder, linear, activation, tails, replaced,
-                     [(m, tuple(m._modules), _watched(attributes[m])) for _, m in traced], fresh, watched)
+                     [(m, tuple(m._modules.items()), _watched(attributes[m])) for _, m in traced], fresh, watched)
 
 
 class ProgressiveFusion(nn.Module):
@@ -608,13 +709,15 @@ class ProgressiveFusion(nn.Module):
     hoisted, `hoisting_notes` why the others were not. The plan is made at construction (and when
     `hoist` is set); an encoder whose hoisted Linear or fused activation is replaced later, or that
     gets hooks (forward or backward) or a forward set on the instance, runs unhoisted until
-    `hoist = True` plans again; one whose traced structure changes (a Sequential or ModuleList
-    grown) or whose modules' plain attributes (a temperature, a config: the trace holds their
-    values; also a torch module's attribute the forward names, and the parameters' dtype or device)
-    change is planned again at the next forward. An encoder whose traced forward (or a method or
-    function of the user's own that it calls by name) sets attributes, appends to a list of its
-    own, has a with-block or a decorator (no_grad, autocast), draws random numbers or checkpoints
-    is not hoisted: a trace cannot replay those.
+    `hoist = True` plans again (so does one whose first Linear gets a parametrization); one whose
+    traced structure changes (a Sequential or ModuleList grown, a submodule replaced) or whose
+    modules' plain attributes (a temperature, a config: the trace holds their values; also a torch
+    module's attribute the forward names, the fused activation's, the globals and class attributes
+    the forward reads, and the parameters' dtype or device) change is planned again at the next
+    forward. An encoder whose traced forward (or a method or function of the user's own that it
+    calls by name) sets attributes, appends to a list of its own, has a with-block or a decorator
+    (no_grad, autocast), draws random numbers, checkpoints, assigns in place (`h += t`), tests types
+    (isinstance) or reads a buffer as a number is not hoisted: a trace cannot replay those.
     """
 
     def __init__(self, encoders: Sequence[nn.Module], encoder_dims: Sequence[int], fused_dim: int,
@@ -730,14 +833,16 @@ class ProgressiveFusion(nn.Module):
     def _hoisting_for(self, xs: List[torch.Tensor]) -> Tuple[Optional[_Hoisting], ...]:
         if not any(self._hoisting) or not implements(self.backend, "context_linear"):
             return (None,) * len(xs)
-        stale = [plan is not None and plan.stale() for plan in self._hoisting]
+        # A plan whose modules were swapped out (or parametrized) no longer holds: that encoder runs
+        # unhoisted. One that holds but is stale (its traced structure, or a value the trace holds,
+        # changed) is traced again.
+        holds = [plan is not None and plan.holds_for(encoder) for plan, encoder in zip(self._hoisting, self.encoders)]
+        stale = [held and plan.stale() for plan, held in zip(self._hoisting, holds)]
         if any(stale) and not torch.compiler.is_compiling():
-            # The traced structure or an attribute it holds changed: trace that encoder again.
             self._plan([j for j, old in enumerate(stale) if old])
+            holds = [plan is not None and plan.holds_for(encoder) for plan, encoder in zip(self._hoisting, self.encoders)]
             stale = [False] * len(stale)  # (fresh plans; under torch.compile a stale one runs unhoisted)
-        # A plan whose modules were swapped out no longer holds: that encoder runs unhoisted.
-        plans = tuple(plan if plan is not None and not old and plan.holds_for(encoder) else None
-                      for plan, old, encoder in zip(self._hoisting, stale, self.encoders))
+        plans = tuple(plan if held and not old else None for plan, held, old in zip(self._hoisting, holds, stale))
         for j, (plan, x, c) in enumerate(zip(plans, xs, self.context_dims)):
             if plan is not None and x.shape[-1] + c != plan.linear.in_features:
                 raise ValueError(f"ProgressiveFusion: xs[{j}] has {x.shape[-1]} features and context_dims[{j}] = {c}, "

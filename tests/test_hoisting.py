@@ -716,11 +716,50 @@ class ConstantScale(nn.Module):
         return (self.fc(x) * torch.linspace(0.5, 1.5, self.fc.out_features)).mean(1)
 
 
+class AddsInPlaceToAView(nn.Module):
+    """`h += pos` after taking a view of h: fx records the += out of place, the view would miss it."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc, self.pos = nn.Linear(d_in, d_out), nn.Parameter(torch.randn(6, d_out))
+
+    def forward(self, x):
+        h = self.fc(x)
+        first = h[:, 0]
+        h += self.pos
+        return first + h.mean(1)
+
+
+class UnwrapsTuples(nn.Module):
+    """Tests a type: a trace passes a proxy, so the branch taken would be kept."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc, self.block = nn.Linear(d_in, d_out), nn.Linear(d_out, d_out)
+
+    def forward(self, x):
+        y = self.block(torch.relu(self.fc(x)))
+        if isinstance(y, torch.Tensor):
+            y = 2.0 * y
+        return y.mean(1)
+
+
+class ReadsABufferAsANumber(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+        self.register_buffer("temperature", torch.tensor(2.0))
+
+    def forward(self, x):
+        return torch.softmax(self.fc(x) / float(self.temperature), -1).mean(1)
+
+
 @pytest.mark.parametrize("encoder,reason", [
     (NoGradGate, "with-block"), (LayerDrop, "random"), (CachesFeatures, "sets attributes (cache)"),
     (NoGradForward, "is decorated"), (WithInAHelper, "WithInAHelper._pool has a with-block"),
     (TorchLayerDrop, "draws random numbers (uniform_"), (Checkpointed, "uses checkpoint"),
-    (ConstantScale, "makes tensors of constants")])
+    (ConstantScale, "makes tensors of constants"), (AddsInPlaceToAView, "assigns in place (+="),
+    (UnwrapsTuples, "tests types (isinstance"), (ReadsABufferAsANumber, "torch.fx cannot trace it")])
 def test_forwards_a_trace_cannot_replay_are_not_hoisted(encoder, reason):
     torch.manual_seed(0)
     hoisted = ProgressiveFusion([encoder(5 + 3, 8), nn.Linear(4 + 3, 8)], [8, 8], 6, 3, iterations=3)
@@ -774,3 +813,108 @@ def test_only_the_encoder_whose_attribute_changed_is_planned_again(monkeypatch):
     hoisted.encoders[1].temperature = 2.0
     hoisted([torch.randn(4, 6, 5), torch.randn(4, 6, 4)])
     assert planned == [hoisted.encoders[1]] and hoisted.hoisted == (0, 1)
+
+
+class ReadsABuffer(nn.Module):
+    """A buffer in tensor arithmetic: the trace reads it live (a get_attr), so it stays hoisted."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+        self.register_buffer("scale", torch.ones(d_out))
+
+    def forward(self, x):
+        return (torch.relu(self.fc(x)) * self.scale).mean(1)
+
+
+def test_buffers_are_read_live_after_fill_and_load_state_dict():
+    hoisted, plain, xs = pair_with(ReadsABuffer(5 + 3, 8))
+    for model in (hoisted, plain):
+        model.encoders[0].scale.fill_(3.0)
+    assert_same(hoisted, plain, xs)
+    state = plain.state_dict()
+    state["encoders.0.scale"] = torch.randn(8)
+    for model in (hoisted, plain):
+        model.load_state_dict(state)
+    assert_same(hoisted, plain, xs)
+    assert hoisted.hoisted == (0, 1)
+
+
+SCALE = 1.0
+
+
+class ReadsAGlobalAndAClassAttribute(nn.Module):
+    shift = 0.0
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return (torch.tanh(self.fc(x)) * SCALE + self.shift).mean(1)
+
+
+def test_globals_and_class_attributes_the_forward_reads_are_watched(monkeypatch):
+    hoisted, plain, xs = pair_with(ReadsAGlobalAndAClassAttribute(5 + 3, 8))
+    monkeypatch.setattr(ReadsAGlobalAndAClassAttribute, "shift", 0.5)
+    assert_same(hoisted, plain, xs)
+    monkeypatch.setitem(globals(), "SCALE", 3.0)
+    assert_same(hoisted, plain, xs)
+    for model in (hoisted, plain):
+        model.encoders[0].shift = -1.0  # an instance attribute that shadows the class's
+    assert_same(hoisted, plain, xs)
+    assert hoisted.hoisted == (0, 1)
+    # Copies refer to the same globals and classes (a Python module can be neither copied nor pickled).
+    copies = [copy.deepcopy(hoisted), torch.load(_pickled(hoisted), weights_only=False)]
+    assert [c.hoisted for c in copies] == [(0, 1)] * 2
+    monkeypatch.setitem(globals(), "SCALE", 2.0)
+    for copied in copies:
+        torch.testing.assert_close(copied(xs), plain(xs), rtol=1e-5, atol=1e-6)
+        assert copied.hoisted == (0, 1)
+
+
+def _pickled(model) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_a_child_replaced_by_another_is_planned_again():
+    hoisted, plain, xs = pair_with(ReadsAChildsAttribute(5 + 3, 8))
+    for model in (hoisted, plain):
+        model.encoders[0].pool = Pool()
+        model.encoders[0].pool.temperature = 4.0
+    assert_same(hoisted, plain, xs)
+    assert hoisted.hoisted == (0, 1)
+
+
+def test_a_fused_activations_attribute_changed_is_planned_again():
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(5 + 3, 8), nn.GELU(), nn.Linear(8, 8), Pool())
+    hoisted, plain, xs = pair_with(encoder)
+    assert "gelu fused" in hoisted.hoisting_notes[0]
+    for model in (hoisted, plain):
+        model.encoders[0][1].approximate = "tanh"  # not our gelu: no longer fused
+    xs[0] = 3 * xs[0]
+    assert_same(hoisted, plain, xs)
+    assert hoisted.hoisted == (0, 1) and "none fused" in hoisted.hoisting_notes[0]
+
+
+def test_a_parametrization_registered_later_runs_the_encoder_unhoisted():
+    from torch.nn.utils import parametrize
+
+    class CountingScale(nn.Module):
+        calls = 0
+
+        def forward(self, weight):
+            CountingScale.calls += 1
+            return 0.5 * weight
+
+    hoisted, plain, xs = pair_with(nn.Sequential(nn.Linear(5 + 3, 8), nn.ReLU(), nn.Linear(8, 8), Pool()))
+    for model in (hoisted, plain):
+        parametrize.register_parametrization(model.encoders[0][0], "weight", CountingScale())
+    assert hoisted.hoisted == (1,)
+    CountingScale.calls = 0
+    assert_same(hoisted, plain, xs)
+    assert CountingScale.calls == 2 * 3  # once per step in each model, as the encoder calls it
