@@ -178,24 +178,33 @@ def test_training_loop_that_reads_model_attributes():
 
 class StatefulFusion(nn.Module):
     """A late-fusion head whose forward keeps state as models do: an EMA buffer reassigned, a
-    buffer written in place, a call counter, a list of recent outputs, an attribute it sets."""
+    buffer written in place, a call counter, a list of recent outputs, an attribute it sets, a
+    momentum copy of the head (parameters updated in place, MoCo / BYOL style) and a tensor
+    attribute updated in place."""
 
     def __init__(self):
         super().__init__()
         self.encoders = nn.ModuleList([nn.Linear(3, 4), nn.Linear(5, 4)])
         self.head = nn.Linear(8, 6)
+        self.target = nn.Linear(8, 6).requires_grad_(False)
         self.register_buffer("z_ema", torch.zeros(6))
         self.register_buffer("seen", torch.zeros(()))
         self.calls, self.recent = 0, []
+        self.samples = torch.zeros(())
 
     def forward(self, xs):
-        z = torch.relu(self.head(torch.cat([enc(x) for enc, x in zip(self.encoders, xs)], -1)))
+        u = torch.cat([enc(x) for enc, x in zip(self.encoders, xs)], -1)
+        z = torch.relu(self.head(u))
+        with torch.no_grad():
+            for t, p in zip(self.target.parameters(), self.head.parameters()):
+                t.mul_(0.5).add_(p, alpha=0.5)
+            self.samples += z.shape[0]
         self.z_ema = 0.9 * self.z_ema + 0.1 * z.detach().mean(0)
         self.seen.add_(z.shape[0])
         self.calls += 1
         self.recent.append(z.detach())
         self.last = z
-        return z + self.z_ema
+        return z + self.z_ema + self.target(u.detach())
 
 
 def test_example_inputs_leave_the_model_as_it_was():
@@ -215,6 +224,8 @@ def test_example_inputs_leave_the_model_as_it_was():
         assert dict(calls) == {"fusion_head": 1}
     torch.testing.assert_close(model.z_ema, reference.z_ema)
     assert model.calls == reference.calls == 2 and len(model.recent) == 2 and float(model.seen) == 10
+    torch.testing.assert_close(model.target.weight, reference.target.weight)
+    assert float(model.samples) == float(reference.samples) == 10
 
 
 def test_without_example_inputs_the_first_call_captures_and_batch_sizes_vary():

@@ -186,31 +186,37 @@ def uninstall(module: nn.Module) -> None:
 
 
 def _state(module: nn.Module):
-    """What a forward may change on a module: its buffers by name (an EMA written `self.ema = 0.9 *
-    self.ema + ...` replaces the tensor), the values in them, its plain attributes (a call counter,
-    a cached output) and the contents of its lists, dicts and sets. Lazy modules are left to
-    initialise themselves."""
+    """What a forward may change on a module: its buffers and parameters by name (an EMA written
+    `self.ema = 0.9 * self.ema + ...` replaces the tensor), the values in them and in its tensor
+    attributes (a momentum encoder's weights, a counter, updated in place under no_grad), its plain
+    attributes (a call counter, a cached output) and the contents of its lists, dicts and sets.
+    Lazy modules are left to initialise themselves."""
     if isinstance(module, LazyModuleMixin):
         return None
-    buffers = dict(module._buffers)
-    values = {k: b.detach().clone() for k, b in buffers.items() if b is not None}
+    buffers, parameters = dict(module._buffers), dict(module._parameters)
     attributes = tuple((k, v) for k, v in _plain_attributes(module) if k != "forward")
-    return buffers, values, attributes, _shelve(attributes)
+    tensors = [t for t in (*buffers.values(), *parameters.values(), *(v for _, v in attributes))
+               if isinstance(t, torch.Tensor)]
+    values = [(t, t.detach().clone()) for t in tensors if not t.is_inference()]  # (those, only inference_mode writes)
+    return buffers, parameters, values, attributes, _shelve(attributes)
 
 
 def _restore(module: nn.Module, state) -> None:
-    buffers, values, attributes, shelf = state
-    module._buffers.clear()
-    module._buffers.update(buffers)
-    for k, value in values.items():
-        buffers[k].copy_(value)
+    buffers, parameters, values, attributes, shelf = state
+    for now, then in ((module._buffers, buffers), (module._parameters, parameters)):
+        now.clear()
+        now.update(then)
+    for tensor, value in values:
+        tensor.copy_(value)
     _put_back(module, attributes, shelf, keep=("forward",))  # (ours: installed, or uninstalled by the run)
 
 
 def run_example(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """One forward on the example inputs, so that the graph is captured (and the report written)
-    now. What the forward changes on the model (its buffers, their values, its plain attributes and
-    their lists, dicts and sets) and the RNG state are restored afterwards: the model is as it was."""
+    now. What the forward changes on the model (its buffers and parameters, the values in them and
+    in its tensor attributes, its plain attributes and their lists, dicts and sets) and the RNG state
+    are restored afterwards: the model is as it was. (Its tensors are copied for that, for the
+    length of the run.)"""
     saved = [(m, _state(m)) for m in module.modules()]
     devices = sorted({t.device.index or 0 for t in _pytree.tree_leaves((args, kwargs, list(module.parameters())))
                       if isinstance(t, torch.Tensor) and t.is_cuda})

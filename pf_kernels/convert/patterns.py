@@ -23,6 +23,7 @@ from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Set
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.utils import _pytree
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 SUPPORTED_ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")
@@ -364,6 +365,9 @@ class GraphFacts:
         self.writers = {}
         for writer, written in writes:
             self.writers.setdefault(root(written), []).append(writer)
+        # The memory the graph hands back to its caller (who may write into it).
+        self.returned = {root(n) for out in graph.nodes if out.op == "output"
+                         for n in _pytree.tree_leaves(out.args) if isinstance(n, fx.Node)}
 
     def writes_to(self, node, exclude=()) -> List[fx.Node]:
         """The nodes that write into node's memory (node, a view of it, or what it views), in order."""
@@ -399,10 +403,15 @@ class GraphFacts:
             for writer in self.writes_to(node, own):
                 if first <= self.order[writer] <= anchor:
                     return f"an input is written in place at {where(writer)}, while the pattern reads it"
+                if self.order[writer] > anchor:  # (the pattern's own ops may have saved a copy: a concat)
+                    return (f"an input is written in place at {where(writer)}, after it (the fused op keeps that "
+                            "input for its backward)")
         return None
 
     def result_written_later(self, match_nodes: Set[fx.Node], anchor: fx.Node) -> bool:
-        return any(self.order[w] > self.order[anchor] for w in self.writes_to(anchor, match_nodes))
+        """Whether anchor's memory is written after it: in the graph, or by the caller it is returned to."""
+        return self._root(anchor) in self.returned or \
+            any(self.order[w] > self.order[anchor] for w in self.writes_to(anchor, match_nodes))
 
 
 @dataclass
@@ -816,8 +825,8 @@ class ContextLinearPattern(Pattern):
         x, weight, bias = projection.x, linear.weight, linear.bias
         if not isinstance(context, BackprojRead):
             nodes = _exclusive([context], owners)
-            # p itself is what this site returns: where the code after it writes into that in place,
-            # it gets a copy (p is kept for the sites after it).
+            # p itself is what this site returns: where the code after it (or the caller it is
+            # returned to) may write into that in place, it gets a copy (p is kept for other sites).
             copy = out_act == "none" and facts.result_written_later(owners | {context}, anchor)
 
             def emit(graph, remap, calls, projection=projection, out_act=out_act, copy=copy):
