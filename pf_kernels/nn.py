@@ -7,6 +7,7 @@ import inspect
 import math
 import operator
 import sys
+import sysconfig
 import types
 from collections.abc import Iterable, Mapping
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -171,7 +172,7 @@ class _Hoisting:
                  tails: Optional[Dict[bool, nn.Module]], fused: Dict[str, nn.Module],
                  traced: Sequence[Tuple[nn.Module, Tuple[str, ...], tuple]] = (),
                  fresh_first_input: bool = False,
-                 watched: Sequence[Tuple[nn.Module, tuple]] = ()):
+                 watched: Sequence[Tuple[nn.Module, tuple]] = (), moded: Sequence[nn.Module] = ()):
         self.encoder = encoder
         self.linear = linear
         self.activation = activation
@@ -192,6 +193,14 @@ class _Hoisting:
         self._attributes = tuple((m, a) for m, _, a in self.traced if a) + tuple(watched)
         self.skipped = (encoder, *(m for _, _, m, _ in self.fused), *(m for m, _, _ in self.traced))
         self.fresh_first_input = fresh_first_input
+        self._stale_when_copied = False
+        # The modules whose mode the tails hold: the traced ones, and those whose `.training` the
+        # traced code reads (self.drop.training); each must be in the encoder's mode.
+        self.moded = (*(m for m, _, _ in self.traced), *moded)
+        # Parameters and buffers registered as None (an optional mask): one set later changes the
+        # branch the trace took (`if self.mask is not None`).
+        self.unset = tuple((m, k) for m, _, _ in self.traced for d in (m._parameters, m._buffers)
+                           for k, v in d.items() if v is None)
 
     def holds_for(self, encoder: nn.Module) -> bool:
         """Whether the hoisted path still computes encoder (stale() aside: that one plans again).
@@ -200,18 +209,21 @@ class _Hoisting:
             and all(parent._modules.get(name) is module and type(module) is kind
                     for parent, name, module, kind in self.fused) \
             and not _intercepted(self.skipped) \
-            and all(m.training is encoder.training or isinstance(m, _CONTAINERS)  # traced in one mode
-                    for m, _, _ in self.traced)
+            and all(m.training is encoder.training or type(m) in _CONTAINERS  # traced in one mode
+                    for m in self.moded)
 
     def stale(self) -> bool:
         """The traced structure changed: a child of a traced-through module added, removed or
         replaced, or a value the trace holds as a constant (a plain attribute, a global, a class
         attribute) reassigned or changed in place. Asked only of a plan that holds_for its encoder."""
         weight = self.linear.weight
-        if (weight.dtype, weight.device) != self.placed:
+        if (weight.dtype, weight.device) != self.placed or self._stale_when_copied:
             return True
         for module, children, _ in self.traced:  # (loops, not generators: this runs every forward)
             if tuple(module._modules.items()) != children:
+                return True
+        for module, name in self.unset:
+            if module._parameters.get(name) is not None or module._buffers.get(name) is not None:
                 return True
         for owner, attributes in self._attributes:
             current = owner.__dict__
@@ -221,17 +233,28 @@ class _Hoisting:
                     return True
         return False
 
-    # Copies (deepcopy, pickle) refer to the Python modules whose globals are watched by name: a
-    # module object can be neither copied nor pickled, and a copy of the model shares them anyway.
+    # Copies (deepcopy, pickle) keep the Python modules and classes whose values are watched by
+    # reference, and watch the values those hold when the copy is made (a module object, a lambda
+    # can be neither copied nor pickled); a plan stale when copied is stale in the copy.
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_attributes"] = tuple((_ModuleRef(o.__name__) if isinstance(o, types.ModuleType) else o, a)
-                                     for o, a in self._attributes)
+        state["_stale_when_copied"] = self._stale_when_copied or self.stale()
+        state["_attributes"] = tuple(
+            (_ModuleRef(o), tuple(n for n, _, _ in a)) if isinstance(o, types.ModuleType) else
+            (o, tuple(n for n, _, _ in a)) if isinstance(o, type) else (o, a) for o, a in self._attributes)
         return state
 
     def __setstate__(self, state):
-        state["_attributes"] = tuple((sys.modules[o.name] if isinstance(o, _ModuleRef) else o, a)
-                                     for o, a in state["_attributes"])
+        attributes = []
+        for owner, watched in state["_attributes"]:
+            if isinstance(owner, (_ModuleRef, type)):
+                owner = owner.module if isinstance(owner, _ModuleRef) else owner
+                if owner is None:  # not imported here: what the tails hold cannot be checked
+                    state["_stale_when_copied"] = True
+                    continue
+                watched = _watched(tuple((n, owner.__dict__.get(n, _MISSING)) for n in watched))
+            attributes.append((owner, watched))
+        state["_attributes"] = tuple(attributes)
         self.__dict__.update(state)
 
     def first_input(self, p: torch.Tensor) -> torch.Tensor:
@@ -255,17 +278,22 @@ _MISSING = _Missing()
 
 
 class _ModuleRef:
-    """A Python module by name, in a copied or pickled plan."""
-    __slots__ = ("name",)
+    """A Python module in a copied plan: the module itself in a deepcopy, found by name again
+    where the plan is unpickled (None if it is not imported there)."""
+    __slots__ = ("module",)
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, module):
+        self.module = module
 
-    def __getstate__(self):
-        return self.name
+    def __deepcopy__(self, memo):
+        return self
 
-    def __setstate__(self, name):
-        self.name = name
+    def __reduce__(self):
+        return (_module_named, (self.module.__name__,))
+
+
+def _module_named(name: str) -> _ModuleRef:
+    return _ModuleRef(sys.modules.get(name))
 
 
 # What every nn.Module keeps in its __dict__; the rest are the user's own attributes.
@@ -507,6 +535,45 @@ _DRAWS = frozenset(["random", "rand", "randn", "randint", "randperm", "bernoulli
 
 
 _TYPE_TESTS = frozenset(["isinstance", "is_tensor"])
+# Process-wide state a forward may branch on: a trace holds what it was at planning.
+_GLOBAL_STATE = frozenset(["is_grad_enabled", "is_inference_mode_enabled", "are_deterministic_algorithms_enabled",
+                           "is_deterministic_algorithms_warn_only_enabled", "get_default_dtype",
+                           "is_autocast_enabled", "get_autocast_dtype", "is_autocast_cpu_enabled",
+                           "get_autocast_gpu_dtype", "environ", "getenv"])
+
+
+# Where installed libraries and the standard library live: code there is not the user's own.
+_LIBRARY_PATHS = tuple(sorted({p for k, p in sysconfig.get_paths().items() if k in ("stdlib", "platstdlib",
+                                                                                      "purelib", "platlib")}))
+
+
+def _users_code(value) -> bool:
+    """A Python module, or a function, of the user's own (not torch's, a library's, the stdlib's)."""
+    module = value if isinstance(value, types.ModuleType) else sys.modules.get(getattr(value, "__module__", None))
+    if module is None or module.__name__.partition(".")[0] in ("torch", "pf_kernels"):
+        return False
+    path = getattr(module, "__file__", None)
+    if path is None:  # a module made in code (a settings namespace), or one built into Python
+        return module.__name__ not in sys.builtin_module_names
+    return not path.startswith(_LIBRARY_PATHS)
+
+
+def _callees(name: str, classes, namespace: dict) -> list:
+    """The functions of the user's own that code naming `name` may call: a method, property getter,
+    classmethod or staticmethod of one of `classes`, a module-level function, or a function of a
+    module of the user's imported as a whole (`utils.scale(h)`)."""
+    found = []
+    for cls in classes:
+        attr = inspect.getattr_static(cls, name, None)
+        if isinstance(attr, property):
+            attr = attr.fget
+        elif isinstance(attr, (classmethod, staticmethod)):
+            attr = attr.__func__
+        found.append(attr)
+    found.append(namespace.get(name))
+    found += [getattr(v, name, None) for v in namespace.values() if isinstance(v, types.ModuleType) and _users_code(v)]
+    return [c for c in found if isinstance(c, types.FunctionType) and not c.__module__.startswith("torch")
+            and (_users_code(c) or c in (getattr(cls, name, None) for cls in classes))]
 
 
 def _read_forwards(modules: Sequence[nn.Module], encoder: nn.Module) -> Tuple[Optional[str], frozenset, list]:
@@ -517,7 +584,18 @@ def _read_forwards(modules: Sequence[nn.Module], encoder: nn.Module) -> Tuple[Op
     reach otherwise."""
     classes = {type(m) for m in encoder.modules() if _is_users_module(m)}
     names, seen, read_globals = set(), set(), []
-    todo = [(type(m).forward, type(m).__name__) for m in modules if _is_users_module(m)]
+    # Each module's forward, and its base classes' where the one before calls super() (not torch's).
+    todo = []
+    for m in modules:
+        for cls in type(m).__mro__ if _is_users_module(m) else ():
+            forward = cls.__dict__.get("forward")
+            if forward is None:
+                continue
+            if cls.__module__.startswith("torch"):
+                break
+            todo.append((forward, cls.__name__))
+            if "super" not in getattr(getattr(forward, "__code__", None), "co_names", ()):
+                break
     while todo:
         function, owner = todo.pop()
         if hasattr(function, "__wrapped__"):
@@ -544,6 +622,12 @@ def _read_forwards(modules: Sequence[nn.Module], encoder: nn.Module) -> Tuple[Op
                 # A trace passes proxies, not tensors: the branch taken at planning would be kept.
                 if i.opname in ("LOAD_GLOBAL", "LOAD_NAME", "LOAD_ATTR", "LOAD_METHOD") and i.argval in _TYPE_TESTS:
                     return f"{where} tests types ({i.argval}: a trace sees proxies, not tensors)", names, []
+                if i.opname in ("LOAD_GLOBAL", "LOAD_NAME", "LOAD_ATTR", "LOAD_METHOD") and i.argval in _GLOBAL_STATE:
+                    return f"{where} reads global state ({i.argval}: a trace holds its value)", names, []
+                # A write a trace would make once, at planning, and its tail never (read before any
+                # trace runs: the traces' own writes into objects other than modules stay).
+                if i.opname in ("STORE_ATTR", "STORE_GLOBAL", "STORE_NAME"):
+                    return f"{where} sets attributes ({i.argval})", names, []
                 if i.opname in ("LOAD_GLOBAL", "LOAD_NAME") and home is not None:
                     read_globals.append((home, i.argval))
             drawn = _DRAWS.intersection(code.co_names)
@@ -553,10 +637,8 @@ def _read_forwards(modules: Sequence[nn.Module], encoder: nn.Module) -> Tuple[Op
                 return f"{where} uses checkpoint (a trace inlines it)", names, []
             names.update(code.co_names)
             for name in code.co_names:
-                callees = [getattr(cls, name, None) for cls in classes]
-                callees.append(getattr(function, "__globals__", {}).get(name))
-                todo.extend((c, getattr(c, "__qualname__", name).rpartition(".")[0] or owner) for c in callees
-                            if isinstance(c, types.FunctionType) and not c.__module__.startswith("torch"))
+                todo.extend((c, getattr(c, "__qualname__", name).rpartition(".")[0] or owner)
+                            for c in _callees(name, classes, namespace))
     return None, frozenset(names), read_globals
 
 
@@ -569,8 +651,10 @@ def _held_constants(encoder: nn.Module, read: frozenset, read_globals: list) -> 
     held = {}
     for owner, name in read_globals:
         value = owner.__dict__.get(name, _MISSING)
-        if isinstance(value, _ATOMIC) or _contents(value) is not None:
-            held.setdefault(id(owner), (owner, {}))[1][name] = value
+        held.setdefault(id(owner), (owner, {}))[1][name] = value  # (by identity: a function rebound too)
+        if isinstance(value, types.ModuleType) and _users_code(value):
+            for attribute in read & value.__dict__.keys():  # `settings.SCALE`
+                held.setdefault(id(value), (value, {}))[1][attribute] = value.__dict__[attribute]
     for m in encoder.modules():
         if not _is_users_module(m):
             continue
@@ -630,6 +714,10 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
         if encoder.in_features <= context_dim:
             return f"it takes {encoder.in_features} <= context_dims features"
         return _Hoisting(encoder, encoder, "none", None, {})
+    # The code is read before any trace runs it (a trace's writes into a config object would stay).
+    why = _read_forwards([encoder], encoder)[0]
+    if why is not None:
+        return why
     tails = {}
     plan = None
     through = frozenset()
@@ -644,6 +732,9 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
             encoder.train(mode)
             planned = _plan_tail(encoder, context_dim, through)
             while isinstance(planned, _Into) and len(through) < 4:
+                why = _read_forwards([encoder.get_submodule(planned)], encoder)[0]
+                if why is not None:
+                    return why
                 through |= {planned}
                 planned = _plan_tail(encoder, context_dim, through)
             if isinstance(planned, str):
@@ -685,8 +776,10 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
          else tuple((k, v) for k, v in attributes[m] if k in read))
         for m in encoder.modules() if id(m) not in traced_ids) if attrs]
     watched += _held_constants(encoder, read, read_globals)
+    moded = [m for m in encoder.modules() if id(m) not in traced_ids] if "training" in read else []
     return _Hoisting(encoder, linear, activation, tails, replaced,
-                     [(m, tuple(m._modules.items()), _watched(attributes[m])) for _, m in traced], fresh, watched)
+                     [(m, tuple(m._modules.items()), _watched(attributes[m])) for _, m in traced], fresh, watched,
+                     moded)
 
 
 class ProgressiveFusion(nn.Module):
@@ -714,10 +807,11 @@ class ProgressiveFusion(nn.Module):
     modules' plain attributes (a temperature, a config: the trace holds their values; also a torch
     module's attribute the forward names, the fused activation's, the globals and class attributes
     the forward reads, and the parameters' dtype or device) change is planned again at the next
-    forward. An encoder whose traced forward (or a method or function of the user's own that it
-    calls by name) sets attributes, appends to a list of its own, has a with-block or a decorator
-    (no_grad, autocast), draws random numbers, checkpoints, assigns in place (`h += t`), tests types
-    (isinstance) or reads a buffer as a number is not hoisted: a trace cannot replay those.
+    forward. An encoder whose traced forward (or a base class's forward it calls through super(),
+    or a method, property or function of the user's own that it calls) sets attributes or globals,
+    appends to a list of its own, has a with-block or a decorator (no_grad, autocast), draws random
+    numbers, checkpoints, assigns in place (`h += t`), tests types (isinstance), reads torch's global
+    state or os.environ, or reads a buffer as a number is not hoisted: a trace cannot replay those.
     """
 
     def __init__(self, encoders: Sequence[nn.Module], encoder_dims: Sequence[int], fused_dim: int,

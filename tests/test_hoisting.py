@@ -918,3 +918,115 @@ def test_a_parametrization_registered_later_runs_the_encoder_unhoisted():
     CountingScale.calls = 0
     assert_same(hoisted, plain, xs)
     assert CountingScale.calls == 2 * 3  # once per step in each model, as the encoder calls it
+
+
+SETTINGS = types.ModuleType("user_settings")  # a module of the user's, imported whole
+SETTINGS.scale = 1.0
+ACTIVATION = torch.tanh
+
+
+class ReadsThroughItsOwnCode(nn.Module):
+    """Values reached through a property, a classmethod, a module imported whole and a global
+    function, and an optional buffer registered as None: the trace holds each."""
+    factor = 1.0
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+        self.register_buffer("mask", None)
+
+    @property
+    def gain(self):
+        return SETTINGS.scale
+
+    @classmethod
+    def shift(cls):
+        return cls.factor
+
+    def forward(self, x):
+        h = ACTIVATION(self.fc(x)) * self.gain + self.shift()
+        if self.mask is not None:
+            h = h * self.mask
+        return h.mean(1)
+
+
+def test_values_reached_through_properties_modules_and_optional_buffers_are_watched(monkeypatch):
+    hoisted, plain, xs = pair_with(ReadsThroughItsOwnCode(5 + 3, 8))
+    mask = torch.randn(8)
+    for change in (lambda: monkeypatch.setattr(SETTINGS, "scale", 2.0),
+                   lambda: monkeypatch.setattr(ReadsThroughItsOwnCode, "factor", -1.0),
+                   lambda: monkeypatch.setitem(globals(), "ACTIVATION", torch.sigmoid),
+                   lambda: [setattr(m.encoders[0], "mask", mask.clone()) for m in (hoisted, plain)]):
+        change()
+        assert_same(hoisted, plain, xs)
+        assert hoisted.hoisted == (0, 1)
+
+
+class ScaledByGradMode(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        return (h if torch.is_grad_enabled() else 2 * h).mean(1)
+
+
+class CountsSteps(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+        self.state = types.SimpleNamespace(step=0)
+
+    def forward(self, x):
+        self.state.step = self.state.step + 1
+        return torch.relu(self.fc(x)).mean(1) * self.state.step
+
+
+class Base(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        y = torch.relu(self.fc(x)).mean(1)
+        return 2 * y if isinstance(y, torch.Tensor) else y
+
+
+class CallsSuper(Base):
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+class ReadsAChildsMode(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc, self.drop = nn.Linear(d_in, d_out), nn.Dropout(0.0)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        return (h * 2 if self.drop.training else h).mean(1)
+
+
+@pytest.mark.parametrize("encoder,reason", [
+    (ScaledByGradMode, "reads global state (is_grad_enabled"), (CountsSteps, "CountsSteps.forward sets attributes (step)"),
+    (CallsSuper, "Base.forward tests types")])
+def test_forwards_that_read_global_state_write_objects_or_call_super_are_read(encoder, reason):
+    torch.manual_seed(0)
+    model = ProgressiveFusion([encoder(5 + 3, 8), nn.Linear(4 + 3, 8)], [8, 8], 6, 3, iterations=3)
+    assert model.hoisted == (1,) and reason in model.hoisting_notes[0], model.hoisting_notes
+    if encoder is CountsSteps:
+        assert model.encoders[0].state.step == 0  # read before any trace ran the forward
+    plain = unhoisted(model)
+    xs = [torch.randn(4, 6, 5), torch.randn(4, 4)]
+    with torch.no_grad():
+        torch.testing.assert_close(model(xs), plain(xs), rtol=1e-5, atol=1e-6)
+
+
+def test_a_child_whose_mode_the_forward_reads_must_be_in_the_encoders_mode():
+    hoisted, plain, xs = pair_with(ReadsAChildsMode(5 + 3, 8))
+    assert hoisted.hoisted == (0, 1)
+    for model in (hoisted, plain):
+        model.encoders[0].drop.eval()  # the encoder itself stays in training mode
+    assert hoisted.hoisted == (1,)
+    assert_same(hoisted, plain, xs)
