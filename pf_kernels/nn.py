@@ -234,14 +234,16 @@ class _Hoisting:
         return False
 
     # Copies (deepcopy, pickle) keep the Python modules and classes whose values are watched by
-    # reference, and watch the values those hold when the copy is made (a module object, a lambda
-    # can be neither copied nor pickled); a plan stale when copied is stale in the copy.
+    # reference, and the numbers, strings and containers the tails were traced with (compared where
+    # the copy runs); a function they hold is read again where the copy is made (a module object, a
+    # lambda can be neither copied nor pickled). A plan stale when copied is stale in the copy.
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_stale_when_copied"] = self._stale_when_copied or self.stale()
         state["_attributes"] = tuple(
-            (_ModuleRef(o), tuple(n for n, _, _ in a)) if isinstance(o, types.ModuleType) else
-            (o, tuple(n for n, _, _ in a)) if isinstance(o, type) else (o, a) for o, a in self._attributes)
+            (_ModuleRef(o) if isinstance(o, types.ModuleType) else o, tuple(
+                (n, v, c) if isinstance(v, _ATOMIC) or c is not None else (n, _REREAD, None) for n, v, c in a))
+            if isinstance(o, (types.ModuleType, type)) else (o, a) for o, a in self._attributes)
         return state
 
     def __setstate__(self, state):
@@ -252,7 +254,8 @@ class _Hoisting:
                 if owner is None:  # not imported here: what the tails hold cannot be checked
                     state["_stale_when_copied"] = True
                     continue
-                watched = _watched(tuple((n, owner.__dict__.get(n, _MISSING)) for n in watched))
+                watched = tuple((n, owner.__dict__.get(n, _MISSING), None) if v is _REREAD else (n, v, c)
+                                for n, v, c in watched)
             attributes.append((owner, watched))
         state["_attributes"] = tuple(attributes)
         self.__dict__.update(state)
@@ -275,6 +278,7 @@ class _Missing:
 
 
 _MISSING = _Missing()
+_REREAD = "<read again where the copy is made>"
 
 
 class _ModuleRef:
@@ -560,8 +564,10 @@ def _users_code(value) -> bool:
 
 def _callees(name: str, classes, namespace: dict) -> list:
     """The functions of the user's own that code naming `name` may call: a method, property getter,
-    classmethod or staticmethod of one of `classes`, a module-level function, or a function of a
-    module of the user's imported as a whole (`utils.scale(h)`)."""
+    classmethod or staticmethod of one of `classes`, or a module-level function. (Not `forward`:
+    the forwards a trace goes through are read as such; other modules are called live.)"""
+    if name in ("forward", "__call__"):
+        return []
     found = []
     for cls in classes:
         attr = inspect.getattr_static(cls, name, None)
@@ -571,17 +577,21 @@ def _callees(name: str, classes, namespace: dict) -> list:
             attr = attr.__func__
         found.append(attr)
     found.append(namespace.get(name))
-    found += [getattr(v, name, None) for v in namespace.values() if isinstance(v, types.ModuleType) and _users_code(v)]
     return [c for c in found if isinstance(c, types.FunctionType) and not c.__module__.startswith("torch")
             and (_users_code(c) or c in (getattr(cls, name, None) for cls in classes))]
 
 
+_LOADS = ("LOAD_ATTR", "LOAD_METHOD")
+
+
 def _read_forwards(modules: Sequence[nn.Module], encoder: nn.Module) -> Tuple[Optional[str], frozenset, list]:
     """(why the traced forwards of these modules cannot be replayed from their trace, or None; the
-    names their code reads; (Python module, name) of the module-level values it reads). Reads the forwards
-    of the user's own classes, the functions nested in them and the functions of the user's own they
-    call by name (methods of the encoder's modules' classes, module-level functions), not what they
-    reach otherwise."""
+    names their code reads (and, as "<name>.training", the attributes whose mode it reads:
+    self.drop.training); (Python module, name) of the module-level values it reads). Reads the
+    forwards of the user's own classes, the functions nested in them and the functions of the
+    user's own they call (methods of the encoder's modules' classes, module-level functions,
+    functions of the user's own modules imported whole: `utils.scale(h)`), not what they reach
+    otherwise."""
     classes = {type(m) for m in encoder.modules() if _is_users_module(m)}
     names, seen, read_globals = set(), set(), []
     # Each module's forward, and its base classes' where the one before calls super() (not torch's).
@@ -612,7 +622,18 @@ def _read_forwards(modules: Sequence[nn.Module], encoder: nn.Module) -> Tuple[Op
             code = codes.pop()
             codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
             where = f"{owner}.{code.co_name}"
+            previous = None
             for i in dis.get_instructions(code):
+                if i.opname in _LOADS and previous is not None:
+                    if i.argval == "training" and previous.opname in _LOADS:
+                        names.add(f"{previous.argval}.training")
+                    elif previous.opname == "LOAD_GLOBAL" and home is not None:
+                        whole = home.__dict__.get(previous.argval)
+                        if isinstance(whole, types.ModuleType) and _users_code(whole):
+                            called = getattr(whole, i.argval, None)
+                            if isinstance(called, types.FunctionType):
+                                todo.append((called, whole.__name__))
+                previous = i
                 if i.opname in _WITH_OPS:
                     return f"{where} has a with-block (no_grad, autocast: a trace drops it)", names, []
                 # fx records `h += t` out of place: a view of h taken before would not see the write.
@@ -651,10 +672,13 @@ def _held_constants(encoder: nn.Module, read: frozenset, read_globals: list) -> 
     held = {}
     for owner, name in read_globals:
         value = owner.__dict__.get(name, _MISSING)
+        if isinstance(value, (types.ModuleType, type)):
+            # A namespace (torch, a settings module, a config class): its attributes the code names.
+            if _users_code(value):
+                for attribute in read & value.__dict__.keys():  # `settings.SCALE`, `CFG.scale`
+                    held.setdefault(id(value), (value, {}))[1][attribute] = value.__dict__[attribute]
+            continue
         held.setdefault(id(owner), (owner, {}))[1][name] = value  # (by identity: a function rebound too)
-        if isinstance(value, types.ModuleType) and _users_code(value):
-            for attribute in read & value.__dict__.keys():  # `settings.SCALE`
-                held.setdefault(id(value), (value, {}))[1][attribute] = value.__dict__[attribute]
     for m in encoder.modules():
         if not _is_users_module(m):
             continue
@@ -662,15 +686,17 @@ def _held_constants(encoder: nn.Module, read: frozenset, read_globals: list) -> 
             if name in m.__dict__ or name in m._parameters or name in m._buffers or name in m._modules:
                 continue
             owners = []
-            for cls in type(m).__mro__:
+            for cls in type(m).__mro__:  # the user's classes (torch's own attributes are not config)
+                if not _users_code(cls):
+                    break
                 owners.append(cls)
                 if name in cls.__dict__:
                     break
             else:
                 continue
-            value = owners[-1].__dict__[name]
-            if not (isinstance(value, _ATOMIC) or _contents(value) is not None):
-                continue  # a method, property or other descriptor: code, not a held value
+            if not owners or name not in owners[-1].__dict__:
+                continue
+            # Any value, a method too (by identity: one patched on the class, or set on the instance).
             for owner in (m, *owners):
                 held.setdefault(id(owner), (owner, {}))[1][name] = owner.__dict__.get(name, _MISSING)
     return [(owner, _watched(tuple(values.items()))) for owner, values in held.values()]
@@ -776,7 +802,8 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
          else tuple((k, v) for k, v in attributes[m] if k in read))
         for m in encoder.modules() if id(m) not in traced_ids) if attrs]
     watched += _held_constants(encoder, read, read_globals)
-    moded = [m for m in encoder.modules() if id(m) not in traced_ids] if "training" in read else []
+    moded = [child for _, m in traced for name, child in m._modules.items()
+             if f"{name}.training" in read and child is not None and id(child) not in traced_ids]
     return _Hoisting(encoder, linear, activation, tails, replaced,
                      [(m, tuple(m._modules.items()), _watched(attributes[m])) for _, m in traced], fresh, watched,
                      moded)

@@ -1030,3 +1030,38 @@ def test_a_child_whose_mode_the_forward_reads_must_be_in_the_encoders_mode():
         model.encoders[0].drop.eval()  # the encoder itself stays in training mode
     assert hoisted.hoisted == (1,)
     assert_same(hoisted, plain, xs)
+
+
+class Config:  # a class used as a config namespace
+    scale = 1.0
+
+
+class ReadsAConfigClassAndAHelper(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc, self.norm = nn.Linear(d_in, d_out), nn.BatchNorm1d(6)
+        self.p = 0.0
+
+    def pool(self, h):
+        return h.mean(1)
+
+    def forward(self, x):
+        h = F.dropout(torch.relu(self.fc(x)), self.p, self.training)  # reads its own mode only
+        return self.pool(self.norm(h) * Config.scale)
+
+
+def test_config_classes_patched_methods_and_copies_made_elsewhere(monkeypatch):
+    hoisted, plain, xs = pair_with(ReadsAConfigClassAndAHelper(5 + 3, 8))
+    for model in (hoisted, plain):
+        model.encoders[0].norm.eval()  # a frozen child, called live: the plan still holds
+    assert hoisted.hoisted == (0, 1)
+    monkeypatch.setattr(Config, "scale", 2.0)
+    assert_same(hoisted, plain, xs)
+    monkeypatch.setattr(ReadsAConfigClassAndAHelper, "pool", lambda self, h: h.amax(1))
+    assert_same(hoisted, plain, xs)
+    assert hoisted.hoisted == (0, 1)
+    # A copy loaded where the config differs from what its tails were traced with plans again.
+    saved = _pickled(hoisted)
+    monkeypatch.setattr(Config, "scale", 5.0)
+    loaded = torch.load(saved, weights_only=False)
+    torch.testing.assert_close(loaded(xs), plain(xs), rtol=1e-5, atol=1e-6)
