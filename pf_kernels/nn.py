@@ -149,6 +149,29 @@ class _OpaqueTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return not isinstance(m, nn.Sequential) and module_qualified_name not in self.through
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _TracedValue(node, self)
+
+
+class _InPlaceOperator(Exception):
+    """`h += t` on a traced value: fx would record it out of place (a view of h would miss the write)."""
+
+
+class _TracedValue(fx.Proxy):
+    """A proxy on which an in-place operator stops the trace (on a number it stays a number's)."""
+
+
+def _refuse_in_place(symbol: str):
+    def operator_(self, other):
+        raise _InPlaceOperator(symbol)
+    return operator_
+
+
+for _name, _symbol in (("iadd", "+="), ("isub", "-="), ("imul", "*="), ("itruediv", "/="), ("ifloordiv", "//="),
+                       ("imod", "%="), ("ipow", "**="), ("imatmul", "@="), ("iand", "&="), ("ior", "|="),
+                       ("ixor", "^="), ("ilshift", "<<="), ("irshift", ">>=")):
+    setattr(_TracedValue, f"__{_name}__", _refuse_in_place(_symbol))
+
 
 def _is_users_module(module) -> bool:
     """A module of the user's own class (not torch's), which may hold a Linear to trace to."""
@@ -489,6 +512,8 @@ def _plan_tail(encoder: nn.Module, context_dim: int, through: frozenset):
 
     try:
         graph = _OpaqueTracer(through).trace(encoder)
+    except _InPlaceOperator as exc:
+        return f"its forward assigns in place ({exc}: a trace records it out of place)"
     except Exception as exc:  # fx raises many kinds
         return f"torch.fx cannot trace it ({type(exc).__name__})"
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
@@ -636,10 +661,6 @@ def _read_forwards(modules: Sequence[nn.Module], encoder: nn.Module) -> Tuple[Op
                 previous = i
                 if i.opname in _WITH_OPS:
                     return f"{where} has a with-block (no_grad, autocast: a trace drops it)", names, []
-                # fx records `h += t` out of place: a view of h taken before would not see the write.
-                if i.opname.startswith("INPLACE_") or (i.opname == "BINARY_OP" and i.argrepr.endswith("=")):
-                    return f"{where} assigns in place ({i.argrepr or i.opname}: a trace records it out of place)", \
-                        names, []
                 # A trace passes proxies, not tensors: the branch taken at planning would be kept.
                 if i.opname in ("LOAD_GLOBAL", "LOAD_NAME", "LOAD_ATTR", "LOAD_METHOD") and i.argval in _TYPE_TESTS:
                     return f"{where} tests types ({i.argval}: a trace sees proxies, not tensors)", names, []

@@ -1065,3 +1065,24 @@ def test_config_classes_patched_methods_and_copies_made_elsewhere(monkeypatch):
     monkeypatch.setattr(Config, "scale", 5.0)
     loaded = torch.load(saved, weights_only=False)
     torch.testing.assert_close(loaded(xs), plain(xs), rtol=1e-5, atol=1e-6)
+
+
+class HalvesAScaleEachLayer(nn.Module):
+    """An in-place operator on a Python number (not a traced tensor): the trace replays it."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc, self.layers = nn.Linear(d_in, d_out), nn.ModuleList(nn.Linear(d_out, d_out) for _ in range(2))
+
+    def forward(self, x):
+        h, scale = torch.relu(self.fc(x)), 1.0
+        for layer in self.layers:
+            h = h + scale * layer(h)
+            scale *= 0.5
+        return h.mean(1)
+
+
+def test_an_in_place_operator_on_a_number_keeps_the_encoder_hoisted():
+    hoisted, plain, xs = pair_with(HalvesAScaleEachLayer(5 + 3, 8))
+    assert hoisted.hoisted == (0, 1)
+    assert_same(hoisted, plain, xs)
