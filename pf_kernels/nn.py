@@ -607,6 +607,7 @@ def _callees(name: str, classes, namespace: dict) -> list:
 
 
 _LOADS = ("LOAD_ATTR", "LOAD_METHOD")
+_NAME_LOADS = ("LOAD_GLOBAL", "LOAD_NAME", *_LOADS)  # a name read, global or attribute
 
 
 def _read_forwards(modules: Sequence[nn.Module], encoder: nn.Module) -> Tuple[Optional[str], frozenset, list]:
@@ -662,9 +663,9 @@ def _read_forwards(modules: Sequence[nn.Module], encoder: nn.Module) -> Tuple[Op
                 if i.opname in _WITH_OPS:
                     return f"{where} has a with-block (no_grad, autocast: a trace drops it)", names, []
                 # A trace passes proxies, not tensors: the branch taken at planning would be kept.
-                if i.opname in ("LOAD_GLOBAL", "LOAD_NAME", "LOAD_ATTR", "LOAD_METHOD") and i.argval in _TYPE_TESTS:
+                if i.opname in _NAME_LOADS and i.argval in _TYPE_TESTS:
                     return f"{where} tests types ({i.argval}: a trace sees proxies, not tensors)", names, []
-                if i.opname in ("LOAD_GLOBAL", "LOAD_NAME", "LOAD_ATTR", "LOAD_METHOD") and i.argval in _GLOBAL_STATE:
+                if i.opname in _NAME_LOADS and i.argval in _GLOBAL_STATE:
                     return f"{where} reads global state ({i.argval}: a trace holds its value)", names, []
                 # A write a trace would make once, at planning, and its tail never (read before any
                 # trace runs: the traces' own writes into objects other than modules stay).
