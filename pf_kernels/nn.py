@@ -1004,9 +1004,11 @@ class ProgressiveFusion(nn.Module):
             if plan is None:
                 inputs.append(torch.cat([x, x.new_zeros(*x.shape[:-1], c)], dim=-1))
                 continue
-            weight, dx = plan.linear.weight, x.shape[-1]
-            p = F.linear(x, weight[:, :dx], plan.linear.bias)
-            projections[j] = (p, weight[:, dx:])
+            # One split, not two slices: one backward node (a cat) instead of two zero-filled
+            # slice_backwards and their sum.
+            x_weight, context_weight = plan.linear.weight.split([x.shape[-1], c], dim=1)
+            p = F.linear(x, x_weight, plan.linear.bias)
+            projections[j] = (p, context_weight)
             inputs.append(plan.first_input(p))
         steps = []
         for step in range(self.iterations):
