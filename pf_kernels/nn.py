@@ -840,7 +840,7 @@ class ProgressiveFusion(nn.Module):
     modality's input (broadcast over its positions) for the next. forward(xs) returns z_R, or the
     list [z_1..z_R] with return_all_steps=True. context_dims[j] = 0 gives modality j no
     back-projection: its encoder reads its input unchanged at every step, while z still fuses its
-    output.
+    output (an input of any dtype: token ids for an nn.Embedding too).
 
     Hoisting (hoist=True, the default): where encoder j begins with an nn.Linear over its input
     (see plan_hoisting for the forms detected), W x~ + b = (W_x x + b) + W_c c, so W_x x + b is
@@ -926,9 +926,25 @@ class ProgressiveFusion(nn.Module):
         # Plain attributes, not submodules: the plans reference the encoders' own modules.
         self._plans = tuple(plans)
         self._hoisting: Tuple[Optional[_Hoisting], ...] = tuple(p if isinstance(p, _Hoisting) else None for p in plans)
-        self.hoisting_notes: Tuple[str, ...] = tuple(
-            f"encoder {j}: {'hoisted, ' + p.activation + ' fused' if isinstance(p, _Hoisting) else 'not hoisted: ' + p}"
-            for j, p in enumerate(plans))
+
+    @property
+    def hoisting_notes(self) -> Tuple[str, ...]:
+        """Per encoder, whether it runs hoisted now, and if not, why."""
+        notes = []
+        for j, (plan, encoder) in enumerate(zip(self._plans, self.encoders)):
+            if not isinstance(plan, _Hoisting):
+                note = f"not hoisted: {plan}"
+            elif not implements(self.backend, "context_linear"):
+                note = f"not hoisted: backend {self.backend!r} has no context_linear"
+            elif not plan.holds_for(encoder):
+                note = ("not hoisted: since it was planned, its hoisted Linear or fused activation was "
+                        "replaced or parametrized, it got hooks or an instance forward, or a module it "
+                        "reads the mode of is in another mode (set hoist = True to plan again)")
+            else:
+                note = f"hoisted, {plan.activation} fused" + \
+                    (" (its traced structure changed: planned again at the next forward)" if plan.stale() else "")
+            notes.append(f"encoder {j}: {note}")
+        return tuple(notes)
 
     @property
     def hoisted(self) -> Tuple[int, ...]:
@@ -967,8 +983,14 @@ class ProgressiveFusion(nn.Module):
                 raise ValueError(f"xs[{j}] has batch size {x.shape[0]} ({tuple(x.shape)}) but xs[0] has "
                                  f"{xs[0].shape[0]} ({tuple(xs[0].shape)})")
             # The back-projection concatenates to x in the model's dtype (autocast casts both).
+            # A modality without context may take anything its encoder takes (token ids).
             dtype = self.back_projections[j].weight.dtype
-            if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            if not x.is_floating_point():
+                if self.context_dims[j]:
+                    raise TypeError(f"xs[{j}] has dtype {x.dtype}, but context_dims[{j}] = {self.context_dims[j]} "
+                                    f"context features are concatenated to it, which needs a floating input "
+                                    f"(set context_dims[{j}] = 0 for an input such as token ids)")
+            elif x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
                 raise TypeError(f"xs[{j}] has dtype {x.dtype} but the model's parameters are {dtype}: pass "
                                 f"inputs in the parameters' dtype (or run under torch.autocast)")
         return list(xs)
@@ -1002,7 +1024,7 @@ class ProgressiveFusion(nn.Module):
         inputs = []
         for j, (x, plan, c) in enumerate(zip(xs, hoisting, self.context_dims)):
             if plan is None:
-                inputs.append(torch.cat([x, x.new_zeros(*x.shape[:-1], c)], dim=-1))
+                inputs.append(x if not x.is_floating_point() else torch.cat([x, x.new_zeros(*x.shape[:-1], c)], dim=-1))
                 continue
             # One split, not two slices: one backward node (a cat) instead of two zero-filled
             # slice_backwards and their sum.
@@ -1044,14 +1066,15 @@ class ProgressiveFusion(nn.Module):
     def _refine(self, hs, xs, hoisting, projections):
         """z from hs, and every encoder's input (or hoisted first layer's output) for the next step."""
         head, bps = self.fusion_head, self.back_projections
-        plain = [j for j, plan in enumerate(hoisting) if plan is None]
-        if not plain and len({bp.activation for bp in bps}) == 1:  # every encoder hoisted: one op (launch)
+        plain = [j for j, plan in enumerate(hoisting) if plan is None and xs[j].is_floating_point()]
+        if len(projections) == len(xs) and len({bp.activation for bp in bps}) == 1:  # every encoder hoisted: one op (launch)
             ps, context_weights = zip(*(projections[j] for j in range(len(xs))))
             return ops.refine_step_hoisted(
                 hs, head.weight, head.bias, list(ps), [bp.weight for bp in bps], [bp.bias for bp in bps],
                 list(context_weights), head.activation, bps[0].activation, [plan.activation for plan in hoisting],
                 backend=self.backend)
-        inputs = [None] * len(xs)
+        # Inputs without context that are no features (token ids) are read as they are at every step.
+        inputs = [x if plan is None and not x.is_floating_point() else None for x, plan in zip(xs, hoisting)]
         if plain and len({bps[j].activation for j in plain}) == 1:
             z, outs = ops.refine_step(
                 hs, head.weight, head.bias, [xs[j] for j in plain], [bps[j].weight for j in plain],

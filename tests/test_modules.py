@@ -276,6 +276,71 @@ def test_a_modality_with_context_dim_0_reads_its_input_unchanged(hoisting, backe
     model.load_state_dict(ProgressiveFusion([copy.deepcopy(e) for e in encoders], [6, 7, 8], 9, [3, 0, 4]).state_dict())
 
 
+class TokenEncoder(nn.Module):
+    """Token ids (B, T) -> (B, H): an embedding, then the mean over tokens."""
+
+    def __init__(self, vocabulary, out_dim):
+        super().__init__()
+        self.embedding = nn.Embedding(vocabulary, out_dim)
+
+    def forward(self, ids):
+        return self.embedding(ids).mean(1)
+
+
+@pytest.mark.parametrize("hoist", [True, False])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_a_modality_without_context_takes_token_ids(hoist, backend):
+    """context_dims[j] = 0 and integer inputs (token ids for an nn.Embedding): read as they are at
+    every step, in fp32 and under autocast; against the method written out by hand."""
+    torch.manual_seed(0)
+    encoders = [TokenEncoder(20, 6), nn.Sequential(nn.Linear(3 + 4, 8), nn.Tanh())]
+    model = ProgressiveFusion(encoders, [6, 8], 5, [0, 4], iterations=3, backend=backend, hoist=hoist)
+    assert model.hoisted == ((1,) if hoist else ())
+    ids, x = torch.randint(0, 20, (6, 9)), torch.randn(6, 3)
+    head, bp = model.fusion_head, model.back_projections[1]
+
+    def by_hand():
+        c = torch.zeros(6, 4)
+        for _ in range(3):
+            hs = [encoders[0](ids), encoders[1](torch.cat([x, c], -1))]
+            z = torch.relu(nn.functional.linear(torch.cat(hs, -1), head.weight, head.bias))
+            c = torch.relu(nn.functional.linear(z, bp.weight, bp.bias))
+        return z
+
+    got, want = model([ids, x]), by_hand()
+    torch.testing.assert_close(got, want)
+    params = [p for p in model.parameters() if p.numel()]
+    for a, b in zip(torch.autograd.grad(got.square().sum(), params), torch.autograd.grad(want.square().sum(), params)):
+        torch.testing.assert_close(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model([ids, x]).shape == (6, 5)
+    assert torch.equal(ids, ids.clone())  # (never written)
+
+
+def test_integer_input_of_a_modality_with_context_is_refused_by_name():
+    model = ProgressiveFusion([TokenEncoder(20, 6), TokenEncoder(20, 6)], [6, 6], 5, [0, 2])
+    ids = torch.randint(0, 20, (6, 9))
+    with pytest.raises(TypeError, match=r"xs\[1\] has dtype torch.int64, but context_dims\[1\] = 2"):
+        model([ids, ids])
+
+
+def test_hoisting_notes_say_when_an_encoder_stops_running_hoisted():
+    model = ProgressiveFusion([nn.Sequential(nn.Linear(3 + 4, 8), nn.ReLU()), nn.Sequential(nn.Linear(6 + 4, 8), nn.Tanh())],
+                              [8, 8], 16, 4, iterations=3)
+    assert model.hoisted == (0, 1) and all("hoisted, " in n for n in model.hoisting_notes)
+    handle = model.encoders[0][0].register_forward_hook(lambda *args: None)
+    assert model.hoisted == (1,)
+    assert "encoder 0: not hoisted" in model.hoisting_notes[0] and "hooks" in model.hoisting_notes[0]
+    assert "encoder 1: hoisted, tanh fused" == model.hoisting_notes[1]
+    handle.remove()
+    assert model.hoisted == (0, 1) and model.hoisting_notes[0] == "encoder 0: hoisted, relu fused"
+    model.encoders[1][1] = nn.Sigmoid()  # the fused activation replaced
+    assert model.hoisted == (0,) and "encoder 1: not hoisted" in model.hoisting_notes[1]
+    model.backend = "cpu"
+    model.hoist = True
+    assert model.hoisting_notes[1] == "encoder 1: hoisted, sigmoid fused"
+
+
 def test_short_training_run_fits():
     """A target that needs two modalities together: the loss falls far below its start."""
     torch.manual_seed(0)
