@@ -246,6 +246,37 @@ def test_fp16_position_sum_beyond_fp16_range_stays_finite(backend, out_activatio
         torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-2, msg=lambda m: f"grad of {name}: {m}")
 
 
+@pytest.mark.parametrize("backend", WITH_CUDA)
+@pytest.mark.parametrize("op", ["backproj_concat", "context_linear"])
+def test_fp16_context_gradient_beyond_fp16_range_stays_finite(backend, op):
+    # The context's pre-activation gradient sums over positions: 8192 positions of gradient 10 give
+    # 81920 (times W_c's column for context_linear) > fp16's 65504, while the gradients of z and the
+    # weights it feeds (small z, W) are in range. Eager rounds it to fp16 (inf, then inf/NaN): the
+    # fused backends keep it in fp32 (the cuda backend rounded it, as eager). Against float64.
+    device = "cuda" if backend == "cuda" else device_of(backend)
+    p, z, w, _, pw = context_inputs(1, (8192,), 2, 3, 2, False, torch.float16, device, requires_grad=False)
+    z, w = z * 0.01, w * 0.1
+    pw = torch.ones_like(pw)  # W_c's columns add up: grad_c = 2 * 81920 per element
+    g = torch.full(p.shape, 10.0, dtype=torch.float16, device=device)
+
+    def grads(impl, dtype, **backend):
+        p_, z_, w_, pw_, g_ = (t.detach().to(dtype) for t in (p, z, w, pw, g))
+        wrt = [t.requires_grad_(True) for t in ([z_, w_, pw_] if op == "context_linear" else [z_, w_])]
+        if op == "context_linear":
+            out = impl.context_linear(p_, z_, w_, None, pw_, "none", "none", **backend)
+        else:  # the gradient of x's features too, the context's alone beyond fp16
+            out = impl.backproj_concat(p_, z_, w_, None, "none", **backend)
+            g_ = torch.cat([g_, g_], -1)
+        return torch.autograd.grad(out, wrt, g_)
+
+    got = grads(pk, torch.float16, backend=backend)
+    want = grads(reference, torch.float64)
+    for name, a, e in zip(("z", "weight", "proj_weight"), got, want):
+        assert torch.isfinite(e).all() and e.abs().max() < 60000
+        assert torch.isfinite(a).all(), f"grad of {name}: {a}"
+        torch.testing.assert_close(a.double(), e, rtol=2e-2, atol=1e-1, msg=lambda m: f"grad of {name}: {m}")
+
+
 @pytest.mark.parametrize("backend", fused())
 def test_only_some_inputs_need_grad(backend):
     for needs in ([0], [1], [2], [4], [0, 3]):

@@ -7,9 +7,10 @@
 // cores for fp16/bf16 inputs, fp32 accumulation and output), and the kernel adds the bias and applies
 // the activation to it before rounding once to the output dtype, as the reference does.
 // Backward: one launch (two when positions are split across blocks) reduces grad_out's context
-// features over positions times act' into grad_pre (B, Dc) in fp32; act' reads y from the saved
-// context act(y) or, where none is given or the rounded context loses it, from y recomputed (inline,
-// or by the forward's GEMM, by the same rule). The GEMMs of the gradients go to ATen, in fp32 as eager autograd of the reference does.
+// features over positions times act' into grad_pre (B, Dc), rounded to the input dtype as eager
+// autograd rounds it (kept in fp32 for fp16, whose range such a sum overflows); act' reads y from the
+// saved context act(y) or, where none is given or the rounded context loses it, from y recomputed
+// (inline, or by the forward's GEMM, by the same rule). The GEMMs of the gradients go to ATen.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,6 +19,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "activations.h"
@@ -122,17 +124,17 @@ struct ActGradSource {
 };
 
 // Sums g[b * g_sb + p * g_sp + c * g_sc] over p in this task's split of positions. With one split it
-// finishes the job: dst[b, c] = sum * act'(b, c), rounded to scalar_t; otherwise it writes the partial
+// finishes the job: dst[b, c] = sum * act'(b, c), rounded to out_t; otherwise it writes the partial
 // sum to partial[split, b, c] (fp32) and a second launch (in_t = acc_t, over the splits) finishes. act'
 // comes from the saved context a = act(y) (autograd's copy of the output's first position), or from
 // y: where no context is given, for gelu, and for tanh / sigmoid in 16-bit dtypes, where 1 - a^2 or a (1 - a) of a rounded a loses
 // most of its bits near saturation.
-template <typename in_t, typename scalar_t, typename acc_t>
+template <typename in_t, typename scalar_t, typename acc_t, typename out_t>
 __global__ void __launch_bounds__(kBwdCols* kBwdRows)
     context_grad_kernel(const in_t* __restrict__ g, int64_t g_sb, int64_t g_sp, int64_t g_sc, int64_t positions,
                         int64_t per_split, int64_t splits, int64_t B, int64_t Dc,
                         const ActGradSource<scalar_t, acc_t> src, acc_t* __restrict__ partial,
-                        scalar_t* __restrict__ dst) {
+                        out_t* __restrict__ dst) {
   __shared__ acc_t part[kBwdRows][kBwdCols + 1];
   __shared__ acc_t y_tile[kBwdCols];
   const int tx = threadIdx.x, ty = threadIdx.y;  // warp ty, lane tx
@@ -171,7 +173,7 @@ __global__ void __launch_bounds__(kBwdCols* kBwdRows)
           if (src.bias != nullptr) y += static_cast<acc_t>(src.bias[c]);
           d = activation_grad<acc_t>(y, src.act);
         }
-        dst[b * Dc + c] = static_cast<scalar_t>(total * d);
+        dst[b * Dc + c] = static_cast<out_t>(total * d);
       } else {
         partial[(split * B + b) * Dc + c] = total;
       }
@@ -255,12 +257,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
   const at::ScalarType dtype = grad_out.scalar_type(), acc = at::toOpMathType(dtype);
   const int64_t positions = B > 0 && D > 0 ? grad_out.numel() / (B * D) : 0;
 
-  // grad_pre in the input dtype, as eager autograd rounds the gradient of a 16-bit linear's output.
+  // grad_pre in the input dtype, as eager autograd rounds the gradient of a 16-bit linear's output;
+  // but in fp32 for fp16, whose range (65504) a sum over many positions overflows where the gradients
+  // it feeds would not (the cpu and triton backends keep it in fp32 too; bf16 has fp32's range).
+  const bool wide = dtype == at::kHalf;
+  const at::TensorOptions grad_options = grad_out.options().dtype(wide ? acc : dtype);
   at::Tensor grad_pre;
   if (positions == 0 || Dc == 0) {
-    grad_pre = at::zeros({B, Dc}, grad_out.options());
+    grad_pre = at::zeros({B, Dc}, grad_options);
   } else {
-    grad_pre = at::empty({B, Dc}, grad_out.options());
+    grad_pre = at::empty({B, Dc}, grad_options);
     const bool has_context = is_given(context);
     const bool from_y = act == Activation::Gelu || (act != Activation::None && !has_context) ||
                         (at::elementSize(dtype) == 2 && (act == Activation::Tanh || act == Activation::Sigmoid));
@@ -289,24 +295,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
       src.Dz = Dz;
       src.act = act;
       src.y_source = p.y_source;
-      context_grad_kernel<scalar_t, scalar_t, acc_t><<<launch_grid(p.grid), block, 0, stream>>>(
-          g.data_ptr<scalar_t>(), g.stride(0), g.stride(1), g.stride(2), positions, p.per_split, p.splits, B, Dc,
-          src, partial.defined() ? partial.data_ptr<acc_t>() : nullptr, grad_pre.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (p.splits > 1) {  // sum the splits (as positions of a (B, splits, Dc) view), times act'
-        context_grad_kernel<acc_t, scalar_t, acc_t><<<launch_grid(p.finish_grid), block, 0, stream>>>(
-            partial.data_ptr<acc_t>(), Dc, B * Dc, 1, p.splits, p.splits, 1, B, Dc, src, nullptr,
-            grad_pre.data_ptr<scalar_t>());
+      auto reduce = [&](auto* dst) {
+        using out_t = std::remove_pointer_t<decltype(dst)>;
+        context_grad_kernel<scalar_t, scalar_t, acc_t, out_t><<<launch_grid(p.grid), block, 0, stream>>>(
+            g.data_ptr<scalar_t>(), g.stride(0), g.stride(1), g.stride(2), positions, p.per_split, p.splits, B, Dc,
+            src, partial.defined() ? partial.data_ptr<acc_t>() : nullptr, dst);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (p.splits > 1) {  // sum the splits (as positions of a (B, splits, Dc) view), times act'
+          context_grad_kernel<acc_t, scalar_t, acc_t, out_t><<<launch_grid(p.finish_grid), block, 0, stream>>>(
+              partial.data_ptr<acc_t>(), Dc, B * Dc, 1, p.splits, p.splits, 1, B, Dc, src, nullptr, dst);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      };
+      if (wide) {
+        reduce(grad_pre.data_ptr<acc_t>());
+      } else {
+        reduce(grad_pre.data_ptr<scalar_t>());
       }
     });
   }
   // The small GEMMs on the input dtype (cuBLAS, fp32 accumulation), as eager: no casts of z, W or the
-  // results, each a launch at the launch-bound sizes where this op runs.
-  at::Tensor grad_z = at::mm(grad_pre, weight);
-  at::Tensor grad_weight = at::mm(grad_pre.t(), z);
-  at::Tensor grad_bias = is_given(bias) ? grad_pre.sum(0) : at::empty({0}, grad_out.options());
-  return {grad_z, grad_weight, grad_bias};
+  // results, each a launch at the launch-bound sizes where this op runs; for fp16, on fp32 copies.
+  if (!wide) {
+    at::Tensor grad_bias = is_given(bias) ? grad_pre.sum(0) : at::empty({0}, grad_out.options());
+    return {at::mm(grad_pre, weight), at::mm(grad_pre.t(), z), grad_bias};
+  }
+  at::Tensor grad_bias = is_given(bias) ? grad_pre.sum(0).to(dtype) : at::empty({0}, grad_out.options());
+  return {at::mm(grad_pre, weight.to(acc)).to(dtype), at::mm(grad_pre.t(), z.to(acc)).to(dtype), grad_bias};
 }
 
 }  // namespace

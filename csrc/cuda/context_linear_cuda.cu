@@ -8,7 +8,8 @@
 // as grad_p) over positions into the term's gradient (B, H); the rest is small cuBLAS GEMMs on the
 // input dtype and one elementwise kernel for act'. The term's gradient stays fp32 (as the
 // reference's fp32 sum p + term gives it); the context pre-activation's is rounded to the input
-// dtype, as eager autograd rounds a 16-bit Linear's.
+// dtype, as eager autograd rounds a 16-bit Linear's, but for fp16 (it sums over positions too:
+// beyond fp16's range where the gradients it feeds are not; bf16 has fp32's range).
 // Any size: 1-D grids with grid-stride loops (cuda/launch_plan.h: the grids, the backward's splits and
 // its task walk are backproj_concat's, whose position reduction this is), 64-bit offsets and no 64-bit
 // division, fixed shared memory (none tied to H or Dc); no host synchronisation, so the op can be
@@ -24,6 +25,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include "activations.h"
@@ -57,14 +59,14 @@ __global__ void __launch_bounds__(kThreads) context_kernel(acc_t* __restrict__ p
 }
 
 // grad_pre[i] = grad_c[i] * act'(pre[i]), rounded to scalar_t.
-template <typename scalar_t, typename acc_t>
+template <typename out_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) activation_grad_kernel(const acc_t* __restrict__ grad_c,
                                                                   const acc_t* __restrict__ pre,
-                                                                  scalar_t* __restrict__ grad_pre, int64_t n,
+                                                                  out_t* __restrict__ grad_pre, int64_t n,
                                                                   Activation act) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    grad_pre[i] = static_cast<scalar_t>(grad_c[i] * activation_grad<acc_t>(pre[i], act));
+    grad_pre[i] = static_cast<out_t>(grad_c[i] * activation_grad<acc_t>(pre[i], act));
   }
 }
 
@@ -288,25 +290,34 @@ Grads context_linear_backward_cuda(const at::Tensor& grad_out, const c10::option
   // those of the back-projection on the input dtype (cuBLAS, fp32 accumulation), as eager.
   const at::Tensor grad_proj_weight = at::mm(grad_term.t(), c.to(acc)).to(dtype);
   const at::Tensor grad_c = at::mm(grad_term, proj_weight.to(acc));
+  const bool wide = dtype == at::kHalf;  // grad_pre kept in fp32 (see the top of the file)
   at::Tensor grad_pre;  // of pre: the gradient of c times act'(pre), rounded to the dtype
   if (act == Activation::None) {
-    grad_pre = grad_c.to(dtype);
+    grad_pre = wide ? grad_c : grad_c.to(dtype);
   } else {
-    grad_pre = at::empty(grad_c.sizes(), grad_out.options());
+    grad_pre = at::empty(grad_c.sizes(), grad_out.options().dtype(wide ? acc : dtype));
     if (grad_pre.numel() > 0) {
       const auto stream = at::cuda::getCurrentCUDAStream();
       const unsigned grid = launch_grid(plan::elementwise_grid(grad_pre.numel(), sm_count()));
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "context_linear_act_grad_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        activation_grad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-            grad_c.data_ptr<acc_t>(), pre.data_ptr<acc_t>(), grad_pre.data_ptr<scalar_t>(), grad_pre.numel(), act);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        auto run = [&](auto* dst) {
+          activation_grad_kernel<std::remove_pointer_t<decltype(dst)>, acc_t><<<grid, kThreads, 0, stream>>>(
+              grad_c.data_ptr<acc_t>(), pre.data_ptr<acc_t>(), dst, grad_pre.numel(), act);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (wide) {
+          run(grad_pre.data_ptr<acc_t>());
+        } else {
+          run(grad_pre.data_ptr<scalar_t>());
+        }
       });
     }
   }
-  at::Tensor grad_z = at::mm(grad_pre, bp_weight);
-  at::Tensor grad_bp_weight = at::mm(grad_pre.t(), z);
-  at::Tensor grad_bp_bias = is_given(bp_bias) ? grad_pre.sum(0) : at::empty({0}, grad_out.options());
+  const at::Tensor w = wide ? bp_weight.to(acc) : bp_weight, zw = wide ? z.to(acc) : z;
+  at::Tensor grad_z = at::mm(grad_pre, w).to(dtype);
+  at::Tensor grad_bp_weight = at::mm(grad_pre.t(), zw).to(dtype);
+  at::Tensor grad_bp_bias = is_given(bp_bias) ? grad_pre.sum(0).to(dtype) : at::empty({0}, grad_out.options());
   return {grad_p, grad_z, grad_bp_weight, grad_bp_bias, grad_proj_weight};
 }
 
