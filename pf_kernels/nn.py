@@ -10,7 +10,7 @@ import sys
 import sysconfig
 import types
 from collections.abc import Iterable, Mapping
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -200,6 +200,7 @@ class _Hoisting:
         self.linear = linear
         self.activation = activation
         self.tails = tails
+        self._run = _tail_functions(tails)
         # (parent, name, module, its class): a parametrization registered later changes the class.
         self.fused = tuple((encoder.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], module,
                             type(module)) for name, module in fused.items())
@@ -262,6 +263,7 @@ class _Hoisting:
     # lambda can be neither copied nor pickled). A plan stale when copied is stale in the copy.
     def __getstate__(self):
         state = dict(self.__dict__)
+        del state["_run"]  # (made again from the tails)
         state["_stale_when_copied"] = self._stale_when_copied or self.stale()
         state["_attributes"] = tuple(
             (_ModuleRef(o) if isinstance(o, types.ModuleType) else o, tuple(
@@ -270,6 +272,7 @@ class _Hoisting:
         return state
 
     def __setstate__(self, state):
+        state["_run"] = _tail_functions(state["tails"])
         attributes = []
         for owner, watched in state["_attributes"]:
             if isinstance(owner, (_ModuleRef, type)):
@@ -288,8 +291,7 @@ class _Hoisting:
         return h.clone() if h is p and self.fresh_first_input else h
 
     def tail(self, encoder: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        # .forward: our own GraphModule has no hooks, so skip __call__'s machinery
-        return h if self.tails is None else self.tails[encoder.training].forward(h)
+        return h if self._run is None else self._run[encoder.training](encoder, h)
 
 
 class _Missing:
@@ -736,6 +738,34 @@ def _traced_modules(encoder: nn.Module, through: frozenset) -> List[Tuple[str, n
     containers (Sequential, ModuleList, ModuleDict) and the modules of `through`."""
     return [(path, m) for path, m in encoder.named_modules()
             if path == "" or isinstance(m, _CONTAINERS) or path in through]
+
+
+# One function per distinct tail code (and the globals it names), shared by every model whose
+# encoders trace alike: a GraphModule is a class of its own, so torch.compile would guard on each
+# model's tails and compile every model anew (the ninth raises under fullgraph=True).
+_TAIL_FUNCTIONS: Dict[tuple, Callable] = {}
+
+
+def _tail_functions(tails: Optional[Dict[bool, nn.Module]]) -> Optional[Dict[bool, Callable]]:
+    """{mode: tail(encoder, h)}: each tail GraphModule's graph as a plain function of the live encoder."""
+    if tails is None:
+        return None
+    functions = {}
+    for mode, module in tails.items():
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(module.graph, {}))
+        for node in graph.nodes:  # "encoder.<path>" (the GraphModule's holder) -> "<path>" of `self`
+            if node.op in ("call_module", "get_attr"):
+                node.target = node.target.partition(".")[2]
+        code = graph.python_code(root_module="self")
+        key = (code.src, tuple(sorted((name, id(value)) for name, value in code.globals.items())))
+        function = _TAIL_FUNCTIONS.get(key)
+        if function is None:
+            namespace = dict(code.globals)
+            exec(compile(code.src, "<pf_kernels hoisted tail>", "exec"), namespace)
+            function = _TAIL_FUNCTIONS[key] = namespace["forward"]
+        functions[mode] = function
+    return functions
 
 
 def _tail_module(encoder: nn.Module, graph: fx.Graph) -> nn.Module:

@@ -49,3 +49,21 @@ def test_progressive_fusion_compiles_and_new_batch_sizes_do_not_recompile(backen
         counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     # The first size compiles, the second marks the batch dynamic; later sizes reuse that graph.
     assert counts[-1] == counts[1], counts
+
+
+def test_separately_built_models_share_their_compiled_graph():
+    """A model built again (another test, another seed) compiles to the graph the first one did: the
+    hoisted tails are one function per distinct code. (They were a GraphModule each, a class of its
+    own that torch.compile guarded on: every model compiled anew, and under fullgraph=True the ninth
+    raised, as dynamo's recompile limit is 8.)"""
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # (torch 2.11's reset keeps counters)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        model = ProgressiveFusion([nn.Sequential(nn.Linear(3 + 4, 8), nn.Tanh(), nn.Linear(8, 8)),
+                                   nn.Sequential(nn.Linear(5 + 4, 8), nn.ReLU())], [8, 8], 6, 4, iterations=3)
+        assert model.hoisted == (0, 1)
+        xs = [torch.randn(5, 3), torch.randn(5, 5)]
+        out = torch.compile(model, fullgraph=True)(xs)
+        torch.testing.assert_close(out, model(xs), rtol=1e-5, atol=1e-6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1
