@@ -9,6 +9,7 @@ import operator
 import sys
 import sysconfig
 import types
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -742,8 +743,9 @@ def _traced_modules(encoder: nn.Module, through: frozenset) -> List[Tuple[str, n
 
 # One function per distinct tail code (and the globals it names), shared by every model whose
 # encoders trace alike: a GraphModule is a class of its own, so torch.compile would guard on each
-# model's tails and compile every model anew (the ninth raises under fullgraph=True).
-_TAIL_FUNCTIONS: Dict[tuple, Callable] = {}
+# model's tails and compile every model anew (the ninth raises under fullgraph=True). Held by the
+# plans using it (an encoder planned again, a value it reads annealed, drops the old one).
+_TAIL_FUNCTIONS: "weakref.WeakValueDictionary[tuple, Callable]" = weakref.WeakValueDictionary()
 
 
 def _tail_functions(tails: Optional[Dict[bool, nn.Module]]) -> Optional[Dict[bool, Callable]]:

@@ -257,6 +257,25 @@ def test_deepcopy_and_pickle_give_converted_models():
         assert all(a is not b for a, b in zip(copied.parameters(), model.parameters()))
 
 
+def test_a_converted_model_is_freed_when_dropped():
+    """Dynamo keeps the backends it compiled with for the rest of the process: a converted forward's
+    backend holds it weakly, or every converted model (its parameters) stayed alive until
+    torch._dynamo.reset()."""
+    import gc
+    import weakref
+    refs = []
+    for _ in range(3):
+        model, _ = tanh_progressive_model(steps=2)
+        args = tanh_progressive_inputs()
+        report = pk.convert(model, example_inputs=args)[1]
+        model(*args)
+        assert report.replaced  # (converted and captured)
+        refs.append(weakref.ref(model))
+        del model, report
+    gc.collect()
+    assert [r() for r in refs] == [None] * 3
+
+
 def test_the_users_own_torch_compile_of_a_converted_model():
     model, _ = tanh_progressive_model(steps=1)
     reference = copy.deepcopy(model)

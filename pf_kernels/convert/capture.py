@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import itertools
 import types
+import weakref
 from typing import Optional
 
 import torch
@@ -94,6 +95,16 @@ def _own_copy(function: types.FunctionType) -> types.FunctionType:
     return copy
 
 
+def _rewriting(converted: "weakref.ref[ConvertedForward]"):
+    """The backend of a converted forward. It holds the converted forward weakly: dynamo keeps its
+    backends for the rest of the process, and with them every model converted (until
+    torch._dynamo.reset())."""
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        owner = converted()
+        return gm.forward if owner is None else owner._backend(gm, example_inputs)
+    return backend
+
+
 class ConvertedForward:
     """Installed as `model.forward`: the model's own forward, captured and rewritten by torch.compile.
 
@@ -116,7 +127,7 @@ class ConvertedForward:
         target = original
         if isinstance(original, types.MethodType) and isinstance(original.__func__, types.FunctionType):
             target = types.MethodType(_own_copy(original.__func__), original.__self__)
-        self._compiled = torch.compile(target, backend=self._backend)
+        self._compiled = torch.compile(target, backend=_rewriting(weakref.ref(self)))
         self._settings = _DynamoSettings(any(isinstance(m, nn.RNNBase) for m in self.module.modules()))
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs):
