@@ -182,9 +182,9 @@ def _is_users_module(module) -> bool:
 class _Hoisting:
     """How an encoder runs with its first Linear hoisted: encoder(x~) = tail(act(linear(x~))).
 
-    `tails` maps the encoder's training flag to the rest of the encoder as an fx.GraphModule that
-    looks its submodules up in the live encoder (so .to(), load_state_dict and module swaps below
-    the first layer are seen), or is None for a bare nn.Linear encoder. `fused` holds the modules
+    `tails` maps the encoder's training flag to the rest of the encoder as an fx.Graph, run as a
+    function of the live encoder (so .to(), load_state_dict and module swaps below the first layer
+    are seen), or is None for a bare nn.Linear encoder. `fused` holds the modules
     the hoisted path replaces, as (parent, name, module): if one is swapped out, the plan no longer
     holds. `skipped`: the modules whose __call__ the hoisted path does not go through (a hook added
     to one later makes the plan not hold). `traced`: what the tails were traced from (see stale()).
@@ -193,7 +193,7 @@ class _Hoisting:
     """
 
     def __init__(self, encoder: nn.Module, linear: nn.Linear, activation: str,
-                 tails: Optional[Dict[bool, nn.Module]], fused: Dict[str, nn.Module],
+                 tails: Optional[Dict[bool, fx.Graph]], fused: Dict[str, nn.Module],
                  traced: Sequence[Tuple[nn.Module, Tuple[str, ...], tuple]] = (),
                  fresh_first_input: bool = False,
                  watched: Sequence[Tuple[nn.Module, tuple]] = (), moded: Sequence[nn.Module] = ()):
@@ -478,7 +478,7 @@ def _writes_into_input(graph: fx.Graph, encoder: nn.Module) -> bool:
     h = next(n for n in graph.nodes if n.op == "placeholder")
     for user in h.users:
         if user.op == "call_module":
-            module = encoder.get_submodule(user.target.partition(".")[2])
+            module = encoder.get_submodule(user.target)
             if type(module) in _FRESH_MODULES and not getattr(module, "inplace", False):
                 continue
         elif user.op == "call_function" and user.target in _FRESH_FUNCTIONS and not user.kwargs.get("inplace"):
@@ -544,16 +544,13 @@ def _plan_tail(encoder: nn.Module, context_dim: int, through: frozenset):
     if _intercepted([encoder, *replaced.values(), *(m for _, m in _traced_modules(encoder, through))]):
         return "it, a module traced through in it, or its first layer has hooks or a forward of its own"
     # The rest: every node after the fused one, reading the fused node's output from a placeholder;
-    # module and attribute paths are resolved through `encoder`, the live module.
+    # module and attribute paths are the encoder's (its tail function runs on the live encoder).
     tail = fx.Graph()
     env = {fused: tail.placeholder("h")}
     for node in graph.nodes:
         if node.op == "placeholder" or node is first or node is fused:
             continue
-        copied = tail.node_copy(node, lambda n: env[n])
-        if copied.op in ("call_module", "get_attr"):
-            copied.target = f"encoder.{copied.target}"
-        env[node] = copied
+        env[node] = tail.node_copy(node, lambda n: env[n])
     return linear, activation, replaced, tail
 
 
@@ -742,23 +739,18 @@ def _traced_modules(encoder: nn.Module, through: frozenset) -> List[Tuple[str, n
 
 
 # One function per distinct tail code (and the globals it names), shared by every model whose
-# encoders trace alike: a GraphModule is a class of its own, so torch.compile would guard on each
-# model's tails and compile every model anew (the ninth raises under fullgraph=True). Held by the
+# encoders trace alike: torch.compile guards on the function, and with one per model (as a
+# GraphModule each was) it compiled every model anew (the ninth raised under fullgraph=True). Held by the
 # plans using it (an encoder planned again, a value it reads annealed, drops the old one).
 _TAIL_FUNCTIONS: "weakref.WeakValueDictionary[tuple, Callable]" = weakref.WeakValueDictionary()
 
 
-def _tail_functions(tails: Optional[Dict[bool, nn.Module]]) -> Optional[Dict[bool, Callable]]:
-    """{mode: tail(encoder, h)}: each tail GraphModule's graph as a plain function of the live encoder."""
+def _tail_functions(tails: Optional[Dict[bool, fx.Graph]]) -> Optional[Dict[bool, Callable]]:
+    """{mode: tail(encoder, h)}: each tail graph as a plain function of the live encoder."""
     if tails is None:
         return None
     functions = {}
-    for mode, module in tails.items():
-        graph = fx.Graph()
-        graph.output(graph.graph_copy(module.graph, {}))
-        for node in graph.nodes:  # "encoder.<path>" (the GraphModule's holder) -> "<path>" of `self`
-            if node.op in ("call_module", "get_attr"):
-                node.target = node.target.partition(".")[2]
+    for mode, graph in tails.items():
         code = graph.python_code(root_module="self")
         key = (code.src, tuple(sorted((name, id(value)) for name, value in code.globals.items())))
         function = _TAIL_FUNCTIONS.get(key)
@@ -768,14 +760,6 @@ def _tail_functions(tails: Optional[Dict[bool, nn.Module]]) -> Optional[Dict[boo
             function = _TAIL_FUNCTIONS[key] = namespace["forward"]
         functions[mode] = function
     return functions
-
-
-def _tail_module(encoder: nn.Module, graph: fx.Graph) -> nn.Module:
-    holder = nn.Module()
-    holder.encoder = encoder
-    gm = fx.GraphModule(holder, graph, f"{type(encoder).__name__}Tail")
-    gm.encoder = encoder  # the live encoder, not the copies of the attributes it referenced
-    return gm
 
 
 def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]:
@@ -831,7 +815,7 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
             if plan is not None and planned[:3] != plan[:3]:
                 return "its first layer differs between training and evaluation"
             plan = planned
-            tails[mode] = _tail_module(encoder, planned[3])
+            tails[mode] = planned[3]
     finally:
         if encoder.training != was_training:
             encoder.train(was_training)  # the user's own train(), if any, undoes what its other call did
@@ -845,7 +829,7 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
         return why
     # A traced-through module swapped out changes the structure the tails were traced from.
     replaced = {**{path: m for path, m in traced if path}, **replaced}
-    fresh = activation == "none" and any(_writes_into_input(tail.graph, encoder) for tail in tails.values())
+    fresh = activation == "none" and any(_writes_into_input(tail, encoder) for tail in tails.values())
     traced_ids = {id(m) for _, m in traced}
     # Watched besides: every plain attribute of the user's other modules and of the fused ones (a GELU's
     # approximate), those of torch's modules that the traced code names (`self.attn_drop.p`), and the
@@ -959,33 +943,32 @@ class ProgressiveFusion(nn.Module):
         self._plans = tuple(plans)
         self._hoisting: Tuple[Optional[_Hoisting], ...] = tuple(p if isinstance(p, _Hoisting) else None for p in plans)
 
+    def _status(self, j: int) -> Tuple[bool, str]:
+        """Whether encoder j runs hoisted now (a stale plan runs hoisted only once planned again, at
+        the next forward), and its note."""
+        plan, encoder = self._plans[j], self.encoders[j]
+        if not isinstance(plan, _Hoisting):
+            return False, f"not hoisted: {plan}"
+        if not implements(self.backend, "context_linear"):
+            return False, f"not hoisted: backend {self.backend!r} has no context_linear"
+        if not plan.holds_for(encoder):
+            return False, ("not hoisted: since it was planned, its hoisted Linear or fused activation was "
+                           "replaced or parametrized, it got hooks or an instance forward, or a module it "
+                           "reads the mode of is in another mode (set hoist = True to plan again)")
+        if plan.stale():
+            return False, f"hoisted, {plan.activation} fused (its traced structure changed: planned again at the next forward)"
+        return True, f"hoisted, {plan.activation} fused"
+
     @property
     def hoisting_notes(self) -> Tuple[str, ...]:
         """Per encoder, whether it runs hoisted now, and if not, why."""
-        notes = []
-        for j, (plan, encoder) in enumerate(zip(self._plans, self.encoders)):
-            if not isinstance(plan, _Hoisting):
-                note = f"not hoisted: {plan}"
-            elif not implements(self.backend, "context_linear"):
-                note = f"not hoisted: backend {self.backend!r} has no context_linear"
-            elif not plan.holds_for(encoder):
-                note = ("not hoisted: since it was planned, its hoisted Linear or fused activation was "
-                        "replaced or parametrized, it got hooks or an instance forward, or a module it "
-                        "reads the mode of is in another mode (set hoist = True to plan again)")
-            else:
-                note = f"hoisted, {plan.activation} fused" + \
-                    (" (its traced structure changed: planned again at the next forward)" if plan.stale() else "")
-            notes.append(f"encoder {j}: {note}")
-        return tuple(notes)
+        return tuple(f"encoder {j}: {self._status(j)[1]}" for j in range(len(self.encoders)))
 
     @property
     def hoisted(self) -> Tuple[int, ...]:
         """The encoders whose first Linear runs once per forward (empty where the backend has no
         context_linear)."""
-        if not implements(self.backend, "context_linear"):
-            return ()
-        return tuple(j for j, (plan, encoder) in enumerate(zip(self._hoisting, self.encoders))
-                     if plan is not None and plan.holds_for(encoder) and not plan.stale())
+        return tuple(j for j in range(len(self.encoders)) if self._status(j)[0])
 
     def extra_repr(self) -> str:
         return f"iterations={self.iterations}, context_dims={self.context_dims}, hoisted={self.hoisted}"
