@@ -315,13 +315,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
     });
   }
   // The small GEMMs on the input dtype (cuBLAS, fp32 accumulation), as eager: no casts of z, W or the
-  // results, each a launch at the launch-bound sizes where this op runs; for fp16, on fp32 copies.
-  if (!wide) {
-    at::Tensor grad_bias = is_given(bias) ? grad_pre.sum(0) : at::empty({0}, grad_out.options());
-    return {at::mm(grad_pre, weight), at::mm(grad_pre.t(), z), grad_bias};
-  }
+  // results (each a launch at the launch-bound sizes where this op runs; .to() of the same dtype is
+  // none); for fp16, on fp32 copies.
+  const at::Tensor w = wide ? weight.to(acc) : weight, zw = wide ? z.to(acc) : z;
   at::Tensor grad_bias = is_given(bias) ? grad_pre.sum(0).to(dtype) : at::empty({0}, grad_out.options());
-  return {at::mm(grad_pre, weight.to(acc)).to(dtype), at::mm(grad_pre.t(), z.to(acc)).to(dtype), grad_bias};
+  return {at::mm(grad_pre, w).to(dtype), at::mm(grad_pre.t(), zw).to(dtype), grad_bias};
 }
 
 }  // namespace
