@@ -257,11 +257,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
   const at::ScalarType dtype = grad_out.scalar_type(), acc = at::toOpMathType(dtype);
   const int64_t positions = B > 0 && D > 0 ? grad_out.numel() / (B * D) : 0;
 
-  // grad_pre in the input dtype, as eager autograd rounds the gradient of a 16-bit linear's output;
-  // but in fp32 for fp16, whose range (65504) a sum over many positions overflows where the gradients
-  // it feeds would not (the cpu and triton backends keep it in fp32 too; bf16 has fp32's range).
-  const bool wide = dtype == at::kHalf;
-  const at::TensorOptions grad_options = grad_out.options().dtype(wide ? acc : dtype);
+  const bool wide = grad_pre_dtype(dtype) != dtype;
+  const at::TensorOptions grad_options = grad_out.options().dtype(grad_pre_dtype(dtype));
   at::Tensor grad_pre;
   if (positions == 0 || Dc == 0) {
     grad_pre = at::zeros({B, Dc}, grad_options);
@@ -314,12 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
       }
     });
   }
-  // The small GEMMs on the input dtype (cuBLAS, fp32 accumulation), as eager: no casts of z, W or the
-  // results (each a launch at the launch-bound sizes where this op runs; .to() of the same dtype is
-  // none); for fp16, on fp32 copies.
-  const at::Tensor w = wide ? weight.to(acc) : weight, zw = wide ? z.to(acc) : z;
-  at::Tensor grad_bias = is_given(bias) ? grad_pre.sum(0).to(dtype) : at::empty({0}, grad_out.options());
-  return {at::mm(grad_pre, w).to(dtype), at::mm(grad_pre.t(), zw).to(dtype), grad_bias};
+  return backprojection_grads(grad_pre, z, weight, is_given(bias));
 }
 
 }  // namespace

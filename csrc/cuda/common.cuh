@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <tuple>
 
 #include "activations.h"
 #include "cuda/launch_plan.h"
@@ -88,6 +89,27 @@ inline bool use_kernel(bool planned) {
 inline at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b) {
   const at::ScalarType dtype = a.scalar_type(), acc = at::toOpMathType(dtype);
   return dtype == acc ? at::mm(a, b) : at::mm(a, b, acc);
+}
+
+// The dtype of a back-projection's pre-activation gradient (B, Dc), a sum over positions: the input
+// dtype, as eager autograd rounds a 16-bit Linear's, but fp32 for fp16, whose range (65504) such a
+// sum overflows where the gradients it feeds would not (bf16 has fp32's range; the cpu and triton
+// backends keep it in fp32 too).
+inline at::ScalarType grad_pre_dtype(at::ScalarType dtype) {
+  return dtype == at::kHalf ? at::toOpMathType(dtype) : dtype;
+}
+
+// The back-projection's gradients from grad_pre (B, Dc) of grad_pre_dtype: (grad_z, grad_weight,
+// grad_bias; empty where there is no bias) in the input dtype. Small GEMMs on the input dtype (cuBLAS,
+// fp32 accumulation), as eager: no casts of z, W or the results, each a launch at the launch-bound
+// sizes where these ops run (.to() of the same dtype is none); for fp16, on fp32 copies.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backprojection_grads(const at::Tensor& grad_pre,
+                                                                           const at::Tensor& z,
+                                                                           const at::Tensor& weight, bool has_bias) {
+  const at::ScalarType dtype = z.scalar_type(), grad_dtype = grad_pre.scalar_type();
+  const at::Tensor w = weight.to(grad_dtype), zw = z.to(grad_dtype);
+  at::Tensor grad_bias = has_bias ? grad_pre.sum(0).to(dtype) : at::empty({0}, z.options());
+  return {at::mm(grad_pre, w).to(dtype), at::mm(grad_pre.t(), zw).to(dtype), grad_bias};
 }
 
 inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }

@@ -290,12 +290,12 @@ Grads context_linear_backward_cuda(const at::Tensor& grad_out, const c10::option
   // those of the back-projection on the input dtype (cuBLAS, fp32 accumulation), as eager.
   const at::Tensor grad_proj_weight = at::mm(grad_term.t(), c.to(acc)).to(dtype);
   const at::Tensor grad_c = at::mm(grad_term, proj_weight.to(acc));
-  const bool wide = dtype == at::kHalf;  // grad_pre kept in fp32 (see the top of the file)
-  at::Tensor grad_pre;  // of pre: the gradient of c times act'(pre), rounded to the dtype
+  const bool wide = grad_pre_dtype(dtype) != dtype;
+  at::Tensor grad_pre;  // of pre: the gradient of c times act'(pre), in grad_pre_dtype
   if (act == Activation::None) {
-    grad_pre = wide ? grad_c : grad_c.to(dtype);
+    grad_pre = grad_c.to(grad_pre_dtype(dtype));
   } else {
-    grad_pre = at::empty(grad_c.sizes(), grad_out.options().dtype(wide ? acc : dtype));
+    grad_pre = at::empty(grad_c.sizes(), grad_out.options().dtype(grad_pre_dtype(dtype)));
     if (grad_pre.numel() > 0) {
       const auto stream = at::cuda::getCurrentCUDAStream();
       const unsigned grid = launch_grid(plan::elementwise_grid(grad_pre.numel(), sm_count()));
@@ -314,10 +314,7 @@ Grads context_linear_backward_cuda(const at::Tensor& grad_out, const c10::option
       });
     }
   }
-  const at::Tensor w = wide ? bp_weight.to(acc) : bp_weight, zw = wide ? z.to(acc) : z;
-  at::Tensor grad_z = at::mm(grad_pre, w).to(dtype);
-  at::Tensor grad_bp_weight = at::mm(grad_pre.t(), zw).to(dtype);
-  at::Tensor grad_bp_bias = is_given(bp_bias) ? grad_pre.sum(0).to(dtype) : at::empty({0}, grad_out.options());
+  auto [grad_z, grad_bp_weight, grad_bp_bias] = backprojection_grads(grad_pre, z, bp_weight, is_given(bp_bias));
   return {grad_p, grad_z, grad_bp_weight, grad_bp_bias, grad_proj_weight};
 }
 
