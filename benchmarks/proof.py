@@ -21,6 +21,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import pf_kernels._dispatch as dispatch
+import pf_kernels.ops as ops
 
 FELL_BACK = "compile fell back"
 
@@ -44,11 +45,32 @@ def record_backend_choice() -> Iterator[List[str]]:
                if name.startswith("pf_kernels") and m is not None and vars(m).get("resolve_backend") is original]
     for module in holders:
         module.resolve_backend = recording
+    eager = ops._eager_ops()
+    if eager:  # the eager entry points resolve nothing: each says what it serves a call with
+        ops._eager = _RecordingEager(eager, chosen)
     try:
         yield chosen
     finally:
         for module in holders:
             module.resolve_backend = original
+        ops._eager = eager
+
+
+class _RecordingEager:
+    """pf_kernels._C's eager entry points, listing the backends of each call they serve."""
+
+    def __init__(self, eager, chosen: List[str]):
+        self._eager, self._chosen = eager, chosen
+
+    def __getattr__(self, op: str):
+        serve, backends = getattr(self._eager, op), self._eager.eager_backends[op]
+
+        def call(*args):
+            out = serve(*args)
+            if out is not None:
+                self._chosen.extend(backends)
+            return out
+        return call
 
 
 def describe_backends(chosen: List[str]) -> str:

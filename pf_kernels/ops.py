@@ -50,6 +50,27 @@ def _cast_all(items, dtype: torch.dtype):
 
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: nothing to build per call
 
+# The eager entry points of pf_kernels._C (csrc/ops/eager.cpp): backend="auto" on CPU tensors
+# without the ~15 us of Python below (checks, backend choice, autocast), which is as much as a small
+# op itself. Each returns None for a call it does not serve (anything but plain, valid CPU tensors
+# with nothing to honour: autocast, a torch function mode, PF_KERNELS_BACKEND), which then takes
+# the Python path. Never under torch.compile, which traces the Python path. None: not probed yet;
+# False: this install has no loadable _C.
+_eager = None
+
+
+def _eager_ops():
+    global _eager
+    if _eager is None:
+        from ._extension import load
+        try:
+            load()
+            from . import _C
+            _eager = _C
+        except ImportError:  # not built, or for another torch: the Python path serves (and said why)
+            _eager = False
+    return _eager
+
 
 def _autocast_off(backend_name: str, device: torch.device, cast: Optional[torch.dtype]):
     # The reference's fp32 matmuls would be recast by autocast; the compiled kernels keep autocast
@@ -67,6 +88,10 @@ def backproj_concat(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
     x: (B, *S, Dx); z: (B, Dz); weight: (Dc, Dz); bias: (Dc,) or None.
     Returns (B, *S, Dx + Dc): out[..., :Dx] = x, out[b, s..., Dx:] = act(z[b] @ weight.T + bias).
     """
+    if backend == "auto" and not _is_compiling() and (_eager or _eager_ops()):
+        out = _eager.backproj_concat(x, z, weight, bias, activation)
+        if out is not None:
+            return out
     cast = _autocast_dtype(x)
     if cast is not None:
         x, z, weight, bias = (_cast(t, cast) for t in (x, z, weight, bias))
@@ -81,6 +106,10 @@ def backproj_concat_grouped(xs: Sequence[torch.Tensor], z: torch.Tensor,
                             biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
                             activation: str = "relu", backend: str = "auto") -> List[torch.Tensor]:
     """backproj_concat for every modality (one x, weight, bias each) from one z, in one launch."""
+    if backend == "auto" and not _is_compiling() and (_eager or _eager_ops()):
+        outs = _eager.backproj_concat_grouped(xs, z, weights, biases, activation)
+        if outs is not None:
+            return outs
     cast = _autocast_dtype(z)
     if cast is not None:
         z, xs, weights = _cast(z, cast), _cast_all(xs, cast), _cast_all(weights, cast)
@@ -106,6 +135,10 @@ def fusion_head(hs: Sequence[torch.Tensor], weight: torch.Tensor,
 
     hs: K >= 1 tensors (B, D_j); weight: (Dz, sum D_j); bias: (Dz,) or None. Returns (B, Dz).
     """
+    if backend == "auto" and not _is_compiling() and (_eager or _eager_ops()):
+        out = _eager.fusion_head(hs, weight, bias, activation)
+        if out is not None:
+            return out
     cast = _autocast_dtype(weight)
     if cast is not None:
         hs, weight, bias = _cast_all(hs, cast), _cast(weight, cast), _cast(bias, cast)
@@ -125,6 +158,11 @@ def refine_step(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
 
     Returns (z, [backproj_concat(x_j, z, bp_weights[j], bp_biases[j]) for each modality j]).
     """
+    if backend == "auto" and not _is_compiling() and (_eager or _eager_ops()):
+        out = _eager.refine_step(hs, head_weight, head_bias, xs, bp_weights, bp_biases, head_activation,
+                                 backproj_activation)
+        if out is not None:
+            return out
     cast = _autocast_dtype(head_weight)
     if cast is not None:
         hs, xs, bp_weights = _cast_all(hs, cast), _cast_all(xs, cast), _cast_all(bp_weights, cast)
@@ -163,6 +201,11 @@ def refine_step_hoisted(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
 
     out_activations: one str for every modality, or one per modality. Returns (z, [out_j]).
     """
+    if backend == "auto" and not _is_compiling() and (_eager or _eager_ops()):
+        out = _eager.refine_step_hoisted(hs, head_weight, head_bias, ps, bp_weights, bp_biases, proj_weights,
+                                         head_activation, backproj_activation, out_activations)
+        if out is not None:
+            return out
     cast = _autocast_dtype(head_weight)
     if cast is not None:
         hs, ps = _cast_all(hs, cast), _cast_all(ps, cast)
@@ -206,6 +249,10 @@ def context_linear(p: torch.Tensor, z: torch.Tensor, bp_weight: torch.Tensor,
     proj_weight: (H, Dc), the Linear's context columns W_c. Equals that Linear applied to
     backproj_concat(x, z, bp_weight, bp_bias, activation), then out_activation, up to rounding.
     """
+    if backend == "auto" and not _is_compiling() and (_eager or _eager_ops()):
+        out = _eager.context_linear(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation)
+        if out is not None:
+            return out
     cast = _autocast_dtype(p)
     if cast is not None:
         p, z, bp_weight, bp_bias, proj_weight = (_cast(t, cast) for t in (p, z, bp_weight, bp_bias, proj_weight))

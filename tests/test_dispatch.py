@@ -72,6 +72,7 @@ def test_auto_composes_refine_step_from_each_ops_own_choice(monkeypatch):
         return real(name, op)
 
     monkeypatch.setattr(pk.ops, "get_impl", spy)
+    monkeypatch.setattr(pk.ops, "_eager", False)  # the Python path (its C++ twin: tests/test_eager.py)
     hs, w = [torch.randn(3, 4)], torch.randn(5, 4)
     xs, ws = [torch.randn(3, 2, 6)], [torch.randn(2, 5)]
     z, (x1,) = pk.refine_step(hs, w, None, xs, ws, None, "relu", "tanh")

@@ -1,8 +1,8 @@
-// Makes `import pf_kernels._C` load this library, whose static initialisers register the ops.
-// No Python bindings: every entry point is torch.ops.pf_kernels.*, which torch.compile can trace.
-#include <Python.h>
+// `import pf_kernels._C` loads this library: its static initialisers register the ops
+// (torch.ops.pf_kernels.*, the entry points torch.compile traces), and the module holds the eager
+// entry points pf_kernels.ops calls first outside torch.compile (eager.cpp).
+#include <torch/extension.h>
 
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
-}
+#include "ops/eager.h"
+
+PYBIND11_MODULE(_C, m) { pf_kernels::define_eager(m); }
