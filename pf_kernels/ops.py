@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import _validation as checks
-from ._dispatch import get_impl, resolve_backend
+from ._dispatch import env_backend, get_impl, resolve_backend
 
 _AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
 _any_autocast = torch._C._is_any_autocast_enabled
@@ -53,9 +53,9 @@ _NO_CONTEXT = contextlib.nullcontext()  # reusable: nothing to build per call
 # The eager entry points of pf_kernels._C (csrc/ops/eager.cpp): backend="auto" on CPU tensors
 # without the ~15 us of Python below (checks, backend choice, autocast), which is as much as a small
 # op itself. Each returns None for a call it does not serve (anything but plain, valid CPU tensors
-# with nothing to honour: autocast, a torch function mode, PF_KERNELS_BACKEND), which then takes
-# the Python path. Never under torch.compile, which traces the Python path. None: not probed yet;
-# False: this install has no loadable _C.
+# with nothing to honour: autocast, a torch function mode, a transform), which then takes the
+# Python path; so does every call while PF_KERNELS_BACKEND is set. Never under torch.compile, which
+# traces the Python path. None: not probed yet; False: this install has no loadable _C.
 _eager = None
 
 
@@ -88,7 +88,7 @@ def backproj_concat(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
     x: (B, *S, Dx); z: (B, Dz); weight: (Dc, Dz); bias: (Dc,) or None.
     Returns (B, *S, Dx + Dc): out[..., :Dx] = x, out[b, s..., Dx:] = act(z[b] @ weight.T + bias).
     """
-    if backend == "auto" and not _is_compiling() and (_eager or _eager_ops()):
+    if backend == "auto" and not _is_compiling() and env_backend() is None and (_eager or _eager_ops()):
         out = _eager.backproj_concat(x, z, weight, bias, activation)
         if out is not None:
             return out
@@ -106,7 +106,7 @@ def backproj_concat_grouped(xs: Sequence[torch.Tensor], z: torch.Tensor,
                             biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
                             activation: str = "relu", backend: str = "auto") -> List[torch.Tensor]:
     """backproj_concat for every modality (one x, weight, bias each) from one z, in one launch."""
-    if backend == "auto" and not _is_compiling() and (_eager or _eager_ops()):
+    if backend == "auto" and not _is_compiling() and env_backend() is None and (_eager or _eager_ops()):
         outs = _eager.backproj_concat_grouped(xs, z, weights, biases, activation)
         if outs is not None:
             return outs
@@ -135,7 +135,7 @@ def fusion_head(hs: Sequence[torch.Tensor], weight: torch.Tensor,
 
     hs: K >= 1 tensors (B, D_j); weight: (Dz, sum D_j); bias: (Dz,) or None. Returns (B, Dz).
     """
-    if backend == "auto" and not _is_compiling() and (_eager or _eager_ops()):
+    if backend == "auto" and not _is_compiling() and env_backend() is None and (_eager or _eager_ops()):
         out = _eager.fusion_head(hs, weight, bias, activation)
         if out is not None:
             return out
@@ -158,7 +158,7 @@ def refine_step(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
 
     Returns (z, [backproj_concat(x_j, z, bp_weights[j], bp_biases[j]) for each modality j]).
     """
-    if backend == "auto" and not _is_compiling() and (_eager or _eager_ops()):
+    if backend == "auto" and not _is_compiling() and env_backend() is None and (_eager or _eager_ops()):
         out = _eager.refine_step(hs, head_weight, head_bias, xs, bp_weights, bp_biases, head_activation,
                                  backproj_activation)
         if out is not None:
@@ -201,7 +201,7 @@ def refine_step_hoisted(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
 
     out_activations: one str for every modality, or one per modality. Returns (z, [out_j]).
     """
-    if backend == "auto" and not _is_compiling() and (_eager or _eager_ops()):
+    if backend == "auto" and not _is_compiling() and env_backend() is None and (_eager or _eager_ops()):
         out = _eager.refine_step_hoisted(hs, head_weight, head_bias, ps, bp_weights, bp_biases, proj_weights,
                                          head_activation, backproj_activation, out_activations)
         if out is not None:
@@ -249,7 +249,7 @@ def context_linear(p: torch.Tensor, z: torch.Tensor, bp_weight: torch.Tensor,
     proj_weight: (H, Dc), the Linear's context columns W_c. Equals that Linear applied to
     backproj_concat(x, z, bp_weight, bp_bias, activation), then out_activation, up to rounding.
     """
-    if backend == "auto" and not _is_compiling() and (_eager or _eager_ops()):
+    if backend == "auto" and not _is_compiling() and env_backend() is None and (_eager or _eager_ops()):
         out = _eager.context_linear(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation)
         if out is not None:
             return out

@@ -2,6 +2,9 @@
 tensors without pf_kernels.ops' Python: they compute exactly what the Python path computes (same
 ops, same autograd graph), serve the common calls, and give every other call back to the Python
 path (None), which names what is wrong."""
+import os
+import re
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -168,8 +171,10 @@ class _Recording(TorchFunctionMode):
 def test_calls_with_something_to_honour_take_the_python_path(monkeypatch):
     good = dict(hs=[torch.randn(2, 3), torch.randn(2, 4)], weight=torch.randn(5, 7), bias=torch.randn(5),
                 activation="relu")
+    eager = ops._eager
+
     def fast(hs, weight, bias, activation):
-        return ops._eager.fusion_head(hs, weight, bias, activation)
+        return eager.fusion_head(hs, weight, bias, activation)
 
     assert fast(**good) is not None
     # a tensor subclass (its __torch_function__), a torch function mode, autocast, the environment
@@ -184,10 +189,13 @@ def test_calls_with_something_to_honour_take_the_python_path(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast(**good) is None
         assert pk.fusion_head(**good).dtype == torch.bfloat16
-    for value, served in (("torch", False), ("cpu", False), ("auto", True), ("", True)):
-        monkeypatch.setenv(_dispatch.ENV_VAR, value)
-        assert (fast(**good) is not None) == served, value
-    monkeypatch.delenv(_dispatch.ENV_VAR)
+    # PF_KERNELS_BACKEND as os.environ holds it (the C environment may differ: os.unsetenv)
+    with monkeypatch.context() as m:
+        m.setattr(ops, "_eager", _Refusing(eager))
+        for value in ("torch", "cpu", "auto", ""):
+            m.setenv(_dispatch.ENV_VAR, value)
+            os.unsetenv(_dispatch.ENV_VAR)
+            assert pk.fusion_head(**good) is not None  # served by the Python path, whatever the value
     # dtypes the kernels lack, devices other than the CPU: the Python path decides
     meta = {**good, "hs": [h.to("meta") for h in good["hs"]], "weight": good["weight"].to("meta"),
             "bias": good["bias"].to("meta")}
@@ -196,6 +204,55 @@ def test_calls_with_something_to_honour_take_the_python_path(monkeypatch):
     if f8 is not None:
         low = {**good, "hs": [h.to(f8) for h in good["hs"]], "weight": good["weight"].to(f8), "bias": good["bias"].to(f8)}
         assert fast(**low) is None
+
+
+class _Refusing:
+    """Eager entry points that fail the test if asked."""
+
+    def __init__(self, eager):
+        self.eager_backends = eager.eager_backends
+
+    def __getattr__(self, op):
+        raise AssertionError(f"the eager entry point {op} was asked")
+
+
+def test_transforms_wrappers_and_symbolic_sizes_take_the_python_path():
+    """vmap's and functionalize's wrappers are torch.Tensors to Python; over fake tensors with
+    symbolic sizes, the eager path would fail (vmap) or pin every size to a constant (functionalize)."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    def symbolic(mode, t, name):
+        return mode.from_tensor(t, source=ConstantSource(name), symbolic_context=StatelessSymbolicContext(
+            dynamic_sizes=[DimDynamic.DYNAMIC] * t.dim()))
+
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env)
+    h, w = symbolic(mode, torch.randn(3, 4), "h"), symbolic(mode, torch.randn(5, 4), "w")
+    hb, wb = symbolic(mode, torch.randn(2, 3, 4), "hb"), symbolic(mode, torch.randn(2, 5, 4), "wb")
+    head = lambda h_, w_: pk.fusion_head([h_], w_, None, "relu")  # noqa: E731
+    with mode:
+        out = torch.func.functionalize(head)(h, w)
+        pinned = [str(g.expr) for g in env.guards if re.fullmatch(r"Eq\(\w+, \d+\)", str(g.expr))]
+        batched = torch.func.vmap(head)(hb, wb)
+    assert not all(isinstance(d, int) for d in out.shape) and not pinned, (out.shape, pinned)
+    assert batched.dim() == 3
+
+    def declined(h_, w_):  # over real tensors too: transforms' warnings and errors are the Python path's
+        assert ops._eager.fusion_head([h_], w_, None, "relu") is None
+        return head(h_, w_)
+    assert torch.func.vmap(declined)(torch.randn(2, 3, 4), torch.randn(2, 5, 4)).shape == (2, 3, 5)
+    assert torch.func.functionalize(declined)(torch.randn(3, 4), torch.randn(5, 4)).shape == (3, 5)
+    assert torch.func.grad(lambda h_: declined(h_, torch.randn(5, 4)).sum())(torch.randn(3, 4)).shape == (3, 4)
+
+
+def test_widths_that_overflow_together_are_refused_by_name():
+    hs = [torch.empty(0, 2 ** 62)] * 4  # no memory: 2**64 features in all, 0 once wrapped to int64
+    weight = torch.randn(5, 0)
+    assert ops._eager.fusion_head(hs, weight, None, "relu") is None
+    with pytest.raises(ValueError, match="in_features"):
+        pk.fusion_head(hs, weight, None, "relu")
 
 
 def test_an_error_inside_the_ops_is_a_python_exception():

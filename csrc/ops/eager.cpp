@@ -5,8 +5,8 @@
 // call, as much as a small op itself.
 //
 // Each returns None for any call it does not serve: another device or dtype, autocast on, a tensor
-// subclass or a torch function mode (whose __torch_function__ the Python path honours),
-// PF_KERNELS_BACKEND naming a backend, or anything invalid. pf_kernels.ops then takes its Python
+// subclass or a torch function mode (whose __torch_function__ the Python path honours), a
+// transform's wrapper tensor (vmap, functionalize), or anything invalid. pf_kernels.ops then takes its Python
 // path, which serves or names what is wrong. torch.compile never gets here (pf_kernels.ops asks
 // first): it traces the Python path.
 #include <ATen/ATen.h>
@@ -17,8 +17,8 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
-#include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "ops/eager.h"
@@ -31,12 +31,18 @@ using OptionalTensor = c10::optional<at::Tensor>;
 
 PyObject* parameter_class = nullptr;  // torch.nn.Parameter
 
-// What auto would serve here by the Python path with nothing for it to honour.
+// What auto would serve here by the Python path with nothing for it to honour (pf_kernels.ops has
+// checked PF_KERNELS_BACKEND: it reads os.environ, which the C environment need not match).
 bool auto_serves_here() {
-  if (at::impl::torch_function_mode_enabled() || at::autocast::is_autocast_enabled(at::kCPU)) return false;
-  const char* env = std::getenv("PF_KERNELS_BACKEND");  // as pf_kernels._dispatch: unset, "" or "auto"
-  return env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0;
+  return !at::impl::torch_function_mode_enabled() && !at::autocast::is_autocast_enabled(at::kCPU);
 }
+
+// Tensors that are a transform's or a tracer's wrappers though their Python type is torch.Tensor
+// (vmap, grad/jvp, functionalize, Python-dispatched), whose sizes may be symbolic: the Python path
+// reads them as symbolic sizes, which at::Tensor::size() cannot.
+const c10::DispatchKeySet kWrapperKeys{c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper,
+                                       c10::DispatchKey::Functionalize, c10::DispatchKey::Python,
+                                       c10::DispatchKey::PythonTLSSnapshot};
 
 // The tensor of a torch.Tensor or nn.Parameter (not a subclass), strided, on the CPU, of a dtype the
 // kernels take; nullptr for anything else.
@@ -44,7 +50,10 @@ const at::Tensor* cpu_tensor(PyObject* o) {
   PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(o));
   if (type != THPVariableClass && type != parameter_class) return nullptr;
   const at::Tensor& t = THPVariable_Unpack(o);
-  if (!t.defined() || !t.device().is_cpu() || t.layout() != at::kStrided || t.is_nested()) return nullptr;
+  if (!t.defined() || !t.device().is_cpu() || t.layout() != at::kStrided || t.is_nested() ||
+      t.key_set().has_any(kWrapperKeys) || t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
+    return nullptr;
+  }
   const auto dtype = t.scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kHalf && dtype != at::kBFloat16) return nullptr;
   return &t;
@@ -116,7 +125,11 @@ bool read_head(PyObject* hs, PyObject* weight, PyObject* bias, PyObject* activat
   head->hs.reserve(k);
   for (Py_ssize_t j = 0; j < k; ++j) {
     const at::Tensor* h = like(items[j], *first);
-    if (h == nullptr || h->dim() != 2 || h->size(0) != first->size(0)) return false;
+    // (widths that overflow int64 together: no weight fits them, the Python path says so)
+    if (h == nullptr || h->dim() != 2 || h->size(0) != first->size(0) ||
+        h->size(1) > std::numeric_limits<int64_t>::max() - in_features) {
+      return false;
+    }
     in_features += h->size(1);
     head->hs.push_back(*h);
   }
