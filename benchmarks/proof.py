@@ -63,12 +63,15 @@ class _RecordingEager:
         self._eager, self._chosen = eager, chosen
 
     def __getattr__(self, op: str):
-        serve, backends = getattr(self._eager, op), self._eager.eager_backends[op]
+        serve = getattr(self._eager, op)
 
         def call(*args):
             out = serve(*args)
             if out is not None:
-                self._chosen.extend(backends)
+                first = out
+                while not isinstance(first, torch.Tensor):  # (z, [outs]) or [outs]: z or the first
+                    first = first[0]
+                self._chosen.extend(self._eager.eager_backends[first.device.type][op])
             return out
         return call
 

@@ -20,29 +20,42 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 ACTS = ("none", "relu", "gelu", "tanh", "sigmoid")
 
 
-def _leaf(*shape, dtype, transposed=False):
+def _cuda_served() -> bool:
+    return torch.cuda.is_available() and "cuda" in getattr(ops._eager_ops(), "eager_backends", {})
+
+
+# The CPU cases are the CUDA ones' twins: the same code but for the device and the fusion head's
+# kernel (cuda's own there, torch's ops on the CPU).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _cuda_served(), reason="needs a CUDA GPU "
+                                                                "and the cuda kernels built"))]
+
+
+def _leaf(*shape, dtype, device="cpu", transposed=False):
     """A leaf requiring grad; transposed: a column-major one (a view of a tensor that does not)."""
     if transposed:
-        return torch.randn(*reversed(shape), dtype=dtype).t().requires_grad_()
-    return torch.randn(*shape, dtype=dtype).requires_grad_()
+        return torch.randn(*reversed(shape), dtype=dtype, device=device).t().requires_grad_()
+    return torch.randn(*shape, dtype=dtype, device=device).requires_grad_()
 
 
-def calls(dtype):
+def calls(dtype, device="cpu"):
     """(op, kwargs) for every op: odd sizes, a sequence of positions, a vector, no bias somewhere."""
     B, dims, Dz, Dc = 3, (5, 2, 7), 6, 4
-    hs = [_leaf(B, d, dtype=dtype) for d in dims]
-    head = dict(hs=hs, head_weight=_leaf(Dz, sum(dims), dtype=dtype), head_bias=_leaf(Dz, dtype=dtype))
-    z = _leaf(B, Dz, dtype=dtype)
-    xs = [_leaf(B, 3, dtype=dtype), _leaf(B, 5, 2, dtype=dtype), _leaf(B, 2, 3, 4, dtype=dtype)]
-    bp_weights = [_leaf(Dc, Dz, dtype=dtype), _leaf(1, Dz, dtype=dtype), _leaf(Dc, Dz, dtype=dtype)]
-    bp_biases = [_leaf(Dc, dtype=dtype), None, _leaf(Dc, dtype=dtype)]
-    ps = [_leaf(B, 9, dtype=dtype), _leaf(B, 5, 8, dtype=dtype), _leaf(B, 2, 3, 4, dtype=dtype)]
-    proj = [_leaf(9, Dc, dtype=dtype), _leaf(8, 1, dtype=dtype), _leaf(4, Dc, dtype=dtype, transposed=True)]
+
+    def leaf(*shape, transposed=False):
+        return _leaf(*shape, dtype=dtype, device=device, transposed=transposed)
+    hs = [leaf(B, d) for d in dims]
+    head = dict(hs=hs, head_weight=leaf(Dz, sum(dims)), head_bias=leaf(Dz))
+    z = leaf(B, Dz)
+    xs = [leaf(B, 3), leaf(B, 5, 2), leaf(B, 2, 3, 4)]
+    bp_weights = [leaf(Dc, Dz), leaf(1, Dz), leaf(Dc, Dz)]
+    bp_biases = [leaf(Dc), None, leaf(Dc)]
+    ps = [leaf(B, 9), leaf(B, 5, 8), leaf(B, 2, 3, 4)]
+    proj = [leaf(9, Dc), leaf(8, 1), leaf(4, Dc, transposed=True)]
     return [
         ("fusion_head", dict(hs=hs, weight=head["head_weight"], bias=head["head_bias"], activation="gelu")),
-        ("fusion_head", dict(hs=tuple(hs[:1]), weight=_leaf(Dz, dims[0], dtype=dtype), bias=None, activation="none")),
+        ("fusion_head", dict(hs=tuple(hs[:1]), weight=leaf(Dz, dims[0]), bias=None, activation="none")),
         ("backproj_concat", dict(x=xs[1], z=z, weight=bp_weights[0], bias=bp_biases[0], activation="tanh")),
-        ("backproj_concat", dict(x=_leaf(B, 3, dtype=dtype, transposed=True), z=z, weight=bp_weights[1], bias=None,
+        ("backproj_concat", dict(x=leaf(B, 3, transposed=True), z=z, weight=bp_weights[1], bias=None,
                                  activation="sigmoid")),
         ("backproj_concat_grouped", dict(xs=xs, z=z, weights=bp_weights, biases=bp_biases, activation="relu")),
         ("backproj_concat_grouped", dict(xs=xs[:2], z=z, weights=bp_weights[:2], biases=None, activation="gelu")),
@@ -83,9 +96,10 @@ def _run(op, kwargs, eager: bool, monkeypatch):
     return out, [None if t.grad is None else t.grad.clone() for t in leaves]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_equal_to_the_python_path_bitwise_with_gradients(dtype, monkeypatch):
-    for op, kwargs in calls(dtype):
+def test_equal_to_the_python_path_bitwise_with_gradients(dtype, device, monkeypatch):
+    for op, kwargs in calls(dtype, device):
         args = [kwargs[k] for k in kwargs]
         served = getattr(ops._eager, op)(*args)
         assert served is not None, f"{op}: the eager entry point gave a common call back"
@@ -101,11 +115,12 @@ def test_equal_to_the_python_path_bitwise_with_gradients(dtype, monkeypatch):
             assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), op
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_each_serves_with_the_backends_the_python_path_resolves(dtype, monkeypatch):
+def test_each_serves_with_the_backends_the_python_path_resolves(dtype, device, monkeypatch):
     """eager.cpp hard-codes auto's CPU choice (_dispatch._AUTO_ORDER): a change to one shows here."""
     from benchmarks.proof import describe_backends, record_backend_choice
-    for op, kwargs in calls(dtype):
+    for op, kwargs in calls(dtype, device):
         with record_backend_choice() as fast:
             getattr(pk, op)(**kwargs)
         with monkeypatch.context() as m:
@@ -115,13 +130,14 @@ def test_each_serves_with_the_backends_the_python_path_resolves(dtype, monkeypat
         assert fast and describe_backends(fast) == describe_backends(slow), op
 
 
-def test_auto_serves_common_calls_without_the_python_path(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_serves_common_calls_without_the_python_path(device, monkeypatch):
     """The speed of auto on small CPU calls rests on this: no backend resolution, no Python checks."""
     def no(*args, **kwargs):
         raise AssertionError("the Python path ran")
     monkeypatch.setattr(ops, "resolve_backend", no)
     monkeypatch.setattr(ops.checks, "check_fusion_head", no)
-    for op, kwargs in calls(torch.float32):
+    for op, kwargs in calls(torch.float32, device):
         getattr(pk, op)(**kwargs)
 
 
@@ -202,7 +218,8 @@ def test_calls_with_something_to_honour_take_the_python_path(monkeypatch):
     assert fast(**meta) is None and pk.fusion_head(**meta).device.type == "meta"
     f8 = getattr(torch, "float8_e4m3fn", None)
     if f8 is not None:
-        low = {**good, "hs": [h.to(f8) for h in good["hs"]], "weight": good["weight"].to(f8), "bias": good["bias"].to(f8)}
+        low = {**good, "hs": [h.to(f8) for h in good["hs"]], "weight": good["weight"].to(f8),
+               "bias": good["bias"].to(f8)}
         assert fast(**low) is None
 
 

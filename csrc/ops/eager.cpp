@@ -1,8 +1,8 @@
-// The eager entry points of pf_kernels.ops for backend="auto" on CPU tensors: the Python path's
-// checks of a valid call (the *_ok functions of pf_kernels/_validation.py) and what auto then runs
-// (pf_kernels/_dispatch.py's _AUTO_ORDER["cpu"]: fusion_head by torch's ops, the back-projections
-// by the cpu kernels), with no Python between the call and the ops. The Python path costs ~15 us a
-// call, as much as a small op itself.
+// The eager entry points of pf_kernels.ops for backend="auto" on CPU and CUDA tensors: the Python
+// path's checks of a valid call (the *_ok functions of pf_kernels/_validation.py) and what auto then
+// runs (pf_kernels/_dispatch.py's _AUTO_ORDER: on the CPU, fusion_head by torch's ops and the
+// back-projections by the cpu kernels; on a GPU, every op by the cuda kernels), with no Python
+// between the call and the ops. The Python path costs ~15 us a call on a CPU, as much as a small op.
 //
 // Each returns None for any call it does not serve: another device or dtype, autocast on, a tensor
 // subclass or a torch function mode (whose __torch_function__ the Python path honours), a
@@ -31,10 +31,20 @@ using OptionalTensor = c10::optional<at::Tensor>;
 
 PyObject* parameter_class = nullptr;  // torch.nn.Parameter
 
-// What auto would serve here by the Python path with nothing for it to honour (pf_kernels.ops has
-// checked PF_KERNELS_BACKEND: it reads os.environ, which the C environment need not match).
-bool auto_serves_here() {
-  return !at::impl::torch_function_mode_enabled() && !at::autocast::is_autocast_enabled(at::kCPU);
+// What auto would serve on tensors like t by the Python path with nothing for it to honour
+// (pf_kernels.ops has checked PF_KERNELS_BACKEND: it reads os.environ, which the C environment need
+// not match).
+bool auto_serves_here(const at::Tensor& t) {
+  return !at::impl::torch_function_mode_enabled() && !at::autocast::is_autocast_enabled(t.device().type());
+}
+
+// The devices served: the CPU, and CUDA where the cuda kernels are built (else auto picks torch).
+bool served_device(const c10::Device& device) {
+#ifdef PF_KERNELS_WITH_CUDA
+  return device.is_cpu() || device.is_cuda();
+#else
+  return device.is_cpu();
+#endif
 }
 
 // Tensors that are a transform's or a tracer's wrappers though their Python type is torch.Tensor
@@ -44,13 +54,13 @@ const c10::DispatchKeySet kWrapperKeys{c10::DispatchKey::FuncTorchBatched, c10::
                                        c10::DispatchKey::Functionalize, c10::DispatchKey::Python,
                                        c10::DispatchKey::PythonTLSSnapshot};
 
-// The tensor of a torch.Tensor or nn.Parameter (not a subclass), strided, on the CPU, of a dtype the
-// kernels take; nullptr for anything else.
-const at::Tensor* cpu_tensor(PyObject* o) {
+// The tensor of a torch.Tensor or nn.Parameter (not a subclass), strided, on a served device, of a
+// dtype the kernels take; nullptr for anything else.
+const at::Tensor* served_tensor(PyObject* o) {
   PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(o));
   if (type != THPVariableClass && type != parameter_class) return nullptr;
   const at::Tensor& t = THPVariable_Unpack(o);
-  if (!t.defined() || !t.device().is_cpu() || t.layout() != at::kStrided || t.is_nested() ||
+  if (!t.defined() || !served_device(t.device()) || t.layout() != at::kStrided || t.is_nested() ||
       t.key_set().has_any(kWrapperKeys) || t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
     return nullptr;
   }
@@ -59,10 +69,10 @@ const at::Tensor* cpu_tensor(PyObject* o) {
   return &t;
 }
 
-// t if it is a tensor of `like`'s dtype (all served tensors are on the CPU); nullptr otherwise.
+// o's tensor if it is served and of ref's dtype and device; nullptr otherwise.
 const at::Tensor* like(PyObject* o, const at::Tensor& ref) {
-  const at::Tensor* t = cpu_tensor(o);
-  return t != nullptr && t->scalar_type() == ref.scalar_type() ? t : nullptr;
+  const at::Tensor* t = served_tensor(o);
+  return t != nullptr && t->scalar_type() == ref.scalar_type() && t->device() == ref.device() ? t : nullptr;
 }
 
 // An activation's name as the ops take it (a static string, valid with the GIL released), or
@@ -119,7 +129,7 @@ bool read_head(PyObject* hs, PyObject* weight, PyObject* bias, PyObject* activat
   Py_ssize_t k = -1;
   PyObject** items = items_of(hs, &k);
   if (head->activation == nullptr || items == nullptr || k == 0) return false;
-  const at::Tensor* first = cpu_tensor(items[0]);
+  const at::Tensor* first = served_tensor(items[0]);
   if (first == nullptr || first->dim() != 2) return false;
   int64_t in_features = 0;
   head->hs.reserve(k);
@@ -168,9 +178,17 @@ bool read_biases(PyObject* biases, Py_ssize_t n, std::vector<PyObject*>* out) {
   return true;
 }
 
+// The fusion head auto picks: on a GPU the cuda kernel; on the CPU the torch backend's,
 // pf_kernels.reference.linear_act: act(inp @ weight.T + bias) accumulated in fp32 (fp64 for fp64),
-// returned in inp's dtype. The torch backend's fusion_head, which auto picks on the CPU.
-at::Tensor torch_fusion_head(const Head& head) {
+// returned in inp's dtype.
+at::Tensor auto_fusion_head(const Head& head) {
+  if (!head.weight.device().is_cpu()) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("pf_kernels::fusion_head", "")
+                         .typed<at::Tensor(at::TensorList, const at::Tensor&, const OptionalTensor&,
+                                           c10::string_view)>();
+    return op.call(head.hs, head.weight, head.bias, head.activation);
+  }
   const at::Tensor inp = at::cat(head.hs, -1);
   const auto dtype = inp.scalar_type();
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
@@ -191,7 +209,8 @@ at::Tensor torch_fusion_head(const Head& head) {
   return y.scalar_type() == dtype ? y : y.to(dtype);
 }
 
-at::Tensor cpu_backproj_concat(const Projection& bp, const at::Tensor& z, const char* activation) {
+// The back-projections: the device's kernel (pf_kernels._C's cpu or cuda backend).
+at::Tensor kernel_backproj_concat(const Projection& bp, const at::Tensor& z, const char* activation) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("pf_kernels::backproj_concat", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -199,7 +218,7 @@ at::Tensor cpu_backproj_concat(const Projection& bp, const at::Tensor& z, const 
   return op.call(bp.x, z, bp.weight, bp.bias, activation);
 }
 
-at::Tensor cpu_context_linear(const Projection& bp, const at::Tensor& z, const at::Tensor& proj_weight,
+at::Tensor kernel_context_linear(const Projection& bp, const at::Tensor& z, const at::Tensor& proj_weight,
                               const char* activation, const char* out_activation) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("pf_kernels::context_linear", "")
@@ -220,13 +239,13 @@ py::object wrap_all(std::vector<at::Tensor> ts) {
 py::object fusion_head(py::handle hs, py::handle weight, py::handle bias, py::handle activation) {
   HANDLE_TH_ERRORS
   Head head;
-  if (!auto_serves_here() || !read_head(hs.ptr(), weight.ptr(), bias.ptr(), activation.ptr(), &head)) {
+  if (!read_head(hs.ptr(), weight.ptr(), bias.ptr(), activation.ptr(), &head) || !auto_serves_here(head.weight)) {
     return py::none();
   }
   at::Tensor out;
   {
     py::gil_scoped_release no_gil;
-    out = torch_fusion_head(head);
+    out = auto_fusion_head(head);
   }
   return wrap(std::move(out));
   END_HANDLE_TH_ERRORS_PYBIND
@@ -235,16 +254,16 @@ py::object fusion_head(py::handle hs, py::handle weight, py::handle bias, py::ha
 py::object backproj_concat(py::handle x, py::handle z, py::handle weight, py::handle bias, py::handle activation) {
   HANDLE_TH_ERRORS
   const char* act = activation_name(activation.ptr());
-  const at::Tensor* zt = cpu_tensor(z.ptr());
+  const at::Tensor* zt = served_tensor(z.ptr());
   Projection bp;
-  if (act == nullptr || zt == nullptr || zt->dim() != 2 || !auto_serves_here() ||
+  if (act == nullptr || zt == nullptr || zt->dim() != 2 || !auto_serves_here(*zt) ||
       !read_projection(x.ptr(), weight.ptr(), bias.ptr(), *zt, &bp)) {
     return py::none();
   }
   at::Tensor out;
   {
     py::gil_scoped_release no_gil;
-    out = cpu_backproj_concat(bp, *zt, act);
+    out = kernel_backproj_concat(bp, *zt, act);
   }
   return wrap(std::move(out));
   END_HANDLE_TH_ERRORS_PYBIND
@@ -255,10 +274,10 @@ py::object context_linear(py::handle p, py::handle z, py::handle bp_weight, py::
   HANDLE_TH_ERRORS
   const char* act = activation_name(activation.ptr());
   const char* out_act = activation_name(out_activation.ptr());
-  const at::Tensor* zt = cpu_tensor(z.ptr());
+  const at::Tensor* zt = served_tensor(z.ptr());
   Projection bp;
   at::Tensor pw;
-  if (act == nullptr || out_act == nullptr || zt == nullptr || zt->dim() != 2 || !auto_serves_here() ||
+  if (act == nullptr || out_act == nullptr || zt == nullptr || zt->dim() != 2 || !auto_serves_here(*zt) ||
       !read_projection(p.ptr(), bp_weight.ptr(), bp_bias.ptr(), *zt, &bp) ||
       !read_proj_weight(proj_weight.ptr(), bp, &pw)) {
     return py::none();
@@ -266,7 +285,7 @@ py::object context_linear(py::handle p, py::handle z, py::handle bp_weight, py::
   at::Tensor out;
   {
     py::gil_scoped_release no_gil;
-    out = cpu_context_linear(bp, *zt, pw, act, out_act);
+    out = kernel_context_linear(bp, *zt, pw, act, out_act);
   }
   return wrap(std::move(out));
   END_HANDLE_TH_ERRORS_PYBIND
@@ -304,9 +323,9 @@ py::object backproj_concat_grouped(py::handle xs, py::handle z, py::handle weigh
                                    py::handle activation) {
   HANDLE_TH_ERRORS
   const char* act = activation_name(activation.ptr());
-  const at::Tensor* zt = cpu_tensor(z.ptr());
+  const at::Tensor* zt = served_tensor(z.ptr());
   std::vector<Projection> bps;
-  if (act == nullptr || zt == nullptr || zt->dim() != 2 || !auto_serves_here() ||
+  if (act == nullptr || zt == nullptr || zt->dim() != 2 || !auto_serves_here(*zt) ||
       !read_projections(xs.ptr(), weights.ptr(), biases.ptr(), nullptr, *zt, zt->size(0), zt->size(1), &bps,
                         nullptr)) {
     return py::none();
@@ -314,7 +333,7 @@ py::object backproj_concat_grouped(py::handle xs, py::handle z, py::handle weigh
   std::vector<at::Tensor> outs;
   {
     py::gil_scoped_release no_gil;
-    for (const Projection& bp : bps) outs.push_back(cpu_backproj_concat(bp, *zt, act));
+    for (const Projection& bp : bps) outs.push_back(kernel_backproj_concat(bp, *zt, act));
   }
   return wrap_all(std::move(outs));
   END_HANDLE_TH_ERRORS_PYBIND
@@ -327,8 +346,8 @@ py::object refine_step(py::handle hs, py::handle head_weight, py::handle head_bi
   Head head;
   const char* act = activation_name(backproj_activation.ptr());
   std::vector<Projection> bps;
-  if (act == nullptr || !auto_serves_here() ||
-      !read_head(hs.ptr(), head_weight.ptr(), head_bias.ptr(), head_activation.ptr(), &head) ||
+  if (act == nullptr || !read_head(hs.ptr(), head_weight.ptr(), head_bias.ptr(), head_activation.ptr(), &head) ||
+      !auto_serves_here(head.weight) ||
       !read_projections(xs.ptr(), bp_weights.ptr(), bp_biases.ptr(), nullptr, head.hs[0], head.hs[0].size(0),
                         head.weight.size(0), &bps, nullptr)) {
     return py::none();
@@ -337,8 +356,8 @@ py::object refine_step(py::handle hs, py::handle head_weight, py::handle head_bi
   std::vector<at::Tensor> outs;
   {
     py::gil_scoped_release no_gil;
-    z = torch_fusion_head(head);
-    for (const Projection& bp : bps) outs.push_back(cpu_backproj_concat(bp, z, act));
+    z = auto_fusion_head(head);
+    for (const Projection& bp : bps) outs.push_back(kernel_backproj_concat(bp, z, act));
   }
   return py::make_tuple(wrap(std::move(z)), wrap_all(std::move(outs)));
   END_HANDLE_TH_ERRORS_PYBIND
@@ -353,8 +372,8 @@ py::object refine_step_hoisted(py::handle hs, py::handle head_weight, py::handle
   const char* act = activation_name(backproj_activation.ptr());
   std::vector<Projection> bps;
   std::vector<at::Tensor> pws;
-  if (act == nullptr || !auto_serves_here() ||
-      !read_head(hs.ptr(), head_weight.ptr(), head_bias.ptr(), head_activation.ptr(), &head) ||
+  if (act == nullptr || !read_head(hs.ptr(), head_weight.ptr(), head_bias.ptr(), head_activation.ptr(), &head) ||
+      !auto_serves_here(head.weight) ||
       !read_projections(ps.ptr(), bp_weights.ptr(), bp_biases.ptr(), proj_weights.ptr(), head.hs[0],
                         head.hs[0].size(0), head.weight.size(0), &bps, &pws)) {
     return py::none();
@@ -373,8 +392,8 @@ py::object refine_step_hoisted(py::handle hs, py::handle head_weight, py::handle
   std::vector<at::Tensor> outs;
   {
     py::gil_scoped_release no_gil;
-    z = torch_fusion_head(head);
-    for (Py_ssize_t j = 0; j < n; ++j) outs.push_back(cpu_context_linear(bps[j], z, pws[j], act, out_acts[j]));
+    z = auto_fusion_head(head);
+    for (Py_ssize_t j = 0; j < n; ++j) outs.push_back(kernel_context_linear(bps[j], z, pws[j], act, out_acts[j]));
   }
   return py::make_tuple(wrap(std::move(z)), wrap_all(std::move(outs)));
   END_HANDLE_TH_ERRORS_PYBIND
@@ -390,13 +409,23 @@ void define_eager(py::module_& m) {
   m.def("context_linear", &context_linear);
   m.def("refine_step", &refine_step);
   m.def("refine_step_hoisted", &refine_step_hoisted);
-  // What each serves a call with, by pf_kernels._dispatch's backend names (benchmarks report it).
-  py::dict backends;
-  backends["fusion_head"] = py::make_tuple("torch");
+  // What each serves a call with per device type, by pf_kernels._dispatch's backend names (the
+  // benchmarks report it).
+  py::dict cpu, cuda;
+  cpu["fusion_head"] = py::make_tuple("torch");
   for (const char* op : {"backproj_concat", "backproj_concat_grouped", "context_linear"}) {
-    backends[op] = py::make_tuple("cpu");
+    cpu[op] = py::make_tuple("cpu");
   }
-  for (const char* op : {"refine_step", "refine_step_hoisted"}) backends[op] = py::make_tuple("torch", "cpu");
+  for (const char* op : {"refine_step", "refine_step_hoisted"}) cpu[op] = py::make_tuple("torch", "cpu");
+  for (const char* op : {"fusion_head", "backproj_concat", "backproj_concat_grouped", "context_linear",
+                         "refine_step", "refine_step_hoisted"}) {
+    cuda[op] = py::make_tuple("cuda");
+  }
+  py::dict backends;
+  backends["cpu"] = cpu;
+#ifdef PF_KERNELS_WITH_CUDA
+  backends["cuda"] = cuda;
+#endif
   m.attr("eager_backends") = backends;
 }
 
