@@ -1,27 +1,29 @@
-// The eager entry points of pf_kernels.ops for backend="auto" on CPU and CUDA tensors: the Python
-// path's checks of a valid call (the *_ok functions of pf_kernels/_validation.py) and what auto then
-// runs (pf_kernels/_dispatch.py's _AUTO_ORDER: on the CPU, fusion_head by torch's ops and the
-// back-projections by the cpu kernels; on a GPU, every op by the cuda kernels), with no Python
-// between the call and the ops. The Python path costs ~15 us a call on a CPU, as much as a small op.
+// The module pf_kernels._C. `import pf_kernels._C` loads this library, whose static initialisers
+// (csrc/ops/*.cpp) register the ops: torch.ops.pf_kernels.*, the entry points torch.compile traces.
+//
+// Its functions are the eager entry points of pf_kernels.ops for backend="auto" on CPU and CUDA
+// tensors: the Python path's checks of a valid call (the *_ok functions of pf_kernels/_validation.py)
+// and what auto then runs (pf_kernels/_dispatch.py's _AUTO_ORDER: on the CPU, fusion_head by torch's
+// ops and the back-projections by the cpu kernels; on a GPU, every op by the cuda kernels), with no
+// Python between the call and the ops. The Python path costs ~15 us a call on a CPU, as much as a
+// small op.
 //
 // Each returns None for any call it does not serve: another device or dtype, autocast on, a tensor
 // subclass or a torch function mode (whose __torch_function__ the Python path honours), a
-// transform's wrapper tensor (vmap, functionalize), or anything invalid. pf_kernels.ops then takes its Python
-// path, which serves or names what is wrong. torch.compile never gets here (pf_kernels.ops asks
-// first): it traces the Python path.
+// transform's wrapper tensor (vmap, functionalize), or anything invalid. pf_kernels.ops then takes
+// its Python path, which serves or names what is wrong. torch.compile never gets here
+// (pf_kernels.ops asks first): it traces the Python path.
 #include <ATen/ATen.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <pybind11/pybind11.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
-#include <torch/extension.h>
 
 #include <cstring>
 #include <limits>
 #include <vector>
-
-#include "ops/eager.h"
 
 namespace pf_kernels {
 namespace {
@@ -400,8 +402,11 @@ py::object refine_step_hoisted(py::handle hs, py::handle head_weight, py::handle
 }
 
 }  // namespace
+}  // namespace pf_kernels
 
-void define_eager(py::module_& m) {
+PYBIND11_MODULE(_C, m) {
+  namespace py = pybind11;
+  using namespace pf_kernels;
   parameter_class = py::object(py::module_::import("torch.nn").attr("Parameter")).release().ptr();  // kept for good
   m.def("fusion_head", &fusion_head);
   m.def("backproj_concat", &backproj_concat);
@@ -428,5 +433,3 @@ void define_eager(py::module_& m) {
 #endif
   m.attr("eager_backends") = backends;
 }
-
-}  // namespace pf_kernels
