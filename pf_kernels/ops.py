@@ -72,6 +72,13 @@ def _eager_ops():
     return _eager
 
 
+def _eager_for(backend):
+    """The eager entry points where a call with this backend may take them, else None."""
+    if backend == "auto" and not _is_compiling() and env_backend() is None:
+        return _eager or _eager_ops() or None
+    return None
+
+
 def _autocast_off(backend_name: str, device: torch.device, cast: Optional[torch.dtype]):
     # The reference's fp32 matmuls would be recast by autocast; the compiled kernels keep autocast
     # out of their own ATen calls themselves (and a context manager costs ~15 us).
@@ -88,8 +95,9 @@ def backproj_concat(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
     x: (B, *S, Dx); z: (B, Dz); weight: (Dc, Dz); bias: (Dc,) or None.
     Returns (B, *S, Dx + Dc): out[..., :Dx] = x, out[b, s..., Dx:] = act(z[b] @ weight.T + bias).
     """
-    if backend == "auto" and not _is_compiling() and env_backend() is None and (_eager or _eager_ops()):
-        out = _eager.backproj_concat(x, z, weight, bias, activation)
+    eager = _eager_for(backend)
+    if eager is not None:
+        out = eager.backproj_concat(x, z, weight, bias, activation)
         if out is not None:
             return out
     cast = _autocast_dtype(x)
@@ -106,8 +114,9 @@ def backproj_concat_grouped(xs: Sequence[torch.Tensor], z: torch.Tensor,
                             biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
                             activation: str = "relu", backend: str = "auto") -> List[torch.Tensor]:
     """backproj_concat for every modality (one x, weight, bias each) from one z, in one launch."""
-    if backend == "auto" and not _is_compiling() and env_backend() is None and (_eager or _eager_ops()):
-        outs = _eager.backproj_concat_grouped(xs, z, weights, biases, activation)
+    eager = _eager_for(backend)
+    if eager is not None:
+        outs = eager.backproj_concat_grouped(xs, z, weights, biases, activation)
         if outs is not None:
             return outs
     cast = _autocast_dtype(z)
@@ -135,8 +144,9 @@ def fusion_head(hs: Sequence[torch.Tensor], weight: torch.Tensor,
 
     hs: K >= 1 tensors (B, D_j); weight: (Dz, sum D_j); bias: (Dz,) or None. Returns (B, Dz).
     """
-    if backend == "auto" and not _is_compiling() and env_backend() is None and (_eager or _eager_ops()):
-        out = _eager.fusion_head(hs, weight, bias, activation)
+    eager = _eager_for(backend)
+    if eager is not None:
+        out = eager.fusion_head(hs, weight, bias, activation)
         if out is not None:
             return out
     cast = _autocast_dtype(weight)
@@ -158,9 +168,10 @@ def refine_step(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
 
     Returns (z, [backproj_concat(x_j, z, bp_weights[j], bp_biases[j]) for each modality j]).
     """
-    if backend == "auto" and not _is_compiling() and env_backend() is None and (_eager or _eager_ops()):
-        out = _eager.refine_step(hs, head_weight, head_bias, xs, bp_weights, bp_biases, head_activation,
-                                 backproj_activation)
+    eager = _eager_for(backend)
+    if eager is not None:
+        out = eager.refine_step(hs, head_weight, head_bias, xs, bp_weights, bp_biases, head_activation,
+                                backproj_activation)
         if out is not None:
             return out
     cast = _autocast_dtype(head_weight)
@@ -201,9 +212,10 @@ def refine_step_hoisted(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
 
     out_activations: one str for every modality, or one per modality. Returns (z, [out_j]).
     """
-    if backend == "auto" and not _is_compiling() and env_backend() is None and (_eager or _eager_ops()):
-        out = _eager.refine_step_hoisted(hs, head_weight, head_bias, ps, bp_weights, bp_biases, proj_weights,
-                                         head_activation, backproj_activation, out_activations)
+    eager = _eager_for(backend)
+    if eager is not None:
+        out = eager.refine_step_hoisted(hs, head_weight, head_bias, ps, bp_weights, bp_biases, proj_weights,
+                                        head_activation, backproj_activation, out_activations)
         if out is not None:
             return out
     cast = _autocast_dtype(head_weight)
@@ -249,8 +261,9 @@ def context_linear(p: torch.Tensor, z: torch.Tensor, bp_weight: torch.Tensor,
     proj_weight: (H, Dc), the Linear's context columns W_c. Equals that Linear applied to
     backproj_concat(x, z, bp_weight, bp_bias, activation), then out_activation, up to rounding.
     """
-    if backend == "auto" and not _is_compiling() and env_backend() is None and (_eager or _eager_ops()):
-        out = _eager.context_linear(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation)
+    eager = _eager_for(backend)
+    if eager is not None:
+        out = eager.context_linear(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation)
         if out is not None:
             return out
     cast = _autocast_dtype(p)

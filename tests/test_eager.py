@@ -2,6 +2,7 @@
 tensors without pf_kernels.ops' Python: they compute exactly what the Python path computes (same
 ops, same autograd graph), serve the common calls, and give every other call back to the Python
 path (None), which names what is wrong."""
+import inspect
 import os
 import re
 
@@ -100,8 +101,7 @@ def _run(op, kwargs, eager: bool, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_equal_to_the_python_path_bitwise_with_gradients(dtype, device, monkeypatch):
     for op, kwargs in calls(dtype, device):
-        args = [kwargs[k] for k in kwargs]
-        served = getattr(ops._eager, op)(*args)
+        served = getattr(ops._eager, op)(*kwargs.values())
         assert served is not None, f"{op}: the eager entry point gave a common call back"
         fast, fast_grads = _run(op, kwargs, True, monkeypatch)
         slow, slow_grads = _run(op, kwargs, False, monkeypatch)
@@ -163,11 +163,9 @@ def test_every_invalid_call_goes_to_the_python_path_which_names_it(call, monkeyp
         m.setattr(ops, "_eager", False)
         with pytest.raises((TypeError, ValueError)):
             getattr(pk, op)(**kwargs)
-    defaults = {"activation": "relu", "head_activation": "relu", "backproj_activation": "relu",
-                "out_activations": "none", "bias": None, "biases": None}
-    import inspect
-    names = [n for n in inspect.signature(getattr(pk, op)).parameters if n != "backend"]
-    assert getattr(ops._eager, op)(*(kwargs.get(n, defaults.get(n)) for n in names)) is None
+    call = inspect.signature(getattr(pk, op)).bind(**kwargs)
+    call.apply_defaults()  # the entry points take every argument but backend, in order
+    assert getattr(ops._eager, op)(*(v for n, v in call.arguments.items() if n != "backend")) is None
 
 
 class _Tagged(torch.Tensor):

@@ -9,6 +9,17 @@
 
 namespace pf_kernels {
 
+// act(y), a new tensor (autograd records it as eager's op).
+inline at::Tensor activate(const at::Tensor& y, Activation act) {
+  switch (act) {
+    case Activation::Relu: return at::relu(y);
+    case Activation::Gelu: return at::gelu(y);
+    case Activation::Tanh: return at::tanh(y);
+    case Activation::Sigmoid: return at::sigmoid(y);
+    default: return y;
+  }
+}
+
 // act(y), in place.
 inline void activate_inplace(at::Tensor& y, Activation act) {
   switch (act) {

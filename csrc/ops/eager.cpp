@@ -25,6 +25,8 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/activation_ops.h"
+
 namespace pf_kernels {
 namespace {
 
@@ -148,18 +150,19 @@ bool read_head(PyObject* hs, PyObject* weight, PyObject* bias, PyObject* activat
   return read_linear(weight, bias, in_features, *first, &head->weight, &head->bias);
 }
 
-// A back-projection of z (B, Dz) read with the modality's input x (B, *positions, D): the
-// checks of _validation._projection_ok.
+// A back-projection of a z (batch, dz) read with the modality's input x (batch, *positions, D), all
+// of ref's dtype and device: the checks of _validation._projection_ok.
 struct Projection {
   at::Tensor x, weight;
   OptionalTensor bias;
 };
 
-bool read_projection(PyObject* x, PyObject* weight, PyObject* bias, const at::Tensor& z, Projection* out) {
-  const at::Tensor* xt = like(x, z);
-  if (xt == nullptr || xt->dim() < 2 || xt->size(0) != z.size(0)) return false;
+bool read_projection(PyObject* x, PyObject* weight, PyObject* bias, const at::Tensor& ref, int64_t batch,
+                     int64_t dz, Projection* out) {
+  const at::Tensor* xt = like(x, ref);
+  if (xt == nullptr || xt->dim() < 2 || xt->size(0) != batch) return false;
   out->x = *xt;
-  return read_linear(weight, bias, z.size(1), z, &out->weight, &out->bias);
+  return read_linear(weight, bias, dz, ref, &out->weight, &out->bias);
 }
 
 // context_linear's proj_weight (H, Dc): H from p, Dc from the back-projection's weight.
@@ -197,17 +200,7 @@ at::Tensor auto_fusion_head(const Head& head) {
   auto as_acc = [acc](const at::Tensor& t) { return t.scalar_type() == acc ? t : t.to(acc); };
   OptionalTensor bias;
   if (head.bias) bias = as_acc(*head.bias);
-  at::Tensor y = at::linear(as_acc(inp), as_acc(head.weight), bias);
-  const char* a = head.activation;
-  if (std::strcmp(a, "relu") == 0) {
-    y = at::relu(y);
-  } else if (std::strcmp(a, "gelu") == 0) {
-    y = at::gelu(y);
-  } else if (std::strcmp(a, "tanh") == 0) {
-    y = at::tanh(y);
-  } else if (std::strcmp(a, "sigmoid") == 0) {
-    y = at::sigmoid(y);
-  }
+  at::Tensor y = activate(at::linear(as_acc(inp), as_acc(head.weight), bias), parse_activation(head.activation));
   return y.scalar_type() == dtype ? y : y.to(dtype);
 }
 
@@ -259,7 +252,7 @@ py::object backproj_concat(py::handle x, py::handle z, py::handle weight, py::ha
   const at::Tensor* zt = served_tensor(z.ptr());
   Projection bp;
   if (act == nullptr || zt == nullptr || zt->dim() != 2 || !auto_serves_here(*zt) ||
-      !read_projection(x.ptr(), weight.ptr(), bias.ptr(), *zt, &bp)) {
+      !read_projection(x.ptr(), weight.ptr(), bias.ptr(), *zt, zt->size(0), zt->size(1), &bp)) {
     return py::none();
   }
   at::Tensor out;
@@ -280,7 +273,7 @@ py::object context_linear(py::handle p, py::handle z, py::handle bp_weight, py::
   Projection bp;
   at::Tensor pw;
   if (act == nullptr || out_act == nullptr || zt == nullptr || zt->dim() != 2 || !auto_serves_here(*zt) ||
-      !read_projection(p.ptr(), bp_weight.ptr(), bp_bias.ptr(), *zt, &bp) ||
+      !read_projection(p.ptr(), bp_weight.ptr(), bp_bias.ptr(), *zt, zt->size(0), zt->size(1), &bp) ||
       !read_proj_weight(proj_weight.ptr(), bp, &pw)) {
     return py::none();
   }
@@ -309,10 +302,7 @@ bool read_projections(PyObject* xs, PyObject* weights, PyObject* biases, PyObjec
   bps->resize(n);
   for (Py_ssize_t j = 0; j < n; ++j) {
     Projection& bp = (*bps)[j];
-    const at::Tensor* x = like(x_items[j], ref);
-    if (x == nullptr || x->dim() < 2 || x->size(0) != batch) return false;
-    bp.x = *x;
-    if (!read_linear(w_items[j], b_items[j], dz, ref, &bp.weight, &bp.bias)) return false;
+    if (!read_projection(x_items[j], w_items[j], b_items[j], ref, batch, dz, &bp)) return false;
     if (pw_items != nullptr) {
       pws->emplace_back();
       if (!read_proj_weight(pw_items[j], bp, &pws->back())) return false;
