@@ -154,6 +154,40 @@ def test_differential_check_catches_a_wrong_kernel(dtype, off, where):
                          all(p.startswith("grad") for p in problems))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_limit_checks_run_on_small_twins_and_can_fail(backend):
+    # The GPU limit cases allocate gigabytes; their checkers on small inputs of the same layouts.
+    import pf_kernels as pk
+    if not pk.available_backends()[backend]["available"]:
+        pytest.skip(f"{backend} backend not available here")
+    names = [name for name, _, _ in differential.limit_cases("cpu", torch.float32)]
+    assert len(names) == len(set(names)) and any(name.startswith("fusion_head") for name in names)
+
+    def head():
+        g = torch.Generator().manual_seed(5)
+        return (torch.randn(37, 8, generator=g, dtype=torch.bfloat16),
+                torch.randn(19, 8, generator=g, dtype=torch.bfloat16) * 8 ** -0.5,
+                torch.randn(19, generator=g, dtype=torch.bfloat16))
+
+    def backproj():
+        g = torch.Generator().manual_seed(6)
+        return (torch.randn(3, 5, 4, generator=g), torch.randn(3, 7, generator=g),
+                torch.randn(6, 7, generator=g) * 7 ** -0.5, torch.randn(6, generator=g))
+
+    ops = differential.BackendOps(pk, backend)
+    assert differential.check_fusion_limit("twin", head, ops) == []
+    assert differential.check_limit("twin", backproj, ops) == []
+
+    class WrongGradient(differential.BackendOps):
+        def __getattr__(self, op):
+            fn = super().__getattr__(op)
+            return lambda *args: _GradOffBy.apply(fn(*args), 1.5)
+
+    assert [p.split(":")[0] for p in differential.check_fusion_limit("twin", head, WrongGradient(pk, backend))] \
+        == ["grad_h", "grad_weight", "grad_bias"]
+    assert differential.check_limit("twin", backproj, WrongGradient(pk, backend))
+
+
 # Cases that failed on correct kernels before the reference rounded z and the context where the
 # definition does, and before the fp32 yardsticks: 16-bit relu kinks on the other side of 0 (seed
 # 20261127: 133, 3034), a one-element gradient where eager was lucky (4788), a gradient that is the

@@ -174,7 +174,8 @@ def fusion_fwd_kernel(h0, h1, h2, h3, h4, h5, h6, h7, D0, D1, D2, D3, D4, D5, D6
 @triton.jit
 def grad_pre_tile(g_ptr, pre_ptr, offs_m, offs_n, mask, sgm, sgn, N, ACT: tl.constexpr):
     """grad_out * act'(pre) on one (rows, Dz) tile, fp32."""
-    g = tl.load(g_ptr + offs_m[:, None] * sgm + offs_n[None, :] * sgn, mask=mask, other=0.0)
+    # int64: a column-major grad_out has sgn = rows, and offs_n * sgn may pass 2^31
+    g = tl.load(g_ptr + offs_m[:, None] * sgm + offs_n.to(tl.int64)[None, :] * sgn, mask=mask, other=0.0)
     g = g.to(tl.float32)
     if ACT != 0:
         pre = tl.load(pre_ptr + offs_m[:, None] * N + offs_n[None, :], mask=mask, other=0.0)

@@ -369,8 +369,8 @@ def check_case(case: Case, backend_ops: BackendOps, grad_seed: int) -> List[str]
 
 
 def limit_cases(device: str, dtype: torch.dtype) -> List[tuple]:
-    """(name, make() -> (x, z, w, b), positions to check) at the sizes where launch grids, shared
-    memory and 32-bit offsets run out. Checked on sampled positions against float64."""
+    """(name, make, check) at the sizes where launch grids, shared memory and 32-bit offsets run
+    out: check(name, make, backend_ops) -> problems."""
     def backproj(B, S, Dx, Dz, Dc, dt=dtype):
         g = torch.Generator(device=device).manual_seed(B + Dc)
         x = torch.randn(B, *S, Dx, device=device, dtype=dt, generator=g)
@@ -378,12 +378,21 @@ def limit_cases(device: str, dtype: torch.dtype) -> List[tuple]:
         w = torch.randn(Dc, Dz, device=device, dtype=dt, generator=g) * Dz ** -0.5
         b = torch.randn(Dc, device=device, dtype=dt, generator=g)
         return x, z, w, b
+    def head(B, D, N, dt=torch.bfloat16):
+        g = torch.Generator(device=device).manual_seed(B + N)
+        h = torch.randn(B, D, device=device, dtype=dt, generator=g)
+        w = torch.randn(N, D, device=device, dtype=dt, generator=g) * D ** -0.5
+        b = torch.randn(N, device=device, dtype=dt, generator=g)
+        return h, w, b
     return [
-        ("batch > 65535 (grid y/z)", lambda: backproj(70_000, (), 3, 5, 4)),
-        ("batch > 2,097,120", lambda: backproj(2_200_000, (), 2, 3, 2)),
-        ("positions > 2^21 (P blocks on grid y)", lambda: backproj(1, (2_200_000,), 2, 3, 2)),
-        ("Dc = 60000 (beyond shared memory)", lambda: backproj(2, (3,), 5, 8, 60_000)),
-        ("output >= 2^31 elements (int32 offsets)", lambda: backproj(4, (1 << 20,), 512, 8, 8, torch.bfloat16)),
+        ("batch > 65535 (grid y/z)", lambda: backproj(70_000, (), 3, 5, 4), check_limit),
+        ("batch > 2,097,120", lambda: backproj(2_200_000, (), 2, 3, 2), check_limit),
+        ("positions > 2^21 (P blocks on grid y)", lambda: backproj(1, (2_200_000,), 2, 3, 2), check_limit),
+        ("Dc = 60000 (beyond shared memory)", lambda: backproj(2, (3,), 5, 8, 60_000), check_limit),
+        ("output >= 2^31 elements (int32 offsets)", lambda: backproj(4, (1 << 20,), 512, 8, 8, torch.bfloat16),
+         check_limit),
+        ("fusion_head, column-major grad_out >= 2^31 elements (int32 offsets)",
+         lambda: head((1 << 21) + 3, 8, 1040), check_fusion_limit),
     ]
 
 
@@ -417,6 +426,32 @@ def check_limit(name: str, make: Callable, backend_ops: BackendOps, act: str = "
         if err > 8 * FLOORS[x.dtype] * scale * max(1.0, math.log2(P)):
             problems.append(f"{n}: error {err:.3g} (scale {scale:.3g})")
     del x, z, w, b, out, g
+    return problems
+
+
+def check_fusion_limit(name: str, make: Callable, backend_ops: BackendOps) -> List[str]:
+    """fusion_head forward and backward, the output gradient column-major (a stride of B between
+    its columns), against fp32 on the device (a float64 copy would not fit)."""
+    h, w, b = make()
+    B, N = h.shape[0], w.shape[0]
+    hh, ww, bb = (t.detach().clone().requires_grad_(True) for t in (h, w, b))
+    out = backend_ops.fusion_head([hh], ww, bb, "none")
+    problems = []
+
+    def compare(what, got, want):
+        scale = max(1.0, want.abs().max().item())
+        err = (got.float() - want).abs().max().item()
+        if not err <= 4 * FLOORS[h.dtype] * scale:
+            problems.append(f"{what}: error {err:.3g} (scale {scale:.3g})")
+
+    compare("out", out.detach(), F.linear(h.float(), w.float(), b.float()))
+    g = torch.randn(N, B, device=h.device, dtype=h.dtype).t()
+    gh, gw, gb = torch.autograd.grad(out, (hh, ww, bb), g)
+    del out
+    g32 = g.float()
+    compare("grad_h", gh, g32 @ w.float())
+    compare("grad_weight", gw, g32.t() @ h.float())
+    compare("grad_bias", gb, g32.sum(0))
     return problems
 
 
@@ -489,9 +524,9 @@ def run(device: str, backends: Sequence[str], seconds: float, seed: int, limits:
         limit_results = []
         if limits:
             for dtype in (torch.float32,):
-                for name, make in limit_cases(device, dtype):
+                for name, make, check in limit_cases(device, dtype):
                     try:
-                        problems = check_limit(name, make, backend_ops)
+                        problems = check(name, make, backend_ops)
                     except Exception as exc:
                         problems = [f"raised {type(exc).__name__}: {str(exc)[:300]}"]
                     torch.cuda.empty_cache() if device == "cuda" else None
