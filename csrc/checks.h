@@ -74,6 +74,7 @@ inline void check_backproj_concat_backward(const at::Tensor& grad_out, const c10
   check_like(z, grad_out, "z", "grad_out");
   TORCH_CHECK(z.dim() == 2, "pf_kernels: z must be (B, Dz), got ", z.sizes());
   check_linear(weight, bias, z.size(1), grad_out, "grad_out");
+  TORCH_CHECK(x_features >= 0, "pf_kernels: x_features must be >= 0, got ", x_features);
   const int64_t B = z.size(0), Dc = weight.size(0), D = x_features + Dc;
   TORCH_CHECK(grad_out.dim() >= 2 && grad_out.size(0) == B && grad_out.size(-1) == D,
               "pf_kernels: grad_out must be (", B, ", *positions, ", D, "), got ", grad_out.sizes());

@@ -131,6 +131,8 @@ def test_direct_calls_of_the_cpp_ops_check_their_arguments():
         ops.backproj_concat_backward(torch.randn(2, 3, 9), torch.randn(2, 6), z, w, None, "relu", 4)
     with pytest.raises(RuntimeError, match="context must be"):
         ops.backproj_concat_backward(torch.randn(2, 3, 10), torch.randn(2, 3, 6), z, w, None, "relu", 4)
+    with pytest.raises(RuntimeError, match="x_features must be >= 0, got -6"):  # D = 0: would pass the shape check
+        ops.backproj_concat_backward(torch.randn(2, 3, 0), None, z, w, None, "relu", -6)
 
 
 def test_inference_mode_and_no_grad():

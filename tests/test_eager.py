@@ -221,6 +221,36 @@ def test_calls_with_something_to_honour_take_the_python_path(monkeypatch):
         assert fast(**low) is None
 
 
+class _DeviceContextSubclass(torch.utils._device.DeviceContext):
+    pass
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_default_device_mode_alone_is_served(device, monkeypatch):
+    # torch.set_default_device and `with torch.device(...)` push a DeviceContext mode: common in
+    # scripts, and nothing for the ops to honour (they make no tensor without a device).
+    eager = ops._eager
+    for op, kwargs in calls(torch.float32, device):
+        call = inspect.signature(getattr(pk, op)).bind(**kwargs)
+        call.apply_defaults()
+        args = [v for n, v in call.arguments.items() if n != "backend"]
+        with torch.device(device):
+            assert getattr(eager, op)(*args) is not None, op
+            with _Recording():
+                assert getattr(eager, op)(*args) is None, op
+        with _DeviceContextSubclass(device):
+            assert getattr(eager, op)(*args) is None, op
+        torch.set_default_device("meta")  # another device than the tensors': the ops follow their inputs
+        try:
+            assert getattr(eager, op)(*args) is not None, op
+            fast, fast_grads = _run(op, kwargs, True, monkeypatch)
+            slow, slow_grads = _run(op, kwargs, False, monkeypatch)
+        finally:
+            torch.set_default_device(None)
+        for a, b in zip(_flat(fast) + fast_grads, _flat(slow) + slow_grads):
+            assert (a is None and b is None) or torch.equal(a, b), op
+
+
 class _Refusing:
     """Eager entry points that fail the test if asked."""
 

@@ -33,13 +33,30 @@ namespace {
 namespace py = pybind11;
 using OptionalTensor = c10::optional<at::Tensor>;
 
-PyObject* parameter_class = nullptr;  // torch.nn.Parameter
+PyObject* parameter_class = nullptr;       // torch.nn.Parameter
+PyObject* device_context_class = nullptr;  // torch.utils._device.DeviceContext, or nullptr
+
+// Torch function modes on the stack, if any, are all torch.set_default_device's (or `with
+// torch.device(...)`'s) DeviceContext: it only sets the device of factory calls made without one,
+// and the ops make none, so the call is served as without it.
+bool only_default_device_modes() {
+  if (!at::impl::torch_function_mode_enabled()) return true;
+  const int64_t n = at::impl::PythonTorchFunctionTLS::stack_len();
+  for (int64_t i = 0; i < n; ++i) {
+    const std::shared_ptr<c10::SafePyObject>& mode = at::impl::PythonTorchFunctionTLS::get_stack_at(i);
+    PyObject* obj = mode->ptr(&mode->pyinterpreter());
+    if (device_context_class == nullptr || reinterpret_cast<PyObject*>(Py_TYPE(obj)) != device_context_class) {
+      return false;
+    }
+  }
+  return true;
+}
 
 // What auto would serve on tensors like t by the Python path with nothing for it to honour
 // (pf_kernels.ops has checked PF_KERNELS_BACKEND: it reads os.environ, which the C environment need
 // not match).
 bool auto_serves_here(const at::Tensor& t) {
-  return !at::impl::torch_function_mode_enabled() && !at::autocast::is_autocast_enabled(t.device().type());
+  return !at::autocast::is_autocast_enabled(t.device().type()) && only_default_device_modes();
 }
 
 // The devices served: the CPU, and CUDA where the cuda kernels are built (else auto picks torch).
@@ -398,6 +415,12 @@ PYBIND11_MODULE(_C, m) {
   namespace py = pybind11;
   using namespace pf_kernels;
   parameter_class = py::object(py::module_::import("torch.nn").attr("Parameter")).release().ptr();  // kept for good
+  try {
+    device_context_class =
+        py::object(py::module_::import("torch.utils._device").attr("DeviceContext")).release().ptr();
+  } catch (const py::error_already_set&) {  // a torch without it: every mode declines
+    PyErr_Clear();
+  }
   m.def("fusion_head", &fusion_head);
   m.def("backproj_concat", &backproj_concat);
   m.def("backproj_concat_grouped", &backproj_concat_grouped);
