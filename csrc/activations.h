@@ -76,10 +76,12 @@ PF_HOST_DEVICE T activation_grad(T y, Activation act) {
   }
 }
 
-// Whether act's derivative can be read from its output (relu, tanh, sigmoid: eager autograd keeps
-// their results for it); none needs nothing, gelu needs y.
-inline bool derivative_from_output(Activation act) {
-  return act == Activation::Relu || act == Activation::Tanh || act == Activation::Sigmoid;
+// Whether a backward reads act' from the forward's output act(y), so the output is saved for it:
+// relu, tanh and sigmoid, as eager autograd keeps their results, except tanh and sigmoid in 16-bit
+// dtypes, which every backward differentiates from y (the rounded output loses 1 - a^2 near
+// saturation). none needs nothing, gelu needs y.
+inline bool derivative_from_output(Activation act, size_t element_size) {
+  return act == Activation::Relu || (element_size > 2 && (act == Activation::Tanh || act == Activation::Sigmoid));
 }
 
 // d act / dy from the activation's output a = act(y), as eager autograd does (exact while a is

@@ -230,11 +230,20 @@ def assert_backproj_output_writable(backend: str, device="cpu", dtype=torch.floa
                                      args)
 
 
-def assert_fusion_output_writable(backend: str, device="cpu", dtype=torch.float32) -> None:
-    """Writes into the head's output (z += r): where eager keeps nothing of it (no activation; gelu
-    keeps its input) they are legal and the gradients equal the reference's; where eager's
-    activation keeps its result (relu, tanh, sigmoid), the backward may refuse as eager's does, but
-    never reads the overwritten values."""
+def cpp_saves_output(activation: str, dtype: torch.dtype) -> bool:
+    """Whether the C++ autograd of the cpu/cuda backends keeps act(y) (fusion_head's output, a copy
+    of backproj_concat's context) for the backward: relu, and tanh/sigmoid but in 16-bit dtypes,
+    whose backwards differentiate from y (csrc/activations.h: derivative_from_output)."""
+    return activation == "relu" or (activation in ("tanh", "sigmoid") and dtype.itemsize > 2)
+
+
+def assert_fusion_output_writable(backend: str, device="cpu", dtype=torch.float32,
+                                  saves_output: Callable[[str, torch.dtype], bool] = None) -> None:
+    """Writes into the head's output (z += r): where the backward keeps nothing of it (no
+    activation; gelu keeps its input; saves_output false) they are legal and the gradients equal the
+    reference's; where it keeps the result (by default relu, tanh, sigmoid, as eager's activations
+    do), the backward may refuse as eager's does, but never reads the overwritten values."""
+    saves_output = saves_output or (lambda activation, dtype: activation in ("relu", "tanh", "sigmoid"))
     args = fusion_inputs(3, (4, 5), 6, True, dtype, device)
     for activation in ACTIVATIONS:
         truth = written_into(lambda w, b, *hs: reference.fusion_head(list(hs), w, b, activation).clone())
@@ -242,8 +251,29 @@ def assert_fusion_output_writable(backend: str, device="cpu", dtype=torch.float3
             assert_matches_reference(written_into(fusion_call(backend, activation)), truth,
                                      (args[1], args[2], *args[0]))
         except RuntimeError as e:
-            if activation in ("none", "gelu") or "modified by an inplace operation" not in str(e):
+            if not saves_output(activation, dtype) or "modified by an inplace operation" not in str(e):
                 raise
+
+
+def assert_cpp_saves_what_the_backward_reads(backend: str, device="cpu", dtype=torch.float32) -> None:
+    """The (B, Dc) context copy and the (B, Dz) output are saved exactly where cpp_saves_output says
+    (counted by a saved-tensors hook)."""
+    B, Dz, Dc = 3, 6, 5
+    for activation in ACTIVATIONS:
+        x, z, w, b = backproj_inputs(B, (4,), 2, Dz, Dc, True, dtype, device)
+        hs, hw, hb = fusion_inputs(B, (4, 5), Dz, True, dtype, device)
+        for name, call, shape in (("backproj_concat", lambda: pk.backproj_concat(x, z, w, b, activation,
+                                                                                 backend=backend), (B, Dc)),
+                                  ("fusion_head", lambda: pk.fusion_head(hs, hw, hb, activation, backend=backend),
+                                   (B, Dz))):
+            packed = []
+
+            def pack(t):
+                packed.append(tuple(t.shape))
+                return t
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                call()
+            assert (shape in packed) == cpp_saves_output(activation, dtype), (name, activation, dtype, packed)
 
 
 def fusion_call(backend: str, activation: str) -> Callable:

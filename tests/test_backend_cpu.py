@@ -8,9 +8,9 @@ import torch
 import pf_kernels as pk
 from pf_kernels import reference
 from tests.cases import (ACTIVATIONS, BACKPROJ_SHAPES, FUSION_SHAPES, assert_backproj_output_writable,
-                         assert_fusion_output_writable, assert_matches_reference,
-                         assert_refine_step_matches_reference, backproj_call, backproj_inputs, fusion_call,
-                         fusion_inputs)
+                         assert_cpp_saves_what_the_backward_reads, assert_fusion_output_writable,
+                         assert_matches_reference, assert_refine_step_matches_reference, backproj_call,
+                         backproj_inputs, cpp_saves_output, fusion_call, fusion_inputs)
 
 BACKEND = "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -44,7 +44,12 @@ def test_backproj_concat_output_written_in_place(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fusion_head_output_written_in_place(dtype):
-    assert_fusion_output_writable(BACKEND, dtype=dtype)
+    assert_fusion_output_writable(BACKEND, dtype=dtype, saves_output=cpp_saves_output)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_saves_what_the_backward_reads(dtype):
+    assert_cpp_saves_what_the_backward_reads(BACKEND, dtype=dtype)
 
 
 @pytest.mark.parametrize("shape", FUSION_SHAPES, ids=str)

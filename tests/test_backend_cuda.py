@@ -19,9 +19,10 @@ import torch
 
 import pf_kernels as pk
 from tests.cases import (ACTIVATIONS, BACKPROJ_SHAPES, CONTEXT_SHAPES, FUSION_SHAPES,
-                         assert_backproj_output_writable, assert_fusion_output_writable,
-                         assert_matches_reference, assert_refine_step_matches_reference, backproj_call,
-                         backproj_inputs, context_call, context_inputs, fusion_call, fusion_inputs)
+                         assert_backproj_output_writable, assert_cpp_saves_what_the_backward_reads,
+                         assert_fusion_output_writable, assert_matches_reference,
+                         assert_refine_step_matches_reference, backproj_call, backproj_inputs, context_call,
+                         context_inputs, cpp_saves_output, fusion_call, fusion_inputs)
 
 from pf_kernels import reference
 
@@ -419,7 +420,13 @@ def test_backproj_concat_output_written_in_place(dtype):
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fusion_head_output_written_in_place(dtype):
-    assert_fusion_output_writable(BACKEND, "cuda", dtype)
+    assert_fusion_output_writable(BACKEND, "cuda", dtype, saves_output=cpp_saves_output)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_saves_what_the_backward_reads(dtype):
+    assert_cpp_saves_what_the_backward_reads(BACKEND, "cuda", dtype)
 
 
 @needs_gpu

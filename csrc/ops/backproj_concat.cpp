@@ -35,12 +35,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
   return op.call(grad_out, context, z, weight, bias, activation, x_features);
 }
 
-// act(y) as the backward reads it for relu/tanh/sigmoid: the context columns of out's first
+// act(y) as the backward reads it (derivative_from_output): the context columns of out's first
 // position, copied (B, Dc). Not out itself: saving out would fail the backward after any write into
 // it (a mask, a normalisation in place), which eager's torch.cat allows. Undefined where there is
-// no position (the backward reads nothing) or where the backward recomputes y (none, gelu).
+// no position (the backward reads nothing) or where the backward recomputes y.
 at::Tensor saved_context(const at::Tensor& out, const c10::SymInt& x_features, c10::string_view activation) {
-  if (!derivative_from_output(parse_activation(std::string(activation)))) return {};
+  if (!derivative_from_output(parse_activation(std::string(activation)), out.element_size())) return {};
   at::Tensor first = out;
   while (first.dim() > 2) {
     if (first.sym_size(1) == 0) return {};

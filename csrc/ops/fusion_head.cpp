@@ -43,9 +43,10 @@ class FusionHeadFunction : public torch::autograd::Function<FusionHeadFunction> 
     std::vector<at::Tensor> saved(hs.begin(), hs.end());
     saved.push_back(weight);
     saved.push_back(is_given(bias) ? *bias : at::Tensor());
-    // act(y) for act' where eager's activation keeps its result too (relu, tanh, sigmoid); for none
-    // and gelu the backward needs no output, and writes into it (z += r) stay legal, as in eager.
-    saved.push_back(derivative_from_output(parse_activation(std::string(activation))) ? out : at::Tensor());
+    // act(y) where the backward reads act' from it; elsewhere writes into the output (z += r) stay
+    // legal, as in eager where the activation keeps no result.
+    saved.push_back(derivative_from_output(parse_activation(std::string(activation)), out.element_size()) ? out
+                                                                                                     : at::Tensor());
     ctx->save_for_backward(saved);
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["k"] = static_cast<int64_t>(hs.size());
