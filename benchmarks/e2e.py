@@ -160,6 +160,8 @@ def e2e_providers(device: torch.device, fused: Sequence[str], with_compile: bool
     providers = {"eager": E2EProvider("torch"), **{b: E2EProvider(b) for b in fused}, "auto": E2EProvider("auto")}
     if with_compile:
         providers["compile"] = E2EProvider("torch", "compile")
+        if device.type == "cuda":  # torch.compile with our ops inside the graph: a compiling GPU user's choice
+            providers["compile-auto"] = E2EProvider("auto", "compile")
     if device.type == "cuda":
         providers["cudagraph"] = E2EProvider("auto", "cudagraph")
         providers["cudagraph-eager"] = E2EProvider("torch", "cudagraph")
@@ -207,8 +209,9 @@ class _Runner:
 
         step = train_step if task == "train" else infer
         if provider.wrap == "compile":
-            self.ran = "torch (inductor)"
-            self.compiled.warm_up(lambda: self._keep_first(step), times=1)
+            with record_backend_choice() as chosen:  # (what the trace took)
+                self.compiled.warm_up(lambda: self._keep_first(step), times=1)
+            self.ran = "torch (inductor)" if provider.backend == "torch" else describe_backends(chosen) + " in inductor"
             self.status = self.compiled.check() or "ok"
         elif provider.wrap == "cudagraph":
             with record_backend_choice() as chosen:

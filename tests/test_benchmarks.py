@@ -138,6 +138,18 @@ def test_e2e_rows_say_what_ran_and_mark_unavailable_variants():
         assert r["flops_vs_late_fusion"] > 1.0 and r["gemm_flops"] > 0, r
 
 
+def test_e2e_providers_per_device():
+    cpu = e2e.e2e_providers(CPU, ["cpu"], with_compile=True)
+    assert {n: (p.backend, p.wrap) for n, p in cpu.items()} == {
+        "eager": ("torch", None), "cpu": ("cpu", None), "auto": ("auto", None), "compile": ("torch", "compile")}
+    # on a GPU also: the compiled model with auto's ops inside the graph, and both steps in a CUDA graph
+    gpu = e2e.e2e_providers(torch.device("cuda"), ["cuda"], with_compile=True)
+    assert {n: (p.backend, p.wrap) for n, p in gpu.items() if n not in cpu} == {
+        "cuda": ("cuda", None), "compile-auto": ("auto", "compile"), "cudagraph": ("auto", "cudagraph"),
+        "cudagraph-eager": ("torch", "cudagraph")}
+    assert "compile-auto" not in e2e.e2e_providers(torch.device("cuda"), ["cuda"], with_compile=False)
+
+
 def test_gemm_flops_counts_what_torch_flop_counter_counts_and_sees_hoisting():
     from torch.utils.flop_counter import FlopCounterMode
     torch.manual_seed(0)
