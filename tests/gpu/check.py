@@ -104,7 +104,7 @@ def test_commands(ctx: Context):
     # CPU-only rest on every commit). Autotune sweeps are the configs part's.
     args = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "tests",
             "--ignore=tests/test_triton_aot.py", "--ignore=tests/gpu", "-m", "not slow",
-            "-k", "(cuda or triton or autocast) and not every_autotune_config"]
+            "-k", "(cuda or triton or autocast) and not every_autotune_config", "--durations", "15"]
     if importlib.util.find_spec("xdist") is not None:
         args += ["-n", str(max(1, min(12, ctx.cores - 4)))]
     if importlib.util.find_spec("pytest_timeout") is not None:
@@ -180,7 +180,7 @@ def _sanitizer_summary(text: str, rc: int) -> str:
 PARTS = [
     Part("build", 180, "tests.log", build_commands, _last_lines(r"^\{|Successfully installed|error"),
          parallel=False),
-    Part("tests", 200, "tests.log", test_commands, _pytest_counts,
+    Part("tests", 240, "tests.log", test_commands, _pytest_counts,
          env={"PF_KERNELS_TRITON_AUTOTUNE": "0", "PF_KERNELS_FAILURE_LOG": "{out}/failures.txt"}),
     Part("configs", 120, "checks.log", config_commands, _pytest_counts),
     Part("differential", 120, "checks.log", differential_commands, _last_lines(r"^differential |^FAIL"),
