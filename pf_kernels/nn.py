@@ -508,6 +508,45 @@ def _epilogue_of(node: fx.Node, source: fx.Node, modules: Dict[str, nn.Module]) 
     return found[0]
 
 
+# What a forward may read of its input besides handing it to the first Linear: a hoisted tail
+# answers these from that Linear's output h, whose leading dims (and rank, device) are the input's
+# and whose input width is the Linear's in_features (`B, T, _ = x.shape`; `self.pos[:x.size(1)]`).
+_SHAPE_ATTRIBUTES = frozenset(["shape", "ndim", "device"])
+
+
+def _reads_shape_only(node: fx.Node, x: fx.Node) -> bool:
+    """node is x.shape, x.ndim, x.device, x.size(...) or x.dim() (x nowhere else in its arguments)."""
+    if node.op == "call_function" and node.target is getattr and not node.kwargs:
+        return len(node.args) == 2 and node.args[0] is x and node.args[1] in _SHAPE_ATTRIBUTES
+    if node.op == "call_method" and node.target in ("size", "dim") and node.args and node.args[0] is x:
+        return x not in node.args[1:] and x not in node.kwargs.values()
+    return False
+
+
+def _input_shape(h: torch.Tensor, in_features: int) -> torch.Size:
+    """The encoder input's shape, from the output h of its first Linear (taking in_features)."""
+    return torch.Size((*h.shape[:-1], in_features))
+
+
+def _input_size(h: torch.Tensor, in_features: int, dim=None):
+    """x.size(dim) of the encoder input x, from its first Linear's output h."""
+    shape = _input_shape(h, in_features)
+    return shape if dim is None else shape[dim]
+
+
+def _shape_read_in_tail(tail: fx.Graph, node: fx.Node, h: fx.Node, in_features: int, env) -> fx.Node:
+    """node (a _reads_shape_only of the input) as the tail computes it from h."""
+    args = fx.node.map_arg(node.args[1:], lambda n: env[n])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+    if node.op == "call_function":  # getattr
+        if node.args[1] == "shape":
+            return tail.call_function(_input_shape, (h, in_features))
+        return tail.call_function(getattr, (h, node.args[1]))
+    if node.target == "dim":
+        return tail.call_method("dim", (h,))
+    return tail.call_function(_input_size, (h, in_features, *args), kwargs)
+
+
 def _plan_tail(encoder: nn.Module, context_dim: int, through: frozenset):
     """(linear, activation, {name: module} of the modules the hoisted path replaces, graph that
     takes the activated output of the linear), the path of a module of the user's own to trace
@@ -522,7 +561,8 @@ def _plan_tail(encoder: nn.Module, context_dim: int, through: frozenset):
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         return f"its forward takes {len(inputs)} arguments"
-    users = list(inputs[0].users)
+    shape_reads = {n for n in inputs[0].users if _reads_shape_only(n, inputs[0])}
+    users = [n for n in inputs[0].users if n not in shape_reads]
     modules = dict(encoder.named_modules())
     first = users[0] if len(users) == 1 else None
     if first is not None and first.op == "call_module" and first.args == (inputs[0],) and not first.kwargs \
@@ -546,9 +586,13 @@ def _plan_tail(encoder: nn.Module, context_dim: int, through: frozenset):
     # The rest: every node after the fused one, reading the fused node's output from a placeholder;
     # module and attribute paths are the encoder's (its tail function runs on the live encoder).
     tail = fx.Graph()
-    env = {fused: tail.placeholder("h")}
+    h = tail.placeholder("h")
+    env = {fused: h}
     for node in graph.nodes:
         if node.op == "placeholder" or node is first or node is fused:
+            continue
+        if node in shape_reads:
+            env[node] = _shape_read_in_tail(tail, node, h, linear.in_features, env)
             continue
         env[node] = tail.node_copy(node, lambda n: env[n])
     return linear, activation, replaced, tail
@@ -768,7 +812,7 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
     Detected: a bare nn.Linear; any module whose forward torch.fx can trace (nn.Sequential looked
     into, nested or not; every other submodule an opaque call, except a module of the user's own
     that the input goes into first, which is traced into too) in which the input goes to exactly
-    one nn.Linear and nowhere else, e.g. an nn.Sequential that begins with one, a module whose
+    one nn.Linear and nowhere else (but reads of its shape), e.g. an nn.Sequential that begins with one, a module whose
     forward starts with `self.fc(x)`, or one that starts with `self.mlp(x)` where mlp's own forward
     starts with its Linear; one of our activations right after that Linear is fused.
     """

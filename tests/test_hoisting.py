@@ -109,6 +109,43 @@ def test_forms_left_alone(encoder, reason):
     assert isinstance(plan, str) and reason in plan, plan
 
 
+class ReadsItsShape(nn.Module):
+    """A forward that reads its input's shape besides handing it to its first Linear: a positional
+    table sliced to the sequence length, a scale by the width, a mean over the position dims."""
+
+    def __init__(self, d_in, d_out, hidden=12, positions=16):
+        super().__init__()
+        self.fc = nn.Linear(d_in, hidden)  # hidden != d_in: x's width and h's differ
+        self.pos = nn.Parameter(torch.randn(positions, hidden))
+        self.out = nn.Linear(hidden, d_out)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        h = torch.relu(self.fc(x)) + self.pos[:x.size(1)] * x.shape[-1] ** -0.5
+        h = h * (x.size(-1) / h.size(dim=2)) + (x.dim() - x.ndim) + torch.zeros((), device=x.device)
+        return self.out(h.reshape(B, T * h.shape[-1]).view(x.size()[:1] + (T, -1))).mean(x.dim() - 2)
+
+
+class ReadsItsDtype(ReadsItsShape):
+    def forward(self, x):
+        return self.fc(x).to(x.dtype).mean(1)
+
+
+def test_reads_of_the_input_shape_are_answered_from_the_first_layer():
+    # x's leading dims, rank and device are the first Linear's output's; its width is the Linear's
+    # in_features (the tail reads x~ = [x, context], whatever the step)
+    plan = plan_hoisting(ReadsItsShape(5 + 3, 8), 3)
+    assert not isinstance(plan, str) and plan.activation == "relu", plan
+    hoisted, plain, xs = pair_with(ReadsItsShape(5 + 3, 8))
+    assert hoisted.hoisted == (0, 1), hoisted.hoisting_notes
+    for mode in ("train", "eval"):
+        getattr(hoisted, mode)(), getattr(plain, mode)()
+        assert_same(hoisted, plain, xs, steps=True)
+        assert_same(hoisted, plain, [torch.randn(2, 11, 5), torch.randn(2, 4)])  # another length
+    # x.size(-1) is the full width: a scale by it differs from one by the Linear's output width
+    assert "other than one nn.Linear" in plan_hoisting(ReadsItsDtype(5 + 3, 8), 3)  # dtype: autocast differs
+
+
 def test_hooks_keep_an_encoder_unhoisted():
     encoder = nn.Sequential(nn.Linear(7, 4), nn.ReLU())
     encoder[0].register_forward_pre_hook(lambda module, args: None)
