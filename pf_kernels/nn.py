@@ -528,10 +528,14 @@ def _input_shape(h: torch.Tensor, in_features: int) -> torch.Size:
     return torch.Size((*h.shape[:-1], in_features))
 
 
-def _input_size(h: torch.Tensor, in_features: int, dim=None):
-    """x.size(dim) of the encoder input x, from its first Linear's output h."""
-    shape = _input_shape(h, in_features)
-    return shape if dim is None else shape[dim]
+def _input_size(h: torch.Tensor, in_features: int, *args, **kwargs):
+    """x.size(...) of the encoder input x, from its first Linear's output h: torch checks the
+    arguments on h (the same rank, so the same errors); x's last dim is in_features."""
+    size = h.size(*args, **kwargs)
+    if isinstance(size, torch.Size):
+        return torch.Size((*size[:-1], in_features))
+    dim = operator.index(args[0] if args else kwargs["dim"])
+    return in_features if dim % h.dim() == h.dim() - 1 else size
 
 
 def _shape_read_in_tail(tail: fx.Graph, node: fx.Node, h: fx.Node, in_features: int, env) -> fx.Node:

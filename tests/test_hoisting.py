@@ -142,8 +142,31 @@ def test_reads_of_the_input_shape_are_answered_from_the_first_layer():
         getattr(hoisted, mode)(), getattr(plain, mode)()
         assert_same(hoisted, plain, xs, steps=True)
         assert_same(hoisted, plain, [torch.randn(2, 11, 5), torch.randn(2, 4)])  # another length
-    # x.size(-1) is the full width: a scale by it differs from one by the Linear's output width
     assert "other than one nn.Linear" in plan_hoisting(ReadsItsDtype(5 + 3, 8), 3)  # dtype: autocast differs
+
+
+class SizeOf(ReadsItsShape):
+    def __init__(self, d_in, d_out, dim):
+        super().__init__(d_in, d_out)
+        self.register_buffer("dim", dim) if isinstance(dim, torch.Tensor) else setattr(self, "dim", dim)
+
+    def forward(self, x):
+        return self.out(self.fc(x).mean(1)) * x.size(self.dim)
+
+
+@pytest.mark.parametrize("dim", [1, -1, 2, torch.tensor(2), torch.tensor([1]), True, slice(0, 2), -4, 3, 2.0])
+def test_input_size_reads_take_and_refuse_what_torch_does(dim):
+    # the hoisted tail asks torch (on the Linear's output, of the same rank) first: same result or same error
+    hoisted, plain, xs = pair_with(SizeOf(5 + 3, 8, dim))
+    assert hoisted.hoisted == (0, 1), hoisted.hoisting_notes
+    try:
+        want = plain(xs)
+    except Exception as exc:
+        with pytest.raises(type(exc)) as got:
+            hoisted(xs)
+        assert str(got.value).splitlines()[0] == str(exc).splitlines()[0]
+    else:
+        torch.testing.assert_close(hoisted(xs), want)
 
 
 def test_hooks_keep_an_encoder_unhoisted():
