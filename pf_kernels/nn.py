@@ -560,6 +560,10 @@ def _plan_tail(encoder: nn.Module, context_dim: int, through: frozenset):
         graph = _OpaqueTracer(through).trace(encoder)
     except _InPlaceOperator as exc:
         return f"its forward assigns in place ({exc}: a trace records it out of place)"
+    except fx.proxy.TraceError as exc:
+        if "control flow" in str(exc):
+            return "torch.fx cannot trace it (TraceError: an if or a loop on a traced value, e.g. on a shape)"
+        return "torch.fx cannot trace it (TraceError)"
     except Exception as exc:  # fx raises many kinds
         return f"torch.fx cannot trace it ({type(exc).__name__})"
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
