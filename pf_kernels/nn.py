@@ -523,11 +523,6 @@ def _reads_shape_only(node: fx.Node, x: fx.Node) -> bool:
     return False
 
 
-def _input_shape(h: torch.Tensor, in_features: int) -> torch.Size:
-    """The encoder input's shape, from the output h of its first Linear (taking in_features)."""
-    return torch.Size((*h.shape[:-1], in_features))
-
-
 def _input_size(h: torch.Tensor, in_features: int, *args, **kwargs):
     """x.size(...) of the encoder input x, from its first Linear's output h: torch checks the
     arguments on h (the same rank, so the same errors); x's last dim is in_features."""
@@ -544,7 +539,7 @@ def _shape_read_in_tail(tail: fx.Graph, node: fx.Node, h: fx.Node, in_features: 
     kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
     if node.op == "call_function":  # getattr
         if node.args[1] == "shape":
-            return tail.call_function(_input_shape, (h, in_features))
+            return tail.call_function(_input_size, (h, in_features))
         return tail.call_function(getattr, (h, node.args[1]))
     if node.target == "dim":
         return tail.call_method("dim", (h,))

@@ -265,8 +265,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cuda(
   } else {
     grad_pre = at::empty({B, Dc}, grad_options);
     const bool has_context = is_given(context);
-    const bool from_y = act == Activation::Gelu || (act != Activation::None && !has_context) ||
-                        (at::elementSize(dtype) == 2 && (act == Activation::Tanh || act == Activation::Sigmoid));
+    const bool from_y =
+        act != Activation::None && (!has_context || !derivative_from_output(act, at::elementSize(dtype)));
     const plan::BackprojBackward p = plan::backproj_backward(B, positions, Dz, Dc, from_y, sm_count());
     const at::Tensor g = grad_out.reshape({B, positions, D}).narrow(-1, x_features, Dc);
     const bool y_inline = p.y_source == plan::kYInline;

@@ -415,11 +415,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fusion_head_backward
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t B = hs[0].size(0), Dz = weight.size(0);
   const at::ScalarType dtype = hs[0].scalar_type(), acc = at::toOpMathType(dtype);
-  // act' from y for gelu, where no output is given, and for tanh / sigmoid in 16-bit dtypes (whose
-  // rounded outputs lose it near saturation); else from the saved output.
+  // act' from the saved output where the autograd saves it for that (derivative_from_output), else
+  // from y (gelu, tanh / sigmoid in 16-bit dtypes, no output given).
   const bool has_out = is_given(out);
-  const bool from_y = act == Activation::Gelu || (act != Activation::None && !has_out) ||
-                      (at::elementSize(dtype) == 2 && (act == Activation::Tanh || act == Activation::Sigmoid));
+  const bool from_y =
+      act != Activation::None && (!has_out || !derivative_from_output(act, at::elementSize(dtype)));
   const at::Tensor g = grad_out.contiguous();
   // The kernels read act(y) where they do not compute y; none's derivative (1) ignores the value read,
   // so without a saved output they read grad_out (no branch in the GEMM's inner loop).
