@@ -5,6 +5,8 @@
 #   benchmarks/gpu.sh full      about 8 min: the whole grid and every end-to-end variant (compile: some rows)
 #   benchmarks/gpu.sh profile   about 1-2 min: the end-to-end steps, then per op and provider: the kernels
 #                               (and host ops) and what bounds each row
+#   benchmarks/gpu.sh ncu       about 2 min: Nsight Compute over our kernels in the quick grid's calls and a
+#                               pf-r3 training step: duration, throughput, occupancy per kernel (benchmarks/ncu.py)
 #   benchmarks/gpu.sh paths     about 1 min: the B=4096 rows with the launch plans' choice, then forced to
 #                               our kernels and to cuBLAS (PF_KERNELS_CUDA_PATH), and the comparison
 # Builds pf_kernels._C for this GPU first where its CUDA kernels are missing.
@@ -40,6 +42,7 @@ case "$MODE" in
     quick) bench 110 --quick ;;
     full) bench 420 --compile some ;;
     profile) profile 90 ;;
+    ncu) timeout 240 "$PY" -m benchmarks.ncu --out "$OUT/profile" --timeout 180 2>&1 | tee "$OUT/profile/ncu_log.txt" ;;
     paths)  # is the plan's inline-vs-GEMM crossover right on this GPU? (issue 12: backproj_concat at 64 MB)
         # Printed, not saved under $OUT: a device call brings back at most 8 files.
         runs=$(mktemp -d)
@@ -57,5 +60,5 @@ case "$MODE" in
             "$PY" -m benchmarks.report compare "$runs/$path/bench.json" "$runs/plan/bench.json"
         done
         rm -rf "$runs" ;;
-    *) echo "usage: benchmarks/gpu.sh quick|full|profile|paths"; exit 2 ;;
+    *) echo "usage: benchmarks/gpu.sh quick|full|profile|ncu|paths"; exit 2 ;;
 esac

@@ -276,3 +276,115 @@ def test_profile_says_what_each_e2e_step_and_op_row_spends(tmp_path, monkeypatch
     assert ops and all(r["case"] == "B=8 small" and r["mode"] == "fwd" for r in ops)
     text = (tmp_path / "profile.txt").read_text()
     assert "## e2e tiny-pf B=2 T=3 train float32 auto (ran: " in text and "## fusion_head B=8 small fwd" in text
+
+
+# An ncu text report as Nsight Compute writes it with --nvtx (two kernels of one labelled row, one of
+# another; units vary between ncu versions), and the same without NVTX lines.
+_NCU_REPORT = """==PROF== Connected to process 4242 (/usr/bin/python3.12)
+[4242] python3.12@127.0.0.1
+  void pf_kernels::cuda::(anonymous namespace)::backproj_concat_fwd_kernel<c10::BFloat16, float, 8, true>(pf_kernels::cuda::(anonymous namespace)::ForwardArgs<c10::BFloat16, float>) (32, 1, 1)x(256, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
+    NVTX Start/End Ranges:
+      <default domain>
+        <0,pf: backproj_concat B=8 T=50 typical fwd bf16 cuda>
+    Section: GPU Speed Of Light Throughput
+    ----------------------- ----------- ------------
+    Metric Name             Metric Unit Metric Value
+    ----------------------- ----------- ------------
+    Memory Throughput                 %        12.34
+    DRAM Throughput                   %         1.23
+    Duration                         us         9.71
+    Compute (SM) Throughput           %         3.21
+    ----------------------- ----------- ------------
+    Section: Launch Statistics
+    Registers Per Thread    register/thread              40
+    Section: Occupancy
+    Achieved Occupancy                %        11.52
+    Section: Warp State Statistics
+    Warp Cycles Per Issued Instruction           cycle        61.07
+  void pf_kernels::cuda::(anonymous namespace)::context_grad_kernel<c10::BFloat16, c10::BFloat16, float, c10::BFloat16>(const T1 *, long, long, long) (1056, 1, 1)x(32, 8, 1), Context 1, Stream 13, Device 0, CC 9.0
+    NVTX Start/End Ranges:
+      <default domain>
+        <1,pf: backproj_concat B=8 T=50 typical fwd+bwd bf16 cuda>
+    Section: GPU Speed Of Light Throughput
+    Duration                    nsecond        2,500
+    Compute (SM) Throughput           %         1.50
+  void pf_kernels::cuda::(anonymous namespace)::fusion_head_wmma_kernel<c10::BFloat16, c10::BFloat16, 32>(pf_kernels::cuda::LinearInputs) (64, 1, 1)x(128, 1, 1), Context 1, Stream 13, Device 0, CC 9.0
+    NVTX Start/End Ranges:
+      <default domain>
+        <1,pf: backproj_concat B=8 T=50 typical fwd+bwd bf16 cuda>
+    Section: GPU Speed Of Light Throughput
+    Duration                    msecond         0.02
+"""
+
+
+def test_ncu_report_is_read_per_kernel_and_grouped_by_row():
+    from benchmarks import ncu
+    kernels = ncu.parse_report(_NCU_REPORT)
+    assert [ncu.short_kernel_name(k["name"]) for k in kernels] == \
+        ["backproj_concat_fwd_kernel", "context_grad_kernel", "fusion_head_wmma_kernel"]
+    first, second, third = kernels
+    assert first["label"] == "backproj_concat B=8 T=50 typical fwd bf16 cuda"
+    assert (first["grid"], first["block"]) == ("32x1x1", "256x1x1")
+    assert first["duration"] == pytest.approx(9.71) and first["sm_pct"] == pytest.approx(3.21)
+    assert first["mem_pct"] == pytest.approx(12.34) and first["dram_pct"] == pytest.approx(1.23)
+    assert first["registers"] == 40 and first["occupancy_pct"] == pytest.approx(11.52)
+    assert first["cycles_per_issue"] == pytest.approx(61.07)
+    assert second["duration"] == pytest.approx(2.5) and third["duration"] == pytest.approx(20.0)
+    assert second["label"] == third["label"] == "backproj_concat B=8 T=50 typical fwd+bwd bf16 cuda"
+    assert "registers" not in second  # a section the report lacks is left out, not made up
+    lines = ncu.summary_lines(kernels, [first["label"], second["label"]])
+    assert lines[1] == "## backproj_concat B=8 T=50 typical fwd bf16 cuda: 1 kernels, 9.71 us"
+    assert lines[3] == "## backproj_concat B=8 T=50 typical fwd+bwd bf16 cuda: 2 kernels, 22.50 us"
+    assert "?" in lines[4] and lines[4].split()[:2] == ["context_grad_kernel", "1056x1x1"]
+    # Without NVTX lines: one group in launch order that lists the rows.
+    bare = ncu.parse_report("\n".join(l for l in _NCU_REPORT.splitlines() if "pf: " not in l))
+    assert [k["label"] for k in bare] == [None] * 3
+    lines = ncu.summary_lines(bare, ["row a", "row b"])
+    assert lines[1].startswith("## (no NVTX labels") and "row a; row b" in lines[1] and len(lines) == 5
+
+
+def test_ncu_command_keeps_the_options_and_sections_this_ncu_has():
+    from benchmarks import ncu
+    args = ncu.ncu_command("ncu", "--clock-control arg\n--nvtx\n", "Identifier\nSpeedOfLight\nOccupancy\n",
+                           "/o/ncu.txt", ["python", "-m", "benchmarks.ncu", "--workload"])
+    assert args[args.index("--clock-control") + 1] == "none"
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--section"] == ["SpeedOfLight", "Occupancy"]
+    assert args[args.index("--profile-from-start") + 1] == "off" and args[-4:] == ["python", "-m", "benchmarks.ncu",
+                                                                                 "--workload"]
+    assert "--clock-control" not in ncu.ncu_command("ncu", "", "", "/o", ["w"])
+
+
+def test_ncu_runs_its_workload_and_summarizes_what_ncu_wrote(tmp_path, monkeypatch, capsys):
+    """The driver with a stand-in ncu that runs the workload (on the CPU) and writes the report above."""
+    import stat
+    import sys
+    from benchmarks import ncu
+    fake = tmp_path / "ncu"
+    fake.write_text(f"""#!{sys.executable}
+import subprocess, sys
+args = sys.argv[1:]
+if args in (["--help"], ["--list-sections"]):
+    print("--clock-control" if args == ["--help"] else "SpeedOfLight")
+    sys.exit(0)
+log = args[args.index("--log-file") + 1]
+workload = args[args.index("--section") + 2:]
+open(log, "w").write({_NCU_REPORT!r})
+sys.exit(subprocess.run(workload).returncode)
+""")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(ncu, "find_ncu", lambda: str(fake))
+    out = tmp_path / "out"
+    assert ncu.main(["--device", "cpu", "--only", "fusion_head B=8 small fwd bf16", "--e2e", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "benchmarks.ncu: 3 kernels profiled over 1 rows (exit 0)" in printed, printed
+    assert "## backproj_concat B=8 T=50 typical fwd bf16 cuda: 1 kernels, 9.71 us" in printed
+    assert (out / "ncu.txt").read_text() == _NCU_REPORT
+
+
+def test_ncu_workload_runs_each_labelled_call_and_skips_without_ncu(monkeypatch, capsys):
+    from benchmarks import ncu
+    labels = ncu.run_workload(CPU, [torch.float32], ["pf-r3"], only="B=8 ", print_fn=lambda s: None)
+    assert "fusion_head B=8 small fwd+bwd fp32 cpu" in labels and "e2e pf-r3 B=8 T=50 train cpu" in labels
+    assert all("B=8 " in label for label in labels) and len(labels) == 9
+    monkeypatch.setattr(ncu, "find_ncu", lambda: None)
+    assert ncu.main(["--device", "cpu"]) == 0 and "SKIPPED" in capsys.readouterr().out

@@ -12,6 +12,7 @@ GPU's arch with every core, then runs, each part under its own time limit:
   graphs        a ProgressiveFusion training step captured in a CUDA graph and replayed vs eager
   bench         python -m benchmarks --device cuda --quick (results in bench/)
   profile       (on request) python -m benchmarks.profile: what bounds each op (results in profile/)
+  ncu           (on request) python -m benchmarks.ncu: hardware counters of our kernels (profile/ncu.txt)
 The parts after the build run side by side (16 cores), except the benchmark, which runs alone.
 Prints one PASS/FAIL/SKIPPED line per part, writes summary.txt and the logs and benchmark files
 into one folder (results/gpu, or $OUT where that is set: at most 8 files). With no GPU every part
@@ -159,6 +160,11 @@ def profile_commands(ctx: Context):
              "--out", os.path.join(ctx.out, "profile")]]
 
 
+def ncu_commands(ctx: Context):
+    # Hardware counters of our kernels (benchmarks/ncu.py): what bounds the slow ones, from a profile.
+    return [[PY, "-m", "benchmarks.ncu", "--out", os.path.join(ctx.out, "profile"), "--timeout", "150"]]
+
+
 def paths_commands(ctx: Context):
     return [["bash", "benchmarks/gpu.sh", "paths"]]
 
@@ -195,6 +201,8 @@ PARTS = [
          env={"OUT": "{out}", "PYTHON": PY}),
     # issue 12's profile: not run by default (--parts ...,profile), for a visit with time to spare
     Part("profile", 150, "bench.log", profile_commands, _last_lines(r"bound|wrote"), parallel=False),
+    # issue 12: ncu over our kernels (--parts ...,ncu); with profile, a second call's worth
+    Part("ncu", 180, "bench.log", ncu_commands, _last_lines(r"^benchmarks\.ncu"), parallel=False),
 ]
 DEFAULT_PARTS = ("build", "tests", "configs", "differential", "memcheck", "racecheck", "initcheck", "graphs",
                  "bench")
