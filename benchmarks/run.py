@@ -38,7 +38,7 @@ from .cases import EAGER, OPS, TOLERANCE, BackendOps, Case, all_cases, relative_
 from .e2e import e2e_providers, e2e_rows, select_variants
 from .proof import (DynamoWarnings, ProvenCompile, describe_backends, fell_back_reason, record_backend_choice,
                     timed_region)
-from .timing import copy_bandwidth, floor_seconds, matmul_rate, measure_side_by_side
+from .timing import copy_bandwidth, floor_seconds, host_floor, matmul_rate, measure_side_by_side
 
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -363,13 +363,14 @@ def main(argv=None) -> None:
     min_time = args.min_time or (0.03 if args.quick else 0.1 if device.type == "cuda" else 0.2)
     copy_gbps = copy_bandwidth(device)
     matmul_gflops = {str(dt): matmul_rate(device, dt) for dt in dtypes}
+    fixed_costs = host_floor(device)
     name = device_name(device)
     meta = dict(device=str(device), device_name=name, device_class=device_slug(name, device),
                 torch=torch.__version__, triton=_triton_version(), cuda=torch.version.cuda,
                 python=platform.python_version(), pf_kernels=pk.__version__, commit=_git_commit(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 threads=torch.get_num_threads(), cores=os.cpu_count(), load_average=_load(), copy_gbps=copy_gbps, matmul_gflops=matmul_gflops,
-                fp32_matmul_precision=torch.get_float32_matmul_precision(), quick=args.quick,
+                host_floor=fixed_costs, fp32_matmul_precision=torch.get_float32_matmul_precision(), quick=args.quick,
                 providers=providers, dtypes=[str(d) for d in dtypes], argv=sys.argv[1:] if argv is None else argv,
                 backends={k: {"available": v["available"], "reason": v["reason"]}
                           for k, v in pk.available_backends().items()})

@@ -137,6 +137,23 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n ** 3 / result["median_s"] / 1e9
 
 
+def host_floor(device: torch.device) -> Dict[str, float]:
+    """Seconds per call of the cheapest op from Python here (x * 2 on 8 elements), alone and under
+    torch.autograd.grad: fixed costs that every provider's row pays. On a GPU the first is a launch;
+    the second adds autograd's engine, which hands the backward to its device thread and back, so a
+    fwd+bwd row can be no faster than it whatever its kernels do."""
+    x = torch.randn(8, device=device, requires_grad=True)
+    g = torch.randn(8, device=device)
+
+    def forward():
+        with torch.no_grad():
+            return x.mul(2)
+
+    timed = measure_side_by_side({"fwd": forward, "fwd+bwd": lambda: torch.autograd.grad(x.mul(2), x, g)}, device,
+                                 min_time_s=0.1, min_reps=10)
+    return {f"one_op_{mode.replace('+', '_')}_s": r["median_s"] for mode, r in timed.items() if "median_s" in r}
+
+
 def floor_seconds(bytes_moved: int, flops: int, copy_gbps: float, matmul_gflops: Optional[float]) -> float:
     """The larger of bytes / copy bandwidth and FLOPs / matmul rate: no version runs much faster."""
     memory = bytes_moved / (copy_gbps * 1e9)

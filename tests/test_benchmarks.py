@@ -388,3 +388,19 @@ def test_ncu_workload_runs_each_labelled_call_and_skips_without_ncu(monkeypatch,
     assert all("B=8 " in label for label in labels) and len(labels) == 9
     monkeypatch.setattr(ncu, "find_ncu", lambda: None)
     assert ncu.main(["--device", "cpu"]) == 0 and "SKIPPED" in capsys.readouterr().out
+
+
+def test_fixed_costs_are_measured_and_bound_the_fwd_bwd_targets():
+    from benchmarks.timing import host_floor
+    floor = host_floor(CPU)
+    assert 0 < floor["one_op_fwd_s"] < floor["one_op_fwd_bwd_s"], floor
+    meta = dict(device="cuda", dtypes=["torch.bfloat16"], host_floor=dict(one_op_fwd_s=1e-5, one_op_fwd_bwd_s=2e-4))
+    rows = [dict(op="fusion_head", case=f"B={B} typical", mode="fwd+bwd", dtype="torch.bfloat16", provider=p,
+                 status="ok", median_s=t, speedup_vs_eager=e / t, params=dict(B=B))
+            for B, e in ((8, 6e-4), (256, 2.4e-3)) for p, t in (("eager", e), ("auto", e / 1.5))]
+    # eager over autograd's fixed cost: 3x and 12x, geomean 6x
+    assert report.autograd_ceiling([r for r in rows if r["provider"] == "auto"], rows, meta) == pytest.approx(6.0)
+    text = report.targets(dict(meta=meta, rows=rows, e2e=[]))
+    assert "fusion_head fwd+bwd geomean B <= 256: 1.50x" in text
+    assert "(what autograd's fixed cost here leaves possible: 6.00x)" in text
+    assert report.autograd_ceiling(rows, rows, dict(meta, host_floor={})) is None
