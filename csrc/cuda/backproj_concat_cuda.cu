@@ -145,10 +145,7 @@ __global__ void __launch_bounds__(kBwdCols* kBwdRows)
     const int64_t p0 = split * per_split;
     const int64_t p1 = positions < p0 + per_split ? positions : p0 + per_split;
     acc_t s = acc_t(0);
-    if (c < Dc) {
-      const in_t* gp = g + b * g_sb + c * g_sc;
-      for (int64_t p = p0 + ty; p < p1; p += kBwdRows) s += static_cast<acc_t>(gp[p * g_sp]);
-    }
+    if (c < Dc) s = strided_sum<acc_t>(g + b * g_sb + c * g_sc, p0 + ty, p1, kBwdRows, g_sp);
     part[ty][tx] = s;
     if (finish && src.y_source == plan::kYInline) {  // y of the tile's features, one warp per feature
       for (int j = ty; j < kBwdCols; j += kBwdRows) {

@@ -32,9 +32,40 @@ __device__ __forceinline__ acc_t group_dot(const scalar_t* __restrict__ z, const
                                            int64_t n, bool valid, int lane_in_group, int group) {
   acc_t s = acc_t(0);
   if (valid) {
-    for (int64_t k = lane_in_group; k < n; k += group) s += static_cast<acc_t>(z[k]) * static_cast<acc_t>(w[k]);
+    // Four terms' loads first, then their sum in k order: the loads are in flight together (one at a
+    // time, each iteration waited for its own loads: sm_90 SASS, also with #pragma unroll).
+    int64_t k = lane_in_group;
+    for (; k + 3 * group < n; k += 4 * group) {
+      acc_t zk[4], wk[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        zk[u] = static_cast<acc_t>(z[k + u * group]);
+        wk[u] = static_cast<acc_t>(w[k + u * group]);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) s += zk[u] * wk[u];
+    }
+    for (; k < n; k += group) s += static_cast<acc_t>(z[k]) * static_cast<acc_t>(w[k]);
   }
   return group_sum(s, group);
+}
+
+// sum of p[q * stride] over q = start, start + step, ... < end, in that order, in acc_t: four loads in
+// flight at a time (rolled, the loop waited for each load in turn: sm_90 SASS).
+template <typename acc_t, typename in_t>
+__device__ __forceinline__ acc_t strided_sum(const in_t* __restrict__ p, int64_t start, int64_t end, int64_t step,
+                                             int64_t stride) {
+  acc_t s = acc_t(0);
+  int64_t q = start;
+  for (; q + 3 * step < end; q += 4 * step) {
+    acc_t v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v[u] = static_cast<acc_t>(p[(q + u * step) * stride]);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) s += v[u];
+  }
+  for (; q < end; q += step) s += static_cast<acc_t>(p[q * stride]);
+  return s;
 }
 
 // Up to plan::kMaxInputs column blocks of one GEMM operand, each its own (rows, D_j) tensor with any

@@ -128,18 +128,30 @@ __global__ void __launch_bounds__(kBwdCols* kBwdRows)
     if (h < H) {
       const in_t* gp = g + b * g_sb + h * g_sh;
       if (grad_p == nullptr) {
-        for (int64_t q = p0 + ty; q < p1; q += kBwdRows) s += static_cast<acc_t>(gp[q * g_sp]);
+        s = strided_sum<acc_t>(gp, p0 + ty, p1, kBwdRows, g_sp);
       } else {
         const scalar_t* sp = src + b * s_sb + h * s_sh;
         const acc_t t = from_p ? term[b * H + h] : acc_t(0);
         scalar_t* gpp = grad_p + b * positions * H + h;
-        for (int64_t q = p0 + ty; q < p1; q += kBwdRows) {
-          const acc_t a = static_cast<acc_t>(sp[q * s_sp]);
+        auto add = [&](int64_t q, acc_t a, acc_t gv) {
           const acc_t d = from_p ? activation_grad<acc_t>(a + t, out_act) : grad_from_activated<acc_t>(a, out_act);
-          const acc_t v = static_cast<acc_t>(gp[q * g_sp]) * d;
+          const acc_t v = gv * d;
           gpp[q * H] = static_cast<scalar_t>(v);
           s += v;
+        };
+        // Four positions' loads first, then their terms in order (as strided_sum).
+        int64_t q = p0 + ty;
+        for (; q + 3 * kBwdRows < p1; q += 4 * kBwdRows) {
+          acc_t a[4], gv[4];
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            a[u] = static_cast<acc_t>(sp[(q + u * kBwdRows) * s_sp]);
+            gv[u] = static_cast<acc_t>(gp[(q + u * kBwdRows) * g_sp]);
+          }
+#pragma unroll
+          for (int u = 0; u < 4; ++u) add(q + u * kBwdRows, a[u], gv[u]);
         }
+        for (; q < p1; q += kBwdRows) add(q, static_cast<acc_t>(sp[q * s_sp]), static_cast<acc_t>(gp[q * g_sp]));
       }
     }
     part[ty][tx] = s;

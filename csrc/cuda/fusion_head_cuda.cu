@@ -136,8 +136,10 @@ struct WmmaType<at::BFloat16> {
   static constexpr int min_arch = 800;
 };
 
+// A k-step's loads in registers (2 T / 4 values a thread) take 128-170 registers: capped so that 4 blocks
+// (T = 32) or 3 (T = 64) fit an SM, the most that spill nothing on sm_80 and sm_90.
 template <typename scalar_t, typename out_t, int T>
-__global__ void __launch_bounds__(kTcThreads)
+__global__ void __launch_bounds__(kTcThreads, T == 32 ? 4 : 3)
     fusion_head_wmma_kernel(const __grid_constant__ LinearInputs in, const scalar_t* __restrict__ w, int64_t ldw,
                             const scalar_t* __restrict__ bias, out_t* __restrict__ out, int64_t M, int64_t N,
                             int64_t m_tiles, int64_t n_tiles, Activation act) {
@@ -177,14 +179,22 @@ __global__ void __launch_bounds__(kTcThreads)
           const bool k_in = k0 + lk < width;
           const scalar_t* hp = h + (m0 + lr) * rs + (k0 + lk) * cs;
           const scalar_t* wp = wj + (n0 + lr) * ldw + k0 + lk;
-          // Partly unrolled, pointers stepped: fully unrolled, the 32 hoisted 64-bit offsets spill.
-#pragma unroll 4
-          for (int e = 0; e < T / kTcRowStep; ++e) {
+          // Every load of the k-step into registers first, then the stores: the loads are in flight
+          // together, one memory round trip per k-step (interleaved with the stores, the compiler
+          // kept about four in sequence: sm_90 SASS).
+          constexpr int kRows = T / kTcRowStep;
+          scalar_t a_val[kRows], b_val[kRows];
+#pragma unroll
+          for (int e = 0; e < kRows; ++e) {
             const int rr = lr + e * kTcRowStep;
-            As[rr * kTcLds + lk] = k_in && m0 + rr < M ? *hp : scalar_t(0.0f);
-            Bs[rr * kTcLds + lk] = k_in && n0 + rr < N ? *wp : scalar_t(0.0f);
-            hp += h_step;
-            wp += w_step;
+            a_val[e] = k_in && m0 + rr < M ? hp[e * h_step] : scalar_t(0.0f);
+            b_val[e] = k_in && n0 + rr < N ? wp[e * w_step] : scalar_t(0.0f);
+          }
+#pragma unroll
+          for (int e = 0; e < kRows; ++e) {
+            const int rr = lr + e * kTcRowStep;
+            As[rr * kTcLds + lk] = a_val[e];
+            Bs[rr * kTcLds + lk] = b_val[e];
           }
           __syncthreads();
 #pragma unroll

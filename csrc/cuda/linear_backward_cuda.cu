@@ -40,20 +40,6 @@ struct LinearBackwardArgs {
   int64_t x_m_tiles, x_cols, w_m_tiles, w_cols, w_shift;
 };
 
-// grad_y[b, n] at i = b * N + n, in the accumulation dtype, as the reference computes it.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t grad_pre_at(const LinearBackwardArgs<scalar_t, acc_t>& a, int64_t i, int64_t n) {
-  acc_t d;
-  if (a.y != nullptr) {
-    acc_t y = a.y[i];
-    if (a.y_bias != nullptr) y += static_cast<acc_t>(a.y_bias[n]);
-    d = activation_grad<acc_t>(y, a.act);
-  } else {
-    d = grad_from_activated<acc_t>(static_cast<acc_t>(a.o[i]), a.act);
-  }
-  return static_cast<acc_t>(a.g[i]) * d;
-}
-
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     linear_backward_kernel(const __grid_constant__ LinearBackwardArgs<scalar_t, acc_t> a) {
@@ -77,21 +63,54 @@ __global__ void __launch_bounds__(kThreads)
         acc_t acc[2][2] = {{acc_t(0), acc_t(0)}, {acc_t(0), acc_t(0)}};
         const int64_t depth = part == 0 ? a.N : a.B;  // k runs over N (part 0) or B (part 1)
         for (int64_t k0 = 0; k0 < depth; k0 += T) {
+          // Every load of the k-step first (grad_out, the activation's input, the other operand),
+          // then grad_y and the stores: the loads are in flight together, one memory round trip per
+          // k-step (loaded and stored row by row, each waited for the last: sm_90 SASS).
+          constexpr int E = T / kLoadRows;
+          acc_t g_v[E], s_v[E], b_v[E];  // grad_out, y or act(y), and B's value
+          bool in_a[E];
+          // n: grad_y's column, the same for every row this thread loads
+          const int64_t n = part == 0 ? k0 + lane : m0 + lane;
+          const bool add_bias = a.y != nullptr && a.y_bias != nullptr;
+          const acc_t n_bias = add_bias && n < a.N ? static_cast<acc_t>(a.y_bias[n]) : acc_t(0);
+          if (part == 0) {
+            // A[b][n] = grad_y[m0 + r][k0 + lane], B[n][c] = W[k0 + r][w_col + c0 + lane].
+            const int64_t c = c0 + lane;
 #pragma unroll
-          for (int e = 0; e < T / kLoadRows; ++e) {
+            for (int e = 0; e < E; ++e) {
+              const int r = lrow + e * kLoadRows;
+              const int64_t b = m0 + r, kn = k0 + r;
+              in_a[e] = b < a.B && n < a.N;
+              g_v[e] = in_a[e] ? static_cast<acc_t>(a.g[b * a.N + n]) : acc_t(0);
+              s_v[e] = !in_a[e] ? acc_t(0) : a.y != nullptr ? a.y[b * a.N + n] : static_cast<acc_t>(a.o[b * a.N + n]);
+              b_v[e] = kn < a.N && c < width ? static_cast<acc_t>(a.w[kn * a.D + w_col + c]) : acc_t(0);
+            }
+          } else {
+            // A[n][b] = grad_y[k0 + r][m0 + lane], B[b][c] = h_j[k0 + r][c0 + lane] or 1.
+            const int64_t c = c0 + lane;
+#pragma unroll
+            for (int e = 0; e < E; ++e) {
+              const int r = lrow + e * kLoadRows;
+              const int64_t b = k0 + r;
+              in_a[e] = b < a.B && n < a.N;
+              g_v[e] = in_a[e] ? static_cast<acc_t>(a.g[b * a.N + n]) : acc_t(0);
+              s_v[e] = !in_a[e] ? acc_t(0) : a.y != nullptr ? a.y[b * a.N + n] : static_cast<acc_t>(a.o[b * a.N + n]);
+              b_v[e] = b < a.B && c < width ? (bias_tile ? acc_t(1) : static_cast<acc_t>(h[b * rs + c * cs])) : acc_t(0);
+            }
+          }
+#pragma unroll
+          for (int e = 0; e < E; ++e) {
             const int r = lrow + e * kLoadRows;
+            // grad_y = grad_out * act', as the reference computes it (y plus the bias, or act(y))
+            const acc_t d = a.y != nullptr ? activation_grad<acc_t>(add_bias ? s_v[e] + n_bias : s_v[e], a.act)
+                                           : grad_from_activated<acc_t>(s_v[e], a.act);
+            const acc_t grad_y = in_a[e] ? g_v[e] * d : acc_t(0);
             if (part == 0) {
-              // A[b][n] = grad_y[m0 + r][k0 + lane] (lanes along n), B[n][c] = W[k0 + r][w_col + c0 + lane].
-              const int64_t b = m0 + r, n = k0 + lane;
-              As[lane][r] = b < a.B && n < a.N ? grad_pre_at(a, b * a.N + n, n) : acc_t(0);
-              const int64_t kn = k0 + r, c = c0 + lane;
-              Bs[r][lane] = kn < a.N && c < width ? static_cast<acc_t>(a.w[kn * a.D + w_col + c]) : acc_t(0);
+              As[lane][r] = grad_y;
+              Bs[r][lane] = b_v[e];
             } else {
-              // A[n][b] = grad_y[k0 + r][m0 + lane] (lanes along n), B[b][c] = h_j[k0 + r][c0 + lane] or 1.
-              const int64_t b = k0 + r, n = m0 + lane, c = c0 + lane;
-              As[r][lane] = b < a.B && n < a.N ? grad_pre_at(a, b * a.N + n, n) : acc_t(0);
-              Bs[r][lane] = b < a.B && c < width ? (bias_tile ? acc_t(1) : static_cast<acc_t>(h[b * rs + c * cs]))
-                                                  : acc_t(0);
+              As[r][lane] = grad_y;
+              Bs[r][lane] = b_v[e];
             }
           }
           __syncthreads();
