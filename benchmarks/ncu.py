@@ -6,8 +6,8 @@
 benchmarks.profile times every kernel of a row (ours, cuBLAS's, torch's) but cannot say why one of
 ours is slow: the H100 run of 2026-11-27 timed fusion_head's WMMA kernel at 17.8 us where eager's
 cuBLAS GEMM took 2.9 us (B=256, bf16), and backproj_concat's forward at 9.7 us for 0.25 MB. This
-runs ncu over the cuda backend's calls of the --quick op grid (forward, then forward+backward; bf16
-unless --dtypes says more) and one fp32 training step of the pf-r3 model per size, each labelled
+runs ncu over the cuda backend's calls of the --quick op grid at B <= 256 (forward, then
+forward+backward; bf16 unless --dtypes says more) and one fp32 training step of the pf-r3 model per size, each labelled
 with an NVTX range.
 Only pf_kernels' own kernels are profiled, only inside those calls (cudaProfilerStart/Stop), with
 the clocks as found (--clock-control none). Writes ncu's full report (ncu.txt) and prints one line
@@ -44,7 +44,7 @@ _UNIT_TO_US = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3
 
 # ---- the workload ----
 
-def _rows(device: torch.device, dtypes: Sequence[torch.dtype], variants: Sequence[str]
+def _rows(device: torch.device, dtypes: Sequence[torch.dtype], variants: Sequence[str], max_batch: int
           ) -> Iterator[Tuple[str, Callable[[], Callable[[], object]]]]:
     """(label, make) per profiled call: make() builds the inputs, gradients and warm-ups and returns
     the call."""
@@ -78,6 +78,8 @@ def _rows(device: torch.device, dtypes: Sequence[torch.dtype], variants: Sequenc
 
     for dtype in dtypes:
         for case in all_cases(quick=True, ops=OPS, device_type=device.type):
+            if case.params["B"] > max_batch:
+                continue
             for mode in ("fwd", "fwd+bwd"):
                 label = f"{case.op} {case.label} {mode} {short_dtype(str(dtype))} {backend}"
                 yield label, functools.partial(op_call, case, dtype, mode)
@@ -105,10 +107,11 @@ def _profiled(label: str, device: torch.device):
 
 
 def run_workload(device: torch.device, dtypes: Sequence[torch.dtype], variants: Sequence[str],
-                 only: Optional[str] = None, print_fn: Callable[[str], None] = print) -> List[str]:
+                 only: Optional[str] = None, max_batch: int = 256, print_fn: Callable[[str], None] = print
+                 ) -> List[str]:
     """Each row's call once, labelled; returns the labels in order (also printed)."""
     labels = []
-    for label, make in _rows(device, dtypes, variants):
+    for label, make in _rows(device, dtypes, variants, max_batch):
         if only and only not in label:
             continue
         call = make()
@@ -235,6 +238,9 @@ def main(argv=None) -> int:
     parser.add_argument("--e2e", nargs="*", default=["pf-r3"], metavar="VARIANT",
                         help="end-to-end variants whose training step is profiled too (none: ops only)")
     parser.add_argument("--only", help="rows whose label holds this substring")
+    parser.add_argument("--max-batch", type=int, default=256,
+                        help="op rows up to this batch (default: the launch-bound ones; at B=4096 the kernels ran "
+                             "near their memory floor, and ncu's replay of a 240 MB output is slow)")
     parser.add_argument("--out", default="results/profile")
     parser.add_argument("--timeout", type=int, default=150, help="seconds for the ncu run")
     args = parser.parse_args(argv)
@@ -243,7 +249,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtypes = [DTYPES[d] for d in args.dtypes]
     if args.workload:
-        run_workload(device, dtypes, args.e2e, args.only)
+        run_workload(device, dtypes, args.e2e, args.only, args.max_batch)
         return 0
     if device.type == "cuda" and not torch.cuda.is_available():
         print("benchmarks.ncu: SKIPPED (torch sees no CUDA device)")
@@ -257,7 +263,8 @@ def main(argv=None) -> int:
     help_text = subprocess.run([ncu, "--help"], capture_output=True, text=True).stdout
     sections = subprocess.run([ncu, "--list-sections"], capture_output=True, text=True).stdout
     workload = [sys.executable, "-m", "benchmarks.ncu", "--workload", "--device", args.device,
-                "--dtypes", *args.dtypes, "--e2e", *args.e2e, *(["--only", args.only] if args.only else [])]
+                "--dtypes", *args.dtypes, "--max-batch", str(args.max_batch), "--e2e", *args.e2e,
+                *(["--only", args.only] if args.only else [])]
     command = ncu_command(ncu, help_text, sections, report, workload)
     print("$ " + " ".join(command), flush=True)
     try:

@@ -386,6 +386,10 @@ def test_ncu_workload_runs_each_labelled_call_and_skips_without_ncu(monkeypatch,
     labels = ncu.run_workload(CPU, [torch.float32], ["pf-r3"], only="B=8 ", print_fn=lambda s: None)
     assert "fusion_head B=8 small fwd+bwd fp32 cpu" in labels and "e2e pf-r3 B=8 T=50 train cpu" in labels
     assert all("B=8 " in label for label in labels) and len(labels) == 9
+    def listed(max_batch):  # the rows' labels, nothing built
+        return [label for label, _ in ncu._rows(CPU, [torch.float32], [], max_batch)]
+    # the CPU quick grid's B=4096 rows: left out by default (--max-batch 256)
+    assert any("B=4096" in label for label in listed(10**6)) and not any("B=4096" in label for label in listed(256))
     monkeypatch.setattr(ncu, "find_ncu", lambda: None)
     assert ncu.main(["--device", "cpu"]) == 0 and "SKIPPED" in capsys.readouterr().out
 
