@@ -131,3 +131,40 @@ def test_auto_serves_float8_through_torch_and_a_kernel_backend_named_refuses_it(
             pk.backproj_concat(x, z, w, b, backend="cpu")
         with pytest.raises(RuntimeError, match=str(dtype)):
             pk.fusion_head([z], w, b, backend="cpu")
+
+
+def _cpu_backends():
+    return [name for name, info in pk.available_backends().items()
+            if info["available"] and ("cpu" in info["devices"] or "*" in info["devices"])] + ["auto"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_inputs_made_under_inference_mode_train_as_in_eager(backend, dtype):
+    """Features computed under torch.inference_mode (a frozen encoder), then a trained head: eager
+    saves its own intermediates (cat's output, p + term), so it trains; the fused ops saved the
+    inputs themselves, which autograd refuses for inference tensors."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        hs = [torch.randn(3, 4).to(dtype), torch.randn(3, 5).to(dtype)]
+        x = torch.randn(3, 6, 2).to(dtype)
+        p = torch.randn(3, 6, 7).to(dtype)
+    params = [(torch.randn(8, 9) / 3).to(dtype).requires_grad_(), torch.randn(8).to(dtype).requires_grad_(),
+              (torch.randn(5, 8) / 3).to(dtype).requires_grad_(), torch.randn(5).to(dtype).requires_grad_(),
+              (torch.randn(7, 5) / 3).to(dtype).requires_grad_()]
+
+    def run(backend_):
+        hw, hb, bw, bb, pw = params
+        z = pk.fusion_head(hs, hw, hb, "tanh", backend=backend_)
+        outs = [z, pk.backproj_concat(x, z, bw, bb, "relu", backend=backend_)]
+        outs += [pk.context_linear(p, z, bw, bb, pw, "relu", a, backend=backend_) for a in ("relu", "gelu")]
+        loss = sum((o.float() * torch.linspace(-1, 1, o.shape[-1])).sum() for o in outs)
+        return outs, torch.autograd.grad(loss, params)
+
+    outs, grads = run(backend)
+    want_outs, want_grads = run("torch")
+    for got, want in zip(list(outs) + list(grads), list(want_outs) + list(want_grads)):
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:  # bf16: each rounds its intermediates its own way; the whole tensor agrees
+            assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 2e-2

@@ -62,8 +62,8 @@ class BackprojConcatFunction : public torch::autograd::Function<BackprojConcatFu
         z.requires_grad() || weight.requires_grad() || (is_given(bias) && bias->requires_grad());
     at::Tensor out = call_forward(x, z, weight, bias, activation);
     if (needs_context_grad) {  // grad_x alone needs nothing saved
-      ctx->save_for_backward({saved_context(out, x.sym_size(-1), activation), z, weight,
-                              is_given(bias) ? *bias : at::Tensor()});
+      ctx->save_for_backward({saved_context(out, x.sym_size(-1), activation), savable(z), savable(weight),
+                              is_given(bias) ? savable(*bias) : at::Tensor()});
     }
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["x_features"] = x.sym_size(-1);  // sym_: under torch.compile sizes stay symbolic

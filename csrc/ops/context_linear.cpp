@@ -61,8 +61,9 @@ class ContextLinearFunction : public torch::autograd::Function<ContextLinearFunc
     // saving; with one, also the output (or p, to recompute the pre-activation) for its derivative.
     if (needs_context_grad || epilogue) {
       const bool from_p = out_grad_needs_p(out_act, p.scalar_type());
-      ctx->save_for_backward({epilogue && !from_p ? out : at::Tensor(), epilogue && from_p ? p : at::Tensor(), z,
-                              bp_weight, is_given(bp_bias) ? *bp_bias : at::Tensor(), proj_weight});
+      ctx->save_for_backward({epilogue && !from_p ? out : at::Tensor(), epilogue && from_p ? savable(p) : at::Tensor(),
+                              savable(z), savable(bp_weight), is_given(bp_bias) ? savable(*bp_bias) : at::Tensor(),
+                              savable(proj_weight)});
     }
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["out_activation"] = std::string(out_activation);

@@ -40,9 +40,10 @@ class FusionHeadFunction : public torch::autograd::Function<FusionHeadFunction> 
                             const c10::optional<at::Tensor>& bias, c10::string_view activation) {
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor out = call_forward(hs, weight, bias, activation);
-    std::vector<at::Tensor> saved(hs.begin(), hs.end());
-    saved.push_back(weight);
-    saved.push_back(is_given(bias) ? *bias : at::Tensor());
+    std::vector<at::Tensor> saved;
+    for (const at::Tensor& h : hs) saved.push_back(savable(h));
+    saved.push_back(savable(weight));
+    saved.push_back(is_given(bias) ? savable(*bias) : at::Tensor());
     // act(y) where the backward reads act' from it; elsewhere writes into the output (z += r) stay
     // legal, as in eager where the activation keeps no result.
     saved.push_back(derivative_from_output(parse_activation(std::string(activation)), out.element_size()) ? out

@@ -30,4 +30,9 @@ bool needs_autograd(const Args&... args) {
   return NeedsAutograd().apply(args...).out;
 }
 
+// What an autograd Function saves of an input: the input, or a copy of one made under
+// torch.inference_mode, which autograd refuses to save (eager saves its own intermediates there:
+// cat's output, p + term, so inputs made that way train; they must here too).
+inline at::Tensor savable(const at::Tensor& t) { return t.defined() && t.is_inference() ? t.clone() : t; }
+
 }  // namespace pf_kernels

@@ -353,6 +353,13 @@ def scalar_slots(values: Sequence, n: int, fill) -> list:
     return list(values) + [fill] * (n - len(values))
 
 
+def savable(*tensors: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    """What an autograd Function saves of its inputs: each as it is, or a copy of one made under
+    torch.inference_mode, which autograd refuses to save (eager saves its own intermediates there:
+    cat's output, p + term; inputs made that way train, so they must here too)."""
+    return [t.clone() if t is not None and t.is_inference() else t for t in tensors]
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and os.environ.get(TF32_ENV) != "1":
         return "ieee"

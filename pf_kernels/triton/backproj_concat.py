@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .._validation import check_backproj_concat
 from ._activations import grad_through
-from ._common import act_code, autotune, cdiv, define_op, launch, positions, size_class, smax, smin
+from ._common import act_code, autotune, cdiv, define_op, launch, positions, savable, size_class, smax, smin
 from ._matmul import mm, mm_tuned, mm_tuned_fp32
 
 FILL_CONFIGS = [  # 8 elements per thread: a copy needs occupancy, not big tiles
@@ -212,7 +212,7 @@ backproj_concat_backward_op = define_op("backproj_concat_backward", _backward, _
 
 def _setup_context(ctx, inputs, output):
     x, z, weight, bias, activation = inputs
-    ctx.save_for_backward(z, weight, bias)
+    ctx.save_for_backward(*savable(z, weight, bias))
     ctx.activation = activation
     ctx.x_features = x.shape[-1]
 

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .._validation import check_context_linear
 from ._activations import act, grad_through
-from ._common import (PROGRAMS_TARGET, act_code, autotune, cdiv, define_op, dot_precision, launch, positions,
+from ._common import (PROGRAMS_TARGET, act_code, autotune, cdiv, define_op, dot_precision, launch, positions, savable,
                       size_class, smax, smin)
 from ._matmul import dot, mm, mm_tuned, mm_tuned_fp32
 from .backproj_concat import (_backward as backproj_backward, _reduce as backproj_reduce_stage,
@@ -265,8 +265,8 @@ def _setup_context(ctx, inputs, output):
     p, z, bp_weight, bp_bias, proj_weight, activation, out_activation = inputs
     # what out_act' needs: the output for relu (as torch's relu), p for the others, nothing for none
     ctx.save_for_backward(output if out_activation == "relu" else None,
-                          p if out_activation not in ("none", "relu") else None,
-                          z, bp_weight, bp_bias, proj_weight)
+                          *savable(p if out_activation not in ("none", "relu") else None,
+                                   z, bp_weight, bp_bias, proj_weight))
     ctx.activation, ctx.out_activation = activation, out_activation
 
 

@@ -15,8 +15,8 @@ import triton.language as tl
 
 from .._validation import check_fusion_head
 from ._activations import act, grad_through
-from ._common import (act_code, autotune, cdiv, define_op, dot_precision, launch, pointer_slots,
-                      scalar_slots, size_class, smax)
+from ._common import (act_code, autotune, cdiv, define_op, dot_precision, launch, pointer_slots, savable, scalar_slots,
+                      size_class, smax)
 from ._matmul import dot, dot_split
 
 MAX_K = 8
@@ -374,7 +374,7 @@ fusion_head_backward_op = define_op("fusion_head_backward", backward, _backward_
 
 def _setup_context(ctx, inputs, output):
     hs, weight, bias, activation, save_pre = inputs
-    ctx.save_for_backward(*hs, weight, output[1])
+    ctx.save_for_backward(*savable(*hs, weight), output[1])
     ctx.pre_saved = save_pre or activation == "none"
     ctx.activation = activation
     ctx.has_bias = bias is not None

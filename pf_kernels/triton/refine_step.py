@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ._activations import act
 from ._common import (PROGRAMS_TARGET, act_code, autotune, cdiv, define_op, dot_precision, launch, pointer_slots,
-                      positions, scalar_slots, size_class, smax, smin)
+                      positions, savable, scalar_slots, size_class, smax, smin)
 from ._matmul import dot
 from .backproj_concat import backproj_concat_backward_op, backproj_concat_op, position_offsets
 from .fusion_head import (MAX_K, fusion_head_backward_op, fusion_head_op, head_tile, needs_grad, unsaved_pre,
@@ -253,7 +253,7 @@ def _setup_context(ctx, inputs, output):
     ctx.acts = (head_act, bp_act)
     ctx.pre_saved = save_pre or head_act == "none"
     ctx.x_features = [x.shape[-1] for x in xs]
-    ctx.save_for_backward(*hs, hw, output[0], output[1], *ws, *bs)
+    ctx.save_for_backward(*savable(*hs, hw), output[0], output[1], *savable(*ws, *bs))
 
 
 def _autograd_backward(ctx, grads):

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ._activations import CODES
 from ._common import (PROGRAMS_TARGET, act_code, autotune, cdiv, define_op, dot_precision, launch, pointer_slots,
-                      positions, scalar_slots, size_class, smax, smin)
+                      positions, savable, scalar_slots, size_class, smax, smin)
 from .context_linear import add_term, context_linear_backward_op, context_linear_op, store_context
 from .fusion_head import (MAX_K, fusion_head_backward_op, fusion_head_op, needs_grad, unit_feature_strides,
                           unsaved_pre)
@@ -181,7 +181,7 @@ def _setup_context(ctx, inputs, output):
     # what each out_act' needs, as context_linear saves it: the output for relu, p for the others
     saved = [output[2 + j] if a == "relu" else (p if a != "none" else None)
              for j, (p, a) in enumerate(zip(ps, ctx.acts[2]))]
-    ctx.save_for_backward(*hs, hw, output[0], output[1], *saved, *ws, *vs, *bs)
+    ctx.save_for_backward(*savable(*hs, hw), output[0], output[1], *savable(*saved, *ws, *vs, *bs))
 
 
 def _autograd_backward(ctx, grads):
