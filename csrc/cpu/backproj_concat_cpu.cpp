@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -30,26 +31,35 @@ inline void copy_row(scalar_t* __restrict__ dst, const scalar_t* __restrict__ sr
   }
 }
 
-// s[c] += sum over positions of g[p * sp + c] (fp32 / fp64), compiled per SIMD width; true where it did
-// the sum (not for 16-bit inputs, which the caller's loop widens per element).
-template <typename T>
-inline bool add_position_sums_impl(T* __restrict__ s, const T* __restrict__ g, int64_t positions, int64_t sp,
-                                   int64_t Dc) {
-  for (int64_t p = 0; p < positions; ++p) {
-    const T* __restrict__ row = g + p * sp;
-    for (int64_t c = 0; c < Dc; ++c) s[c] += row[c];
-  }
-  return true;
-}
-PF_SIMD_CLONES bool add_position_sums(float* s, const float* g, int64_t positions, int64_t sp, int64_t Dc) {
-  return add_position_sums_impl(s, g, positions, sp, Dc);
-}
-PF_SIMD_CLONES bool add_position_sums(double* s, const double* g, int64_t positions, int64_t sp, int64_t Dc) {
-  return add_position_sums_impl(s, g, positions, sp, Dc);
-}
+// s[c] += sum over positions of g[p * sp + c * sc], in blocks of positions (common.h: kSumBlock).
 template <typename acc_t, typename scalar_t>
-bool add_position_sums(acc_t*, const scalar_t*, int64_t, int64_t, int64_t) {
-  return false;
+inline void add_position_sums_impl(acc_t* __restrict__ s, const scalar_t* __restrict__ g, int64_t positions,
+                                   int64_t sp, int64_t sc, int64_t Dc) {
+  acc_t part[cpu::kSumChunk], carry[cpu::kSumChunk];
+  for (int64_t c0 = 0; c0 < Dc; c0 += cpu::kSumChunk) {
+    const int64_t cn = std::min(cpu::kSumChunk, Dc - c0);
+    for (int64_t c = 0; c < cn; ++c) carry[c] = acc_t(0);
+    for (int64_t p0 = 0; p0 < positions; p0 += cpu::kSumBlock) {
+      const int64_t p1 = std::min(positions, p0 + cpu::kSumBlock);
+      for (int64_t c = 0; c < cn; ++c) part[c] = acc_t(0);
+      for (int64_t p = p0; p < p1; ++p) {
+        const scalar_t* __restrict__ row = g + p * sp + c0 * sc;
+        for (int64_t c = 0; c < cn; ++c) part[c] += static_cast<acc_t>(row[c * sc]);
+      }
+      for (int64_t c = 0; c < cn; ++c) cpu::add_compensated(s[c0 + c], carry[c], part[c]);
+    }
+  }
+}
+// fp32 / fp64 rows of contiguous features, compiled per SIMD width.
+PF_SIMD_CLONES void add_position_sums(float* s, const float* g, int64_t positions, int64_t sp, int64_t Dc) {
+  add_position_sums_impl(s, g, positions, sp, 1, Dc);
+}
+PF_SIMD_CLONES void add_position_sums(double* s, const double* g, int64_t positions, int64_t sp, int64_t Dc) {
+  add_position_sums_impl(s, g, positions, sp, 1, Dc);
+}
+template <typename acc_t, typename scalar_t>  // 16-bit inputs, widened per element
+void add_position_sums(acc_t* s, const scalar_t* g, int64_t positions, int64_t sp, int64_t Dc) {
+  add_position_sums_impl(s, g, positions, sp, 1, Dc);
 }
 
 at::Tensor backproj_concat_cpu(const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
@@ -115,10 +125,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backproj_concat_backward_cpu(
       at::parallel_for(0, B, grain_for(positions * Dc), [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           acc_t* __restrict__ s = gc_ptr + b * Dc;
-          if (sc == 1 && add_position_sums(s, g_ptr + b * sb, positions, sp, Dc)) continue;
-          for (int64_t p = 0; p < positions; ++p) {
-            const scalar_t* __restrict__ row = g_ptr + b * sb + p * sp;
-            for (int64_t c = 0; c < Dc; ++c) s[c] += static_cast<acc_t>(row[c * sc]);
+          if (sc == 1) {
+            add_position_sums(s, g_ptr + b * sb, positions, sp, Dc);
+          } else {
+            add_position_sums_impl(s, g_ptr + b * sb, positions, sp, sc, Dc);
           }
         }
       });
