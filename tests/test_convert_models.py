@@ -240,6 +240,41 @@ def test_without_example_inputs_the_first_call_captures_and_batch_sizes_vary():
     assert len(report.captures) == 2 and "dynamic shapes" in report.captures[1], str(report)
 
 
+class _TwoModalities(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc_a, self.enc_b, self.fuse = nn.Linear(6, 8), nn.Linear(4, 8), nn.Linear(16, 10)
+
+    def forward(self, seq, vec):
+        if seq.shape[0] != vec.shape[0]:  # the model's own check
+            raise ValueError("one batch size for both modalities")
+        return torch.relu(self.fuse(torch.cat([F.relu(self.enc_a(seq)).mean(1), F.relu(self.enc_b(vec))], -1)))
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["after-a-capture", "first-call"])
+@pytest.mark.parametrize("bad", ["wrong-width", "batch-mismatch"])
+def test_a_call_that_raises_leaves_the_conversion_on(first, bad):
+    """dynamo runs a frame that raised while it traced it as plain Python from then on: one bad call
+    (before or after the first capture) turned the fused ops off for good, silently, or undid the
+    conversion with a wrong reason."""
+    torch.manual_seed(0)
+    model = _TwoModalities()
+    reference = copy.deepcopy(model)
+    good = (torch.randn(4, 5, 6), torch.randn(4, 4))
+    wrong = {"wrong-width": (torch.randn(4, 5, 7), torch.randn(4, 4)),
+             "batch-mismatch": (torch.randn(4, 5, 6), torch.randn(3, 4))}[bad]
+    _, report = pk.convert(model, backend="torch", example_inputs=None if first else good)
+    for _ in range(2):
+        with pytest.raises((RuntimeError, ValueError)) as raised, torch.no_grad():
+            model(*wrong)
+        with pytest.raises(raised.type):
+            reference(*wrong)  # the same error as the model's own forward
+        with count_fused_calls() as calls:
+            assert_same_model(reference, model, good)
+        assert dict(calls) == {"fusion_head": 1}, (dict(calls), str(report))
+    assert "forward" in model.__dict__ and not report.left_alone, str(report)
+
+
 def test_deepcopy_and_pickle_give_converted_models():
     model, expected = tanh_progressive_model(steps=2)
     args = tanh_progressive_inputs()

@@ -148,8 +148,15 @@ class ConvertedForward:
                 return self.original(*args, **kwargs)
             self._setup()
         before = len(self.report.captures)
-        with self._settings:
-            out = self._compiled(*args, **kwargs)
+        try:
+            with self._settings:
+                out = self._compiled(*args, **kwargs)
+        except BaseException:
+            # A frame that raised while dynamo traced it (a wrong input, the model's own check) runs as
+            # plain Python from then on, for every input: the fused ops would be off, silently. The
+            # next call captures a fresh copy instead.
+            self._compiled = None
+            raise
         captured = len(self.report.captures) - before
         if captured > 1:
             self.report.add_left_alone(
