@@ -1044,9 +1044,13 @@ class ProgressiveFusion(nn.Module):
             if x.shape[0] != xs[0].shape[0]:
                 raise ValueError(f"xs[{j}] has batch size {x.shape[0]} ({tuple(x.shape)}) but xs[0] has "
                                  f"{xs[0].shape[0]} ({tuple(xs[0].shape)})")
+            weight = self.back_projections[j].weight
+            if self.context_dims[j] and x.device != weight.device:  # the context is concatenated to x
+                raise ValueError(f"xs[{j}] is on {x.device} but the model's parameters are on {weight.device}: "
+                                 f"move the inputs or the model (model.to(...))")
             # The back-projection concatenates to x in the model's dtype (autocast casts both).
             # A modality without context may take anything its encoder takes (token ids).
-            dtype = self.back_projections[j].weight.dtype
+            dtype = weight.dtype
             if not x.is_floating_point():
                 if self.context_dims[j]:
                     raise TypeError(f"xs[{j}] has dtype {x.dtype}, but context_dims[{j}] = {self.context_dims[j]} "

@@ -56,11 +56,17 @@ def backproj_concat(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
 
 def backproj_concat_grouped(xs: Sequence[torch.Tensor], z: torch.Tensor,
                             weights: Sequence[torch.Tensor],
-                            biases: Sequence[Optional[torch.Tensor]],
+                            biases: Optional[Sequence[Optional[torch.Tensor]]],
                             activation: str = "relu") -> List[torch.Tensor]:
-    """One backproj_concat per modality, all reading the same z."""
+    """One backproj_concat per modality, all reading the same z. biases=None: no bias anywhere."""
+    biases = _per_modality(biases, len(xs))
     _same_lengths(xs=xs, weights=weights, biases=biases)
     return [backproj_concat(x, z, w, b, activation) for x, w, b in zip(xs, weights, biases)]
+
+
+def _per_modality(biases: Optional[Sequence[Optional[torch.Tensor]]], k: int) -> Sequence[Optional[torch.Tensor]]:
+    """None for no bias on any modality, as the public ops take it."""
+    return [None] * k if biases is None else biases
 
 
 def _same_lengths(**lists) -> None:
@@ -78,7 +84,7 @@ def fusion_head(hs: Sequence[torch.Tensor], weight: torch.Tensor,
 
 def refine_step(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
                 head_bias: Optional[torch.Tensor], xs: Sequence[torch.Tensor],
-                bp_weights: Sequence[torch.Tensor], bp_biases: Sequence[Optional[torch.Tensor]],
+                bp_weights: Sequence[torch.Tensor], bp_biases: Optional[Sequence[Optional[torch.Tensor]]],
                 head_activation: str = "relu", backproj_activation: str = "relu",
                 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """The fusion head, then every modality's back-projection of its output, concatenated to xs.
@@ -109,7 +115,7 @@ def context_linear(p: torch.Tensor, z: torch.Tensor, bp_weight: torch.Tensor,
 
 def refine_step_hoisted(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
                         head_bias: Optional[torch.Tensor], ps: Sequence[torch.Tensor],
-                        bp_weights: Sequence[torch.Tensor], bp_biases: Sequence[Optional[torch.Tensor]],
+                        bp_weights: Sequence[torch.Tensor], bp_biases: Optional[Sequence[Optional[torch.Tensor]]],
                         proj_weights: Sequence[torch.Tensor], head_activation: str = "relu",
                         backproj_activation: str = "relu", out_activations: Union[str, Sequence[str]] = "none",
                         ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -118,6 +124,7 @@ def refine_step_hoisted(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
     out_activations: one for every modality, or one per modality."""
     if isinstance(out_activations, str):
         out_activations = [out_activations] * len(ps)
+    bp_biases = _per_modality(bp_biases, len(ps))
     _same_lengths(ps=ps, bp_weights=bp_weights, bp_biases=bp_biases, proj_weights=proj_weights,
                   out_activations=out_activations)
     z = fusion_head(hs, head_weight, head_bias, head_activation)

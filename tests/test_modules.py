@@ -139,6 +139,14 @@ def test_bad_inputs():
         ProgressiveFusion([nn.Identity()], [3], 4, [1, 2])
 
 
+def test_an_input_on_another_device_is_named():
+    model = make_model()
+    xs = make_inputs()
+    xs[1] = xs[1].to("meta")
+    with pytest.raises(ValueError, match=r"xs\[1\] is on meta but the model's parameters are on cpu"):
+        model(xs)
+
+
 def test_an_input_of_the_wrong_width_for_a_hoisted_encoder_is_named():
     model = ProgressiveFusion([nn.Linear(6 + 3, 4), nn.Sequential(nn.Linear(4 + 3, 6), nn.ReLU())], [4, 6], 5, 3)
     with pytest.raises(ValueError, match=r"xs\[1\] has 5 features and context_dims\[1\] = 3, but the first "

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import pf_kernels as pk
 from pf_kernels import reference
 from tests.cases import ACTIVATIONS, BACKPROJ_SHAPES, FUSION_SHAPES, backproj_inputs, fusion_inputs
 
@@ -110,3 +111,20 @@ def test_per_modality_lists_of_another_length_are_refused_not_cut():
         reference.refine_step_hoisted(hs, hw, None, ps, ws, [None, None], vs, out_activations=["relu"])
     with pytest.raises(ValueError, match="one entry per modality"):
         reference.backproj_concat_grouped([torch.randn(3, 2)] * 2, z, ws[:1], [None, None])
+
+
+def test_per_modality_biases_may_be_none_as_in_the_public_ops():
+    torch.manual_seed(0)
+    hs, hw, hb = [torch.randn(2, 3), torch.randn(2, 4)], torch.randn(5, 7), torch.randn(5)
+    xs, ps = [torch.randn(2, 3, 2), torch.randn(2, 1)], [torch.randn(2, 3, 6), torch.randn(2, 4)]
+    ws, pws = [torch.randn(4, 5), torch.randn(3, 5)], [torch.randn(6, 4), torch.randn(4, 3)]
+    z = torch.randn(2, 5)
+    for got, want in [(reference.backproj_concat_grouped(xs, z, ws, None),
+                       reference.backproj_concat_grouped(xs, z, ws, [None, None])),
+                      (reference.refine_step(hs, hw, hb, xs, ws, None)[1], reference.refine_step(hs, hw, hb, xs, ws, [None] * 2)[1]),
+                      (reference.refine_step_hoisted(hs, hw, hb, ps, ws, None, pws)[1],
+                       reference.refine_step_hoisted(hs, hw, hb, ps, ws, [None] * 2, pws)[1])]:
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    torch.testing.assert_close(pk.refine_step(hs, hw, hb, xs, ws, None, backend="torch")[1][0],
+                               reference.refine_step(hs, hw, hb, xs, ws, None)[1][0])
