@@ -72,6 +72,18 @@ def _eager_ops():
     return _eager
 
 
+# The open count_fused_calls() counters (pf_kernels.convert.report). Read only outside torch.compile's
+# tracing: opening one changes nothing a captured graph depends on (replacing the ops did, so a
+# converted model was captured again, and dynamo replayed its traced copy of the counter).
+_fused_call_counters: tuple = ()
+
+
+def _count_call(name: str) -> None:
+    if not _is_compiling() and _fused_call_counters:
+        for counter in _fused_call_counters:
+            counter[name] += 1
+
+
 def _eager_for(backend):
     """The eager entry points where a call with this backend may take them, else None."""
     if backend == "auto" and not _is_compiling() and env_backend() is None:
@@ -95,6 +107,7 @@ def backproj_concat(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
     x: (B, *S, Dx); z: (B, Dz); weight: (Dc, Dz); bias: (Dc,) or None.
     Returns (B, *S, Dx + Dc): out[..., :Dx] = x, out[b, s..., Dx:] = act(z[b] @ weight.T + bias).
     """
+    _count_call("backproj_concat")
     eager = _eager_for(backend)
     if eager is not None:
         out = eager.backproj_concat(x, z, weight, bias, activation)
@@ -144,6 +157,7 @@ def fusion_head(hs: Sequence[torch.Tensor], weight: torch.Tensor,
 
     hs: K >= 1 tensors (B, D_j); weight: (Dz, sum D_j); bias: (Dz,) or None. Returns (B, Dz).
     """
+    _count_call("fusion_head")
     eager = _eager_for(backend)
     if eager is not None:
         out = eager.fusion_head(hs, weight, bias, activation)
@@ -261,6 +275,7 @@ def context_linear(p: torch.Tensor, z: torch.Tensor, bp_weight: torch.Tensor,
     proj_weight: (H, Dc), the Linear's context columns W_c. Equals that Linear applied to
     backproj_concat(x, z, bp_weight, bp_bias, activation), then out_activation, up to rounding.
     """
+    _count_call("context_linear")
     eager = _eager_for(backend)
     if eager is not None:
         out = eager.context_linear(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation)

@@ -275,6 +275,43 @@ def test_a_call_that_raises_leaves_the_conversion_on(first, bad):
     assert "forward" in model.__dict__ and not report.left_alone, str(report)
 
 
+def test_counting_a_model_with_a_pf_kernels_module_counts_the_swaps_and_captures_nothing_new():
+    """count_fused_calls replaced pf_kernels.ops' functions, which a captured FusionHead module's code
+    reads: the model was captured again, and dynamo replayed its traced copy of the counter (1 counted
+    of the 5 calls made)."""
+    from pf_kernels.nn import FusionHead
+
+    class WithHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc_a, self.enc_b = nn.Linear(6 + 3, 8), nn.Linear(4 + 3, 8)
+            self.head, self.fuse, self.back = FusionHead([8, 8], 10), nn.Linear(16, 10), nn.Linear(10, 3)
+
+        def forward(self, seq, vec):
+            z = self.head([F.relu(self.enc_a(torch.cat([seq, seq.new_zeros(*seq.shape[:-1], 3)], -1))).mean(1),
+                           F.relu(self.enc_b(torch.cat([vec, vec.new_zeros(vec.shape[0], 3)], -1)))])
+            c = torch.relu(self.back(z))
+            a = torch.cat([seq, c.unsqueeze(1).expand(-1, seq.shape[1], -1)], -1)
+            b = torch.cat([vec, c], -1)
+            return torch.relu(self.fuse(torch.cat([a.mean(1), b], -1)))
+
+    torch.manual_seed(0)
+    model, args = WithHead(), (torch.randn(4, 5, 6), torch.randn(4, 4))
+    reference = copy.deepcopy(model)
+    _, report = pk.convert(model, backend="torch", example_inputs=args)
+    swaps = {name: n for name, n in report.counts.items() if name in ("fusion_head", "backproj_concat")}
+    assert swaps == {"fusion_head": 3, "backproj_concat": 2}, report.counts
+    for _ in range(2):
+        with count_fused_calls() as outer, count_fused_calls() as inner:
+            out = model(*args)
+        assert dict(outer) == dict(inner) == swaps
+        torch.testing.assert_close(out, reference(*args))
+        with count_fused_calls() as eager:
+            reference(*args)
+        assert dict(eager) == {"fusion_head": 1}  # the FusionHead module run eagerly
+    assert len(report.captures) == 1, str(report)
+
+
 def test_deepcopy_and_pickle_give_converted_models():
     model, expected = tanh_progressive_model(steps=2)
     args = tanh_progressive_inputs()
