@@ -31,24 +31,12 @@ inline void copy_row(scalar_t* __restrict__ dst, const scalar_t* __restrict__ sr
   }
 }
 
-// s[c] += sum over positions of g[p * sp + c * sc], in blocks of positions (common.h: kSumBlock).
+// s[c] += sum over positions of g[p * sp + c * sc] (common.h: accumulate_over_positions).
 template <typename acc_t, typename scalar_t>
 inline void add_position_sums_impl(acc_t* __restrict__ s, const scalar_t* __restrict__ g, int64_t positions,
                                    int64_t sp, int64_t sc, int64_t Dc) {
-  acc_t part[cpu::kSumChunk], carry[cpu::kSumChunk];
-  for (int64_t c0 = 0; c0 < Dc; c0 += cpu::kSumChunk) {
-    const int64_t cn = std::min(cpu::kSumChunk, Dc - c0);
-    for (int64_t c = 0; c < cn; ++c) carry[c] = acc_t(0);
-    for (int64_t p0 = 0; p0 < positions; p0 += cpu::kSumBlock) {
-      const int64_t p1 = std::min(positions, p0 + cpu::kSumBlock);
-      for (int64_t c = 0; c < cn; ++c) part[c] = acc_t(0);
-      for (int64_t p = p0; p < p1; ++p) {
-        const scalar_t* __restrict__ row = g + p * sp + c0 * sc;
-        for (int64_t c = 0; c < cn; ++c) part[c] += static_cast<acc_t>(row[c * sc]);
-      }
-      for (int64_t c = 0; c < cn; ++c) cpu::add_compensated(s[c0 + c], carry[c], part[c]);
-    }
-  }
+  cpu::accumulate_over_positions(s, positions, Dc,
+                                 [&](int64_t p, int64_t c) { return static_cast<acc_t>(g[p * sp + c * sc]); });
 }
 // fp32 / fp64 rows of contiguous features, compiled per SIMD width.
 PF_SIMD_CLONES void add_position_sums(float* s, const float* g, int64_t positions, int64_t sp, int64_t Dc) {

@@ -38,6 +38,25 @@ inline void add_compensated(T& total, T& carry, T part) {
   total = t;
 }
 
+// sum[c] += sum over p < positions of value(p, c), for c < n, as above (value is inlined: a plain
+// load vectorises along c).
+template <typename acc_t, typename Value>
+inline void accumulate_over_positions(acc_t* __restrict__ sum, int64_t positions, int64_t n, Value&& value) {
+  acc_t part[kSumChunk], carry[kSumChunk];
+  for (int64_t c0 = 0; c0 < n; c0 += kSumChunk) {
+    const int64_t cn = std::min(kSumChunk, n - c0);
+    for (int64_t c = 0; c < cn; ++c) carry[c] = acc_t(0);
+    for (int64_t p0 = 0; p0 < positions; p0 += kSumBlock) {
+      const int64_t p1 = std::min(positions, p0 + kSumBlock);
+      for (int64_t c = 0; c < cn; ++c) part[c] = acc_t(0);
+      for (int64_t p = p0; p < p1; ++p) {
+        for (int64_t c = 0; c < cn; ++c) part[c] += value(p, c0 + c);
+      }
+      for (int64_t c = 0; c < cn; ++c) add_compensated(sum[c0 + c], carry[c], part[c]);
+    }
+  }
+}
+
 // Below this many multiply-adds the loops below (vectorised, in L1) beat a BLAS call's fixed cost.
 constexpr int64_t kSmallGemm = 1 << 15;
 

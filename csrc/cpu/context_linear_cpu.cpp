@@ -67,29 +67,16 @@ PF_SIMD_CLONES void add_term_rows(double* out, const double* p, int64_t p_stride
 }
 
 // relu's backward and the sum over positions in one pass, for one batch row of `positions`
-// contiguous rows: grad_p = out <= 0 ? 0 : grad (as threshold_backward), sum[h] += grad_p[., h], in
-// blocks of positions (common.h: kSumBlock).
+// contiguous rows: grad_p = out <= 0 ? 0 : grad (as threshold_backward), sum[h] += grad_p[., h]
+// (common.h: accumulate_over_positions).
 template <typename T>
 inline void relu_grad_sum_impl(T* __restrict__ grad_p, T* __restrict__ sum, const T* __restrict__ grad,
                                const T* __restrict__ out, int64_t positions, int64_t H) {
-  T part[cpu::kSumChunk], carry[cpu::kSumChunk];
-  for (int64_t h0 = 0; h0 < H; h0 += cpu::kSumChunk) {
-    const int64_t hn = std::min(cpu::kSumChunk, H - h0);
-    for (int64_t h = 0; h < hn; ++h) carry[h] = T(0);
-    for (int64_t s0 = 0; s0 < positions; s0 += cpu::kSumBlock) {
-      const int64_t s1 = std::min(positions, s0 + cpu::kSumBlock);
-      for (int64_t h = 0; h < hn; ++h) part[h] = T(0);
-      for (int64_t s = s0; s < s1; ++s) {
-        const int64_t row = s * H + h0;
-        for (int64_t h = 0; h < hn; ++h) {
-          const T v = out[row + h] <= T(0) ? T(0) : grad[row + h];
-          grad_p[row + h] = v;
-          part[h] += v;
-        }
-      }
-      for (int64_t h = 0; h < hn; ++h) cpu::add_compensated(sum[h0 + h], carry[h], part[h]);
-    }
-  }
+  cpu::accumulate_over_positions(sum, positions, H, [&](int64_t s, int64_t h) {
+    const T v = out[s * H + h] <= T(0) ? T(0) : grad[s * H + h];
+    grad_p[s * H + h] = v;
+    return v;
+  });
 }
 PF_SIMD_CLONES void relu_grad_sum(float* grad_p, float* sum, const float* grad, const float* out, int64_t positions,
                                   int64_t H) {
