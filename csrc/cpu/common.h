@@ -38,10 +38,21 @@ inline void add_compensated(T& total, T& carry, T part) {
   total = t;
 }
 
-// sum[c] += sum over p < positions of value(p, c), for c < n, as above (value is inlined: a plain
-// load vectorises along c).
-template <typename acc_t, typename Value>
-inline void accumulate_over_positions(acc_t* __restrict__ sum, int64_t positions, int64_t n, Value&& value) {
+// sum[c] += the sum over positions p of row p's values, for c < n, as above: add_row(p, c0, cn, part)
+// adds row p's values of features [c0, c0 + cn) into part[0, cn) (its own loop, with restrict
+// pointers, so that it vectorises). It, add_row (marked PF_LAMBDA_INLINE) and the function calling it
+// from a PF_SIMD_CLONES one are always inlined: a function the clones call instead is compiled for the
+// baseline ISA only (the relu pass ran 1.7x slower so).
+#if defined(__GNUC__)
+#define PF_ALWAYS_INLINE inline __attribute__((always_inline))
+#define PF_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define PF_ALWAYS_INLINE inline
+#define PF_LAMBDA_INLINE
+#endif
+template <typename acc_t, typename AddRow>
+PF_ALWAYS_INLINE void accumulate_over_positions(acc_t* __restrict__ sum, int64_t positions, int64_t n,
+                                                AddRow&& add_row) {
   acc_t part[kSumChunk], carry[kSumChunk];
   for (int64_t c0 = 0; c0 < n; c0 += kSumChunk) {
     const int64_t cn = std::min(kSumChunk, n - c0);
@@ -49,9 +60,7 @@ inline void accumulate_over_positions(acc_t* __restrict__ sum, int64_t positions
     for (int64_t p0 = 0; p0 < positions; p0 += kSumBlock) {
       const int64_t p1 = std::min(positions, p0 + kSumBlock);
       for (int64_t c = 0; c < cn; ++c) part[c] = acc_t(0);
-      for (int64_t p = p0; p < p1; ++p) {
-        for (int64_t c = 0; c < cn; ++c) part[c] += value(p, c0 + c);
-      }
+      for (int64_t p = p0; p < p1; ++p) add_row(p, c0, cn, part);
       for (int64_t c = 0; c < cn; ++c) add_compensated(sum[c0 + c], carry[c], part[c]);
     }
   }

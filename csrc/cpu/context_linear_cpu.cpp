@@ -70,13 +70,19 @@ PF_SIMD_CLONES void add_term_rows(double* out, const double* p, int64_t p_stride
 // contiguous rows: grad_p = out <= 0 ? 0 : grad (as threshold_backward), sum[h] += grad_p[., h]
 // (common.h: accumulate_over_positions).
 template <typename T>
-inline void relu_grad_sum_impl(T* __restrict__ grad_p, T* __restrict__ sum, const T* __restrict__ grad,
+PF_ALWAYS_INLINE void relu_grad_sum_impl(T* __restrict__ grad_p, T* __restrict__ sum, const T* __restrict__ grad,
                                const T* __restrict__ out, int64_t positions, int64_t H) {
-  cpu::accumulate_over_positions(sum, positions, H, [&](int64_t s, int64_t h) {
-    const T v = out[s * H + h] <= T(0) ? T(0) : grad[s * H + h];
-    grad_p[s * H + h] = v;
-    return v;
-  });
+  auto add_row = [&](int64_t s, int64_t h0, int64_t hn, T* __restrict__ part) PF_LAMBDA_INLINE {
+    const T* __restrict__ o = out + s * H + h0;
+    const T* __restrict__ g = grad + s * H + h0;
+    T* __restrict__ gp = grad_p + s * H + h0;
+    for (int64_t h = 0; h < hn; ++h) {
+      const T v = o[h] <= T(0) ? T(0) : g[h];
+      gp[h] = v;
+      part[h] += v;
+    }
+  };
+  cpu::accumulate_over_positions(sum, positions, H, add_row);
 }
 PF_SIMD_CLONES void relu_grad_sum(float* grad_p, float* sum, const float* grad, const float* out, int64_t positions,
                                   int64_t H) {
