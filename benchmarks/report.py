@@ -56,14 +56,11 @@ def _fixed_cost_note(meta: dict) -> str:
             f"under torch.autograd.grad {floor['one_op_fwd_bwd_s'] * 1e6:.1f} us (every fwd+bwd row pays the latter)")
 
 
-def autograd_ceiling(rows: List[dict], all_rows: List[dict], meta: dict) -> Optional[float]:
+def autograd_ceiling(rows: List[dict], meta: dict) -> Optional[float]:
     """The geometric mean over fwd+bwd rows of eager's time over one small op's forward+backward
     (meta host_floor): the speed-up a provider whose op cost nothing but autograd's fixed cost would show."""
     floor = (meta.get("host_floor") or {}).get("one_op_fwd_bwd_s")
-    eager = {(r["op"], r["case"], r["mode"], r["dtype"]): r["median_s"] for r in all_rows
-             if r["provider"] == "eager" and r["status"] == "ok"}
-    bounds = [eager[k] / floor for k in ((r["op"], r["case"], r["mode"], r["dtype"]) for r in rows) if k in eager] \
-        if floor else []
+    bounds = [r["speedup_vs_eager"] * r["median_s"] / floor for r in rows] if floor else []  # eager's time / floor
     return geomean(bounds) if bounds else None
 
 
@@ -248,7 +245,7 @@ def targets(result: dict) -> str:
                      f"{'>=' if higher else '<='} {fmt.format(bound)})")
 
     def ceiling(rows_):  # where autograd's fixed cost caps a fwd+bwd target, say so beside it
-        bound = autograd_ceiling(rows_, rows, meta)
+        bound = autograd_ceiling(rows_, meta)
         if bound is not None:
             lines.append(f"         (what autograd's fixed cost here leaves possible: {bound:.2f}x)")
 

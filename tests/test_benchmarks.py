@@ -403,8 +403,8 @@ def test_fixed_costs_are_measured_and_bound_the_fwd_bwd_targets():
                  status="ok", median_s=t, speedup_vs_eager=e / t, params=dict(B=B))
             for B, e in ((8, 6e-4), (256, 2.4e-3)) for p, t in (("eager", e), ("auto", e / 1.5))]
     # eager over autograd's fixed cost: 3x and 12x, geomean 6x
-    assert report.autograd_ceiling([r for r in rows if r["provider"] == "auto"], rows, meta) == pytest.approx(6.0)
+    assert report.autograd_ceiling([r for r in rows if r["provider"] == "auto"], meta) == pytest.approx(6.0)
     text = report.targets(dict(meta=meta, rows=rows, e2e=[]))
     assert "fusion_head fwd+bwd geomean B <= 256: 1.50x" in text
     assert "(what autograd's fixed cost here leaves possible: 6.00x)" in text
-    assert report.autograd_ceiling(rows, rows, dict(meta, host_floor={})) is None
+    assert report.autograd_ceiling(rows, dict(meta, host_floor={})) is None
