@@ -31,10 +31,11 @@ inline void copy_row(scalar_t* __restrict__ dst, const scalar_t* __restrict__ sr
   }
 }
 
-// s[c] += sum over positions of g[p * sp + c * sc] (common.h: accumulate_over_positions).
+// s[c] += sum over positions of g[p * sp + c * sc] (common.h: accumulate_over_positions). Always
+// inlined, so that the SIMD clones below, passing sc = 1, get contiguous loads that vectorise.
 template <typename acc_t, typename scalar_t>
-inline void add_position_sums_impl(acc_t* __restrict__ s, const scalar_t* __restrict__ g, int64_t positions,
-                                   int64_t sp, int64_t sc, int64_t Dc) {
+PF_ALWAYS_INLINE void add_position_sums_impl(acc_t* __restrict__ s, const scalar_t* __restrict__ g,
+                                             int64_t positions, int64_t sp, int64_t sc, int64_t Dc) {
   auto add_row = [&](int64_t p, int64_t c0, int64_t cn, acc_t* __restrict__ part) PF_LAMBDA_INLINE {
     const scalar_t* __restrict__ row = g + p * sp + c0 * sc;
     for (int64_t c = 0; c < cn; ++c) part[c] += static_cast<acc_t>(row[c * sc]);
@@ -42,24 +43,15 @@ inline void add_position_sums_impl(acc_t* __restrict__ s, const scalar_t* __rest
   cpu::accumulate_over_positions(s, positions, Dc, add_row);
 }
 // Rows of contiguous features: fp32 / fp64 compiled per SIMD width.
-template <typename acc_t, typename scalar_t>
-PF_ALWAYS_INLINE void add_contiguous_position_sums(acc_t* __restrict__ s, const scalar_t* __restrict__ g,
-                                                   int64_t positions, int64_t sp, int64_t Dc) {
-  auto add_row = [&](int64_t p, int64_t c0, int64_t cn, acc_t* __restrict__ part) PF_LAMBDA_INLINE {
-    const scalar_t* __restrict__ row = g + p * sp + c0;
-    for (int64_t c = 0; c < cn; ++c) part[c] += static_cast<acc_t>(row[c]);
-  };
-  cpu::accumulate_over_positions(s, positions, Dc, add_row);
-}
 PF_SIMD_CLONES void add_position_sums(float* s, const float* g, int64_t positions, int64_t sp, int64_t Dc) {
-  add_contiguous_position_sums(s, g, positions, sp, Dc);
+  add_position_sums_impl(s, g, positions, sp, 1, Dc);
 }
 PF_SIMD_CLONES void add_position_sums(double* s, const double* g, int64_t positions, int64_t sp, int64_t Dc) {
-  add_contiguous_position_sums(s, g, positions, sp, Dc);
+  add_position_sums_impl(s, g, positions, sp, 1, Dc);
 }
 template <typename acc_t, typename scalar_t>  // 16-bit inputs, widened per element
 void add_position_sums(acc_t* s, const scalar_t* g, int64_t positions, int64_t sp, int64_t Dc) {
-  add_contiguous_position_sums(s, g, positions, sp, Dc);
+  add_position_sums_impl(s, g, positions, sp, 1, Dc);
 }
 
 at::Tensor backproj_concat_cpu(const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
