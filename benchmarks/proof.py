@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -30,29 +29,20 @@ FELL_BACK = "compile fell back"
 def record_backend_choice() -> Iterator[List[str]]:
     """Lists the backend names pf_kernels resolves while the block runs (backend="auto" included).
 
-    Wraps resolve_backend wherever a pf_kernels module holds it, so that what the list says is what
-    the ops dispatched to, whatever rule `auto` follows.
+    Listens inside resolve_backend itself, so that what the list says is what the ops dispatched
+    to, whatever rule `auto` follows; a graph compiled inside the block still runs after it (dynamo
+    guards on resolve_backend's code, which a wrapper in its place would change).
     """
-    original = dispatch.resolve_backend
     chosen: List[str] = []
-
-    def recording(*args, **kwargs):
-        name = original(*args, **kwargs)
-        chosen.append(name)
-        return name
-
-    holders = [m for name, m in list(sys.modules.items())
-               if name.startswith("pf_kernels") and m is not None and vars(m).get("resolve_backend") is original]
-    for module in holders:
-        module.resolve_backend = recording
+    dispatch._resolution_listeners.append(chosen)
     eager = ops._eager_ops()
     if eager:  # the eager entry points resolve nothing: each says what it serves a call with
         ops._eager = _RecordingEager(eager, chosen)
     try:
         yield chosen
     finally:
-        for module in holders:
-            module.resolve_backend = original
+        listeners = dispatch._resolution_listeners
+        del listeners[next(i for i, l in enumerate(listeners) if l is chosen)]  # (remove() compares contents)
         ops._eager = eager
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -141,6 +141,11 @@ def _refusal(backend: Backend, op: str, device: torch.device, dtype: torch.dtype
 
 _RESOLVED: Dict[tuple, str] = {}
 
+# Lists opened by benchmarks.proof.record_backend_choice: every resolved name is appended to each.
+# resolve_backend's body is never traced (assume_constant_result), so opening one changes nothing a
+# compiled graph guards on; replacing resolve_backend did (its code object is a guard).
+_resolution_listeners: List[List[str]] = []
+
 
 # Under torch.compile the choice is made once, at trace time, outside the graph: the first call
 # may import a backend, which dynamo must not trace.
@@ -156,6 +161,8 @@ def resolve_backend(backend: str, op: str, device: torch.device, dtype: torch.dt
     if name is None:
         name = _resolve(backend, op, device, dtype)
         _RESOLVED[key] = name
+    for listener in _resolution_listeners:
+        listener.append(name)
     return name
 
 

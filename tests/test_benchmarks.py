@@ -104,7 +104,21 @@ def test_record_backend_choice_sees_what_auto_dispatched_to():
         pk.backproj_concat(x, z, w, b, backend="auto")
         pk.backproj_concat(x, z, w, b, backend="torch")
     assert chosen == [resolve_backend("auto", "backproj_concat", CPU, torch.float32), "torch"]
-    assert pk.ops.resolve_backend is resolve_backend  # restored
+    assert pk.ops.resolve_backend is resolve_backend  # untouched
+
+
+def test_a_graph_compiled_while_recording_runs_after_it_without_recompiling():
+    # The e2e compile rows warm up inside record_backend_choice; they were all marked "fell back"
+    # when the recording replaced resolve_backend, whose code object dynamo guards on.
+    x, z, w, b = BACKPROJ.make_inputs(CPU, torch.float32)
+    fn = ProvenCompile(lambda *a: pk.backproj_concat(*a, backend="auto"), backend="eager")
+    with record_backend_choice() as chosen:
+        fn.warm_up(lambda: fn(x, z, w, b), times=1)
+    assert chosen == [resolve_backend("auto", "backproj_concat", CPU, torch.float32)]
+    assert fn.check() is None
+    with timed_region():
+        torch.testing.assert_close(fn(x, z, w, b), pk.backproj_concat(x, z, w, b, backend="torch"))
+    assert fn.recompiled_since_check() is None
 
 
 def test_e2e_rows_say_what_ran_and_mark_unavailable_variants():
