@@ -158,8 +158,44 @@ class _InPlaceOperator(Exception):
     """`h += t` on a traced value: fx would record it out of place (a view of h would miss the write)."""
 
 
-class _TracedValue(fx.Proxy):
+class _CheckedUnpacking:
+    def __iter__(self):
+        # fx traces `B, T, _ = x.shape` as three indexings, which on an input of another rank raise
+        # IndexError or pass where the forward's own unpacking raises ValueError: check the count.
+        count = _unpacked_count(inspect.currentframe().f_back)
+        if count is None:
+            return self.tracer.iter(self)  # (fx's error: iterating a traced value)
+        checked = self.tracer.create_proxy("call_function", _unpack, (self, count), {})
+        return (checked[i] for i in range(count))
+
+
+class _TracedValue(_CheckedUnpacking, fx.Proxy):
     """A proxy on which an in-place operator stops the trace (on a number it stays a number's)."""
+
+    def __getattr__(self, name: str) -> fx.proxy.Attribute:
+        return _TracedAttribute(self, name)
+
+
+class _TracedAttribute(_CheckedUnpacking, fx.proxy.Attribute):
+    """x.shape and other attributes of a traced value (a node only once used as a value)."""
+
+
+def _unpacked_count(frame) -> Optional[int]:
+    """n where the frame's current instruction is an unpacking into n names, else None."""
+    for instruction in dis.get_instructions(frame.f_code):
+        if instruction.offset >= frame.f_lasti:
+            return instruction.argval if instruction.opname == "UNPACK_SEQUENCE" else None
+    return None
+
+
+def _unpack(values, count: int):
+    """values, checked as `a, b, c = values` checks them."""
+    n = len(values)
+    if n < count:
+        raise ValueError(f"not enough values to unpack (expected {count}, got {n})")
+    if n > count:
+        raise ValueError(f"too many values to unpack (expected {count}, got {n})")
+    return values
 
 
 def _refuse_in_place(symbol: str):

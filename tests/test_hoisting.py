@@ -145,6 +145,26 @@ def test_reads_of_the_input_shape_are_answered_from_the_first_layer():
     assert "other than one nn.Linear" in plan_hoisting(ReadsItsDtype(5 + 3, 8), 3)  # dtype: autocast differs
 
 
+class UnpacksItsShape(ReadsItsShape):
+    def forward(self, x):
+        B, T, _ = x.shape
+        (width,) = x.shape[2:]
+        return self.out(self.fc(x).mean(1)) * (width / (B * T))
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (4, 3, 4, 5), (4, 1, 7, 5)])
+def test_unpacking_the_shape_of_an_input_of_another_rank_raises_as_unhoisted(shape):
+    # fx traces an unpacking as indexings: without the count checked, (2, 5) raised IndexError and
+    # (2, 3, 4, 5) ran where the encoder's own unpacking raises ValueError
+    hoisted, plain, xs = pair_with(UnpacksItsShape(5 + 3, 8))
+    assert hoisted.hoisted == (0, 1), hoisted.hoisting_notes
+    torch.testing.assert_close(hoisted(xs), plain(xs))
+    xs = [torch.randn(shape), xs[1]]
+    for model in (plain, hoisted):
+        with pytest.raises(ValueError, match="values to unpack"):
+            model(xs)
+
+
 class SizeOf(ReadsItsShape):
     def __init__(self, d_in, d_out, dim):
         super().__init__(d_in, d_out)
