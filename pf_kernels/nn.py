@@ -1085,14 +1085,15 @@ class ProgressiveFusion(nn.Module):
                 raise ValueError(f"xs[{j}] is on {x.device} but the model's parameters are on {weight.device}: "
                                  f"move the inputs or the model (model.to(...))")
             # The back-projection concatenates to x in the model's dtype (autocast casts both).
-            # A modality without context may take anything its encoder takes (token ids).
+            # A modality without context takes anything its encoder takes (token ids, another dtype).
+            if not self.context_dims[j]:
+                continue
             dtype = weight.dtype
             if not x.is_floating_point():
-                if self.context_dims[j]:
-                    raise TypeError(f"xs[{j}] has dtype {x.dtype}, but context_dims[{j}] = {self.context_dims[j]} "
-                                    f"context features are concatenated to it, which needs a floating input "
-                                    f"(set context_dims[{j}] = 0 for an input such as token ids)")
-            elif x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+                raise TypeError(f"xs[{j}] has dtype {x.dtype}, but context_dims[{j}] = {self.context_dims[j]} "
+                                f"context features are concatenated to it, which needs a floating input "
+                                f"(set context_dims[{j}] = 0 for an input such as token ids)")
+            if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
                 raise TypeError(f"xs[{j}] has dtype {x.dtype} but the model's parameters are {dtype}: pass "
                                 f"inputs in the parameters' dtype (or run under torch.autocast)")
         return list(xs)
@@ -1126,11 +1127,14 @@ class ProgressiveFusion(nn.Module):
         inputs = []
         for j, (x, plan, c) in enumerate(zip(xs, hoisting, self.context_dims)):
             if plan is None:
-                inputs.append(x if not x.is_floating_point() else torch.cat([x, x.new_zeros(*x.shape[:-1], c)], dim=-1))
+                inputs.append(x if self._read_as_is(j, x) else torch.cat([x, x.new_zeros(*x.shape[:-1], c)], dim=-1))
                 continue
             # One split, not two slices: one backward node (a cat) instead of two zero-filled
             # slice_backwards and their sum.
             x_weight, context_weight = plan.linear.weight.split([x.shape[-1], c], dim=1)
+            if not torch.compiler.is_compiling() and x.is_inference() and x_weight.requires_grad \
+                    and torch.is_grad_enabled():
+                x = x.clone()  # saved for the backward here, where the Linear saved its own concat
             p = F.linear(x, x_weight, plan.linear.bias)
             projections[j] = (p, context_weight)
             inputs.append(plan.first_input(p))
@@ -1157,6 +1161,14 @@ class ProgressiveFusion(nn.Module):
             steps.append(z)
         return steps if return_all_steps else steps[-1]
 
+    def _read_as_is(self, j: int, x: torch.Tensor) -> bool:
+        """Whether modality j's encoder reads x itself at every step: no context, and x no features in
+        the parameters' dtype (token ids, or features its encoder casts). A floating x in that dtype
+        goes through its zero-width back-projection (a copy), so that the empty parameters get
+        gradients, as DistributedDataParallel expects of every parameter."""
+        return not self.context_dims[j] and (not x.is_floating_point() or
+                                             x.dtype != self.back_projections[j].weight.dtype)
+
     def _check_encoder_outputs(self, hs, xs, cause: Exception) -> None:
         for j, (h, x, width) in enumerate(zip(hs, xs, self.fusion_head.in_dims)):
             if not isinstance(h, torch.Tensor) or h.dim() != 2 or h.shape != (x.shape[0], width):
@@ -1168,15 +1180,14 @@ class ProgressiveFusion(nn.Module):
     def _refine(self, hs, xs, hoisting, projections):
         """z from hs, and every encoder's input (or hoisted first layer's output) for the next step."""
         head, bps = self.fusion_head, self.back_projections
-        plain = [j for j, plan in enumerate(hoisting) if plan is None and xs[j].is_floating_point()]
+        plain = [j for j, plan in enumerate(hoisting) if plan is None and not self._read_as_is(j, xs[j])]
         if len(projections) == len(xs) and len({bp.activation for bp in bps}) == 1:  # every encoder hoisted: one op (launch)
             ps, context_weights = zip(*(projections[j] for j in range(len(xs))))
             return ops.refine_step_hoisted(
                 hs, head.weight, head.bias, list(ps), [bp.weight for bp in bps], [bp.bias for bp in bps],
                 list(context_weights), head.activation, bps[0].activation, [plan.activation for plan in hoisting],
                 backend=self.backend)
-        # Inputs without context that are no features (token ids) are read as they are at every step.
-        inputs = [x if plan is None and not x.is_floating_point() else None for x, plan in zip(xs, hoisting)]
+        inputs = [x if plan is None and self._read_as_is(j, x) else None for j, (x, plan) in enumerate(zip(xs, hoisting))]
         if plain and len({bps[j].activation for j in plain}) == 1:
             z, outs = ops.refine_step(
                 hs, head.weight, head.bias, [xs[j] for j in plain], [bps[j].weight for j in plain],

@@ -325,6 +325,65 @@ def test_a_modality_without_context_takes_token_ids(hoist, backend):
     assert torch.equal(ids, ids.clone())  # (never written)
 
 
+class CastingEncoder(nn.Module):
+    """Features stored in another dtype, cast by the encoder itself; records what it was given."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.fc = nn.Linear(in_dim, out_dim)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x)
+        return torch.tanh(self.fc(x.float())).mean(1)
+
+
+@pytest.mark.parametrize("hoist", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_a_modality_without_context_takes_features_of_another_dtype(hoist, dtype):
+    """context_dims[j] = 0: features in another dtype than the parameters' (stored in half, cast by
+    the encoder) go to the encoder as they are, at every step; against the method by hand."""
+    torch.manual_seed(0)
+    encoders = [CastingEncoder(5, 6), nn.Sequential(nn.Linear(3 + 4, 8), nn.Tanh())]
+    model = ProgressiveFusion(encoders, [6, 8], 5, [0, 4], iterations=3, hoist=hoist)
+    a, x = torch.randn(6, 9, 5, dtype=dtype), torch.randn(6, 3)
+    head, bp = model.fusion_head, model.back_projections[1]
+
+    def by_hand():
+        c = torch.zeros(6, 4)
+        for _ in range(3):
+            hs = [encoders[0](a), encoders[1](torch.cat([x, c], -1))]
+            z = torch.relu(nn.functional.linear(torch.cat(hs, -1), head.weight, head.bias))
+            c = torch.relu(nn.functional.linear(z, bp.weight, bp.bias))
+        return z
+
+    got = model([a, x])
+    assert len(encoders[0].seen) == 3 and all(seen is a for seen in encoders[0].seen)
+    want = by_hand()
+    torch.testing.assert_close(got, want)
+    params = [p for p in model.parameters() if p.numel()]
+    for g, w in zip(torch.autograd.grad(got.square().sum(), params), torch.autograd.grad(want.square().sum(), params)):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("hoist", [True, False])
+def test_inputs_made_under_inference_mode_train(hoist):
+    """Features of a frozen encoder made under torch.inference_mode: a hoisted first Linear keeps
+    x for its backward, where the unhoisted one kept its concat; both train as the model by hand."""
+    torch.manual_seed(0)
+    model = ProgressiveFusion([nn.Sequential(nn.Linear(5 + 3, 16), nn.ReLU()), PooledMLP(4 + 2, 7)],
+                              [16, 7], 8, [3, 2], iterations=2, hoist=hoist)
+    assert model.hoisted == ((0, 1) if hoist else ())
+    with torch.inference_mode():
+        xs = [torch.randn(4, 5), torch.randn(4, 6, 4)]
+    reference = copy.deepcopy(model)
+    reference.hoist = False
+    got = torch.autograd.grad(model(xs).square().sum(), list(model.parameters()))
+    want = torch.autograd.grad(reference([x.clone() for x in xs]).square().sum(), list(reference.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 def test_integer_input_of_a_modality_with_context_is_refused_by_name():
     model = ProgressiveFusion([TokenEncoder(20, 6), TokenEncoder(20, 6)], [6, 6], 5, [0, 2])
     ids = torch.randint(0, 20, (6, 9))
