@@ -168,3 +168,45 @@ def test_inputs_made_under_inference_mode_train_as_in_eager(backend, dtype):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         else:  # bf16: each rounds its intermediates its own way; the whole tensor agrees
             assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 2e-2
+
+
+def _each_op(backend):
+    """Every op on small fp64 inputs, as functions of one weight (for grad/jacrev/jvp) and of x or z."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    x, z, w, b = r(3, 4, 5), r(3, 6), r(2, 6), r(2)
+    hs, head_w = [r(3, 4), r(3, 2)], r(6, 6)
+    p, proj = r(3, 4, 7), r(7, 2)
+    return {
+        "backproj_concat": (lambda w_: pk.backproj_concat(x, z, w_, b, "tanh", backend=backend), w),
+        "backproj_concat_grouped": (lambda w_: torch.cat([o.flatten() for o in pk.backproj_concat_grouped(
+            [x, x[:, 0]], z, [w_, w_], [b, None], "gelu", backend=backend)]), w),
+        "fusion_head": (lambda w_: pk.fusion_head(hs, w_, None, "sigmoid", backend=backend), head_w),
+        "refine_step": (lambda w_: pk.refine_step(hs, head_w, None, [x], [w_], [b], backend=backend)[1][0], w),
+        "context_linear": (lambda w_: pk.context_linear(p, z, w_, b, proj, "relu", "tanh", backend=backend), w),
+        "refine_step_hoisted": (lambda w_: pk.refine_step_hoisted(hs, head_w, None, [p], [w_], [b], [proj],
+                                                                  backend=backend)[1][0], w),
+    }
+
+
+@pytest.mark.parametrize("op", list(_each_op("auto")))
+def test_auto_serves_torch_func_transforms_with_the_plain_ops(op):
+    """The fused backends' autograd cannot run under torch.func; auto hands those calls to torch."""
+    (fused, w), (plain, _) = _each_op("auto")[op], _each_op("torch")[op]
+    tangent = torch.randn_like(w)
+    with torch.no_grad():  # outside a transform, auto takes a fused kernel where it has one
+        torch.testing.assert_close(fused(w), plain(w))
+    torch.testing.assert_close(torch.func.jacrev(fused)(w), torch.func.jacrev(plain)(w))
+    torch.testing.assert_close(torch.func.grad(lambda w_: fused(w_).square().sum())(w),
+                               torch.func.grad(lambda w_: plain(w_).square().sum())(w))
+    torch.testing.assert_close(torch.func.jvp(fused, (w,), (tangent,)), torch.func.jvp(plain, (w,), (tangent,)))
+    ws = torch.stack([w, 2 * w, -w])
+    torch.testing.assert_close(torch.func.vmap(fused)(ws), torch.func.vmap(plain)(ws))
+
+
+def test_a_fused_backend_named_under_a_transform_raises():
+    if not pk.available_backends()["cpu"]["available"]:
+        pytest.skip("the cpu backend is not built here")
+    fused, w = _each_op("cpu")["backproj_concat"]
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(lambda w_: fused(w_).sum())(w)

@@ -424,3 +424,20 @@ def test_short_training_run_fits():
         opt.step()
         loss0 = loss0 if loss0 is not None else loss.item()
     assert loss.item() < 0.3 * loss0, f"loss {loss0:.4f} -> {loss.item():.4f}"
+
+
+@pytest.mark.parametrize("hoist", [True, False])
+def test_torch_func_grad_of_the_model_equals_autograd_on_the_plain_ops(hoist):
+    """torch.func.grad over functional_call (meta-learning, per-sample gradients): `auto` serves the
+    calls inside the transform with the plain ops, which the fused backends' autograd cannot."""
+    torch.manual_seed(0)
+    model = make_model()
+    model.hoist = hoist
+    reference = make_model(backend="torch")
+    reference.load_state_dict(model.state_dict())
+    xs = make_inputs()
+    params = dict(model.named_parameters())
+    got = torch.func.grad(lambda p: torch.func.functional_call(model, (p,), (xs,)).square().sum())(params)
+    want = torch.autograd.grad(reference(xs).square().sum(), list(reference.parameters()))
+    for name, w in zip(params, want):
+        torch.testing.assert_close(got[name], w, msg=name)
