@@ -273,6 +273,19 @@ class _Hoisting:
             and all(m.training is encoder.training or type(m) in _CONTAINERS  # traced in one mode
                     for m in self.moded)
 
+    def why_not_held(self, encoder: nn.Module) -> str:
+        """What broke holds_for(encoder), in words (for the notes; holds_for is the fast check)."""
+        if encoder is not self.encoder:
+            return "the encoder was replaced"
+        if type(self.linear) is not nn.Linear:
+            return "its hoisted Linear is no longer a plain nn.Linear (a parametrization?)"
+        if not all(parent._modules.get(name) is module and type(module) is kind
+                   for parent, name, module, kind in self.fused):
+            return "its hoisted Linear or fused activation was replaced or parametrized"
+        if _intercepted(self.skipped):
+            return "it, its first layer or a module traced through got hooks or a forward of its own"
+        return "a module whose mode its forward reads is in another mode than the encoder"
+
     def stale(self) -> bool:
         """The traced structure changed: a child of a traced-through module added, removed or
         replaced, or a value the trace holds as a constant (a plain attribute, a global, a class
@@ -1027,19 +1040,22 @@ class ProgressiveFusion(nn.Module):
         self._hoisting: Tuple[Optional[_Hoisting], ...] = tuple(p if isinstance(p, _Hoisting) else None for p in plans)
 
     def _status(self, j: int) -> Tuple[bool, str]:
-        """Whether encoder j runs hoisted now (a stale plan runs hoisted only once planned again, at
-        the next forward), and its note."""
+        """Whether encoder j runs hoisted now, and its note; a stale plan is made again first, as the
+        next forward would."""
         plan, encoder = self._plans[j], self.encoders[j]
         if not isinstance(plan, _Hoisting):
             return False, f"not hoisted: {plan}"
         if not implements(self.backend, "context_linear"):
             return False, f"not hoisted: backend {self.backend!r} has no context_linear"
         if not plan.holds_for(encoder):
-            return False, ("not hoisted: since it was planned, its hoisted Linear or fused activation was "
-                           "replaced or parametrized, it got hooks or an instance forward, or a module it "
-                           "reads the mode of is in another mode (set hoist = True to plan again)")
+            return False, f"not hoisted: since it was planned, {plan.why_not_held(encoder)} (set hoist = True to plan again)"
         if plan.stale():
-            return False, f"hoisted, {plan.activation} fused (its traced structure changed: planned again at the next forward)"
+            if torch.compiler.is_compiling():
+                return False, "not hoisted under torch.compile: its plan is stale (planned again outside)"
+            self._plan([j])  # as the next forward would
+            plan = self._plans[j]
+            if not isinstance(plan, _Hoisting):
+                return False, f"not hoisted: {plan}"
         return True, f"hoisted, {plan.activation} fused"
 
     @property

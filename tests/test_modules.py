@@ -403,9 +403,17 @@ def test_hoisting_notes_say_when_an_encoder_stops_running_hoisted():
     assert model.hoisted == (0, 1) and model.hoisting_notes[0] == "encoder 0: hoisted, relu fused"
     model.encoders[1][1] = nn.Sigmoid()  # the fused activation replaced
     assert model.hoisted == (0,) and "encoder 1: not hoisted" in model.hoisting_notes[1]
+    assert "fused activation was replaced" in model.hoisting_notes[1]
     model.backend = "cpu"
     model.hoist = True
     assert model.hoisting_notes[1] == "encoder 1: hoisted, sigmoid fused"
+    # A stale plan (the parameters' dtype changed) is made again when asked, as the next forward would:
+    # the notes and `hoisted` agree before that forward.
+    model.double()
+    assert model.hoisted == (0, 1) and model.hoisting_notes == ("encoder 0: hoisted, relu fused",
+                                                                "encoder 1: hoisted, sigmoid fused")
+    torch.nn.utils.parametrizations.weight_norm(model.encoders[0][0])
+    assert model.hoisted == (1,) and "parametrization" in model.hoisting_notes[0], model.hoisting_notes
 
 
 def test_short_training_run_fits():
