@@ -622,6 +622,10 @@ def _plan_tail(encoder: nn.Module, context_dim: int, through: frozenset):
         return _Into(first.target)
     if first is None or first.op != "call_module" or type(modules.get(first.target)) is not nn.Linear \
             or first.args != (inputs[0],) or first.kwargs:
+        module = modules.get(first.target) if first is not None and first.op == "call_module" else None
+        if isinstance(module, nn.Linear) and first.args == (inputs[0],) and not first.kwargs:
+            return (f"its first layer is a {type(module).__name__}, not a plain nn.Linear (a subclass or "
+                    f"a parametrization such as weight_norm may compute otherwise)")
         return "its input goes to something other than one nn.Linear"
     linear = modules[first.target]
     if linear.in_features <= context_dim:

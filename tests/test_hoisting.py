@@ -103,6 +103,8 @@ def test_detected_forms(encoder, expected):
     (nn.Sequential(MyLinear(7, 4), nn.ReLU()), "something other than one nn.Linear"),
     (nn.Linear(3, 4), "3 <= context_dims"),
     (nn.GRU(7, 4, batch_first=True), "torch.fx cannot trace"),
+    (nn.Sequential(torch.nn.utils.parametrizations.weight_norm(nn.Linear(7, 4)), nn.ReLU()),
+     "its first layer is a ParametrizedLinear, not a plain nn.Linear"),
 ])
 def test_forms_left_alone(encoder, reason):
     plan = plan_hoisting(encoder, 3)
