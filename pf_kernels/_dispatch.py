@@ -141,6 +141,7 @@ def _refusal(backend: Backend, op: str, device: torch.device, dtype: torch.dtype
 
 _RESOLVED: Dict[tuple, str] = {}
 _transform_active = torch._C._functorch.peek_interpreter_stack
+_DIFFERENTIATING = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
 
 # Lists opened by benchmarks.proof.record_backend_choice: every resolved name is appended to each.
 # resolve_backend's body is never traced (assume_constant_result), so opening one changes nothing a
@@ -155,13 +156,18 @@ def resolve_backend(backend: str, op: str, device: torch.device, dtype: torch.dt
     """The name of the backend that serves `op` on tensors of this device and dtype."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    if backend == "auto" and _transform_active() is not None:
+    transform = _transform_active()
+    if transform is not None and backend != "torch":
         # Inside torch.func.grad / vmap / jacrev / jvp: the fused backends' autograd (a C++ or a
         # custom autograd.Function without vmap or jvp rules) cannot serve, the plain ops can.
-        name = "torch"
-        for listener in _resolution_listeners:
-            listener.append(name)
-        return name
+        if backend == "auto":
+            for listener in _resolution_listeners:
+                listener.append("torch")
+            return "torch"
+        if transform.key() in _DIFFERENTIATING:
+            raise RuntimeError(f"{op}: backend {backend!r} cannot run inside torch.func's grad, jacrev, vjp or "
+                               f"jvp (its autograd is its kernels' own); use backend='torch', or 'auto', which "
+                               f"serves such calls with it")
     # Memoised: what a backend serves does not change within a process, only the environment can
     # (TRITON_INTERPRET is read once: triton itself reads it when triton.language is imported).
     key = (backend, env_backend() if backend == "auto" else None, op, device, dtype)

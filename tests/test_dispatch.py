@@ -208,5 +208,9 @@ def test_a_fused_backend_named_under_a_transform_raises():
     if not pk.available_backends()["cpu"]["available"]:
         pytest.skip("the cpu backend is not built here")
     fused, w = _each_op("cpu")["backproj_concat"]
-    with pytest.raises(RuntimeError, match="functorch transforms"):
-        torch.func.grad(lambda w_: fused(w_).sum())(w)
+    for transform in (lambda f: torch.func.grad(lambda w_: f(w_).sum()), torch.func.jacrev,
+                      lambda f: (lambda w_: torch.func.jvp(f, (w_,), (w_,)))):
+        with pytest.raises(RuntimeError, match="backend 'cpu' cannot run inside torch.func's grad.*'torch'"):
+            transform(fused)(w)
+    torch.testing.assert_close(torch.func.vmap(fused)(torch.stack([w, -w])),  # PyTorch's per-sample fallback
+                               torch.func.vmap(_each_op("torch")["backproj_concat"][0])(torch.stack([w, -w])))
