@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 ENV_VAR = "PF_KERNELS_BACKEND"
 
@@ -157,6 +158,8 @@ def resolve_backend(backend: str, op: str, device: torch.device, dtype: torch.dt
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     transform = _transform_active()
+    if backend == "auto" and _forward_ad._current_level >= 0:
+        transform = True  # inside forward_ad.dual_level(): dual tensors need jvp rules, which the fused ops lack
     if transform is not None and backend != "torch":
         # Inside torch.func.grad / vmap / jacrev / jvp: the fused backends' autograd (a C++ or a
         # custom autograd.Function without vmap or jvp rules) cannot serve, the plain ops can.

@@ -12,6 +12,7 @@ import contextlib
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import _validation as checks
 from ._dispatch import env_backend, get_impl, resolve_backend
@@ -86,7 +87,7 @@ def _count_call(name: str) -> None:
 
 def _eager_for(backend):
     """The eager entry points where a call with this backend may take them, else None."""
-    if backend == "auto" and not _is_compiling() and env_backend() is None:
+    if backend == "auto" and not _is_compiling() and env_backend() is None and _forward_ad._current_level < 0:
         return _eager or _eager_ops() or None
     return None
 

@@ -214,3 +214,19 @@ def test_a_fused_backend_named_under_a_transform_raises():
             transform(fused)(w)
     torch.testing.assert_close(torch.func.vmap(fused)(torch.stack([w, -w])),  # PyTorch's per-sample fallback
                                torch.func.vmap(_each_op("torch")["backproj_concat"][0])(torch.stack([w, -w])))
+
+
+@pytest.mark.parametrize("op", list(_each_op("auto")))
+def test_auto_serves_dual_tensors_with_the_plain_ops(op):
+    """Forward-mode AD with dual tensors (torch.autograd.forward_ad): the fused ops have no jvp rule;
+    inside a dual level auto takes torch, and the tangent is torch's."""
+    import torch.autograd.forward_ad as fwAD
+    (fused, w), (plain, _) = _each_op("auto")[op], _each_op("torch")[op]
+    tangent = torch.randn_like(w)
+    got, want = [], []
+    for f, out in ((fused, got), (plain, want)):
+        with fwAD.dual_level():
+            primal, t = fwAD.unpack_dual(f(fwAD.make_dual(w, tangent)))
+            out += [primal, t]
+    assert got[1] is not None
+    torch.testing.assert_close(got, want)
