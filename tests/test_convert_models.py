@@ -226,6 +226,42 @@ def test_example_inputs_leave_the_model_as_it_was():
     assert model.calls == reference.calls == 2 and len(model.recent) == 2 and float(model.seen) == 10
     torch.testing.assert_close(model.target.weight, reference.target.weight)
     assert float(model.samples) == float(reference.samples) == 10
+    # The list it appends to is a new capture at every call (dynamo guards on its length): at
+    # torch.compile's recompile limit the plain forward runs, and the report says so.
+    for _ in range(8):
+        xs = [torch.randn(5, 3), torch.randn(5, 5)]
+        torch.testing.assert_close(model(xs), reference(xs))
+    assert "recompile limit" in str(report), str(report)
+
+
+class CountsItsCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoders = nn.ModuleList([nn.Linear(3, 4), nn.Linear(5, 4)])
+        self.head = nn.Linear(8, 6)
+        self.calls = 0
+
+    def forward(self, xs):
+        self.calls += 1
+        return torch.relu(self.head(torch.cat([self.encoders[j](x) for j, x in enumerate(xs)], -1)))
+
+
+@pytest.mark.parametrize("example", [True, False])
+def test_a_call_counter_is_not_a_new_capture_at_every_call(example):
+    # dynamo specialises on a module's int attributes: each call was a new capture, and from the
+    # recompile limit (8) on the plain forward ran, silently.
+    torch.manual_seed(0)
+    model = CountsItsCalls()
+    reference = copy.deepcopy(model)
+    xs = [torch.randn(5, 3), torch.randn(5, 5)]
+    _, report = pk.convert(model, example_inputs=(xs,) if example else None)
+    for _ in range(10):
+        with count_fused_calls() as calls:
+            torch.testing.assert_close(model(xs), reference(xs))
+        assert dict(calls) == {"fusion_head": 1}
+    assert model.calls == reference.calls == 10 and len(report.captures) <= 2, str(report)
+    # modules named as the model names them (dynamo's source names differ between captures)
+    assert "linear at head (" in str(report) and "__dict__" not in str(report) and "_modules" not in str(report)
 
 
 def test_without_example_inputs_the_first_call_captures_and_batch_sizes_vary():

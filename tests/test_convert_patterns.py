@@ -290,3 +290,14 @@ def test_models_of_one_class_with_other_sizes_are_each_captured_with_static_size
         assert report.counts == {"fusion_head": 2, "context_linear": 2, "x_projection": 2}, str(report)
         assert "static shapes" in report.captures[0], str(report)
         assert_same_model(reference, model, (xs,))
+
+
+@pytest.mark.parametrize("source,path", [
+    ("enc[0]", "enc.0"), ("__dict__['_modules']['enc'].0", "enc.0"), ("_modules['enc'][1].fc", "enc.1.fc"),
+    ("blocks['audio'].proj", "blocks.audio.proj"), ("head", "head"),
+])
+def test_module_paths_are_named_as_the_model_names_them(source, path):
+    # dynamo names a submodule by how the forward reached it: after a recapture, or through a
+    # comprehension, `__dict__['_modules']['enc'].0`; the report listed one site under two names
+    from pf_kernels.convert.patterns import _module_path
+    assert _module_path(source) == path

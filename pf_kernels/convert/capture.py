@@ -52,7 +52,8 @@ class _DynamoSettings:
     """
 
     def __init__(self, rnn: bool):
-        self.values = {"suppress_errors": True, "skip_nnmodule_hook_guards": False}
+        self.values = {"suppress_errors": True, "skip_nnmodule_hook_guards": False,
+                       "allow_unspec_int_on_nn_module": True}
         if rnn:
             self.values["allow_rnn"] = True
         self.saved = []
@@ -121,6 +122,7 @@ class ConvertedForward:
         functools.update_wrapper(self, self.original)  # its name, doc and signature
         self._compiled = None
         self._settings = None
+        self._calls_that_captured = 0
 
     def _setup(self):
         original = self.original
@@ -158,6 +160,14 @@ class ConvertedForward:
             self._compiled = None
             raise
         captured = len(self.report.captures) - before
+        if captured:
+            self._calls_that_captured += 1
+            if self._calls_that_captured == torch._dynamo.config.recompile_limit:
+                self.report.add_left_alone(
+                    f"{type(self.module).__name__}.forward was captured {self._calls_that_captured} times, "
+                    "torch.compile's recompile limit: from the next new capture on, the plain forward runs "
+                    "(something the forward changes at every call makes each call a new capture: a list it "
+                    "appends to, a tensor attribute it reassigns to a new shape; TORCH_LOGS=recompiles says what)")
         if captured > 1:
             self.report.add_left_alone(
                 f"torch.compile split {type(self.module).__name__}.forward into {captured} graphs (graph breaks; "

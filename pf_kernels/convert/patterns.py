@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
+import re
 from dataclasses import dataclass
 from collections import Counter
 from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
@@ -183,6 +184,14 @@ def is_fused_vector(node: fx.Node) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Describing nodes for the report
+def _module_path(source: str) -> str:
+    """'enc.0' from dynamo's source names of a submodule: `enc[0]`, or `__dict__['_modules']['enc'].0`
+    where the forward reached it another way (a recapture, a comprehension over the ModuleList)."""
+    source = re.sub(r"(?:__dict__\[(['\"])_modules\1\]|_modules)\[(['\"])([^'\"]+)\2\]", r".\3", source)
+    source = re.sub(r"\[(['\"]?)([^'\"\]]+)\1\]", r".\2", source)
+    return re.sub(r"\.{2,}", ".", source).strip(".")
+
+
 def where(node: fx.Node) -> str:
     """'module.path (file.py:line)' of the user code that made node."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -192,6 +201,7 @@ def where(node: fx.Node) -> str:
         # dynamo names the root L['self'] (or whatever forward's first parameter is called)
         if path.startswith("L['"):
             path = path.split("]", 1)[1].lstrip(".")
+        path = _module_path(path)
     trace = node.meta.get("stack_trace") or ""
     source = ""
     for line in reversed(trace.strip().splitlines()):
