@@ -443,3 +443,35 @@ def test_swap_into_model_program_runs(monkeypatch, capsys):
     assert "fused calls per forward: fusion_head 2, context_linear 1, backproj_concat 2" in out, out
     assert "x_projection: relu(linear(cat([x (B, 32), zeros], dim=1)))" in out, out
     assert "max |difference| to the unconverted model: output" in out
+
+
+class CheckpointedSteps(nn.Module):
+    """Each refinement step inside torch.utils.checkpoint (activation memory for compute)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.ModuleList([nn.Linear(6 + 3, 8), nn.Linear(4 + 3, 8)])
+        self.head = nn.Linear(16, 6)
+        self.back = nn.ModuleList([nn.Linear(6, 3), nn.Linear(6, 3)])
+
+    def step(self, xs, z):
+        hs = [torch.relu(self.enc[j](torch.cat([x, torch.relu(self.back[j](z)).unsqueeze(1).expand(-1, x.shape[1], -1)],
+                                                 -1))).mean(1) for j, x in enumerate(xs)]
+        return torch.relu(self.head(torch.cat(hs, -1)))
+
+    def forward(self, xs):
+        z = xs[0].new_zeros(xs[0].shape[0], 6)
+        for _ in range(2):
+            z = torch.utils.checkpoint.checkpoint(self.step, xs, z, use_reentrant=False)
+        return z
+
+
+def test_a_checkpointed_region_is_named_as_not_searched():
+    # its patterns are captured as one call of a subgraph: the report said "nothing to swap"
+    torch.manual_seed(0)
+    model = CheckpointedSteps()
+    reference = copy.deepcopy(model)
+    xs = [torch.randn(3, 5, 6), torch.randn(3, 5, 4)]
+    _, report = pk.convert(model, example_inputs=(xs,))
+    assert_same_model(reference, model, (xs,))
+    assert "torch.utils.checkpoint region" in str(report) and "not searched" in str(report), str(report)

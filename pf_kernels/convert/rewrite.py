@@ -10,7 +10,7 @@ from torch import fx
 from .. import ops
 from .._dispatch import implements
 from ..reference import apply_activation
-from .patterns import PATTERNS, GraphFacts, Match, Miss, value
+from .patterns import PATTERNS, GraphFacts, Match, Miss, value, where
 from .report import ConversionReport
 
 
@@ -141,6 +141,10 @@ def rewrite_graph(gm: fx.GraphModule, calls: FusedCalls, report: ConversionRepor
     left.sort(key=lambda t: order[t[0]])
     for (pivot, formula, site, reason), suffix in _numbered(left, lambda t: (t[1], t[2], t[3])):
         report.add_left_alone(f"{formula} | {site}{suffix}: not swapped: {reason}")
+    for node in graph.nodes:  # a region captured as one call of a subgraph, which is not searched
+        if node.op == "call_function" and "checkpoint" in getattr(node.target, "__name__", ""):
+            report.add_left_alone(f"torch.utils.checkpoint region | {where(node)}: not searched: a pattern "
+                                  "inside it is left as it is")
     if kept:
         backup = fx.Graph()
         backup.graph_copy(graph, {})
