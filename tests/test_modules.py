@@ -284,6 +284,27 @@ def test_a_modality_with_context_dim_0_reads_its_input_unchanged(hoisting, backe
     model.load_state_dict(ProgressiveFusion([copy.deepcopy(e) for e in encoders], [6, 7, 8], 9, [3, 0, 4]).state_dict())
 
 
+def assert_no_context_modality_by_hand(model, first, x):
+    """model: ProgressiveFusion, R=3, relu head and back-projections, modality 0 without context,
+    modality 1 a vector with 4 context features; its output and parameters' gradients against the
+    method written out by hand (the first input read as it is at every step)."""
+    encoders, head, bp = model.encoders, model.fusion_head, model.back_projections[1]
+
+    def by_hand():
+        c = torch.zeros(x.shape[0], 4)
+        for _ in range(3):
+            hs = [encoders[0](first), encoders[1](torch.cat([x, c], -1))]
+            z = torch.relu(nn.functional.linear(torch.cat(hs, -1), head.weight, head.bias))
+            c = torch.relu(nn.functional.linear(z, bp.weight, bp.bias))
+        return z
+
+    got, want = model([first, x]), by_hand()
+    torch.testing.assert_close(got, want)
+    params = [p for p in model.parameters() if p.numel()]
+    for a, b in zip(torch.autograd.grad(got.square().sum(), params), torch.autograd.grad(want.square().sum(), params)):
+        torch.testing.assert_close(a, b)
+
+
 class TokenEncoder(nn.Module):
     """Token ids (B, T) -> (B, H): an embedding, then the mean over tokens."""
 
@@ -305,21 +326,7 @@ def test_a_modality_without_context_takes_token_ids(hoist, backend):
     model = ProgressiveFusion(encoders, [6, 8], 5, [0, 4], iterations=3, backend=backend, hoist=hoist)
     assert model.hoisted == ((1,) if hoist else ())
     ids, x = torch.randint(0, 20, (6, 9)), torch.randn(6, 3)
-    head, bp = model.fusion_head, model.back_projections[1]
-
-    def by_hand():
-        c = torch.zeros(6, 4)
-        for _ in range(3):
-            hs = [encoders[0](ids), encoders[1](torch.cat([x, c], -1))]
-            z = torch.relu(nn.functional.linear(torch.cat(hs, -1), head.weight, head.bias))
-            c = torch.relu(nn.functional.linear(z, bp.weight, bp.bias))
-        return z
-
-    got, want = model([ids, x]), by_hand()
-    torch.testing.assert_close(got, want)
-    params = [p for p in model.parameters() if p.numel()]
-    for a, b in zip(torch.autograd.grad(got.square().sum(), params), torch.autograd.grad(want.square().sum(), params)):
-        torch.testing.assert_close(a, b)
+    assert_no_context_modality_by_hand(model, ids, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model([ids, x]).shape == (6, 5)
     assert torch.equal(ids, ids.clone())  # (never written)
@@ -347,23 +354,8 @@ def test_a_modality_without_context_takes_features_of_another_dtype(hoist, dtype
     encoders = [CastingEncoder(5, 6), nn.Sequential(nn.Linear(3 + 4, 8), nn.Tanh())]
     model = ProgressiveFusion(encoders, [6, 8], 5, [0, 4], iterations=3, hoist=hoist)
     a, x = torch.randn(6, 9, 5, dtype=dtype), torch.randn(6, 3)
-    head, bp = model.fusion_head, model.back_projections[1]
-
-    def by_hand():
-        c = torch.zeros(6, 4)
-        for _ in range(3):
-            hs = [encoders[0](a), encoders[1](torch.cat([x, c], -1))]
-            z = torch.relu(nn.functional.linear(torch.cat(hs, -1), head.weight, head.bias))
-            c = torch.relu(nn.functional.linear(z, bp.weight, bp.bias))
-        return z
-
-    got = model([a, x])
-    assert len(encoders[0].seen) == 3 and all(seen is a for seen in encoders[0].seen)
-    want = by_hand()
-    torch.testing.assert_close(got, want)
-    params = [p for p in model.parameters() if p.numel()]
-    for g, w in zip(torch.autograd.grad(got.square().sum(), params), torch.autograd.grad(want.square().sum(), params)):
-        torch.testing.assert_close(g, w)
+    assert_no_context_modality_by_hand(model, a, x)
+    assert len(encoders[0].seen) == 6 and all(seen is a for seen in encoders[0].seen)
 
 
 @pytest.mark.parametrize("hoist", [True, False])
