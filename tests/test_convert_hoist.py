@@ -32,9 +32,10 @@ class PlainProgressive(nn.Module):
     zeros. reverse: cat([context, x]). vary_x: each step reads its own x (x * step), nothing shared."""
 
     def __init__(self, dims=(6, 5, 4), contexts=(3, 2, 4), hidden=8, out=7, fused=5, steps=3,
-                 activation=nn.ReLU, bias=True, reverse=False, vary_x=False):
+                 activation=nn.ReLU, bias=True, reverse=False, vary_x=False, zeros="new_zeros"):
         super().__init__()
         self.contexts, self.steps, self.reverse, self.vary_x = contexts, steps, reverse, vary_x
+        self.zeros = zeros
         self.encoders = nn.ModuleList(
             nn.Sequential(nn.Linear(d + c, hidden, bias=bias), activation(), nn.Linear(hidden, out))
             for d, c in zip(dims, contexts))
@@ -48,7 +49,12 @@ class PlainProgressive(nn.Module):
             for j, x in enumerate(xs):
                 if self.vary_x:
                     x = x * (step + 1)
-                if z is None:
+                if z is None and self.zeros == "repeat":
+                    context = torch.zeros_like(x[..., :1]).repeat(*[1] * (x.dim() - 1), self.contexts[j])
+                elif z is None and self.zeros == "expand":
+                    context = x.new_zeros(x.shape[0], *[1] * (x.dim() - 2), self.contexts[j]).expand(
+                        *x.shape[:-1], -1)
+                elif z is None:
                     context = x.new_zeros(*x.shape[:-1], self.contexts[j])
                 else:
                     context = torch.relu(self.back[j](z))
@@ -103,6 +109,15 @@ def test_x_projection_is_computed_once_per_modality(backend, projections):
     assert sorted(id(w) for _, w in projections) == sorted(id(w) for w in firsts)
     assert sum("x's projection computed once for 3 sites" in line for line in report.replaced) == 9, str(report)
     assert any("W[:, 0:6], b" in line for line in report.replaced), str(report)
+
+
+@pytest.mark.parametrize("zeros", ["repeat", "expand"])
+def test_a_zero_context_reshaped_or_repeated_is_still_zeros(zeros, projections):
+    # zeros_like(x[..., :1]).repeat(1, 1, C): step 1 was read as a fusion head over positions, with
+    # x's projection of its own (not shared with the later steps) and nothing in the report
+    model = PlainProgressive(zeros=zeros)
+    _convert_and_check(model, {"x_projection": 3, "context_linear": 6, "fusion_head": 3},
+                       BACKENDS[-1], projections, projections_per_forward=3)
 
 
 def test_two_steps_two_modalities_vector_shared_by_its_zero_step():

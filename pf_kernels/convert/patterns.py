@@ -725,12 +725,19 @@ _ZEROS_FUNCTIONS = {torch.zeros, torch.zeros_like}
 
 
 def _is_zeros(node: fx.Node) -> bool:
-    """torch.zeros(...), torch.zeros_like(t) or t.new_zeros(...) that only cats read (nothing writes
-    into it in place): a context that is all zeros."""
-    return isinstance(node, fx.Node) and value(node) is not None and (
-        node.op == "call_function" and node.target in _ZEROS_FUNCTIONS or
-        node.op == "call_method" and node.target == "new_zeros") and \
-        all(as_cat(user) is not None for user in node.users)
+    """torch.zeros(...), torch.zeros_like(t) or t.new_zeros(...), or such a tensor reshaped,
+    expanded or repeated (`zeros_like(x[..., :1]).repeat(1, 1, C)`), that only cats read, each step
+    of the way read by the next alone (nothing writes into it in place): a context of zeros."""
+    if not (isinstance(node, fx.Node) and value(node) is not None
+            and all(as_cat(user) is not None for user in node.users)):
+        return False
+    while node.args and (node.op == "call_method" and node.target in _BROADCAST_METHODS or
+                         node.op == "call_function" and node.target in _BROADCAST_FUNCTIONS):
+        node = node.args[0]
+        if not isinstance(node, fx.Node) or len(node.users) != 1:
+            return False
+    return node.op == "call_function" and node.target in _ZEROS_FUNCTIONS or \
+        node.op == "call_method" and node.target == "new_zeros"
 
 
 class SharedProjection:
