@@ -136,6 +136,8 @@ def test_an_x_that_differs_per_step_is_not_shared(projections):
     report = _convert_and_check(model, {"x_projection": 2, "context_linear": 4, "fusion_head": 6},
                                 BACKENDS[-1], projections, projections_per_forward=6)
     assert not any("computed once" in line for line in report.replaced), str(report)
+    hoisted = [line for line in report.replaced if "x_projection" in line or "context_linear" in line]
+    assert hoisted and all("computed for this site alone" in line for line in hoisted), str(report)
 
 
 def test_context_first_slices_the_weight_the_other_way(projections):

@@ -131,7 +131,9 @@ def rewrite_graph(gm: fx.GraphModule, calls: FusedCalls, report: ConversionRepor
     counts = Counter(m.op for m in kept)
     sharers = Counter(m.shared for m in kept if m.shared is not None)
     for m, suffix in _numbered(sorted(kept, key=lambda m: order[m.pivot]), lambda m: (m.op, m.where)):
-        shared = f"; x's projection computed once for {sharers[m.shared]} sites" if sharers[m.shared] > 1 else ""
+        shared = "" if m.shared is None else f"; x's projection computed once for {sharers[m.shared]} sites" \
+            if sharers[m.shared] > 1 else ("; x's projection computed for this site alone (no other step reads "
+                                            "the same x in the same grad mode, with no write into it between)")
         report.add_replaced(m.op, f"{m.op}: {m.formula} | {m.where}{suffix}{shared}")
     left = [(m.pivot, m.formula, m.where,
              f"read as {w.op} instead ({w.where}), which fuses {w.score} ops to this reading's "
