@@ -10,6 +10,7 @@ ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")
 
 _ACTIVATION_SET = frozenset(ACTIVATIONS)
 _Tensor = torch.Tensor
+_STRIDED = torch.strided  # (the fast paths check the data tensors' layout, not the parameters')
 
 
 # Fast paths: valid calls (nearly all of them) pass these few attribute checks and return; only
@@ -29,6 +30,8 @@ def _backproj_ok(x, z, weight, bias, activation) -> bool:
     if not _activation_ok(activation) or not isinstance(x, _Tensor) or not isinstance(z, _Tensor):
         return False
     dtype, device = x.dtype, x.device
+    if z.layout is not _STRIDED:
+        return False
     z_shape = z.shape
     if not dtype.is_floating_point or z.dtype is not dtype or z.device != device or len(z_shape) != 2:
         return False
@@ -38,7 +41,7 @@ def _backproj_ok(x, z, weight, bias, activation) -> bool:
 def _projection_ok(x, batch, dz, dtype, device, weight, bias) -> bool:
     """x (batch, *positions, D) of this dtype and device, read with a back-projection (weight, bias)
     of a z (batch, dz)."""
-    if not isinstance(x, _Tensor) or x.dtype is not dtype or x.device != device:
+    if not isinstance(x, _Tensor) or x.dtype is not dtype or x.device != device or x.layout is not _STRIDED:
         return False
     x_shape = x.shape
     return len(x_shape) >= 2 and x_shape[0] == batch and _linear_ok(weight, bias, dz, dtype, device)
@@ -91,12 +94,14 @@ def _fusion_head_ok(hs, weight, bias, activation) -> bool:
     if not _activation_ok(activation) or (type(hs) is not list and type(hs) is not tuple) or not hs or not isinstance(hs[0], _Tensor):
         return False
     first = hs[0]
+    if first.layout is not _STRIDED:
+        return False
     dtype, device, shape = first.dtype, first.device, first.shape
     if not dtype.is_floating_point or len(shape) != 2:
         return False
     batch, in_features = shape
     for h in hs[1:]:
-        if not isinstance(h, _Tensor) or h.dtype is not dtype or h.device != device:
+        if not isinstance(h, _Tensor) or h.dtype is not dtype or h.device != device or h.layout is not _STRIDED:
             return False
         shape = h.shape
         if len(shape) != 2 or shape[0] != batch:
@@ -124,6 +129,9 @@ def check_activation(activation, name: str = "activation") -> None:
 def check_tensor(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested or t.layout is not _STRIDED:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got "
+                        f"{'a nested tensor' if t.is_nested else f'layout {t.layout}'}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
 
@@ -170,8 +178,11 @@ def _check_sequence(seq, name: str, what: str) -> list:
 def check_backproj_concat(x, z, weight, bias, activation, what: str = "backproj_concat",
                           x_name: str = "x", weight_name: str = "weight", bias_name: str = "bias",
                           z_name: str = "z", activation_name: str = "activation") -> None:
-    if _backproj_ok(x, z, weight, bias, activation):
-        return
+    try:
+        if _backproj_ok(x, z, weight, bias, activation):
+            return
+    except RuntimeError:  # a nested tensor has no sizes: the checks below name it
+        pass
     check_tensor(x, x_name)
     check_tensor(z, z_name)
     if x.dim() < 2:
@@ -202,8 +213,11 @@ def _check_hs(hs, what: str) -> List[torch.Tensor]:
 def check_fusion_head(hs, weight, bias, activation, what: str = "fusion_head",
                       weight_name: str = "weight", bias_name: str = "bias",
                       activation_name: str = "activation") -> None:
-    if _fusion_head_ok(hs, weight, bias, activation):
-        return
+    try:
+        if _fusion_head_ok(hs, weight, bias, activation):
+            return
+    except RuntimeError:  # a nested tensor has no sizes: the checks below name it
+        pass
     hs = _check_hs(hs, what)
     in_features = sum(h.shape[1] for h in hs)
     widths = "+".join(str(h.shape[1]) for h in hs)
@@ -257,8 +271,11 @@ def check_refine_step(hs, head_weight, head_bias, xs, bp_weights, bp_biases,
                       head_activation, backproj_activation) -> List[Optional[torch.Tensor]]:
     """Checks the head and the back-projections; returns bp_biases as a list."""
     what = "refine_step"
-    if _step_ok(hs, head_weight, head_bias, head_activation, backproj_activation, xs, bp_weights, bp_biases):
-        return [None] * len(xs) if bp_biases is None else list(bp_biases)
+    try:
+        if _step_ok(hs, head_weight, head_bias, head_activation, backproj_activation, xs, bp_weights, bp_biases):
+            return [None] * len(xs) if bp_biases is None else list(bp_biases)
+    except RuntimeError:  # a nested tensor has no sizes: the checks below name it
+        pass
     check_fusion_head(hs, head_weight, head_bias, head_activation, what,
                       "head_weight", "head_bias", "head_activation")
     xs, z_like = _step_inputs(hs, head_weight, xs, "xs", what)
@@ -271,8 +288,11 @@ def check_context_linear(p, z, bp_weight, bp_bias, proj_weight, activation, out_
                          bp_bias_name: str = "bp_bias", proj_weight_name: str = "proj_weight",
                          out_activation_name: str = "out_activation", z_name: str = "z",
                          activation_name: str = "activation") -> None:
-    if _context_linear_ok(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation):
-        return
+    try:
+        if _context_linear_ok(p, z, bp_weight, bp_bias, proj_weight, activation, out_activation):
+            return
+    except RuntimeError:  # a nested tensor has no sizes: the checks below name it
+        pass
     check_tensor(p, p_name)
     if p.dim() < 2:
         raise ValueError(f"{what}: {p_name} must be (B, *positions, H) with at least 2 dims, got {_describe(p)}")
@@ -293,11 +313,14 @@ def check_refine_step_hoisted(hs, head_weight, head_bias, ps, bp_weights, bp_bia
     """Checks the head and every modality's context_linear; returns (bp_biases, out_activations)
     as lists (None -> all None; one str -> that str for every modality)."""
     what = "refine_step_hoisted"
-    if _step_ok(hs, head_weight, head_bias, head_activation, backproj_activation, ps, bp_weights, bp_biases,
-                True, proj_weights, out_activations):
-        n = len(ps)
-        return ([None] * n if bp_biases is None else list(bp_biases),
-                [out_activations] * n if isinstance(out_activations, str) else list(out_activations))
+    try:
+        if _step_ok(hs, head_weight, head_bias, head_activation, backproj_activation, ps, bp_weights, bp_biases,
+                    True, proj_weights, out_activations):
+            n = len(ps)
+            return ([None] * n if bp_biases is None else list(bp_biases),
+                    [out_activations] * n if isinstance(out_activations, str) else list(out_activations))
+    except RuntimeError:  # a nested tensor has no sizes: the checks below name it
+        pass
     check_fusion_head(hs, head_weight, head_bias, head_activation, what,
                       "head_weight", "head_bias", "head_activation")
     ps, z_like = _step_inputs(hs, head_weight, ps, "ps", what)

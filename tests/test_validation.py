@@ -207,3 +207,25 @@ def test_the_fast_step_check_agrees_with_the_full_one(monkeypatch, hoisted):
             assert full() == full_result, name  # the fast path returns what the full checks return
         agreed.append(full_ok)
     assert any(agreed) and not all(agreed)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_sparse_and_nested_inputs_are_refused_by_name(backend):
+    # (the data tensors; parameters are not checked for it on the fast path) they reached the kernels: "Could not run 'pf_kernels::backproj_concat' with arguments from the
+    # 'SparseCPU' backend", "NestedTensorImpl doesn't support sizes. Please file an issue."
+    x, z, w, b = torch.randn(2, 3, 4), torch.randn(2, 5), torch.randn(6, 5), torch.randn(6)
+    nested = torch.nested.nested_tensor([torch.randn(3, 4), torch.randn(2, 4)], layout=torch.jagged)
+    strided_nested = torch.nested.nested_tensor([torch.randn(3, 4), torch.randn(2, 4)])
+    for args, name, got in [((x.to_sparse(), z, w, b), "x", "layout torch.sparse_coo"),
+                            ((x, z.to_sparse_csr(), w, b), "z", "layout torch.sparse_csr"),
+                            ((nested, z, w, b), "x", "a nested tensor"),
+                            ((strided_nested, z, w, b), "x", "a nested tensor")]:
+        with pytest.raises(TypeError, match=f"{name} must be a dense \\(strided\\) tensor, got {got}"):
+            pk.backproj_concat(*args, backend=backend)
+    h = torch.randn(2, 4)
+    with pytest.raises(TypeError, match=r"hs\[1\] must be a dense \(strided\) tensor"):
+        pk.fusion_head([h, h.to_sparse()], torch.randn(3, 8), None, backend=backend)
+    with pytest.raises(TypeError, match="p must be a dense"):
+        pk.context_linear(torch.randn(2, 3, 7).to_sparse(), z, w, b, torch.randn(7, 6), backend=backend)
+    with pytest.raises(TypeError, match=r"xs\[0\] must be a dense"):
+        pk.refine_step([h], torch.randn(5, 4), None, [strided_nested], [w], [b], backend=backend)
