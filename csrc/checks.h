@@ -57,8 +57,9 @@ inline int64_t check_fusion_head(at::TensorList hs, const at::Tensor& weight,
   for (size_t j = 0; j < hs.size(); ++j) {
     const std::string name = "hs[" + std::to_string(j) + "]";
     check_like(hs[j], hs[0], name.c_str(), "hs[0]");
-    TORCH_CHECK(hs[j].dim() == 2 && hs[j].size(0) == hs[0].size(0), "pf_kernels: ", name,
-                " must be (B, D) with B = ", hs[0].size(0), ", got ", hs[j].sizes());
+    TORCH_CHECK(hs[j].dim() == 2, "pf_kernels: ", name, " must be 2-D (B, D), got ", hs[j].sizes());
+    TORCH_CHECK(hs[j].size(0) == hs[0].size(0), "pf_kernels: ", name, " has batch size ", hs[j].size(0),
+                " but hs[0] has ", hs[0].size(0));
     in += hs[j].size(1);
   }
   check_linear(weight, bias, in, hs[0], "hs[0]");

@@ -132,6 +132,10 @@ def test_direct_calls_of_the_cpp_ops_check_their_arguments():
         ops.fusion_head([], w, None, "relu")
     with pytest.raises(RuntimeError, match="weight"):
         ops.fusion_head([torch.randn(2, 3)], w, None, "relu")
+    with pytest.raises(RuntimeError, match=r"hs\[0\] must be 2-D \(B, D\), got \[5\]"):  # (it said "B = 5")
+        ops.fusion_head([torch.randn(5)], w, None, "relu")
+    with pytest.raises(RuntimeError, match=r"hs\[1\] has batch size 3 but hs\[0\] has 2"):
+        ops.fusion_head([torch.randn(2, 2), torch.randn(3, 3)], w, None, "relu")
     with pytest.raises(RuntimeError, match="grad_out"):
         ops.backproj_concat_backward(torch.randn(2, 3, 9), torch.randn(2, 6), z, w, None, "relu", 4)
     with pytest.raises(RuntimeError, match="context must be"):
