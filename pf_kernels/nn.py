@@ -2,7 +2,9 @@
 between backends and with the plain-PyTorch modules they replace."""
 from __future__ import annotations
 
+import collections
 import dis
+import functools
 import inspect
 import math
 import operator
@@ -232,7 +234,9 @@ class _Hoisting:
                  tails: Optional[Dict[bool, fx.Graph]], fused: Dict[str, nn.Module],
                  traced: Sequence[Tuple[nn.Module, Tuple[str, ...], tuple]] = (),
                  fresh_first_input: bool = False,
-                 watched: Sequence[Tuple[nn.Module, tuple]] = (), moded: Sequence[nn.Module] = ()):
+                 watched: Sequence[Tuple[nn.Module, tuple]] = (), moded: Sequence[nn.Module] = (),
+                 slots: Sequence[Tuple[nn.Module, str, bool]] = (),
+                 containers: Sequence[Tuple[nn.Module, tuple]] = ()):
         self.encoder = encoder
         self.linear = linear
         self.activation = activation
@@ -262,6 +266,11 @@ class _Hoisting:
         # branch the trace took (`if self.mask is not None`).
         self.unset = tuple((m, k) for m, _, _ in self.traced for d in (m._parameters, m._buffers)
                            for k, v in d.items() if v is None)
+        # (module, name, was None) of the parameters and buffers the traced code names on modules it
+        # does not go through (`if self.out.bias is not None`): one set to or from None plans again.
+        self.slots = tuple(slots)
+        # (ParameterList or ParameterDict, its parameters): a loop over one is unrolled by the trace.
+        self.containers = tuple(containers)
 
     def holds_for(self, encoder: nn.Module) -> bool:
         """Whether the hoisted path still computes encoder (stale() aside: that one plans again).
@@ -298,6 +307,14 @@ class _Hoisting:
                 return True
         for module, name in self.unset:
             if module._parameters.get(name) is not None or module._buffers.get(name) is not None:
+                return True
+        for module, name, was_none in self.slots:
+            values = module._parameters if name in module._parameters else module._buffers
+            if (values.get(name) is None) is not was_none:
+                return True
+        for module, parameters in self.containers:
+            now = module._parameters
+            if len(now) != len(parameters) or any(now.get(k) is not v for k, v in parameters):
                 return True
         for owner, attributes in self._attributes:
             current = owner.__dict__
@@ -660,7 +677,13 @@ def _plan_tail(encoder: nn.Module, context_dim: int, through: frozenset):
 _WITH_OPS = frozenset(["SETUP_WITH", "BEFORE_WITH", "SETUP_ASYNC_WITH", "BEFORE_ASYNC_WITH", "LOAD_SPECIAL"])
 _DRAWS = frozenset(["random", "rand", "randn", "randint", "randperm", "bernoulli", "bernoulli_", "multinomial",
                     "normal", "normal_", "uniform_", "exponential_", "geometric_", "cauchy_", "log_normal_",
-                    "random_", "poisson"])
+                    "random_", "poisson",
+                    # Python's random and numpy's generators (`from random import uniform`, self.rng.uniform)
+                    "uniform", "gauss", "normalvariate", "choice", "choices", "shuffle", "sample", "randrange",
+                    "integers", "standard_normal", "random_sample", "permutation", "binomial", "exponential"])
+# Methods that change a list, dict or set in place.
+_MUTATORS = frozenset(["append", "extend", "insert", "update", "setdefault", "pop", "popitem", "clear", "add",
+                       "discard", "remove", "appendleft", "extendleft", "__setitem__", "__delitem__"])
 
 
 _TYPE_TESTS = frozenset(["isinstance", "is_tensor"])
@@ -740,6 +763,13 @@ def _read_forwards(modules: Sequence[nn.Module], encoder: nn.Module) -> Tuple[Op
         if code is None or code in seen:
             continue
         seen.add(code)
+        for cell in getattr(function, "__closure__", None) or ():  # a decorator's wrapped function
+            try:
+                inner = cell.cell_contents
+            except ValueError:  # (an empty cell)
+                continue
+            if isinstance(inner, types.FunctionType) and _users_code(inner):
+                todo.append((inner, owner))
         namespace = getattr(function, "__globals__", {})
         home = sys.modules.get(namespace.get("__name__"))
         home = home if getattr(home, "__dict__", None) is namespace else None
@@ -748,11 +778,17 @@ def _read_forwards(modules: Sequence[nn.Module], encoder: nn.Module) -> Tuple[Op
             code = codes.pop()
             codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
             where = f"{owner}.{code.co_name}"
-            previous = None
+            previous, window = None, ()
             for i in dis.get_instructions(code):
                 if i.opname in _LOADS and previous is not None:
                     if i.argval == "training" and previous.opname in _LOADS:
                         names.add(f"{previous.argval}.training")
+                    elif i.argval == "training":  # self.training, a variable's (a loop's layer), or by an index
+                        by_name = previous.opname.startswith("LOAD_FAST") or previous.opname == "LOAD_DEREF"
+                        names.add(f"{previous.argval}.training" if by_name else "?.training")
+                    if i.argval == "forward" and previous.opname in _LOADS:
+                        return (f"{where} calls a module's forward directly ({previous.argval}.forward: the trace "
+                                f"goes into it, and what it reads is not watched)"), names, []
                     elif previous.opname == "LOAD_GLOBAL" and home is not None:
                         whole = home.__dict__.get(previous.argval)
                         if isinstance(whole, types.ModuleType) and _users_code(whole):
@@ -771,6 +807,13 @@ def _read_forwards(modules: Sequence[nn.Module], encoder: nn.Module) -> Tuple[Op
                 # trace runs: the traces' own writes into objects other than modules stay).
                 if i.opname in ("STORE_ATTR", "STORE_GLOBAL", "STORE_NAME"):
                     return f"{where} sets attributes ({i.argval})", names, []
+                # A global list, dict or set written (a log, stats): the trace would write proxies into it.
+                container = window[-1] if i.opname in _LOADS and i.argval in _MUTATORS else \
+                    window[0] if i.opname in ("STORE_SUBSCR", "DELETE_SUBSCR") and len(window) == 2 else None
+                if container is not None and container.opname in ("LOAD_GLOBAL", "LOAD_NAME") and \
+                        isinstance(namespace.get(container.argval), (list, dict, set, collections.deque)):
+                    return f"{where} changes a global container ({container.argval})", names, []
+                window = (*window[-1:], i)
                 if i.opname in ("LOAD_GLOBAL", "LOAD_NAME") and home is not None:
                     read_globals.append((home, i.argval))
             drawn = _DRAWS.intersection(code.co_names)
@@ -782,7 +825,25 @@ def _read_forwards(modules: Sequence[nn.Module], encoder: nn.Module) -> Tuple[Op
             for name in code.co_names:
                 todo.extend((c, getattr(c, "__qualname__", name).rpartition(".")[0] or owner)
                             for c in _callees(name, classes, namespace))
+    for m in modules:  # lambdas, partials, callable objects held by the instance: their code is not read
+        for name in names:
+            if _unread_callable(m.__dict__.get(name)):
+                return (f"{type(m).__name__}.{name} is a function of your own the instance holds (a lambda, a "
+                        f"partial, a callable object): its code is not read, and a trace holds what it read"), \
+                    names, []
     return None, frozenset(names), read_globals
+
+
+def _unread_callable(held) -> bool:
+    """A callable of the user's own held as a plain attribute (torch.relu, F.gelu are not)."""
+    if held is None or isinstance(held, (nn.Module, torch.Tensor, type)) or not callable(held):
+        return False
+    if isinstance(held, functools.partial):
+        return _unread_callable(held.func) or isinstance(held.func, (types.FunctionType, types.MethodType)) \
+            and _users_code(held.func)
+    if isinstance(held, (types.FunctionType, types.MethodType)):
+        return _users_code(held)
+    return not isinstance(held, types.BuiltinFunctionType) and _users_code(type(held))
 
 
 def _held_constants(encoder: nn.Module, read: frozenset, read_globals: list) -> list:
@@ -942,9 +1003,17 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
     watched += _held_constants(encoder, read, read_globals)
     moded = [child for _, m in traced for name, child in m._modules.items()
              if f"{name}.training" in read and child is not None and id(child) not in traced_ids]
+    modes_read = {n[:-len(".training")] for n in read if n.endswith(".training")}
+    if modes_read - {"self"} - {name for _, m in traced for name in m._modules}:
+        # a mode read through a variable or an index (`for layer in self.layers: if layer.training`)
+        moded = [m for m in encoder.modules() if id(m) not in traced_ids]
+    slots = [(m, k, v is None) for m in encoder.modules() if id(m) not in traced_ids
+             for values in (m._parameters, m._buffers) for k, v in values.items() if k in read]
+    containers = [(m, tuple(m._parameters.items())) for m in encoder.modules()
+                  if isinstance(m, (nn.ParameterList, nn.ParameterDict))]
     return _Hoisting(encoder, linear, activation, tails, replaced,
                      [(m, tuple(m._modules.items()), _watched(attributes[m])) for _, m in traced], fresh, watched,
-                     moded)
+                     moded, slots, containers)
 
 
 class ProgressiveFusion(nn.Module):

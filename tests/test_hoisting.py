@@ -1168,3 +1168,109 @@ def test_an_in_place_operator_on_a_number_keeps_the_encoder_hoisted():
     hoisted, plain, xs = pair_with(HalvesAScaleEachLayer(5 + 3, 8))
     assert hoisted.hoisted == (0, 1)
     assert_same(hoisted, plain, xs)
+
+
+# ---- forms a trace would replay wrongly, found by a probe (each hoisted, and differed, before) ----
+LOG, STATS = [], {}
+
+
+class LogsToAGlobal(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x)).mean(1)
+        LOG.append(h.detach())
+        return h
+
+
+class SetsAGlobalEntry(LogsToAGlobal):
+    def forward(self, x):
+        h = torch.relu(self.fc(x)).mean(1)
+        STATS["mean"] = h.detach().mean()
+        return h
+
+
+class DrawsFromAGenerator(LogsToAGlobal):
+    def __init__(self, d_in, d_out):
+        super().__init__(d_in, d_out)
+        self.rng = random.Random(0)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)).mean(1) * self.rng.uniform(0.5, 1.5)
+
+
+class CallsAChildsForward(LogsToAGlobal):
+    def __init__(self, d_in, d_out):
+        super().__init__(d_in, d_out)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.drop.forward(torch.relu(self.fc(x))).mean(1)
+
+
+class HoldsALambda(LogsToAGlobal):
+    def __init__(self, d_in, d_out, post=lambda h: h * 2):
+        super().__init__(d_in, d_out)
+        self.post = post
+
+    def forward(self, x):
+        return self.post(torch.relu(self.fc(x))).mean(1)
+
+
+@pytest.mark.parametrize("encoder,reason", [
+    (LogsToAGlobal(8, 8), "changes a global container (LOG)"),
+    (SetsAGlobalEntry(8, 8), "changes a global container (STATS)"),
+    (DrawsFromAGenerator(8, 8), "draws random numbers (uniform"),
+    (CallsAChildsForward(8, 8), "calls a module's forward directly (drop.forward"),
+    (HoldsALambda(8, 8), "HoldsALambda.post is a function of your own the instance holds"),
+])
+def test_forms_a_trace_would_replay_wrongly_are_not_hoisted(encoder, reason):
+    LOG.clear(), STATS.clear()
+    plan = plan_hoisting(encoder, 3)
+    assert isinstance(plan, str) and reason in plan, plan
+    assert LOG == [] and STATS == {}  # (a trace wrote proxies into them)
+
+
+def test_a_library_function_held_by_the_instance_keeps_it_hoisted():
+    assert not isinstance(plan_hoisting(HoldsALambda(8, 8, post=torch.tanh), 3), str)
+
+
+class LoopsOverParameters(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+        self.mixes = nn.ParameterList([nn.Parameter(torch.randn(d_out, d_out) * 0.1)])
+        self.out = nn.Linear(d_out, d_out)
+        self.layers = nn.ModuleList([nn.Dropout(0.5), nn.Identity()])
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        for w in self.mixes:
+            h = h + h @ w
+        for layer in self.layers:  # a child's mode read through a loop variable
+            h = h * 2 if layer.training else h
+        if self.out.bias is not None:  # a parameter of a child the trace does not go through
+            h = h + self.out.bias
+        return h.mean(1)
+
+
+def test_a_parameter_list_grown_a_child_bias_removed_or_a_mode_read_in_a_loop_are_seen():
+    hoisted, plain, xs = pair_with(LoopsOverParameters(5 + 3, 8))
+    assert hoisted.hoisted == (0, 1), hoisted.hoisting_notes
+    for model in (hoisted, plain):
+        model.eval()
+    assert_same(hoisted, plain, xs, steps=True)
+    grown = nn.Parameter(torch.randn(8, 8) * 0.1)
+    for model in (hoisted, plain):
+        model.encoders[0].mixes.append(grown)  # the trace had unrolled the loop over one
+    assert_same(hoisted, plain, xs, steps=True)
+    assert hoisted.hoisted == (0, 1)
+    for model in (hoisted, plain):
+        model.encoders[0].out.bias = None
+    assert_same(hoisted, plain, xs, steps=True)
+    for model in (hoisted, plain):
+        model.encoders[0].layers[1].train()  # the encoder in eval, one child in train
+    assert_same(hoisted, plain, xs, steps=True)
+    assert hoisted.hoisted == (1,) and "mode" in hoisted.hoisting_notes[0]
