@@ -340,6 +340,8 @@ class _Hoisting:
 
     def __setstate__(self, state):
         state["_run"] = _tail_functions(state["tails"])
+        state.setdefault("slots", ())  # (a plan pickled by an earlier version)
+        state.setdefault("containers", ())
         attributes = []
         for owner, watched in state["_attributes"]:
             if isinstance(owner, (_ModuleRef, type)):
