@@ -810,7 +810,7 @@ def _read_forwards(modules: Sequence[nn.Module], encoder: nn.Module) -> Tuple[Op
                 if i.opname in ("STORE_ATTR", "STORE_GLOBAL", "STORE_NAME"):
                     return f"{where} sets attributes ({i.argval})", names, []
                 # A global list, dict or set written (a log, stats): the trace would write proxies into it.
-                container = window[-1] if i.opname in _LOADS and i.argval in _MUTATORS else \
+                container = window[-1] if window and i.opname in _LOADS and i.argval in _MUTATORS else \
                     window[0] if i.opname in ("STORE_SUBSCR", "DELETE_SUBSCR") and len(window) == 2 else None
                 if container is not None and container.opname in ("LOAD_GLOBAL", "LOAD_NAME") and \
                         isinstance(namespace.get(container.argval), (list, dict, set, collections.deque)):
@@ -841,8 +841,7 @@ def _unread_callable(held) -> bool:
     if held is None or isinstance(held, (nn.Module, torch.Tensor, type)) or not callable(held):
         return False
     if isinstance(held, functools.partial):
-        return _unread_callable(held.func) or isinstance(held.func, (types.FunctionType, types.MethodType)) \
-            and _users_code(held.func)
+        return _unread_callable(held.func)
     if isinstance(held, (types.FunctionType, types.MethodType)):
         return _users_code(held)
     return not isinstance(held, types.BuiltinFunctionType) and _users_code(type(held))
