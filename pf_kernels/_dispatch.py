@@ -157,27 +157,24 @@ def resolve_backend(backend: str, op: str, device: torch.device, dtype: torch.dt
     """The name of the backend that serves `op` on tensors of this device and dtype."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    # Inside torch.func.grad / vmap / jacrev / jvp or forward_ad.dual_level(): the fused backends'
+    # autograd (a C++ or a custom autograd.Function without vmap or jvp rules) cannot serve, the
+    # plain ops can.
     transform = _transform_active()
-    if backend == "auto" and _forward_ad._current_level >= 0:
-        transform = True  # inside forward_ad.dual_level(): dual tensors need jvp rules, which the fused ops lack
-    if transform is not None and backend != "torch":
-        # Inside torch.func.grad / vmap / jacrev / jvp: the fused backends' autograd (a C++ or a
-        # custom autograd.Function without vmap or jvp rules) cannot serve, the plain ops can.
-        if backend == "auto":
-            for listener in _resolution_listeners:
-                listener.append("torch")
-            return "torch"
-        if transform.key() in _DIFFERENTIATING:
+    if backend == "auto" and (transform is not None or _forward_ad._current_level >= 0):
+        name = "torch"
+    else:
+        if transform is not None and backend != "torch" and transform.key() in _DIFFERENTIATING:
             raise RuntimeError(f"{op}: backend {backend!r} cannot run inside torch.func's grad, jacrev, vjp or "
                                f"jvp (its autograd is its kernels' own); use backend='torch', or 'auto', which "
                                f"serves such calls with it")
-    # Memoised: what a backend serves does not change within a process, only the environment can
-    # (TRITON_INTERPRET is read once: triton itself reads it when triton.language is imported).
-    key = (backend, env_backend() if backend == "auto" else None, op, device, dtype)
-    name = _RESOLVED.get(key)
-    if name is None:
-        name = _resolve(backend, op, device, dtype)
-        _RESOLVED[key] = name
+        # Memoised: what a backend serves does not change within a process, only the environment can
+        # (TRITON_INTERPRET is read once: triton itself reads it when triton.language is imported).
+        key = (backend, env_backend() if backend == "auto" else None, op, device, dtype)
+        name = _RESOLVED.get(key)
+        if name is None:
+            name = _resolve(backend, op, device, dtype)
+            _RESOLVED[key] = name
     for listener in _resolution_listeners:
         listener.append(name)
     return name
