@@ -513,19 +513,28 @@ class FusionHeadPattern(Pattern):
 
 
 
+def _under_broadcasts(node: fx.Node) -> Optional[Tuple[fx.Node, List[fx.Node]]]:
+    """(the node under the broadcast ops that node is, those ops from node inwards), or None where
+    one of them does not read a node."""
+    chain = []
+    for _ in range(16):
+        if not (node.op == "call_method" and node.target in _BROADCAST_METHODS or
+                node.op == "call_function" and node.target in _BROADCAST_FUNCTIONS):
+            break
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        chain.append(node)
+        node = node.args[0]
+    return node, chain
+
+
 def _trace_context(node: fx.Node):
     """Walks back from a cat input through broadcast ops to act(linear(z)).
     Returns (linear, activation name, [broadcast nodes from the cat inwards], [act node]) or None."""
-    chain = []
-    for _ in range(16):
-        if node.op == "call_method" and node.target in _BROADCAST_METHODS or \
-                node.op == "call_function" and node.target in _BROADCAST_FUNCTIONS:
-            if not node.args or not isinstance(node.args[0], fx.Node):
-                return None
-            chain.append(node)
-            node = node.args[0]
-        else:
-            break
+    under = _under_broadcasts(node)
+    if under is None:
+        return None
+    node, chain = under
     act_nodes = []
     act = as_activation(node)
     if act is not None:
@@ -731,13 +740,14 @@ def _is_zeros(node: fx.Node) -> bool:
     if not (isinstance(node, fx.Node) and value(node) is not None
             and all(as_cat(user) is not None for user in node.users)):
         return False
-    while node.args and (node.op == "call_method" and node.target in _BROADCAST_METHODS or
-                         node.op == "call_function" and node.target in _BROADCAST_FUNCTIONS):
-        node = node.args[0]
-        if not isinstance(node, fx.Node) or len(node.users) != 1:
-            return False
-    return node.op == "call_function" and node.target in _ZEROS_FUNCTIONS or \
-        node.op == "call_method" and node.target == "new_zeros"
+    under = _under_broadcasts(node)
+    if under is None:
+        return False
+    zeros, chain = under
+    if any(len(n.users) != 1 for n in (*chain[1:], zeros) if n is not node):
+        return False
+    return zeros.op == "call_function" and zeros.target in _ZEROS_FUNCTIONS or \
+        zeros.op == "call_method" and zeros.target == "new_zeros"
 
 
 class SharedProjection:
