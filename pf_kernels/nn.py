@@ -262,28 +262,21 @@ class _Hoisting:
         # The modules whose mode the tails hold: the traced ones, and those whose `.training` the
         # traced code reads (self.drop.training); each must be in the encoder's mode.
         self.moded = (*(m for m, _, _ in self.traced), *moded)
-        # Parameters and buffers registered as None (an optional mask): one set later changes the
-        # branch the trace took (`if self.mask is not None`).
-        self.unset = tuple((m, k) for m, _, _ in self.traced for d in (m._parameters, m._buffers)
-                           for k, v in d.items() if v is None)
-        # (module, name, was None) of the parameters and buffers the traced code names on modules it
-        # does not go through (`if self.out.bias is not None`): one set to or from None plans again.
-        self.slots = tuple(slots)
+        # (module, name, was None): parameters and buffers registered as None on the traced modules
+        # (an optional mask), and those the traced code names on the others (`if self.out.bias is
+        # not None`); one set to or from None changes the branch the trace took, and plans again.
+        self.slots = tuple((m, k, True) for m, _, _ in self.traced for d in (m._parameters, m._buffers)
+                           for k, v in d.items() if v is None) + tuple(slots)
         # (ParameterList or ParameterDict, its parameters): a loop over one is unrolled by the trace.
         self.containers = tuple(containers)
 
     def holds_for(self, encoder: nn.Module) -> bool:
-        """Whether the hoisted path still computes encoder (stale() aside: that one plans again).
-        Checked every forward: dict lookups, not get_submodule's walk."""
-        return encoder is self.encoder and type(self.linear) is nn.Linear \
-            and all(parent._modules.get(name) is module and type(module) is kind
-                    for parent, name, module, kind in self.fused) \
-            and not _intercepted(self.skipped) \
-            and all(m.training is encoder.training or type(m) in _CONTAINERS  # traced in one mode
-                    for m in self.moded)
+        """Whether the hoisted path still computes encoder (stale() aside: that one plans again)."""
+        return self.why_not_held(encoder) is None
 
-    def why_not_held(self, encoder: nn.Module) -> str:
-        """What broke holds_for(encoder), in words (for the notes; holds_for is the fast check)."""
+    def why_not_held(self, encoder: nn.Module) -> Optional[str]:
+        """What broke the plan for encoder, in words, or None where it holds. Checked every forward:
+        dict lookups, not get_submodule's walk."""
         if encoder is not self.encoder:
             return "the encoder was replaced"
         if type(self.linear) is not nn.Linear:
@@ -293,7 +286,9 @@ class _Hoisting:
             return "its hoisted Linear or fused activation was replaced or parametrized"
         if _intercepted(self.skipped):
             return "it, its first layer or a module traced through got hooks or a forward of its own"
-        return "a module whose mode its forward reads is in another mode than the encoder"
+        if not all(m.training is encoder.training or type(m) in _CONTAINERS for m in self.moded):  # traced in one mode
+            return "a module whose mode its forward reads is in another mode than the encoder"
+        return None
 
     def stale(self) -> bool:
         """The traced structure changed: a child of a traced-through module added, removed or
@@ -304,9 +299,6 @@ class _Hoisting:
             return True
         for module, children, _ in self.traced:  # (loops, not generators: this runs every forward)
             if tuple(module._modules.items()) != children:
-                return True
-        for module, name in self.unset:
-            if module._parameters.get(name) is not None or module._buffers.get(name) is not None:
                 return True
         for module, name, was_none in self.slots:
             values = module._parameters if name in module._parameters else module._buffers
@@ -340,7 +332,8 @@ class _Hoisting:
 
     def __setstate__(self, state):
         state["_run"] = _tail_functions(state["tails"])
-        state.setdefault("slots", ())  # (a plan pickled by an earlier version)
+        # (a plan pickled by an earlier version, which kept the traced modules' None slots apart)
+        state.setdefault("slots", tuple((m, k, True) for m, k in state.pop("unset", ())))
         state.setdefault("containers", ())
         attributes = []
         for owner, watched in state["_attributes"]:
@@ -1121,8 +1114,9 @@ class ProgressiveFusion(nn.Module):
             return False, f"not hoisted: {plan}"
         if not implements(self.backend, "context_linear"):
             return False, f"not hoisted: backend {self.backend!r} has no context_linear"
-        if not plan.holds_for(encoder):
-            return False, f"not hoisted: since it was planned, {plan.why_not_held(encoder)} (set hoist = True to plan again)"
+        broken = plan.why_not_held(encoder)
+        if broken is not None:
+            return False, f"not hoisted: since it was planned, {broken} (set hoist = True to plan again)"
         if plan.stale():
             if torch.compiler.is_compiling():
                 return False, "not hoisted under torch.compile: its plan is stale (planned again outside)"
