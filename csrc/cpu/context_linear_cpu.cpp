@@ -71,7 +71,7 @@ PF_SIMD_CLONES void add_term_rows(double* out, const double* p, int64_t p_stride
 // (common.h: accumulate_over_positions).
 template <typename T>
 PF_ALWAYS_INLINE void relu_grad_sum_impl(T* __restrict__ grad_p, T* __restrict__ sum, const T* __restrict__ grad,
-                               const T* __restrict__ out, int64_t positions, int64_t H) {
+                                         const T* __restrict__ out, int64_t positions, int64_t H) {
   auto add_row = [&](int64_t s, int64_t h0, int64_t hn, T* __restrict__ part) PF_LAMBDA_INLINE {
     const T* __restrict__ o = out + s * H + h0;
     const T* __restrict__ g = grad + s * H + h0;
