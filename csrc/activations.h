@@ -100,4 +100,12 @@ PF_HOST_DEVICE T grad_from_activated(T a, Activation act) {
   }
 }
 
+// The gradient through the activation, g * d with d = act' from activation_grad or
+// grad_from_activated; relu's as torch's threshold_backward, a select: a NaN or inf g where relu is
+// off gives 0 (the product would give NaN), as the cpu and triton backends do.
+template <typename T>
+PF_HOST_DEVICE T apply_act_grad(T g, T d, Activation act) {
+  return act == Activation::Relu ? (d == T(0) ? T(0) : g) : g * d;
+}
+
 }  // namespace pf_kernels

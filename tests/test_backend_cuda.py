@@ -338,6 +338,38 @@ def test_activation_header_keeps_nan_and_inf_as_torch(extension, activation, dty
         torch.testing.assert_close(grad_from_value.double(), expected_grad, **tol)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_activation_header_passes_gradients_as_torch(extension, activation, dtype):
+    """The gradient through activations.h's activation (apply_act_grad, which every CUDA backward uses),
+    incoming gradients NaN and +-inf included, against torch's autograd: relu's is a select, so a NaN or
+    inf gradient where relu is off gives 0 (a product with relu' = 0 gives NaN)."""
+    torch.manual_seed(0)
+    grads = [float("nan"), 2.5, -0.75] + ([float("inf"), -float("inf")] if activation in ("relu", "none") else [])
+    y = torch.tensor(SPECIAL_VALUES, dtype=dtype).repeat(len(grads))
+    g = torch.tensor(grads, dtype=dtype).repeat_interleave(len(SPECIAL_VALUES)) * (1 + torch.rand(y.shape, dtype=dtype))
+    _, grad, grad_from_value = torch.ops.pf_kernels._activation_reference(y, activation, g)
+    y64 = y.double().requires_grad_()
+    (expected,) = torch.autograd.grad(reference.apply_activation(y64, activation), y64, g.double())
+    tol = dict(rtol=1e-6, atol=1e-7 if dtype == torch.float32 else 1e-15, equal_nan=True)
+    torch.testing.assert_close(grad.double(), expected, **tol)
+    if activation != "gelu":
+        torch.testing.assert_close(grad_from_value.double(), expected, **tol)
+
+
+def test_cuda_backwards_take_the_activation_gradient_through_apply_act_grad():
+    """Every CUDA function that reads act' (activation_grad, grad_from_activated) applies it with
+    apply_act_grad, the select relu needs, not with a product of its own."""
+    import pathlib
+    readers = 0
+    for path in sorted(pathlib.Path(__file__).resolve().parents[1].joinpath("csrc", "cuda").glob("*.cu")):
+        for name, body in _function_bodies(path.read_text()).items():
+            if re.search(r"\b(activation_grad|grad_from_activated)<", body):
+                readers += 1
+                assert "apply_act_grad(" in body, f"{path.name}: {name} reads act' without apply_act_grad"
+    assert readers >= 4
+
+
 def _function_bodies(source):
     """name -> body of each top-level-ish C++ function definition in a .cu file (brace matched)."""
     bodies = {}

@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kBwdCols* kBwdRows)
           if (src.bias != nullptr) y += static_cast<acc_t>(src.bias[c]);
           d = activation_grad<acc_t>(y, src.act);
         }
-        dst[b * Dc + c] = static_cast<out_t>(total * d);
+        dst[b * Dc + c] = static_cast<out_t>(apply_act_grad(total, d, src.act));
       } else {
         partial[(split * B + b) * Dc + c] = total;
       }

@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kThreads) activation_grad_kernel(const acc_t* 
                                                                   Activation act) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    grad_pre[i] = static_cast<out_t>(grad_c[i] * activation_grad<acc_t>(pre[i], act));
+    grad_pre[i] = static_cast<out_t>(apply_act_grad(grad_c[i], activation_grad<acc_t>(pre[i], act), act));
   }
 }
 
@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(kBwdCols* kBwdRows)
         scalar_t* gpp = grad_p + b * positions * H + h;
         auto add = [&](int64_t q, acc_t a, acc_t gv) {
           const acc_t d = from_p ? activation_grad<acc_t>(a + t, out_act) : grad_from_activated<acc_t>(a, out_act);
-          const acc_t v = gv * d;
+          const acc_t v = apply_act_grad(gv, d, out_act);
           gpp[q * H] = static_cast<scalar_t>(v);
           s += v;
         };

@@ -374,7 +374,7 @@ __global__ void __launch_bounds__(plan::kElementwiseThreads)
     } else {
       d = grad_from_activated<acc_t>(static_cast<acc_t>(o[i]), act);
     }
-    dst[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * d);
+    dst[i] = static_cast<scalar_t>(apply_act_grad(static_cast<acc_t>(g[i]), d, act));
   }
 }
 

@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kThreads)
             // grad_y = grad_out * act', as the reference computes it (y plus the bias, or act(y))
             const acc_t d = a.y != nullptr ? activation_grad<acc_t>(add_bias ? s_v[e] + n_bias : s_v[e], a.act)
                                            : grad_from_activated<acc_t>(s_v[e], a.act);
-            const acc_t grad_y = in_a[e] ? g_v[e] * d : acc_t(0);
+            const acc_t grad_y = in_a[e] ? apply_act_grad(g_v[e], d, a.act) : acc_t(0);
             if (part == 0) {
               As[lane][r] = grad_y;
               Bs[r][lane] = b_v[e];
