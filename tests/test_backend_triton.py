@@ -600,6 +600,18 @@ for backend in ("triton", "torch"):
         got = [out, *grads]
     else:
         check("fusion_head", got, [out, *grads])
+# fusion_head and refine_step's head: the weight's row stride past 2^31 (row 4 at 4 S)
+hr, xr, wb = rand(3, 4), rand(3, 2), rand(3, 5)
+wr = view((5, 4), (S, 1), 112)
+for backend in ("triton", "torch"):
+    hr_, wr_ = hr.clone().requires_grad_(True), wr.requires_grad_(True)
+    out = pk.fusion_head([hr_], wr_, None, "tanh", backend=backend)
+    zr, (xt,) = pk.refine_step([hr_], wr_, None, [xr], [wb], [None], "tanh", "relu", backend=backend)
+    grads = torch.autograd.grad(out.sum() + zr.square().sum() + xt.sum(), [hr_, wr_])
+    if backend == "triton":
+        got = [out, zr, xt, *grads]
+    else:
+        check("fusion_head/refine_step row stride", got, [out, zr, xt, *grads])
 # backproj_concat and refine_step: x's feature stride past 2^31
 x = view((2, 3, 5), (1, 2, S), 48).requires_grad_(True)
 z, wz, hz, hw = rand(2, 4), rand(3, 4), rand(2, 4), rand(4, 4)

@@ -204,7 +204,8 @@ def fusion_grad_h_kernel(g0, g1, g2, g3, g4, g5, g6, g7, D0, D1, D2, D3, D4, D5,
         mask_n = offs_n < N
         g = grad_pre_tile(go_ptr, pre_ptr, offs_m, offs_n, mask_m[:, None] & mask_n[None, :],
                           sgm, sgn, N, ACT)
-        wt = tl.load(w_ptr + offs_n[:, None] * swn + (col + offs_k)[None, :] * swk,
+        # int64: offs_n * swn passes 2^31 for a large weight (or a strided view of one)
+        wt = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * swn + (col + offs_k)[None, :] * swk,
                      mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc = dot_split(g, wt, acc, PREC)
     tl.store(gp + offs_m[:, None] * D + offs_k[None, :], acc.to(gp.dtype.element_ty),

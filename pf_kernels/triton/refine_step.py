@@ -165,7 +165,11 @@ refine_step_tuned_fp32 = autotune("refine_step_fp32", refine_step_kernel, STEP_C
 
 
 def fits_one_launch(hs, head_weight, xs) -> bool:
-    return head_weight.shape[0] <= MAX_DZ and len(hs) <= MAX_K and len(xs) <= MAX_MODALITIES
+    # The head's row offsets (< Dz) times its weight's row stride are int32 in store_z_rows (int64
+    # ones spill); a weight past that (a strided view) takes the composed path, whose are int64.
+    dz = head_weight.shape[0]
+    return dz <= MAX_DZ and len(hs) <= MAX_K and len(xs) <= MAX_MODALITIES \
+        and (dz - 1) * head_weight.stride(0) < 2**31
 
 
 def _biases(present, bias_mask: int, n: int) -> List[Optional[torch.Tensor]]:
