@@ -4,9 +4,10 @@ from .ops import (backproj_concat, backproj_concat_grouped, context_linear, fusi
                   refine_step_hoisted)
 from . import nn, reference
 from .convert import ConversionReport, Converted, convert
-from ._extension import warn_if_unusable
+from ._extension import load_if_usable, warn_if_unusable
 
 warn_if_unusable()  # once, where the compiled kernels are not built or were built for another torch
+load_if_usable()
 
 __version__ = "0.1.0"
 

@@ -98,6 +98,17 @@ def warn_if_unusable() -> None:
     _warn_once(message)
 
 
+def load_if_usable() -> None:
+    """Called at `import pf_kernels`: registers the compiled ops (torch.ops.pf_kernels.*) where nothing
+    speaks against loading them, so that a program saved with them (torch.export, TorchScript) loads in
+    a process that only imported pf_kernels. Where they cannot load, the backends say why when asked."""
+    if build_problem() is None:
+        try:
+            load()
+        except ImportError:
+            pass  # load() warned; the torch and triton backends serve
+
+
 def load() -> None:
     """Imports pf_kernels._C once; raises ImportError saying why it cannot be used."""
     global _loaded
