@@ -292,7 +292,8 @@ class _TwoModalities(nn.Module):
 def test_a_call_that_raises_leaves_the_conversion_on(first, bad):
     """dynamo runs a frame that raised while it traced it as plain Python from then on: one bad call
     (before or after the first capture) turned the fused ops off for good, silently, or undid the
-    conversion with a wrong reason."""
+    conversion with a wrong reason. Nor does a bad call cost the good inputs a new capture (a bad
+    request to a served model discarded every capture)."""
     torch.manual_seed(0)
     model = _TwoModalities()
     reference = copy.deepcopy(model)
@@ -309,6 +310,7 @@ def test_a_call_that_raises_leaves_the_conversion_on(first, bad):
             assert_same_model(reference, model, good)
         assert dict(calls) == {"fusion_head": 1}, (dict(calls), str(report))
     assert "forward" in model.__dict__ and not report.left_alone, str(report)
+    assert len(report.captures) == 1, str(report)
 
 
 def test_counting_a_model_with_a_pf_kernels_module_counts_the_swaps_and_captures_nothing_new():

@@ -121,6 +121,8 @@ class ConvertedForward:
         self.original = previous if previous is not None else types.MethodType(type(module).forward, module)
         functools.update_wrapper(self, self.original)  # its name, doc and signature
         self._compiled = None
+        self._code = None
+        self._split = False
         self._settings = None
         self._calls_that_captured = 0
 
@@ -130,6 +132,8 @@ class ConvertedForward:
         if isinstance(original, types.MethodType) and isinstance(original.__func__, types.FunctionType):
             target = types.MethodType(_own_copy(original.__func__), original.__self__)
         self._compiled = torch.compile(target, backend=_rewriting(weakref.ref(self)))
+        self._code = getattr(getattr(target, "__func__", target), "__code__", None)
+        self._split = False
         self._settings = _DynamoSettings(any(isinstance(m, nn.RNNBase) for m in self.module.modules()))
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs):
@@ -155,11 +159,14 @@ class ConvertedForward:
                 out = self._compiled(*args, **kwargs)
         except BaseException:
             # A frame that raised while dynamo traced it (a wrong input, the model's own check) runs as
-            # plain Python from then on, for every input: the fused ops would be off, silently. The
-            # next call captures a fresh copy instead.
-            self._compiled = None
+            # plain Python from then on, for every input: the fused ops would be off, silently. Its
+            # captures are kept where dynamo's skip can be undone (one frame, no graph breaks, whose
+            # resume functions would be skipped too); else the next call captures a fresh copy.
+            if self._split or not _run_again(self._code):
+                self._compiled = None
             raise
         captured = len(self.report.captures) - before
+        self._split = self._split or captured > 1
         if captured:
             self._calls_that_captured += 1
             if self._calls_that_captured == torch._dynamo.config.recompile_limit:
@@ -186,6 +193,20 @@ class ConvertedForward:
 
     def __reduce__(self):
         return (_reinstalled, (self.module, self.calls.backend, self.previous))
+
+
+def _run_again(code) -> bool:
+    """Undoes dynamo's skip of a frame that raised while being traced, keeping its captures (a bad
+    request then costs no new captures of the good inputs); False where this torch has no such switch."""
+    if code is None:
+        return False
+    try:
+        from torch._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+        set_code_exec_strategy(code, FrameExecStrategy(FrameAction.DEFAULT, FrameAction.DEFAULT))
+    except (ImportError, AttributeError, TypeError, RuntimeError):
+        return False
+    return True
 
 
 def _reinstalled(module, backend, previous):
