@@ -141,10 +141,14 @@ class ConvertedForward:
         rewrite_graph(gm, self.calls, self.report)
         return gm.forward
 
+    @property
+    def __code__(self):  # torch.export reads the forward's code object
+        return self.original.__code__
+
     def __call__(self, *args, **kwargs):
-        if torch.compiler.is_compiling():
-            # The converted model inside the user's own torch.compile: that compile sees the plain
-            # forward (it does not run our rewrite).
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_tracing():
+            # The converted model inside the user's own torch.compile, torch.export or tracer: that
+            # sees the plain forward (it does not run our rewrite).
             return self.original(*args, **kwargs)
         if self._compiled is None:
             if not torch._dynamo.is_dynamo_supported():
