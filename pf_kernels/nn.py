@@ -1010,6 +1010,10 @@ def plan_hoisting(encoder: nn.Module, context_dim: int) -> Union[_Hoisting, str]
                      moded, slots, containers)
 
 
+def _plan_stale_after_load(module: "ProgressiveFusion", incompatible_keys) -> None:
+    module._plan_stale()
+
+
 class ProgressiveFusion(nn.Module):
     """Progressive Fusion (Shankar et al., arXiv 2209.00302) around any K encoders.
 
@@ -1077,6 +1081,23 @@ class ProgressiveFusion(nn.Module):
             BackProjection(fused_dim, c, context_activation, bias, backend, device, dtype)
             for c in context_dims)
         self.hoist = hoist
+        self.register_load_state_dict_post_hook(_plan_stale_after_load)
+
+    def _apply(self, *args, **kwargs):
+        module = super()._apply(*args, **kwargs)
+        self._plan_stale()  # .to(), .cuda(), .half(), to_empty()
+        return module
+
+    def _plan_stale(self) -> None:
+        """Plans again every encoder whose plan holds but is stale (the weights moved to another dtype
+        or device, or were loaded with assign=True): now, not at a forward that torch.compile traces,
+        where a stale plan runs unhoisted (a model moved, then compiled, ran unhoisted for good)."""
+        if "_hoisting" not in self.__dict__ or torch.compiler.is_compiling():
+            return
+        stale = [j for j, (plan, encoder) in enumerate(zip(self._hoisting, self.encoders))
+                 if plan is not None and plan.holds_for(encoder) and plan.stale()]
+        if stale:
+            self._plan(stale)
 
     @property
     def iterations(self) -> int:

@@ -305,6 +305,35 @@ def test_training_and_evaluation_mode():
     assert not torch.allclose(first, hoisted(xs))  # dropout is on in training mode
 
 
+@pytest.mark.parametrize("move", ["double", "meta-then-assign"])
+def test_a_model_moved_then_compiled_runs_hoisted(move):
+    """A plan goes stale when the weights change dtype or device (or arrive by load_state_dict with
+    assign=True); it was made again only at an eager forward, so a model moved (`.cuda()`, `.double()`)
+    and then compiled traced its stale plans unhoisted, at every call. Moving or loading plans again."""
+    import torch._dynamo
+    hoisted, plain = make_pair()
+    xs, planned = make_inputs(), hoisted.hoisted
+    if move == "double":
+        hoisted, plain, xs = hoisted.double(), plain.double(), [x.double() for x in xs]
+    else:
+        state = hoisted.state_dict()
+        with torch.device("meta"):
+            torch.manual_seed(0)
+            hoisted = ProgressiveFusion(make_encoders((3, 2, 4, 1, 2)), [6] * 5, 7, [3, 2, 4, 1, 2], iterations=3)
+        hoisted.load_state_dict(state, assign=True)
+    targets = set()
+
+    def backend(gm, example_inputs):
+        targets.update(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(hoisted, backend=backend)(xs)
+    torch.testing.assert_close(out, plain(xs), rtol=1e-5, atol=1e-6)
+    assert any("refine_step_hoisted" in t or "context_linear" in t for t in targets), sorted(targets)
+    assert hoisted.hoisted == planned and planned
+
+
 def test_copies_dtype_changes_and_module_swaps_are_seen():
     hoisted, plain = make_pair()
     xs = make_inputs()
