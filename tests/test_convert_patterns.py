@@ -65,8 +65,11 @@ class BroadcastForms(nn.Module):
         ])
 
 
-def test_every_way_of_broadcasting_the_context_and_naming_the_feature_dim():
-    B, T = 4, 5
+@pytest.mark.parametrize("B", [4, 1])
+def test_every_way_of_broadcasting_the_context_and_naming_the_feature_dim(B):
+    """B=1 too (online serving): a capture at batch size 1 holds view/reshape to (1, 1, Dc), whose
+    batch dim is itself a singleton (it was read as ambiguous and left alone)."""
+    T = 5
     args = (torch.randn(B, T, 4), torch.randn(B, 3, 2, 4), torch.randn(B, 4, 3, 2), torch.randn(B, 7),
             torch.randn(B, 4), torch.randn(B, 5))
     report = _convert_and_check(BroadcastForms(), args, {"fusion_head": 1, "backproj_concat": 11})

@@ -588,14 +588,19 @@ def _broadcast_axes(chain: List[fx.Node]):
         elif kind in ("view", "reshape"):
             if "E" in axes:
                 return f"`{kind}`, applied to an already expanded context"
+            # Only singleton dims may move: the batch and feature dims keep their order. One of size 1
+            # (a capture at batch size 1) is itself a singleton: it is put first (the batch) or last
+            # (the features), which reads the same values.
             big = [i for i, s in enumerate(after.shape) if not _is_one(s)]
             b_size, f_size = before.shape[axes.index("B")], before.shape[axes.index("F")]
-            if len(big) != 2 or not same_size(after.shape[big[0]], b_size) or \
-                    not same_size(after.shape[big[1]], f_size):
-                return (f"`{kind}` to {tuple(after.shape)}, which moves more than singleton dims (or "
-                        "a batch or context of size 1 leaves it ambiguous)")
+            kept = [size for size in (b_size, f_size) if not _is_one(size)]
+            b_axis = 0 if _is_one(b_size) else big[0] if big else -1
+            f_axis = after.dim() - 1 if _is_one(f_size) else big[-1] if big else -1
+            if len(big) != len(kept) or not all(same_size(after.shape[i], size) for i, size in zip(big, kept)) \
+                    or not 0 <= b_axis < f_axis:
+                return f"`{kind}` to {tuple(after.shape)}, which moves more than singleton dims"
             axes = [1] * after.dim()
-            axes[big[0]], axes[big[1]] = "B", "F"
+            axes[b_axis], axes[f_axis] = "B", "F"
         else:
             return f"`{kind}`, which is not a broadcast"
     return axes
