@@ -505,6 +505,40 @@ def test_backproj_concat_on_either_path(monkeypatch, path, shape, dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("path", ["kernel", "cublas"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_relu_backward_at_nan_gradient_is_torchs(monkeypatch, path, dtype):
+    """torch's relu backward selects: a NaN or inf gradient where relu is off gives 0 (the CUDA
+    backwards multiplied, g * 0 = NaN). Every CUDA backward that applies relu', on both paths; the
+    CPU twin is test_activation_header_passes_gradients_as_torch (the same apply_act_grad)."""
+    monkeypatch.setenv("PF_KERNELS_CUDA_PATH", path)
+    torch.manual_seed(0)
+    dev = dict(device="cuda", dtype=dtype)
+    h, hw, hb = torch.randn(5, 4, **dev), torch.randn(6, 4, **dev), torch.full((6,), -100.0, **dev)
+    hb[::2] = 0.5  # outputs 1, 3, 5 off
+    x, z = torch.randn(5, 3, 2, **dev), torch.randn(5, 4, **dev)
+    w, b = torch.randn(6, 4, **dev), hb.clone()
+    p, pw = torch.randn(5, 3, 6, **dev), torch.randn(6, 6, **dev)
+    g_head, g_cat, g_ctx = torch.randn(5, 6, **dev), torch.randn(5, 3, 8, **dev), torch.randn(5, 3, 6, **dev)
+    g_head[:, 1], g_cat[0, 1, 3], g_ctx[1, 2, :] = float("nan"), float("inf"), float("nan")
+    calls = {
+        "fusion_head": (lambda be, h, w: pk.fusion_head([h], w, hb, "relu", backend=be), (h, hw), g_head),
+        "backproj_concat": (lambda be, z, w: pk.backproj_concat(x, z, w, b, "relu", backend=be), (z, w), g_cat),
+        "context_linear": (lambda be, p, z: pk.context_linear(p, z, w, b, pw, "relu", "relu", backend=be),
+                           (p, z), g_ctx),
+    }
+    for name, (call, leaves, grad_out) in calls.items():
+        grads = []
+        for be in ("torch", BACKEND):
+            leaves_ = [t.clone().requires_grad_() for t in leaves]
+            grads.append(torch.autograd.grad(call(be, *leaves_), leaves_, grad_out))
+        for got, want in zip(grads[1], grads[0]):
+            assert torch.isnan(got).sum() == torch.isnan(want).sum(), name
+            torch.testing.assert_close(got, want, rtol=2e-2 if dtype != torch.float32 else 1e-5, atol=1e-2,
+                                       equal_nan=True, msg=name)
+
+
+@needs_gpu
 def test_backproj_concat_unaligned_x_views():
     # x a view starting one element in: rows not 16-byte aligned, so the scalar path must be taken.
     base = torch.randn(2, 5, 17, device="cuda")
