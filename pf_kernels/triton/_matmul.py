@@ -40,21 +40,28 @@ def dot_split(a, b, acc, PREC: tl.constexpr):
     fp16 holds neither a gradient beyond 65504 (inf, then NaN) nor the low bits of one below 2^-14
     (subnormal): the tile of a, and acc, are first scaled by a power of two (exact) that brings the
     tile's largest |a| to [2^14, 2^15), within 2^+-24; the result is scaled back. (A scale per row
-    spilled on sm_80.)"""
+    spilled on sm_80.) An inf or NaN in a passes through hi alone (lo is 0 there: inf - inf is NaN),
+    and the scale is set by the finite |a| (an inf set it to 2^-24, flushing the tile's other values)."""
     if b.dtype == tl.float32:
         return dot(a, b, acc, PREC)
     if b.dtype == tl.float16:
-        amax = tl.max(tl.abs(a))
+        magnitude = tl.abs(a)
+        amax = tl.max(tl.where(magnitude < float("inf"), magnitude, 0.0))
         exponent = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2(amax))
         k = tl.minimum(tl.maximum(14 - exponent, -24), 24)
         scale, unscale = _pow2(k), _pow2(-k)
         a = a * scale
         hi = a.to(b.dtype)
-        lo = (a - hi.to(tl.float32)).to(b.dtype)
-        return dot(lo, b, dot(hi, b, acc * scale, PREC), PREC) * unscale
+        return dot(_low_part(a, hi), b, dot(hi, b, acc * scale, PREC), PREC) * unscale
     hi = a.to(b.dtype)
-    lo = (a - hi.to(tl.float32)).to(b.dtype)
-    return dot(lo, b, dot(hi, b, acc, PREC), PREC)
+    return dot(_low_part(a, hi), b, dot(hi, b, acc, PREC), PREC)
+
+
+@triton.jit
+def _low_part(a, hi):
+    """a - hi in hi's dtype; 0 where hi is not finite (an inf or NaN of a, or beyond the dtype's range)."""
+    hi32 = hi.to(tl.float32)
+    return tl.where(tl.abs(hi32) < float("inf"), a - hi32, 0.0).to(hi.dtype)
 
 
 @triton.jit(do_not_specialize=["M", "N", "K", "SIZE_CLASS"])
