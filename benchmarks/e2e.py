@@ -192,7 +192,7 @@ class _Runner:
                 return head(model(xs_))
 
         if provider.wrap == "compile":
-            self.compiled = ProvenCompile(forward)
+            self.compiled = ProvenCompile(forward, fresh=False)  # (_rows resets once for all its providers)
             forward = self.compiled
         opt = torch.optim.Adam(params, lr=1e-3, capturable=provider.wrap == "cudagraph")
 
@@ -282,6 +282,7 @@ def _rows(device, variant, B, T, task, providers, quick, with_compile, deadline)
     runners: Dict[str, _Runner] = {}
     status: Dict[str, str] = {}
     ran: Dict[str, Optional[str]] = {}
+    torch._dynamo.reset()  # once: a reset between this row's compiled providers would drop the first's graphs
     for name, provider in providers.items():
         if provider.wrap == "compile" and not with_compile:
             status[name] = "not compiled in --quick (first size only)"

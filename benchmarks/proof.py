@@ -11,8 +11,10 @@ recompiling or falling back). A row whose check fails is marked "compile fell ba
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
+import types
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -100,12 +102,18 @@ class ProvenCompile:
     inside timed_region(): a recompile there raises instead of running eager code.
     """
 
-    def __init__(self, fn: Callable, **compile_kwargs):
-        # A fresh dynamo cache: every compiled case starts from zero (no recompile limit carried over
-        # from an earlier case of the same code object).
-        torch._dynamo.reset()
+    def __init__(self, fn: Callable, fresh: bool = True, **compile_kwargs):
+        # fresh: a fresh dynamo cache, every compiled case starts from zero (no recompile limit carried
+        # over from an earlier case). Not where other compiled providers of the same row are already
+        # built: the reset would drop their graphs, and they would recompile while timed. Each
+        # compiles its own copy of fn's code (dynamo's cache is per code object).
+        if fresh:
+            torch._dynamo.reset()
         self._before = _graph_counts()
-        self.compiled = torch.compile(fn, fullgraph=True, **compile_kwargs)
+        own = _own_code(fn)
+        self._code = getattr(own, "__code__", None)
+        self._entries: Optional[int] = None
+        self.compiled = torch.compile(own, fullgraph=True, **compile_kwargs)
         self.compile_s: Optional[float] = None
         self.graphs = 0
 
@@ -121,6 +129,7 @@ class ProvenCompile:
             call()
 
     def check(self) -> Optional[str]:
+        self._entries = self._cache_entries()
         now = _graph_counts()
         self.graphs = now["graphs"] - self._before["graphs"]
         breaks = now["graph_breaks"] - self._before["graph_breaks"]
@@ -131,10 +140,36 @@ class ProvenCompile:
         return None
 
     def recompiled_since_check(self) -> Optional[str]:
-        graphs = _graph_counts()["graphs"] - self._before["graphs"]
-        if graphs != self.graphs:
-            return f"{FELL_BACK}: {graphs - self.graphs} more graph(s) compiled while timing"
+        entries = self._cache_entries()
+        if entries is not None and self._entries is not None:
+            more = entries - self._entries  # this function's own graphs (others may compile meanwhile)
+        else:
+            more = _graph_counts()["graphs"] - self._before["graphs"] - self.graphs
+        if more:
+            return f"{FELL_BACK}: {more} more graph(s) compiled while timing"
         return None
+
+    def _cache_entries(self) -> Optional[int]:
+        """How many graphs dynamo holds for this function's code (None where that cannot be read)."""
+        if self._code is None:
+            return None
+        try:
+            from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+            return len(_debug_get_cache_entry_list(self._code))
+        except (ImportError, AttributeError, RuntimeError):
+            return None
+
+
+_copies = itertools.count()
+
+
+def _own_code(fn: Callable) -> Callable:
+    """fn with a code object (and code name) of its own, where it is a plain function."""
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    code = fn.__code__
+    return types.FunctionType(code.replace(co_name=f"{code.co_name}__proven_{next(_copies)}"), fn.__globals__,
+                              fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 @contextlib.contextmanager

@@ -152,6 +152,23 @@ def test_e2e_rows_say_what_ran_and_mark_unavailable_variants():
         assert r["flops_vs_late_fusion"] > 1.0 and r["gemm_flops"] > 0, r
 
 
+def test_e2e_two_compiled_providers_of_one_row_are_both_timed():
+    """On a GPU each e2e row compiles the model twice (compile, compile-auto): building the second
+    reset dynamo and dropped the first's graph, so the first (torch.compile of the eager model, the
+    target's baseline) failed its guards while timed and was marked as fallen back."""
+    tiny = e2e.Variant("tiny-pf", "tiny", "narrow", ((2, 3),), e2e.progressive_fusion(2))
+
+    class Quiet:
+        def step(self, what):
+            pass
+
+    providers = {"eager": e2e.E2EProvider("torch"), "compile": e2e.E2EProvider("torch", "compile"),
+                 "compile-auto": e2e.E2EProvider("auto", "compile")}
+    rows = e2e.e2e_rows(CPU, [tiny], providers, quick=True, progress=Quiet())
+    assert {(r["task"], r["provider"]) for r in rows} == {(t, p) for t in ("train", "inference") for p in providers}
+    assert all(r["status"] == "ok" and r["median_s"] > 0 for r in rows), [(r["provider"], r["status"]) for r in rows]
+
+
 def test_e2e_providers_per_device():
     cpu = e2e.e2e_providers(CPU, ["cpu"], with_compile=True)
     assert {n: (p.backend, p.wrap) for n, p in cpu.items()} == {
