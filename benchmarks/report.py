@@ -230,62 +230,87 @@ def e2e_table(e2e: List[dict]) -> str:
 
 # ---------------------------------------------------------------- targets (issues 12 and 14)
 
+def _label(r: dict) -> str:
+    if "op" in r:
+        return f"{r['op']} {r['case']} {r['mode']} {short_dtype(r['dtype'])} {r['provider']}"
+    return f"{r['variant']} {r['task']} B={r['B']} {r['provider']}"
+
+
 def targets(result: dict) -> str:
     """The issues' targets, checked on this run's rows (GPU targets on CUDA, CPU ones on a CPU)."""
     rows, e2e, meta = result.get("rows", []), result.get("e2e", []), result["meta"]
     ok = [r for r in rows if r["status"] == "ok" and r.get("speedup_vs_eager")]
     lines = []
 
-    def check(what, value, bound, higher=True, fmt="{:.2f}x"):
+    def check(what, value, bound, higher=True, fmt="{:.2f}x", untimed=()):
+        """untimed: the rows the target covers that were not timed (error, fell back, skipped): the
+        target is then not met on this run, whatever the timed rows say."""
         if value is None or (isinstance(value, float) and math.isnan(value)):
-            lines.append(f"  [ -- ] {what}: no timed rows")
+            lines.append(f"  [ -- ] {what}: no timed rows" + (f" ({untimed[0]['status']})" if untimed else ""))
             return
         good = value >= bound if higher else value <= bound
-        lines.append(f"  [{'PASS' if good else 'MISS'}] {what}: {fmt.format(value)} (target "
-                     f"{'>=' if higher else '<='} {fmt.format(bound)})")
+        target = f"(target {'>=' if higher else '<='} {fmt.format(bound)})"
+        if untimed:
+            lines.append(f"  [ -- ] {what}: {fmt.format(value)} over the timed rows {target}; {len(untimed)} "
+                         f"row(s) not timed, e.g. {_label(untimed[0])}: {untimed[0]['status']}")
+            return
+        lines.append(f"  [{'PASS' if good else 'MISS'}] {what}: {fmt.format(value)} {target}")
 
     def ceiling(rows_):  # where autograd's fixed cost caps a fwd+bwd target, say so beside it
         bound = autograd_ceiling(rows_, meta)
         if bound is not None:
             lines.append(f"         (what autograd's fixed cost here leaves possible: {bound:.2f}x)")
 
-    def sel(op, mode, provider="auto", dtype=None, **kw):
-        return [r for r in ok if r["op"] == op and r["mode"] == mode and r["provider"] == provider
-                and (dtype is None or r["dtype"] == dtype) and all(f(r) for f in kw.values())]
+    def sel(op, mode, provider="auto", dtype=None, among=None, **kw):
+        return [r for r in (ok if among is None else among) if r["op"] == op and r["mode"] == mode
+                and r["provider"] == provider and (dtype is None or r["dtype"] == dtype)
+                and all(f(r) for f in kw.values())]
+
+    def untimed(op, mode, dtype=None, **kw):
+        return [r for r in sel(op, mode, dtype=dtype, among=rows, **kw) if r not in ok]
 
     if meta["device"].startswith("cuda"):
         for dt in meta.get("dtypes", []):
             d = short_dtype(dt)
-            big = [r for r in sel("backproj_concat", "fwd", dtype=dt) if r["bytes"] >= 64e6]
+            big = lambda r: r.get("bytes", 0) >= 64e6  # noqa: E731
             check(f"{d} backproj_concat fwd, rows >= 64 MB, worst share of copy bandwidth",
-                  min((r["fraction_of_copy_bw"] for r in big), default=None), 0.85, fmt="{:.0%}")
-            rows_ = sel("backproj_concat", "fwd+bwd", dtype=dt)
+                  min((r["fraction_of_copy_bw"] for r in sel("backproj_concat", "fwd", dtype=dt, big=big)),
+                      default=None), 0.85, fmt="{:.0%}", untimed=untimed("backproj_concat", "fwd", dt, big=big))
+            rows_, missed = sel("backproj_concat", "fwd+bwd", dtype=dt), untimed("backproj_concat", "fwd+bwd", dt)
             check(f"{d} backproj_concat fwd+bwd geomean",
-                  geomean(r["speedup_vs_eager"] for r in rows_) if rows_ else None, 1.5)
+                  geomean(r["speedup_vs_eager"] for r in rows_) if rows_ else None, 1.5, untimed=missed)
             ceiling(rows_)
-            check(f"{d} backproj_concat fwd+bwd worst row", min((r["speedup_vs_eager"] for r in rows_), default=None), 1.0)
-            rows_ = sel("fusion_head", "fwd+bwd", dtype=dt, small=lambda r: r["params"]["B"] <= 256)
+            check(f"{d} backproj_concat fwd+bwd worst row", min((r["speedup_vs_eager"] for r in rows_), default=None),
+                  1.0, untimed=missed)
+            small, large = (lambda r: r["params"]["B"] <= 256), (lambda r: r["params"]["B"] > 256)
+            rows_ = sel("fusion_head", "fwd+bwd", dtype=dt, small=small)
             check(f"{d} fusion_head fwd+bwd geomean B <= 256",
-                  geomean(r["speedup_vs_eager"] for r in rows_) if rows_ else None, 1.3)
+                  geomean(r["speedup_vs_eager"] for r in rows_) if rows_ else None, 1.3,
+                  untimed=untimed("fusion_head", "fwd+bwd", dt, small=small))
             ceiling(rows_)
-            rows_ = sel("fusion_head", "fwd+bwd", dtype=dt, large=lambda r: r["params"]["B"] > 256)
+            rows_ = sel("fusion_head", "fwd+bwd", dtype=dt, large=large)
             check(f"{d} fusion_head fwd+bwd worst row B > 256",
-                  min((r["speedup_vs_eager"] for r in rows_), default=None), 0.95)
-            rows_ = sel("refine_step", "fwd", dtype=dt, small=lambda r: r["params"]["B"] <= 256)
-            check(f"{d} refine_step fwd worst row B <= 256", min((r["speedup_vs_eager"] for r in rows_), default=None), 2.0)
+                  min((r["speedup_vs_eager"] for r in rows_), default=None), 0.95,
+                  untimed=untimed("fusion_head", "fwd+bwd", dt, large=large))
+            rows_ = sel("refine_step", "fwd", dtype=dt, small=small)
+            check(f"{d} refine_step fwd worst row B <= 256", min((r["speedup_vs_eager"] for r in rows_), default=None),
+                  2.0, untimed=untimed("refine_step", "fwd", dt, small=small))
             rows_ = [r for r in ok if r["provider"] == "auto" and r["dtype"] == dt]
-            check(f"{d} auto vs eager, worst row of every op and mode",
-                  min((r["speedup_vs_eager"] for r in rows_), default=None), 0.97)
+            check(f"{d} auto vs eager, worst row of every op and mode (at most 3% slower)",
+                  min((r["speedup_vs_eager"] for r in rows_), default=None), 1 / 1.03,
+                  untimed=[r for r in rows if r["provider"] == "auto" and r["dtype"] == dt and r not in ok])
         train = [r for r in e2e if r["status"] == "ok" and r["variant"] == "pf-r3" and r["provider"] == "auto"]
         for task in ("train", "inference"):
             mine = [r for r in train if r["task"] == task]
             check(f"pf-r3 {task} auto vs eager, worst size",
                   min((r["speedup_vs_eager"] for r in mine), default=None), 1.3)
             for r in mine:
-                comp = next((c for c in e2e if c["status"] == "ok" and c["provider"] == "compile" and
+                comp = next((c for c in e2e if c["provider"] == "compile" and
                              (c["variant"], c["task"], c["B"], c["T"]) == ("pf-r3", task, r["B"], r["T"])), None)
-                if comp:
+                if comp is not None and comp["status"] == "ok":
                     check(f"pf-r3 {task} B={r['B']} auto vs torch.compile", comp["median_s"] / r["median_s"], 1.0)
+                elif comp is not None and not comp["status"].startswith("not compiled"):
+                    check(f"pf-r3 {task} B={r['B']} auto vs torch.compile", None, 1.0, untimed=[comp])
     else:
         for op in OPS:
             rows_ = sel(op, "fwd+bwd")

@@ -439,3 +439,29 @@ def test_fixed_costs_are_measured_and_bound_the_fwd_bwd_targets():
     assert "fusion_head fwd+bwd geomean B <= 256: 1.50x" in text
     assert "(what autograd's fixed cost here leaves possible: 6.00x)" in text
     assert report.autograd_ceiling(rows, dict(meta, host_floor={})) is None
+
+
+def test_gpu_targets_say_where_rows_they_cover_were_not_timed():
+    """A target whose rows errored, fell back or were skipped read PASS or MISS from the rest (or,
+    for auto vs torch.compile, vanished). Checked on the committed H100 run."""
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results",
+                        "nvidia-h100-80gb-hbm3.json")
+    with open(path) as f:
+        result = json.load(f)
+    lines = report.targets(result).splitlines()
+    assert any(line.startswith("  [PASS] bf16 fusion_head fwd+bwd geomean B <= 256") for line in lines), lines
+    row = next(r for r in result["rows"] if r["op"] == "fusion_head" and r["mode"] == "fwd+bwd"
+               and r["provider"] == "auto" and r["dtype"] == "torch.bfloat16" and r["params"]["B"] <= 256)
+    row["status"] = "error: out of memory"
+    compile_row = next(r for r in result["e2e"] if r["variant"] == "pf-r3" and r["provider"] == "compile"
+                       and r["status"] == "ok")
+    compile_row["status"] = "compile fell back: a guard failed while timing"
+    pf = compile_row
+    lines = report.targets(result).splitlines()
+    head = next(line for line in lines if "bf16 fusion_head fwd+bwd geomean B <= 256" in line)
+    assert head.startswith("  [ -- ]") and "1 row(s) not timed" in head and "out of memory" in head, head
+    auto = next(line for line in lines if "bf16 auto vs eager" in line)
+    assert auto.startswith("  [ -- ]") and "out of memory" in auto, auto
+    compiled = next(line for line in lines if f"pf-r3 {pf['task']} B={pf['B']} auto vs torch.compile" in line)
+    assert compiled.startswith("  [ -- ]") and "fell back" in compiled, compiled
