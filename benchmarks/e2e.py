@@ -243,9 +243,11 @@ def _capture(step: Callable[[], object], device) -> Callable[[], None]:
 
 
 def e2e_rows(device, variants: Sequence[Variant], providers: Dict[str, E2EProvider], quick: bool, progress,
-             deadline=None, compile_sizes: Optional[int] = None) -> List[dict]:
+             deadline=None, compile_sizes: Optional[int] = None,
+             after_each: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
     """Rows for every variant x size x task x provider. compile_sizes: compile only at the first n
-    sizes of each variant (None: all); the others are marked."""
+    sizes of each variant (None: all); the others are marked. after_each(rows so far) runs after each
+    (size, task): the caller saves them (a run killed later keeps them)."""
     rows = []
     for variant in variants:
         for i, (B, T) in enumerate(variant.sizes):
@@ -253,6 +255,8 @@ def e2e_rows(device, variants: Sequence[Variant], providers: Dict[str, E2EProvid
             for task in ("train", "inference"):
                 rows += _rows(device, variant, B, T, task, providers, quick, with_compile, deadline)
                 progress.step(f"e2e {variant.name} {task} B={B}")
+                if after_each is not None:
+                    after_each(rows)
     return rows
 
 

@@ -412,7 +412,8 @@ def main(argv=None) -> None:
     e2e: List[dict] = []
     if variants:
         e2e = e2e_rows(device, variants, e2e_providers(device, fused_backends(device), with_compile), args.quick,
-                       progress, deadline, compile_sizes=1 if compile_mode == "some" else None)
+                       progress, deadline, compile_sizes=1 if compile_mode == "some" else None,
+                       after_each=lambda so_far: save(rows, so_far, partial=True))
     save(rows, e2e, partial=False)
 
     print()

@@ -131,7 +131,10 @@ def test_e2e_rows_say_what_ran_and_mark_unavailable_variants():
             pass
 
     providers = e2e.e2e_providers(CPU, [], with_compile=False)
-    rows = e2e.e2e_rows(CPU, [tiny, missing], providers, quick=True, progress=Quiet())
+    saved = []  # what a run killed later keeps: the rows after each (size, task)
+    rows = e2e.e2e_rows(CPU, [tiny, missing], providers, quick=True, progress=Quiet(),
+                        after_each=lambda so_far: saved.append(len(so_far)))
+    assert saved == [len(providers) * k for k in range(1, 5)]
     ok = [r for r in rows if r["variant"] == "tiny-pf"]
     assert {(r["task"], r["provider"]) for r in ok} == {(t, p) for t in ("train", "inference") for p in providers}
     assert all(r["status"] == "ok" and r["median_s"] > 0 for r in ok), [r["status"] for r in ok]

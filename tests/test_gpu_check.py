@@ -2,8 +2,10 @@
 orchestrator (its dry run, its time limits and summary), the differential check on the CPU
 backends (and that it can fail), and the graph-capture script's eager halves."""
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -59,6 +61,28 @@ def test_parts_report_pass_fail_and_time_limits(tmp_path):
     assert results["bad"].startswith("FAIL bad: 1 failed, 2 passed")
     assert results["slow"].startswith("FAIL slow:") and "timed out" in results["slow"]
     assert "##### bad: FAIL" in (tmp_path / "checks.log").read_text()
+
+
+def test_a_part_out_of_time_is_killed_with_its_children(tmp_path):
+    """Only the part's own process was killed: the python a bash or compute-sanitizer part had started
+    went on using the GPU beside the next parts, and the check waited for it (its output pipe stayed
+    open), past the part's time limit."""
+    code = ("import subprocess, time; child = subprocess.Popen(['sleep', '60']); "
+            "print('child', child.pid, flush=True); time.sleep(30)")
+    ctx = check.Context(str(tmp_path), "stand-in", "9.0", 2)
+    results, start = {}, time.time()
+    check.run_parts([check.Part("slow", 2, "checks.log", lambda ctx: [[sys.executable, "-c", code]],
+                                check._pytest_counts)], ctx, results)
+    assert "timed out" in results["slow"] and time.time() - start < 20
+    pid = int(re.search(r"child (\d+)", (tmp_path / "checks.log").read_text()).group(1))
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the part's child {pid} outlived it")
 
 
 def test_sanitizer_summary_names_the_kernels_of_the_printed_reports():

@@ -29,6 +29,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -220,8 +221,10 @@ class Running:
             return False
         env = dict(os.environ, PYTHONUNBUFFERED="1",
                    **{k: v.format(out=self.ctx.out) for k, v in self.part.env.items()})
+        # Its own process group: a part that runs out of time is killed with its children (the python
+        # under bash or compute-sanitizer would go on using the GPU beside the next parts).
         self.proc = subprocess.Popen(self.commands[self.index], cwd=ROOT, env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         self.text += f"$ {' '.join(self.commands[self.index])}\n"
         self.index += 1
         return True
@@ -233,7 +236,10 @@ class Running:
             out, _ = self.proc.communicate(timeout=max(0.1, min(left, 1.0)))
         except subprocess.TimeoutExpired:
             if left <= 0:
-                self.proc.kill()
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    self.proc.kill()
                 out, _ = self.proc.communicate()
                 self.text += out + f"\n[timed out after {time.time() - self.start:.0f} s]\n"
                 self.timed_out, self.rc = True, 124
