@@ -4,10 +4,12 @@ A GPU sample is a batch of back-to-back calls between two CUDA events (the devic
 starts, so launch gaps count); a CPU sample is one call between perf_counter readings. Callers run in
 rounds, one sample each per round, so that a slow spell of a shared machine hits all alike; the
 order rotates from round to round. Medians
-with 20th/80th percentiles. Warm-up (compiles, autotuning, allocator growth) is outside the samples.
+with 20th/80th percentiles. Warm-up (compiles, autotuning, allocator growth) is outside the samples,
+and so is Python's garbage collector (off while sampling).
 """
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -86,18 +88,27 @@ def measure_side_by_side(fns: Dict[str, Callable[[], object]], device: torch.dev
     times = {name: [] for name in live}
     reps, start = 0, time.perf_counter()
     budget = min_time_s * max(len(live), 1)
-    while live and reps < max_reps and (reps < min_reps or time.perf_counter() - start < budget):
-        # Each round starts at the next provider: none always runs first or right after another
-        # (measured here: the provider timed just after eager ran ~20% slower than its twin after it).
-        names = list(live)
-        shift = reps % len(names)
-        for name in names[shift:] + names[:shift]:
-            try:
-                times[name].append(time_calls(live[name], device, calls[name]) / calls[name])
-            except Exception as exc:
-                results[name] = {"error": error_text(exc)}
-                del live[name]
-        reps += 1
+    # No garbage collection inside the samples (as timeit): a collection lands in whichever provider
+    # happens to run then, a host-side pause of its own.
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        while live and reps < max_reps and (reps < min_reps or time.perf_counter() - start < budget):
+            # Each round starts at the next provider: none always runs first or right after another
+            # (measured here: the provider timed just after eager ran ~20% slower than its twin after it).
+            names = list(live)
+            shift = reps % len(names)
+            for name in names[shift:] + names[:shift]:
+                try:
+                    times[name].append(time_calls(live[name], device, calls[name]) / calls[name])
+                except Exception as exc:
+                    results[name] = {"error": error_text(exc)}
+                    del live[name]
+            reps += 1
+    finally:
+        if was_enabled:
+            gc.enable()
     for name in live:
         results[name] = stats(times[name], calls[name])
     return {name: results[name] for name in fns}

@@ -468,3 +468,11 @@ def test_gpu_targets_say_where_rows_they_cover_were_not_timed():
     assert auto.startswith("  [ -- ]") and "out of memory" in auto, auto
     compiled = next(line for line in lines if f"pf-r3 {pf['task']} B={pf['B']} auto vs torch.compile" in line)
     assert compiled.startswith("  [ -- ]") and "fell back" in compiled, compiled
+
+
+def test_no_garbage_collection_inside_the_samples():
+    import gc
+    seen = []
+    measure_side_by_side({"a": lambda: seen.append(gc.isenabled()), "b": lambda: None}, CPU, min_time_s=0.0,
+                         warmup=1)
+    assert seen[0] and not any(seen[2:]) and gc.isenabled()  # (warm-up and the calibration call run with it on)
