@@ -1138,6 +1138,9 @@ class ProgressiveFusion(nn.Module):
         broken = plan.why_not_held(encoder)
         if broken is not None:
             return False, f"not hoisted: since it was planned, {broken} (set hoist = True to plan again)"
+        if _intercepted([self.back_projections[j]]):
+            return False, ("not hoisted while its back-projection has hooks or a forward of its own (it is "
+                           "called as a module, and the encoder reads the concat it returns)")
         if plan.stale():
             if torch.compiler.is_compiling():
                 return False, "not hoisted under torch.compile: its plan is stale (planned again outside)"
@@ -1216,6 +1219,11 @@ class ProgressiveFusion(nn.Module):
             holds = [plan is not None and plan.holds_for(encoder) for plan, encoder in zip(self._hoisting, self.encoders)]
             stale = [False] * len(stale)  # (fresh plans; under torch.compile a stale one runs unhoisted)
         plans = tuple(plan if held and not old else None for plan, held, old in zip(self._hoisting, holds, stale))
+        # A back-projection with hooks (or a forward of its own) is called as a module: its encoder
+        # reads the concat it returns (the hoisted path would not call it).
+        if any(plans) and _intercepted(self.back_projections):
+            plans = tuple(None if plan is not None and _intercepted([bp]) else plan
+                          for plan, bp in zip(plans, self.back_projections))
         for j, (plan, x, c) in enumerate(zip(plans, xs, self.context_dims)):
             if plan is not None and x.shape[-1] + c != plan.linear.in_features:
                 raise ValueError(f"ProgressiveFusion: xs[{j}] has {x.shape[-1]} features and context_dims[{j}] = {c}, "
@@ -1283,17 +1291,21 @@ class ProgressiveFusion(nn.Module):
                                  f"({x.shape[0]}, {width})") from cause
 
     def _refine(self, hs, xs, hoisting, projections):
-        """z from hs, and every encoder's input (or hoisted first layer's output) for the next step."""
+        """z from hs, and every encoder's input (or hoisted first layer's output) for the next step.
+        The head and back-projections are called as modules where one has hooks or a forward of its
+        own (pruning, the older weight_norm, a logging hook): the fused steps read their weights."""
         head, bps = self.fusion_head, self.back_projections
         plain = [j for j, plan in enumerate(hoisting) if plan is None and not self._read_as_is(j, xs[j])]
-        if len(projections) == len(xs) and len({bp.activation for bp in bps}) == 1:  # every encoder hoisted: one op (launch)
+        modules = _intercepted([head, *bps])
+        if not modules and len(projections) == len(xs) and len({bp.activation for bp in bps}) == 1:
+            # every encoder hoisted: one op (launch)
             ps, context_weights = zip(*(projections[j] for j in range(len(xs))))
             return ops.refine_step_hoisted(
                 hs, head.weight, head.bias, list(ps), [bp.weight for bp in bps], [bp.bias for bp in bps],
                 list(context_weights), head.activation, bps[0].activation, [plan.activation for plan in hoisting],
                 backend=self.backend)
         inputs = [x if plan is None and self._read_as_is(j, x) else None for j, (x, plan) in enumerate(zip(xs, hoisting))]
-        if plain and len({bps[j].activation for j in plain}) == 1:
+        if not modules and plain and len({bps[j].activation for j in plain}) == 1:
             z, outs = ops.refine_step(
                 hs, head.weight, head.bias, [xs[j] for j in plain], [bps[j].weight for j in plain],
                 [bps[j].bias for j in plain], head.activation, bps[plain[0]].activation, backend=self.backend)

@@ -86,6 +86,62 @@ def test_progressive_fusion_is_the_unrolled_loop():
     torch.testing.assert_close(model(xs), z)
 
 
+def _unrolled(model, xs):
+    """The method written out with the model's own modules called: what hooks on them expect."""
+    ctx = [torch.zeros(*x.shape[:-1], c) for x, c in zip(xs, model.context_dims)]
+    z = None
+    for step in range(model.iterations):
+        hs = [enc(torch.cat([x, c], -1)) for enc, x, c in zip(model.encoders, xs, ctx)]
+        z = model.fusion_head(hs)
+        if step < model.iterations - 1:
+            ctx = [bp(x, z)[..., x.shape[-1]:] for bp, x in zip(model.back_projections, xs)]
+    return z
+
+
+@pytest.mark.parametrize("hoist", [True, False], ids=["hoisted", "unhoisted"])
+def test_hooks_on_the_head_and_back_projections_run_at_every_step(hoist):
+    """The steps before the last read the head's and back-projections' weights without calling them:
+    their hooks ran once and never, pruning (a pre-hook that sets the weight) raised "backward through
+    the graph a second time" at the second training step, and the older spectral_norm left its
+    weight_orig without a gradient."""
+    from torch.nn.utils import prune
+
+    class MeanOverPositions(nn.Module):
+        def forward(self, h):
+            return h.mean(1)
+
+    torch.manual_seed(0)
+    encoders = [nn.Sequential(nn.Linear(5 + 3, 6), nn.Tanh()),
+                nn.Sequential(nn.Linear(3 + 2, 7), nn.Tanh(), MeanOverPositions()),
+                nn.Sequential(nn.Linear(4 + 4, 8), nn.GELU(), MeanOverPositions())]
+    model = ProgressiveFusion(encoders, [6, 7, 8], 9, [3, 2, 4], iterations=3, hoist=hoist)
+    reference = copy.deepcopy(model)
+    calls = {"head": 0, "bp1": 0}
+    model.fusion_head.register_forward_hook(lambda m, i, o: calls.__setitem__("head", calls["head"] + 1))
+    hook = model.back_projections[1].register_forward_pre_hook(
+        lambda m, i: calls.__setitem__("bp1", calls["bp1"] + 1))
+    xs = [torch.randn(4, 5), torch.randn(4, 11, 3), torch.randn(4, 6, 4)]
+    torch.testing.assert_close(model(xs), _unrolled(reference, xs))
+    assert calls == {"head": 3, "bp1": 2}
+    assert model.hoisted == ((0, 2) if hoist else ())
+    assert not hoist or "back-projection has hooks" in model.hoisting_notes[1]
+    hook.remove()
+    assert model.hoisted == ((0, 1, 2) if hoist else ())
+    for m in (model, reference):
+        prune.l1_unstructured(m.fusion_head, "weight", amount=0.3)
+        prune.l1_unstructured(m.back_projections[0], "weight", amount=0.3)
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, reference))
+    for _ in range(3):
+        for m, o, forward in ((model, opt, model), (reference, ref_opt, lambda x: _unrolled(reference, x))):
+            o.zero_grad()
+            forward(xs).square().mean().backward()
+            o.step()
+        torch.testing.assert_close(model.fusion_head.weight_orig, reference.fusion_head.weight_orig)
+        torch.testing.assert_close(model.back_projections[0].weight_orig, reference.back_projections[0].weight_orig)
+    with torch.no_grad():
+        torch.testing.assert_close(model(xs), _unrolled(reference, xs))
+
+
 def test_every_parameter_gets_a_gradient():
     # Smooth activations: a dead ReLU unit would rightly get a zero gradient.
     model = make_model(fusion_activation="gelu", context_activation="tanh")
