@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.modules import module as _module_globals  # the hooks registered for every module
 
 from . import ops
@@ -635,6 +636,9 @@ def _plan_tail(encoder: nn.Module, context_dim: int, through: frozenset):
     if first is None or first.op != "call_module" or type(modules.get(first.target)) is not nn.Linear \
             or first.args != (inputs[0],) or first.kwargs:
         module = modules.get(first.target) if first is not None and first.op == "call_module" else None
+        if isinstance(module, LazyModuleMixin):
+            return (f"its first layer is a {type(module).__name__}, not initialised yet (set hoist = True "
+                    "after the first forward to plan it again)")
         if isinstance(module, nn.Linear) and first.args == (inputs[0],) and not first.kwargs:
             return (f"its first layer is a {type(module).__name__}, not a plain nn.Linear (a subclass or "
                     f"a parametrization such as weight_norm may compute otherwise)")

@@ -1303,3 +1303,14 @@ def test_a_parameter_list_grown_a_child_bias_removed_or_a_mode_read_in_a_loop_ar
         model.encoders[0].layers[1].train()  # the encoder in eval, one child in train
     assert_same(hoisted, plain, xs, steps=True)
     assert hoisted.hoisted == (1,) and "mode" in hoisted.hoisting_notes[0]
+
+
+def test_a_lazy_first_layer_is_named_and_hoisted_once_planned_again():
+    torch.manual_seed(0)
+    model = ProgressiveFusion([nn.Sequential(nn.LazyLinear(8), nn.ReLU()), nn.Linear(3 + 2, 8)], [8, 8], 6, 2)
+    assert "LazyLinear, not initialised yet (set hoist = True after the first forward" in model.hoisting_notes[0]
+    xs = [torch.randn(4, 5), torch.randn(4, 3)]
+    before = model(xs)
+    model.hoist = True
+    assert model.hoisted == (0, 1)
+    torch.testing.assert_close(model(xs), before, rtol=1e-5, atol=1e-6)
