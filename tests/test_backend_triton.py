@@ -773,17 +773,22 @@ def test_relu_backward_at_nan_is_torchs(where):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
-def test_a_non_finite_gradient_spoils_only_what_it_reaches(dtype, bad):
-    """A 16-bit backward's products take the fp32 gradient as hi + lo in 16 bits: an inf made lo NaN
-    (inf - inf) where eager gives inf, and in fp16 it also set the tile's scale, flushing every other
-    gradient of the tile to subnormals (finite gradients wrong by 30%)."""
+@pytest.mark.parametrize("where", ["grad_out", "input"])
+def test_a_non_finite_value_spoils_only_what_it_reaches(dtype, bad, where):
+    """A 16-bit backward's products take the fp32 gradient as hi + lo in 16 bits: an inf gradient made
+    lo NaN (inf - inf) where eager gives inf, and in fp16 it also set the tile's scale, flushing every
+    other gradient of the tile to subnormals (finite gradients wrong by 30%); an inf input met lo's 0
+    (0 * inf = NaN) where eager's product gives inf."""
     torch.manual_seed(0)
     dev = dict(device=DEVICE, dtype=dtype)
     hs, hw, hb = [rand((5, 7), **dev), rand((5, 6), **dev)], rand((9, 13), **dev) * 0.3, rand((9,), **dev)
     x, z, w, b = rand((3, 4, 2), **dev), rand((3, 5), **dev), rand((6, 5), **dev), rand((6,), **dev)
     p, pw = rand((3, 4, 7), **dev), rand((7, 6), **dev)
     g_head, g_cat, g_ctx = rand((5, 9), **dev), rand((3, 4, 8), **dev), rand((3, 4, 7), **dev)
-    g_head[0, 0], g_cat[1, 2, 3], g_ctx[2, 0, 1] = bad, bad, bad
+    if where == "grad_out":
+        g_head[0, 0], g_cat[1, 2, 3], g_ctx[2, 0, 1] = bad, bad, bad
+    else:
+        hs[1][2, 3], z[1, 0] = bad, bad
     calls = {
         "fusion_head": (lambda m, h0, h1, w_: m.fusion_head([h0, h1], w_, hb, "none"), (*hs, hw), g_head),
         "backproj_concat": (lambda m, z_, w_: m.backproj_concat(x, z_, w_, b, "tanh"), (z, w), g_cat),

@@ -41,7 +41,8 @@ def dot_split(a, b, acc, PREC: tl.constexpr):
     (subnormal): the tile of a, and acc, are first scaled by a power of two (exact) that brings the
     tile's largest |a| to [2^14, 2^15), within 2^+-24; the result is scaled back. (A scale per row
     spilled on sm_80.) An inf or NaN in a passes through hi alone (lo is 0 there: inf - inf is NaN),
-    and the scale is set by the finite |a| (an inf set it to 2^-24, flushing the tile's other values)."""
+    and the scale is set by the finite |a| (an inf set it to 2^-24, flushing the tile's other values);
+    one in b too (lo's dot reads 0 there: lo * inf is NaN where lo is 0)."""
     if b.dtype == tl.float32:
         return dot(a, b, acc, PREC)
     if b.dtype == tl.float16:
@@ -52,9 +53,15 @@ def dot_split(a, b, acc, PREC: tl.constexpr):
         scale, unscale = _pow2(k), _pow2(-k)
         a = a * scale
         hi = a.to(b.dtype)
-        return dot(_low_part(a, hi), b, dot(hi, b, acc * scale, PREC), PREC) * unscale
+        return dot(_low_part(a, hi), _finite(b), dot(hi, b, acc * scale, PREC), PREC) * unscale
     hi = a.to(b.dtype)
-    return dot(_low_part(a, hi), b, dot(hi, b, acc, PREC), PREC)
+    return dot(_low_part(a, hi), _finite(b), dot(hi, b, acc, PREC), PREC)
+
+
+@triton.jit
+def _finite(b):
+    """b with its infs and NaNs read as 0."""
+    return tl.where(tl.abs(b.to(tl.float32)) < float("inf"), b, 0.0).to(b.dtype)
 
 
 @triton.jit
