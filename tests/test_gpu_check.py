@@ -85,6 +85,24 @@ def test_a_part_out_of_time_is_killed_with_its_children(tmp_path):
     raise AssertionError(f"the part's child {pid} outlived it")
 
 
+def test_the_summary_is_written_after_every_group_of_parts(tmp_path, monkeypatch):
+    """summary.txt was written only at the end: a run killed from outside (the device command's limit)
+    lost every result. A later part reads it while it runs."""
+    read = ("import os, sys; print(open(os.path.join(sys.argv[1], 'summary.txt')).read()); "
+            "print('1 passed in 0.1s')")
+    parts = [check.Part("first", 30, "checks.log", lambda ctx: [[sys.executable, "-c", "print('2 passed in 0.1s')"]],
+                        check._pytest_counts),
+             check.Part("later", 30, "bench.log", lambda ctx: [[sys.executable, "-c", read, ctx.out]],
+                        check._pytest_counts, parallel=False)]
+    monkeypatch.setattr(check, "PARTS", parts)
+    monkeypatch.setattr(check, "probe", lambda: check.Context("", "stand-in GPU", "9.0", 2))
+    assert check.main(["--out", str(tmp_path), "--parts", "first,later"]) == 0
+    seen = (tmp_path / "bench.log").read_text()
+    assert "so far (still running)" in seen and "PASS first: 2 passed" in seen, seen
+    final = (tmp_path / "summary.txt").read_text()
+    assert "still running" not in final and "PASS later: 1 passed" in final, final
+
+
 def test_sanitizer_summary_names_the_kernels_of_the_printed_reports():
     # So that one GPU run says whose reads initcheck flags (on the first visit: ours, of cuBLAS output).
     report = "\n".join([

@@ -271,17 +271,20 @@ def run_parts(parts: List[Part], ctx: Context, results: Dict[str, str]) -> bool:
         for r in running:
             if r.proc is not None and r.poll():
                 r.proc = None
-    for r in running:
-        elapsed = time.time() - r.start
-        status = "PASS" if r.rc == 0 else "FAIL"
-        ok &= r.rc == 0
-        counts = r.part.summarize(r.text, r.rc)
-        results[r.part.name] = f"{status} {r.part.name}: {counts} ({elapsed:.0f} s" + \
-            (", timed out)" if r.timed_out else ")")
-        with open(os.path.join(ctx.out, r.part.log), "a") as f:
-            f.write(f"##### {r.part.name}: {status}\n{r.text}\n")
-        print(results[r.part.name], flush=True)
+                ok &= _finish(r, ctx, results)  # its log and line now: a run killed later keeps them
     return ok
+
+
+def _finish(r: Running, ctx: Context, results: Dict[str, str]) -> bool:
+    elapsed = time.time() - r.start
+    status = "PASS" if r.rc == 0 else "FAIL"
+    counts = r.part.summarize(r.text, r.rc)
+    results[r.part.name] = f"{status} {r.part.name}: {counts} ({elapsed:.0f} s" + \
+        (", timed out)" if r.timed_out else ")")
+    with open(os.path.join(ctx.out, r.part.log), "a") as f:
+        f.write(f"##### {r.part.name}: {status}\n{r.text}\n")
+    print(results[r.part.name], flush=True)
+    return r.rc == 0
 
 
 def main(argv=None) -> int:
@@ -310,27 +313,38 @@ def main(argv=None) -> int:
 
     results: Dict[str, str] = {}
     selected = [p for p in PARTS if p.name in wanted]
+
+    def write_summary(final: bool) -> float:
+        """summary.txt after every group of parts, so a run killed from outside keeps what finished."""
+        total = time.time() - start
+        lines = [f"gpu-check {datetime.date.today().isoformat()}: {ctx.gpu or 'no GPU'}; {versions}; "
+                 f"{ctx.cores} cores; {total:.0f} s" + ("" if final else " so far (still running)")]
+        lines += [results[p.name] for p in selected if p.name in results]
+        with open(os.path.join(args.out, "summary.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+            for p in selected:  # the tail of each failed part's log, so the summary alone says why
+                if results.get(p.name, "").startswith("FAIL"):
+                    text = open(os.path.join(args.out, p.log)).read()
+                    section = text[text.rfind(f"##### {p.name}:"):]
+                    f.write(f"\n--- {p.name}: last lines of {p.log}\n" + "\n".join(section.splitlines()[-40:])
+                            + "\n")
+        return total
+
     ok = True
     build = [p for p in selected if p.name == "build"]
     if build:
         ok &= run_parts(build, ctx, results)
         if not ok:
             ctx.skip_reason = "the build failed"
+        write_summary(final=False)
     ok &= run_parts([p for p in selected if p.parallel], ctx, results)
+    write_summary(final=False)
     for part in selected:  # the timing parts one at a time: side by side they would time each other
         if not part.parallel and part.name != "build":
             ok &= run_parts([part], ctx, results)
+            write_summary(final=False)
 
-    total = time.time() - start
-    lines = [f"gpu-check {datetime.date.today().isoformat()}: {ctx.gpu or 'no GPU'}; {versions}; "
-             f"{ctx.cores} cores; {total:.0f} s"] + [results[p.name] for p in selected if p.name in results]
-    with open(os.path.join(args.out, "summary.txt"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-        for p in selected:  # the tail of each failed part's log, so the summary alone says why
-            if results.get(p.name, "").startswith("FAIL"):
-                text = open(os.path.join(args.out, p.log)).read()
-                section = text[text.rfind(f"##### {p.name}:"):]
-                f.write(f"\n--- {p.name}: last lines of {p.log}\n" + "\n".join(section.splitlines()[-40:]) + "\n")
+    total = write_summary(final=True)
     print(f"gpu-check: {'all passed' if ok and not ctx.skip_reason else 'FAILED' if not ok else 'SKIPPED'}"
           f" in {total:.0f} s; summary in {os.path.join(args.out, 'summary.txt')}")
     return 0 if ok else 1
