@@ -11,7 +11,6 @@ recompiling or falling back). A row whose check fails is marked "compile fell ba
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import time
 import types
@@ -23,6 +22,7 @@ from torch._dynamo.utils import counters
 
 import pf_kernels._dispatch as dispatch
 import pf_kernels.ops as ops
+from pf_kernels.convert.capture import _own_copy  # a function with a code object (dynamo cache) of its own
 
 FELL_BACK = "compile fell back"
 
@@ -110,7 +110,7 @@ class ProvenCompile:
         if fresh:
             torch._dynamo.reset()
         self._before = _graph_counts()
-        own = _own_code(fn)
+        own = _own_copy(fn) if isinstance(fn, types.FunctionType) else fn
         self._code = getattr(own, "__code__", None)
         self._entries: Optional[int] = None
         self.compiled = torch.compile(own, fullgraph=True, **compile_kwargs)
@@ -158,18 +158,6 @@ class ProvenCompile:
             return len(_debug_get_cache_entry_list(self._code))
         except (ImportError, AttributeError, RuntimeError):
             return None
-
-
-_copies = itertools.count()
-
-
-def _own_code(fn: Callable) -> Callable:
-    """fn with a code object (and code name) of its own, where it is a plain function."""
-    if not isinstance(fn, types.FunctionType):
-        return fn
-    code = fn.__code__
-    return types.FunctionType(code.replace(co_name=f"{code.co_name}__proven_{next(_copies)}"), fn.__globals__,
-                              fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 @contextlib.contextmanager
