@@ -46,8 +46,7 @@ def dot_split(a, b, acc, PREC: tl.constexpr):
     if b.dtype == tl.float32:
         return dot(a, b, acc, PREC)
     if b.dtype == tl.float16:
-        magnitude = tl.abs(a)
-        amax = tl.max(tl.where(magnitude < float("inf"), magnitude, 0.0))
+        amax = tl.max(_finite(tl.abs(a)))
         exponent = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2(amax))
         k = tl.minimum(tl.maximum(14 - exponent, -24), 24)
         scale, unscale = _pow2(k), _pow2(-k)
@@ -59,16 +58,16 @@ def dot_split(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _finite(b):
-    """b with its infs and NaNs read as 0."""
-    return tl.where(tl.abs(b.to(tl.float32)) < float("inf"), b, 0.0).to(b.dtype)
+def _low_part(a, hi):
+    """a - hi in hi's dtype; 0 where hi is not finite (an inf or NaN of a, or beyond the dtype's range:
+    a - hi is then not finite either)."""
+    return _finite(a - hi.to(tl.float32)).to(hi.dtype)
 
 
 @triton.jit
-def _low_part(a, hi):
-    """a - hi in hi's dtype; 0 where hi is not finite (an inf or NaN of a, or beyond the dtype's range)."""
-    hi32 = hi.to(tl.float32)
-    return tl.where(tl.abs(hi32) < float("inf"), a - hi32, 0.0).to(hi.dtype)
+def _finite(b):
+    """b with its infs and NaNs read as 0."""
+    return tl.where(tl.abs(b.to(tl.float32)) < float("inf"), b, 0.0).to(b.dtype)
 
 
 @triton.jit(do_not_specialize=["M", "N", "K", "SIZE_CLASS"])
