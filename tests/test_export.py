@@ -88,35 +88,17 @@ def test_saved_program_loads_in_a_process_that_imported_pf_kernels(backend, tmp_
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 
 
-class _UnrolledFusion(nn.Module):
-    """Progressive Fusion written out by hand, for convert."""
-
-    def __init__(self):
-        super().__init__()
-        self.enc_a, self.enc_b = nn.Linear(8 + 4, 16), nn.Linear(5 + 4, 16)
-        self.head, self.bp_a, self.bp_b = nn.Linear(32, 32), nn.Linear(32, 4), nn.Linear(32, 4)
-
-    def forward(self, xa, xb):
-        ca, cb = xa.new_zeros(xa.shape[0], 4), xb.new_zeros(*xb.shape[:-1], 4)
-        for _ in range(2):
-            ha = torch.relu(self.enc_a(torch.cat([xa, ca], -1)))
-            hb = torch.relu(self.enc_b(torch.cat([xb, cb], -1))).mean(1)
-            z = torch.relu(self.head(torch.cat([ha, hb], -1)))
-            ca, cb = torch.relu(self.bp_a(z)), torch.relu(self.bp_b(z))[:, None].expand(-1, xb.shape[1], -1)
-        return z
-
-
 def test_converted_model_exports_and_traces_its_plain_forward():
     """torch.export (strict or not), torch.jit.trace and torch.fx of a converted model see the model's
     own forward (non-strict export raised AttributeError: 'ConvertedForward' object has no attribute
     '__code__'; jit.trace refused a dynamo-optimized function); the conversion stays on for eager calls."""
     from pf_kernels.convert import count_fused_calls
+    from tests.convert_cases import tanh_progressive_inputs, tanh_progressive_model
     torch.manual_seed(0)
-    model = _UnrolledFusion().eval()
-    args = (torch.randn(4, 8), torch.randn(4, 6, 5))
+    model = tanh_progressive_model()[0].eval()
+    args, new = tanh_progressive_inputs(), tanh_progressive_inputs()
     expected = model(*args)
     pk.convert(model, example_inputs=args)
-    new = (torch.randn(4, 8), torch.randn(4, 6, 5))
     for strict in (False, True):
         program = torch.export.export(model, args, strict=strict)
         torch.testing.assert_close(program.module()(*args), expected, rtol=1e-5, atol=1e-6)
