@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -107,13 +108,18 @@ def _profiled(label: str, device: torch.device):
 
 
 def run_workload(device: torch.device, dtypes: Sequence[torch.dtype], variants: Sequence[str],
-                 only: Optional[str] = None, max_batch: int = 256, print_fn: Callable[[str], None] = print
-                 ) -> List[str]:
-    """Each row's call once, labelled; returns the labels in order (also printed)."""
+                 only: Optional[str] = None, max_batch: int = 256, print_fn: Callable[[str], None] = print,
+                 seconds: float = float("inf")) -> List[str]:
+    """Each row's call once, labelled; returns the labels in order (also printed). No row starts
+    after `seconds`: the program must end for ncu to write its report, so it ends in time."""
     labels = []
+    start = time.monotonic()
     for label, make in _rows(device, dtypes, variants, max_batch):
         if only and only not in label:
             continue
+        if time.monotonic() - start > seconds:
+            print_fn(f"rows from {label} on not profiled: past --workload-seconds {seconds:.0f}")
+            break
         call = make()
         with _profiled(label, device):
             call()
@@ -243,13 +249,16 @@ def main(argv=None) -> int:
                              "near their memory floor, and ncu's replay of a 240 MB output is slow)")
     parser.add_argument("--out", default="results/profile")
     parser.add_argument("--timeout", type=int, default=150, help="seconds for the ncu run")
+    parser.add_argument("--workload-seconds", type=float, default=None,
+                        help="no row starts after this (default: --timeout less 40 s, for ncu's replays and report)")
     args = parser.parse_args(argv)
     from .run import DTYPES
 
     device = torch.device(args.device)
     dtypes = [DTYPES[d] for d in args.dtypes]
     if args.workload:
-        run_workload(device, dtypes, args.e2e, args.only, args.max_batch)
+        run_workload(device, dtypes, args.e2e, args.only, args.max_batch,
+                     seconds=args.workload_seconds if args.workload_seconds is not None else float("inf"))
         return 0
     if device.type == "cuda" and not torch.cuda.is_available():
         print("benchmarks.ncu: SKIPPED (torch sees no CUDA device)")
@@ -264,6 +273,8 @@ def main(argv=None) -> int:
     sections = subprocess.run([ncu, "--list-sections"], capture_output=True, text=True).stdout
     workload = [sys.executable, "-m", "benchmarks.ncu", "--workload", "--device", args.device,
                 "--dtypes", *args.dtypes, "--max-batch", str(args.max_batch), "--e2e", *args.e2e,
+                "--workload-seconds", str(args.workload_seconds if args.workload_seconds is not None
+                                          else max(10, args.timeout - 40)),
                 *(["--only", args.only] if args.only else [])]
     command = ncu_command(ncu, help_text, sections, report, workload)
     print("$ " + " ".join(command), flush=True)
@@ -272,7 +283,9 @@ def main(argv=None) -> int:
                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
         output, rc = done.stdout + done.stderr, done.returncode
     except subprocess.TimeoutExpired as exc:
-        output, rc = f"{exc.stdout or ''}{exc.stderr or ''}\n[ncu timed out after {args.timeout} s]", 124
+        # The partial output comes as bytes, even with text=True.
+        partial = b"".join(p if isinstance(p, bytes) else p.encode() for p in (exc.stdout, exc.stderr) if p)
+        output, rc = partial.decode(errors="replace") + f"\n[ncu timed out after {args.timeout} s]", 124
     labels = [m.group(1) for m in re.finditer(r"^row \d+: (.*)$", output, flags=re.MULTILINE)]
     text = open(report).read() if os.path.exists(report) else ""
     kernels = parse_report(text)

@@ -428,6 +428,26 @@ def test_ncu_workload_runs_each_labelled_call_and_skips_without_ncu(monkeypatch,
     assert ncu.main(["--device", "cpu"]) == 0 and "SKIPPED" in capsys.readouterr().out
 
 
+def test_ncu_workload_ends_in_time_for_ncu_to_write_its_report(tmp_path, monkeypatch, capsys):
+    """ncu writes its report when the program ends: a workload still running at ncu's timeout left
+    nothing. The workload stops starting rows in time, and a timed-out run keeps its row labels."""
+    import stat
+    import sys
+    from benchmarks import ncu
+    seen = []
+    assert ncu.run_workload(CPU, [torch.float32], [], only="B=8 ", print_fn=seen.append, seconds=0) == []
+    assert seen and "not profiled" in seen[0]
+    fake = tmp_path / "ncu"  # prints a row, then outlives the timeout
+    fake.write_text(f"#!{sys.executable}\nimport sys, time\n"
+                    "if sys.argv[1:] in (['--help'], ['--list-sections']): sys.exit(0)\n"
+                    "assert '--workload-seconds' in sys.argv\n"
+                    "print('row 0: fusion_head B=8', flush=True); time.sleep(30)\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(ncu, "find_ncu", lambda: str(fake))
+    assert ncu.main(["--device", "cpu", "--timeout", "3", "--out", str(tmp_path / "out")]) == 1
+    assert "over 1 rows (exit 124)" in capsys.readouterr().out
+
+
 def test_fixed_costs_are_measured_and_bound_the_fwd_bwd_targets():
     from benchmarks.timing import host_floor
     floor = host_floor(CPU)

@@ -119,6 +119,8 @@ def test_sanitizer_summary_names_the_kernels_of_the_printed_reports():
     summary = check._sanitizer_summary(report, 1)
     assert summary.startswith("73872 errors (printed ones in: context_grad_kernel x2, reduce_kernel x1)"), summary
     assert check._sanitizer_summary("========= ERROR SUMMARY: 0 errors", 0).startswith("0 errors;")
+    racecheck = "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)"
+    assert check._sanitizer_summary(racecheck, 0).startswith("0 errors;")  # it said '? errors' on a clean run
 
 
 def test_timing_parts_run_one_at_a_time(tmp_path, monkeypatch):
@@ -136,6 +138,89 @@ def test_timing_parts_run_one_at_a_time(tmp_path, monkeypatch):
         spans[name] = (float(a), float(b))
     order = ["first", "second", "third"]
     assert all(spans[x][1] <= spans[y][0] for x, y in zip(order, order[1:])), spans
+
+
+def test_a_failed_parts_summary_quotes_its_own_output(tmp_path, monkeypatch):
+    """Parts share a log; the summary quoted the log's end from the failed part's header on, which was
+    whichever part wrote last (a passing one's lines under the failed one's name)."""
+    fail = "import sys; print('the reason it failed'); sys.exit(1)"
+    chatty = "import time; time.sleep(1); print('\\n'.join(f'graph line {i}' for i in range(60)))"
+    parts = [check.Part("failing", 30, "checks.log", lambda ctx: [[sys.executable, "-c", fail]], check._pytest_counts),
+             check.Part("chatty", 30, "checks.log", lambda ctx: [[sys.executable, "-c", chatty]], check._pytest_counts)]
+    monkeypatch.setattr(check, "PARTS", parts)
+    monkeypatch.setattr(check, "probe", lambda: check.Context("", "stand-in GPU", "9.0", 2))
+    assert check.main(["--out", str(tmp_path), "--parts", "failing,chatty"]) == 1
+    quoted = (tmp_path / "summary.txt").read_text().split("--- failing:")[1]
+    assert "the reason it failed" in quoted and "graph line" not in quoted, quoted
+
+
+def test_a_part_ends_when_its_process_ends(tmp_path):
+    """A child that outlives a part's process (a daemon in its own session) and holds its stdout kept
+    the part open until the child ended: later parts and the summary waited on it."""
+    code = ("import subprocess, sys; child = subprocess.Popen(['sleep', '60'], start_new_session=True); "
+            "print('child', child.pid, '1 passed in 0.1s', flush=True)")
+    ctx = check.Context(str(tmp_path), "stand-in", "9.0", 2)
+    results, start = {}, time.time()
+    try:
+        assert check.run_parts([check.Part("daemon", 30, "checks.log", lambda ctx: [[sys.executable, "-c", code]],
+                                           check._pytest_counts)], ctx, results)
+        assert time.time() - start < 10 and results["daemon"].startswith("PASS daemon"), results
+    finally:
+        found = re.search(r"child (\d+)", (tmp_path / "checks.log").read_text())
+        if found:
+            os.kill(int(found.group(1)), 9)
+
+
+def test_a_part_stops_at_its_first_failing_command(tmp_path):
+    ctx = check.Context(str(tmp_path), "stand-in", "9.0", 2)
+    commands = [[sys.executable, "-c", "import sys; sys.exit(3)"], [sys.executable, "-c", "print('ran on')"]]
+    results = {}
+    assert not check.run_parts([check.Part("two", 30, "checks.log", lambda ctx: commands, check._pytest_counts)],
+                               ctx, results)
+    assert "ran on" not in (tmp_path / "checks.log").read_text()
+
+
+def test_a_second_build_of_the_same_sources_only_checks_the_import(tmp_path, monkeypatch):
+    """A second call on a machine still warm rebuilt everything (~80 s of a short call): the editable
+    install builds in a fresh temporary folder each time."""
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "op.cu").write_text("// a kernel")
+    (tmp_path / "setup.py").write_text("# setup")
+    (tmp_path / "pf_kernels").mkdir()
+    monkeypatch.setattr(check, "ROOT", str(tmp_path))
+    monkeypatch.setattr(check, "BUILD_STAMP", str(tmp_path / "build" / "gpu-check.stamp"))
+    ctx = check.Context(str(tmp_path), "stand-in", "9.0", 16)
+    first = check.build_commands(ctx)
+    assert len(first) == 3 and "MAX_JOBS=16" in first[0]
+    assert subprocess.run(first[-1]).returncode == 0  # the stamp, written after a build that passed
+    assert len(check.build_commands(ctx)) == 3, "no _C built: build"
+    (tmp_path / "pf_kernels" / "_C.cpython-312-x86_64-linux-gnu.so").write_text("")
+    again = check.build_commands(ctx)
+    assert len(again) == 2 and "up to date" in again[0][-1] and "available_backends" in again[1][-1]
+    assert len(check.build_commands(check.Context(str(tmp_path), "stand-in", "8.0", 16))) == 3, "another arch"
+    (tmp_path / "csrc" / "op.cu").write_text("// a kernel, changed")
+    assert len(check.build_commands(ctx)) == 3
+    assert not (tmp_path / "build" / "gpu-check.stamp").exists(), "a stale stamp outlived a changed source"
+
+
+def test_timing_parts_run_in_the_order_asked(tmp_path, monkeypatch):
+    # A second call asks for build,ncu,profile: ncu, which must end before the deadline to write its
+    # report, goes first.
+    stamp = "import time; print('span', time.time())"
+    parts = [check.Part(name, 30, "bench.log", lambda ctx: [[sys.executable, "-c", stamp]], check._last_lines("^span"),
+                        parallel=False) for name in ("profile", "ncu")]
+    monkeypatch.setattr(check, "PARTS", parts)
+    monkeypatch.setattr(check, "probe", lambda: check.Context("", "stand-in", "9.0", 2))
+    assert check.main(["--out", str(tmp_path), "--parts", "ncu,profile"]) == 0
+    lines = (tmp_path / "summary.txt").read_text().splitlines()[1:]
+    assert [line.split()[1].rstrip(":") for line in lines] == ["ncu", "profile"]
+    assert float(lines[0].split()[3]) < float(lines[1].split()[3])
+
+
+def test_ncu_ends_before_the_deadline():
+    ctx = check.Context("/tmp/out", "stand-in", "9.0", 16, deadline=time.time() + 100)
+    command = check.ncu_commands(ctx)[0]
+    assert int(command[command.index("--timeout") + 1]) <= 85
 
 
 def test_commands_build_through_pip_and_keep_to_the_limits():

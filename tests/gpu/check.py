@@ -13,7 +13,8 @@ GPU's arch with every core, then runs, each part under its own time limit:
   bench         python -m benchmarks --device cuda --quick (results in bench/)
   profile       (on request) python -m benchmarks.profile: what bounds each op (results in profile/)
   ncu           (on request) python -m benchmarks.ncu: hardware counters of our kernels (profile/ncu.txt)
-The parts after the build run side by side (16 cores), except the benchmark, which runs alone.
+The parts after the build run side by side (16 cores), then the timing parts one at a time, in the
+order --parts names them. A second call on the same machine with the same sources skips the compile.
 Prints one PASS/FAIL/SKIPPED line per part, writes summary.txt and the logs and benchmark files
 into one folder (results/gpu, or $OUT where that is set: at most 8 files). With no GPU every part
 says SKIPPED and why, and it exits 0 (CI runs that dry run). Exit 1 if any part failed.
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
+import hashlib
 import importlib.util
 import os
 import platform
@@ -32,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -59,6 +63,7 @@ class Context:
     arch: Optional[str]
     cores: int
     skip_reason: Optional[str] = None
+    scratch: str = ""  # the parts' raw output, outside the output folder (which brings back 8 files)
     deadline: float = float("inf")  # time.time() after which no part starts and every part stops
 
 
@@ -86,19 +91,43 @@ def _last_lines(pattern: str):
     return summarize
 
 
+BUILD_STAMP = os.path.join(ROOT, "build", "gpu-check.stamp")
+
+
+def _build_stamp(ctx: Context) -> str:
+    """What the build depends on: the sources, the build script, torch and the GPU's arch."""
+    digest = hashlib.sha256(f"{_versions()} {ctx.arch}".encode())
+    paths = sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True))
+    for path in paths + [os.path.join(ROOT, "setup.py"), os.path.join(ROOT, "pyproject.toml")]:
+        if os.path.isfile(path):
+            digest.update(os.path.relpath(path, ROOT).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
 def build_commands(ctx: Context):
-    # setup.py builds for the visible GPU's arch with every core; FORCE_CUDA makes a silent
-    # CPU-only build impossible.
-    env = ["env", "PF_KERNELS_FORCE_CUDA=1"]
+    check = [PY, "-c", "import pf_kernels, json; r = pf_kernels.available_backends(); "
+             "print(json.dumps({k: v['available'] or v['reason'] for k, v in r.items()})); "
+             "assert r['cuda']['available'] and r['triton']['available'], 'a GPU backend is missing'"]
+    stamp = _build_stamp(ctx)
+    if os.path.exists(BUILD_STAMP) and glob.glob(os.path.join(ROOT, "pf_kernels", "_C*.so")):
+        with open(BUILD_STAMP) as f:
+            if f.read() == stamp:  # a second call on a machine still warm: the same _C, ~80 s saved
+                return [[PY, "-c", "print('_C is up to date: built from these sources by an earlier call here')"],
+                        check]
+        os.remove(BUILD_STAMP)
+    # setup.py builds for the visible GPU's arch; FORCE_CUDA makes a silent CPU-only build
+    # impossible; every core (setup.py's default reads memory, which a fresh VM may understate).
+    env = ["env", "PF_KERNELS_FORCE_CUDA=1", f"MAX_JOBS={os.environ.get('MAX_JOBS', ctx.cores)}"]
     has_pip = subprocess.run([PY, "-m", "pip", "--version"], capture_output=True).returncode == 0
     if has_pip:  # the path a user takes (README): pip, no build isolation, offline, editable in place
         build = [*env, PY, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-v", "-e", "."]
     else:  # a venv made without pip: the same build, not through pip
         build = [*env, PY, "setup.py", "build_ext", "--inplace"]
-    return [build,
-            [PY, "-c", "import pf_kernels, json; r = pf_kernels.available_backends(); "
-             "print(json.dumps({k: v['available'] or v['reason'] for k, v in r.items()})); "
-             "assert r['cuda']['available'] and r['triton']['available'], 'a GPU backend is missing'"]]
+    write_stamp = [PY, "-c", f"import os; os.makedirs(os.path.dirname({BUILD_STAMP!r}), exist_ok=True); "
+                   f"open({BUILD_STAMP!r}, 'w').write({stamp!r})"]
+    return [build, check, write_stamp]
 
 
 def test_commands(ctx: Context):
@@ -163,7 +192,10 @@ def profile_commands(ctx: Context):
 
 def ncu_commands(ctx: Context):
     # Hardware counters of our kernels (benchmarks/ncu.py): what bounds the slow ones, from a profile.
-    return [[PY, "-m", "benchmarks.ncu", "--out", os.path.join(ctx.out, "profile"), "--timeout", "150"]]
+    # ncu writes its report only when the program ends: its timeout (and the workload's, 40 s less)
+    # must end before the part's limit or --deadline kills it with nothing written.
+    seconds = int(min(150, ctx.deadline - time.time() - 15))
+    return [[PY, "-m", "benchmarks.ncu", "--out", os.path.join(ctx.out, "profile"), "--timeout", str(max(60, seconds))]]
 
 
 def paths_commands(ctx: Context):
@@ -171,7 +203,10 @@ def paths_commands(ctx: Context):
 
 
 def _sanitizer_summary(text: str, rc: int) -> str:
-    errors = re.findall(r"ERROR SUMMARY: (\d+) error", text)
+    # memcheck and initcheck end with "ERROR SUMMARY: N errors"; racecheck with "RACECHECK SUMMARY: N hazards
+    # displayed (E errors, W warnings)".
+    errors = re.findall(r"ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) error", text)
+    errors = [a or b for a, b in errors]
     calls = [l.strip() for l in text.splitlines() if l.startswith(("cuda_kernel_calls:", "FAIL"))]
     # Which kernels the printed reports are in (the first line after each report names it), so that
     # one run tells ours from cuBLAS's or torch's without a second visit.
@@ -185,14 +220,17 @@ def _sanitizer_summary(text: str, rc: int) -> str:
 
 
 PARTS = [
-    Part("build", 180, "tests.log", build_commands, _last_lines(r"^\{|Successfully installed|error"),
+    Part("build", 180, "tests.log", build_commands, _last_lines(r"^\{|Successfully installed|up to date|error"),
          parallel=False),
     Part("tests", 240, "tests.log", test_commands, _pytest_counts,
          env={"PF_KERNELS_TRITON_AUTOTUNE": "0", "PF_KERNELS_FAILURE_LOG": "{out}/failures.txt"}),
     Part("configs", 120, "checks.log", config_commands, _pytest_counts),
     Part("differential", 120, "checks.log", differential_commands, _last_lines(r"^differential |^FAIL"),
          env={"PF_KERNELS_TRITON_AUTOTUNE": "0"}),  # else every new case shape autotunes every config
-    Part("memcheck", 170, "checks.log", sanitizer_commands("memcheck", True), _sanitizer_summary),
+    # Without torch's caching allocator every tensor is its own allocation: an access past a small
+    # tensor's end is then out of bounds, not inside the allocator's larger block.
+    Part("memcheck", 170, "checks.log", sanitizer_commands("memcheck", True), _sanitizer_summary,
+         env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}),
     Part("racecheck", 200, "checks.log", sanitizer_commands("racecheck", False), _sanitizer_summary),
     Part("initcheck", 170, "checks.log", sanitizer_commands("initcheck", False), _sanitizer_summary),
     Part("graphs", 90, "checks.log", graph_commands, _last_lines(r"^graph ")),
@@ -213,46 +251,65 @@ class Running:
     def __init__(self, part: Part, ctx: Context):
         self.part, self.ctx = part, ctx
         self.commands = part.command(ctx)
-        self.text, self.rc, self.start, self.index, self.proc = "", 0, time.time(), 0, None
+        self.rc, self.start, self.index, self.proc = 0, time.time(), 0, None
         self.timed_out = False
+        # Output goes to a file, not a pipe: the part ends when its process exits, whatever children
+        # it left holding their stdout open (those are killed with its group).
+        self.output = os.path.join(ctx.scratch, part.name + ".out")
+
+    @property
+    def text(self) -> str:
+        with open(self.output, errors="replace") as f:
+            return f.read()
 
     def start_next(self) -> bool:
         if self.index >= len(self.commands):
             return False
         env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
                    **{k: v.format(out=self.ctx.out) for k, v in self.part.env.items()})
-        # Its own process group: a part that runs out of time is killed with its children (the python
-        # under bash or compute-sanitizer would go on using the GPU beside the next parts).
-        self.proc = subprocess.Popen(self.commands[self.index], cwd=ROOT, env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        self.text += f"$ {' '.join(self.commands[self.index])}\n"
+        with open(self.output, "a") as log:
+            log.write(f"$ {' '.join(self.commands[self.index])}\n")
+            log.flush()
+            # Its own process group, killed whole when the part ends or runs out of time (the python
+            # under bash or compute-sanitizer would go on using the GPU beside the next parts).
+            self.proc = subprocess.Popen(self.commands[self.index], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.index += 1
         return True
 
+    def _kill_group(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     def poll(self) -> bool:
         """True when the part is finished."""
-        left = min(self.part.limit_s - (time.time() - self.start), self.ctx.deadline - time.time())
-        try:
-            out, _ = self.proc.communicate(timeout=max(0.1, min(left, 1.0)))
-        except subprocess.TimeoutExpired:
-            if left <= 0:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    self.proc.kill()
-                out, _ = self.proc.communicate()
-                self.text += out + f"\n[timed out after {time.time() - self.start:.0f} s]\n"
-                self.timed_out, self.rc = True, 124
-                return True
-            return False
-        self.text += out
-        self.rc = self.rc or self.proc.returncode
-        return not self.start_next()
+        if self.proc.poll() is None:
+            left = min(self.part.limit_s - (time.time() - self.start), self.ctx.deadline - time.time())
+            if left > 0:
+                return False
+            self._kill_group()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # stuck in the driver: leave it, go on with the others
+                pass
+            with open(self.output, "a") as log:
+                log.write(f"\n[timed out after {time.time() - self.start:.0f} s]\n")
+            self.timed_out, self.rc = True, 124
+            return True
+        self._kill_group()  # what it left running
+        self.rc = self.proc.returncode
+        return self.rc != 0 or not self.start_next()  # a part stops at its first failing command
 
 
-def run_parts(parts: List[Part], ctx: Context, results: Dict[str, str]) -> bool:
+def run_parts(parts: List[Part], ctx: Context, results: Dict[str, str], tails: Optional[Dict[str, str]] = None,
+              on_finish: Callable[[], None] = lambda: None) -> bool:
     """Runs the parts (side by side when parallel), writes their logs; True if all passed."""
     ok = True
+    tails = {} if tails is None else tails
+    ctx.scratch = ctx.scratch or tempfile.mkdtemp(prefix="gpu-check-")
     running = []
     for part in parts:
         if ctx.skip_reason or ctx.deadline - time.time() < 20:
@@ -271,18 +328,23 @@ def run_parts(parts: List[Part], ctx: Context, results: Dict[str, str]) -> bool:
         for r in running:
             if r.proc is not None and r.poll():
                 r.proc = None
-                ok &= _finish(r, ctx, results)  # its log and line now: a run killed later keeps them
+                ok &= _finish(r, ctx, results, tails)
+                on_finish()  # the summary now: a run killed later keeps this part's line
+        time.sleep(0.2)
     return ok
 
 
-def _finish(r: Running, ctx: Context, results: Dict[str, str]) -> bool:
+def _finish(r: Running, ctx: Context, results: Dict[str, str], tails: Dict[str, str]) -> bool:
     elapsed = time.time() - r.start
     status = "PASS" if r.rc == 0 else "FAIL"
-    counts = r.part.summarize(r.text, r.rc)
+    text = r.text
+    counts = r.part.summarize(text, r.rc)
     results[r.part.name] = f"{status} {r.part.name}: {counts} ({elapsed:.0f} s" + \
         (", timed out)" if r.timed_out else ")")
     with open(os.path.join(ctx.out, r.part.log), "a") as f:
-        f.write(f"##### {r.part.name}: {status}\n{r.text}\n")
+        f.write(f"##### {r.part.name}: {status}\n{text}\n")
+    if status == "FAIL":  # the summary quotes it, so that the summary alone says why
+        tails[r.part.name] = "\n".join(text.splitlines()[-40:])
     print(results[r.part.name], flush=True)
     return r.rc == 0
 
@@ -312,37 +374,41 @@ def main(argv=None) -> int:
     print(f"gpu-check: {ctx.gpu or 'no GPU'}; {versions}; {ctx.cores} cores", flush=True)
 
     results: Dict[str, str] = {}
-    selected = [p for p in PARTS if p.name in wanted]
+    tails: Dict[str, str] = {}  # the last lines of each failed part's output
+    # The timing parts run one at a time in the order asked for (a second call's `build,ncu,profile`
+    # gives ncu the time first).
+    by_name = {p.name: p for p in PARTS}
+    selected = [by_name[name] for name in dict.fromkeys(wanted)]
 
     def write_summary(final: bool) -> float:
-        """summary.txt after every group of parts, so a run killed from outside keeps what finished."""
+        """summary.txt after every part, so a run killed from outside keeps what finished."""
         total = time.time() - start
         lines = [f"gpu-check {datetime.date.today().isoformat()}: {ctx.gpu or 'no GPU'}; {versions}; "
                  f"{ctx.cores} cores; {total:.0f} s" + ("" if final else " so far (still running)")]
         lines += [results[p.name] for p in selected if p.name in results]
         with open(os.path.join(args.out, "summary.txt"), "w") as f:
             f.write("\n".join(lines) + "\n")
-            for p in selected:  # the tail of each failed part's log, so the summary alone says why
-                if results.get(p.name, "").startswith("FAIL"):
-                    text = open(os.path.join(args.out, p.log)).read()
-                    section = text[text.rfind(f"##### {p.name}:"):]
-                    f.write(f"\n--- {p.name}: last lines of {p.log}\n" + "\n".join(section.splitlines()[-40:])
-                            + "\n")
+            for p in selected:
+                if p.name in tails and results.get(p.name, "").startswith("FAIL"):
+                    f.write(f"\n--- {p.name}: last lines of its output ({p.log} has it all)\n{tails[p.name]}\n")
         return total
+
+    def run(parts: List[Part]) -> bool:
+        return run_parts(parts, ctx, results, tails, on_finish=lambda: write_summary(final=False))
 
     ok = True
     build = [p for p in selected if p.name == "build"]
     if build:
-        ok &= run_parts(build, ctx, results)
+        ok &= run(build)
         if not ok:
             ctx.skip_reason = "the build failed"
         write_summary(final=False)
-    ok &= run_parts([p for p in selected if p.parallel], ctx, results)
-    write_summary(final=False)
+    ok &= run([p for p in selected if p.parallel])
     for part in selected:  # the timing parts one at a time: side by side they would time each other
         if not part.parallel and part.name != "build":
-            ok &= run_parts([part], ctx, results)
-            write_summary(final=False)
+            ok &= run([part])
+    if ctx.scratch:
+        shutil.rmtree(ctx.scratch, ignore_errors=True)
 
     total = write_summary(final=True)
     print(f"gpu-check: {'all passed' if ok and not ctx.skip_reason else 'FAILED' if not ok else 'SKIPPED'}"
