@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -60,6 +61,8 @@ inline int64_t check_fusion_head(at::TensorList hs, const at::Tensor& weight,
     TORCH_CHECK(hs[j].dim() == 2, "pf_kernels: ", name, " must be 2-D (B, D), got ", hs[j].sizes());
     TORCH_CHECK(hs[j].size(0) == hs[0].size(0), "pf_kernels: ", name, " has batch size ", hs[j].size(0),
                 " but hs[0] has ", hs[0].size(0));
+    TORCH_CHECK(hs[j].size(1) <= std::numeric_limits<int64_t>::max() - in,
+                "pf_kernels: the widths of hs overflow int64 (", name, " has ", hs[j].size(1), " features)");
     in += hs[j].size(1);
   }
   check_linear(weight, bias, in, hs[0], "hs[0]");

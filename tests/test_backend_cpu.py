@@ -142,6 +142,9 @@ def test_direct_calls_of_the_cpp_ops_check_their_arguments():
         ops.backproj_concat_backward(torch.randn(2, 3, 10), torch.randn(2, 3, 6), z, w, None, "relu", 4)
     with pytest.raises(RuntimeError, match="x_features must be >= 0, got -6"):  # D = 0: would pass the shape check
         ops.backproj_concat_backward(torch.randn(2, 3, 0), None, z, w, None, "relu", -6)
+    wide = torch.ones(1, 1).expand(1, 2**62)  # four of them: 2^64 features, which wrapped to 0 and took a (3, 0) weight
+    with pytest.raises(RuntimeError, match="widths of hs overflow int64"):
+        ops.fusion_head([wide] * 4, torch.zeros(3, 0), torch.randn(3), "relu")
 
 
 def test_sums_over_many_positions_keep_fp32_accuracy():
