@@ -10,20 +10,21 @@ ACTIVATIONS = ("none", "relu", "gelu", "tanh", "sigmoid")
 
 _ACTIVATION_SET = frozenset(ACTIVATIONS)
 _Tensor = torch.Tensor
-_STRIDED = torch.strided  # (the fast paths check the data tensors' layout, not the parameters')
+_STRIDED = torch.strided
 
 
 # Fast paths: valid calls (nearly all of them) pass these few attribute checks and return; only
 # a call that fails one runs the full checks below, which name the culprit. They cost ~1-2 us,
 # which matters next to kernels of a few microseconds.
 def _linear_ok(weight, bias, in_features, dtype, device) -> bool:
-    if not isinstance(weight, _Tensor) or weight.dtype is not dtype or weight.device != device:
+    if not isinstance(weight, _Tensor) or weight.dtype is not dtype or weight.device != device \
+            or weight.layout is not _STRIDED:
         return False
     shape = weight.shape
     if len(shape) != 2 or shape[1] != in_features:
         return False
     return bias is None or (isinstance(bias, _Tensor) and bias.dtype is dtype and bias.device == device
-                            and bias.shape == shape[:1])
+                            and bias.layout is _STRIDED and bias.shape == shape[:1])
 
 
 def _backproj_ok(x, z, weight, bias, activation) -> bool:
@@ -53,7 +54,8 @@ def _activation_ok(activation) -> bool:
 
 def _proj_weight_ok(proj_weight, p, bp_weight) -> bool:
     """context_linear's proj_weight: (H, Dc), H from p, Dc from bp_weight, p's dtype and device."""
-    if not isinstance(proj_weight, _Tensor) or proj_weight.dtype is not p.dtype or proj_weight.device != p.device:
+    if not isinstance(proj_weight, _Tensor) or proj_weight.dtype is not p.dtype or proj_weight.device != p.device \
+            or proj_weight.layout is not _STRIDED:
         return False
     shape = proj_weight.shape
     return len(shape) == 2 and shape[0] == p.shape[-1] and shape[1] == bp_weight.shape[0]

@@ -211,8 +211,9 @@ def test_the_fast_step_check_agrees_with_the_full_one(monkeypatch, hoisted):
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_sparse_and_nested_inputs_are_refused_by_name(backend):
-    # (the data tensors; parameters are not checked for it on the fast path) they reached the kernels: "Could not run 'pf_kernels::backproj_concat' with arguments from the
-    # 'SparseCPU' backend", "NestedTensorImpl doesn't support sizes. Please file an issue."
+    # They reached the kernels: "Could not run 'pf_kernels::backproj_concat' with arguments from the
+    # 'SparseCPU' backend", "NestedTensorImpl doesn't support sizes. Please file an issue." A sparse
+    # weight did on auto, while backend="torch" computed with it.
     x, z, w, b = torch.randn(2, 3, 4), torch.randn(2, 5), torch.randn(6, 5), torch.randn(6)
     nested = torch.nested.nested_tensor([torch.randn(3, 4), torch.randn(2, 4)], layout=torch.jagged)
     strided_nested = torch.nested.nested_tensor([torch.randn(3, 4), torch.randn(2, 4)])
@@ -229,3 +230,10 @@ def test_sparse_and_nested_inputs_are_refused_by_name(backend):
         pk.context_linear(torch.randn(2, 3, 7).to_sparse(), z, w, b, torch.randn(7, 6), backend=backend)
     with pytest.raises(TypeError, match=r"xs\[0\] must be a dense"):
         pk.refine_step([h], torch.randn(5, 4), None, [strided_nested], [w], [b], backend=backend)
+    for args, name in [((x, z, w.to_sparse(), b), "weight"), ((x, z, w, b.to_sparse()), "bias")]:
+        with pytest.raises(TypeError, match=f"{name} must be a dense"):
+            pk.backproj_concat(*args, backend=backend)
+    with pytest.raises(TypeError, match="weight must be a dense"):
+        pk.fusion_head([h, h], torch.randn(3, 8).to_sparse(), None, backend=backend)
+    with pytest.raises(TypeError, match="proj_weight must be a dense"):
+        pk.context_linear(torch.randn(2, 3, 7), z, w, b, torch.randn(7, 6).to_sparse(), backend=backend)
