@@ -244,6 +244,64 @@ def test_a_graph_break_in_a_loop_is_reported_and_the_model_keeps_its_forward():
     assert_same_model(reference, model, args)
 
 
+def test_a_forward_dynamo_gives_up_on_is_reported_with_its_error(monkeypatch):
+    """Where dynamo failed on the forward itself (and ran it as plain Python), the report guessed:
+    "captured no graph ... a graph break inside a loop", or "nothing to swap" where a submodule's own
+    frame had been captured (torch 2.11 on an nn.LSTM model)."""
+    from pf_kernels.convert import capture
+    from tests.convert_cases import tanh_progressive_inputs, tanh_progressive_model
+
+    def refuse(gm, calls, report):
+        raise RuntimeError("the rewrite refused")
+
+    monkeypatch.setattr(capture, "rewrite_graph", refuse)
+    model, _ = tanh_progressive_model()
+    reference, args = copy.deepcopy(model), tanh_progressive_inputs()
+    _, report = pk.convert(model, backend=BACKEND, example_inputs=args)
+    assert "forward" not in vars(model) and not report.replaced
+    assert report.left_alone == ["torch.compile could not capture TanhProgressive.forward (RuntimeError: the rewrite "
+                                 "refused; dynamo's \"WON'T CONVERT\" warning has the trace): the model keeps its own "
+                                 "forward"], str(report)
+    assert_same_model(reference, model, args)
+
+
+class StockLSTM(nn.Module):
+    """The paper's stock model: an LSTM per stock over [its returns, the context]."""
+
+    def __init__(self, stocks=3, hidden=8, fused=12, context=4, steps=3):
+        super().__init__()
+        self.context, self.steps = context, steps
+        self.encoders = nn.ModuleList([nn.LSTM(1 + context, hidden, batch_first=True) for _ in range(stocks)])
+        self.fuse = nn.Linear(stocks * hidden, fused)
+        self.back = nn.ModuleList([nn.Sequential(nn.Linear(fused, context), nn.Tanh()) for _ in range(stocks)])
+
+    def forward(self, returns):
+        B, T, stocks = returns.shape
+        contexts = [returns.new_zeros(B, self.context)] * stocks
+        for _ in range(self.steps):
+            hs = []
+            for j, encoder in enumerate(self.encoders):
+                x = torch.cat([returns[:, :, j:j + 1], contexts[j].unsqueeze(1).expand(-1, T, -1)], -1)
+                hs.append(encoder(x)[1][0][-1])
+            z = self.fuse(torch.cat(hs, -1))
+            contexts = [back(z) for back in self.back]
+        return z
+
+
+def test_an_lstm_model_is_converted_or_says_why_not():
+    # torch 2.13 captures it; torch 2.11's trace of the LSTM gives its state a wrong shape and dynamo
+    # gives up: the report says so rather than "nothing to swap".
+    model, args = StockLSTM(), (torch.randn(4, 6, 3),)
+    reference = copy.deepcopy(model)
+    _, report = pk.convert(model, backend=BACKEND, example_inputs=args)
+    if report.replaced:
+        assert report.counts == {"fusion_head": 3, "backproj_concat": 6}, str(report)  # steps 2 and 3 broadcast
+    else:
+        assert [line for line in report.left_alone if "could not capture StockLSTM.forward" in line
+                and "nn.LSTM/GRU/RNN" in line], str(report)
+    assert_same_model(reference, model, args)
+
+
 class BroadcastBias(nn.Module):
     """Biases F.linear broadcasts but the fused ops do not take: (1, out) and 0-d."""
 

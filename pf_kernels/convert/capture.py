@@ -21,8 +21,10 @@ for that code, and other compiled uses of the class are unaffected.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import logging
 import types
 import weakref
 from typing import Optional
@@ -159,7 +161,7 @@ class ConvertedForward:
             self._setup()
         before = len(self.report.captures)
         try:
-            with self._settings:
+            with self._settings, _dynamo_failures(self._code) as failures:
                 out = self._compiled(*args, **kwargs)
         except BaseException:
             # A frame that raised while dynamo traced it (a wrong input, the model's own check) runs as
@@ -169,6 +171,9 @@ class ConvertedForward:
             if self._split or not _run_again(self._code):
                 self._compiled = None
             raise
+        if failures:  # dynamo gave up on the forward itself (and ran it as plain Python)
+            self._report_failure(failures[-1])
+            return out
         captured = len(self.report.captures) - before
         self._split = self._split or captured > 1
         if captured:
@@ -195,8 +200,55 @@ class ConvertedForward:
                                        "the model keeps its own forward")
         return out
 
+    def _report_failure(self, error: str) -> None:
+        name = type(self.module).__name__
+        why = f"torch.compile could not capture {name}.forward ({error}; dynamo's \"WON'T CONVERT\" warning has the trace)"
+        if any(isinstance(m, nn.RNNBase) for m in self.module.modules()) and \
+                torch.__version__ < torch.torch_version.TorchVersion("2.13"):
+            why += f"; it holds an nn.LSTM/GRU/RNN, which torch {torch.__version__} can trace with wrong shapes"
+        if not self.report.replaced:
+            uninstall(self.module)
+            self.report.add_left_alone(why + ": the model keeps its own forward")
+        else:  # earlier captures stay in use; this call's inputs ran the plain forward
+            self.report.add_left_alone(why + " for some inputs: those run the plain forward")
+
     def __reduce__(self):
         return (_reinstalled, (self.module, self.calls.backend, self.previous))
+
+
+class _FailureLog(logging.Handler):
+    """The errors dynamo logs when it gives up on a frame of this code (with suppress_errors it runs
+    the frame as plain Python, and would leave the report to guess why nothing was swapped)."""
+
+    def __init__(self, code):
+        super().__init__(logging.WARNING)
+        # as dynamo's message names the frame: "WON'T CONVERT forward__pf_kernels_3 /path/model.py line 18"
+        self.frame, self.errors = f"WON'T CONVERT {code.co_name} {code.co_filename} line {code.co_firstlineno}", []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None and str(record.msg).startswith(self.frame):
+            error = record.exc_info[1]
+            while type(error).__module__.startswith("torch._dynamo"):  # its wrappers of the real error
+                inner = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
+                if inner is None:
+                    break
+                error = inner
+            lines = str(error).strip().splitlines()
+            self.errors.append(f"{type(error).__name__}: {lines[0] if lines else ''}")
+
+
+@contextlib.contextmanager
+def _dynamo_failures(code):
+    if code is None:
+        yield []
+        return
+    handler = _FailureLog(code)
+    logger = logging.getLogger("torch._dynamo.convert_frame")
+    logger.addHandler(handler)
+    try:
+        yield handler.errors
+    finally:
+        logger.removeHandler(handler)
 
 
 def _run_again(code) -> bool:
