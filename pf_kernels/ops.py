@@ -79,10 +79,14 @@ def _eager_ops():
 _fused_call_counters: tuple = ()
 
 
-def _count_call(name: str) -> None:
+def _count_call(name: str, times: int = 1) -> None:
     if not _is_compiling() and _fused_call_counters:
         for counter in _fused_call_counters:
-            counter[name] += 1
+            counter[name] += times
+
+
+def _modalities(items) -> int:
+    return len(items) if isinstance(items, (list, tuple)) else 1
 
 
 def _eager_for(backend):
@@ -128,6 +132,7 @@ def backproj_concat_grouped(xs: Sequence[torch.Tensor], z: torch.Tensor,
                             biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
                             activation: str = "relu", backend: str = "auto") -> List[torch.Tensor]:
     """backproj_concat for every modality (one x, weight, bias each) from one z, in one launch."""
+    _count_call("backproj_concat", _modalities(xs))
     eager = _eager_for(backend)
     if eager is not None:
         outs = eager.backproj_concat_grouped(xs, z, weights, biases, activation)
@@ -183,6 +188,8 @@ def refine_step(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
 
     Returns (z, [backproj_concat(x_j, z, bp_weights[j], bp_biases[j]) for each modality j]).
     """
+    _count_call("fusion_head")
+    _count_call("backproj_concat", _modalities(xs))
     eager = _eager_for(backend)
     if eager is not None:
         out = eager.refine_step(hs, head_weight, head_bias, xs, bp_weights, bp_biases, head_activation,
@@ -227,6 +234,8 @@ def refine_step_hoisted(hs: Sequence[torch.Tensor], head_weight: torch.Tensor,
 
     out_activations: one str for every modality, or one per modality. Returns (z, [out_j]).
     """
+    _count_call("fusion_head")
+    _count_call("context_linear", _modalities(ps))
     eager = _eager_for(backend)
     if eager is not None:
         out = eager.refine_step_hoisted(hs, head_weight, head_bias, ps, bp_weights, bp_biases, proj_weights,

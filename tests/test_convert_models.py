@@ -350,6 +350,22 @@ def test_counting_a_model_with_a_pf_kernels_module_counts_the_swaps_and_captures
     assert len(report.captures) == 1, str(report)
 
 
+@pytest.mark.parametrize("hoist", [True, False])
+def test_counting_a_progressive_fusion_counts_every_step(hoist):
+    # Its refinement steps call refine_step(_hoisted), which went uncounted: {'fusion_head': 1} for R=3.
+    torch.manual_seed(0)
+    model = ProgressiveFusion([nn.Sequential(nn.Linear(5 + 2, 4), nn.ReLU()), nn.Linear(3 + 2, 4)], [4, 4], 6, 2,
+                              iterations=3, hoist=hoist)
+    with count_fused_calls() as calls:
+        model([torch.randn(3, 5), torch.randn(3, 3)])
+    assert dict(calls) == ({"fusion_head": 3, "context_linear": 4} if hoist else
+                           {"fusion_head": 3, "backproj_concat": 4})
+    x, z, w = torch.randn(2, 3), torch.randn(2, 4), torch.randn(2, 4)
+    with count_fused_calls() as calls:
+        pk.backproj_concat_grouped([x, x, x], z, [w, w, w])
+    assert dict(calls) == {"backproj_concat": 3}
+
+
 def test_deepcopy_and_pickle_give_converted_models():
     model, expected = tanh_progressive_model(steps=2)
     args = tanh_progressive_inputs()

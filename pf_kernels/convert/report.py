@@ -68,7 +68,10 @@ def count_fused_calls() -> Iterator[Counter]:
 
     The check that a conversion took, in numbers: every call a swap makes, and every call made
     outside torch.compile (a pf_kernels.nn module run eagerly). A pf_kernels.nn module's calls inside
-    a captured forward run as part of its graph and are not counted. Counting changes nothing the
+    a captured forward run as part of its graph and are not counted. The ops that do several in one
+    call count as what they do: refine_step as a fusion_head and a backproj_concat per modality,
+    refine_step_hoisted as a fusion_head and a context_linear per modality, backproj_concat_grouped
+    as a backproj_concat per modality. Counting changes nothing the
     captured graphs depend on, so it never makes torch.compile capture again."""
     counts: Counter = Counter()
     previous = ops._fused_call_counters
