@@ -824,3 +824,14 @@ def test_registered_ops_called_directly_check_their_inputs():
         ops.backproj_concat_backward(rand((2, 3, 7), device=DEVICE), z, w, None, "relu", 400)
     with pytest.raises(ValueError, match=r"p must be \(B, \*positions, H\)"):
         ops.context_linear(rand((5,), device=DEVICE), z, w, None, rand((5, 3), device=DEVICE), "relu", "none")
+
+
+def test_a_second_backward_raises_instead_of_returning_zeros():
+    # The triton backend is differentiable once (README); cpu and cuda take a double backward.
+    z = torch.randn(2, 5, device=DEVICE, requires_grad=True)
+    w = torch.randn(6, 5, device=DEVICE, requires_grad=True)
+    for out in (pk.backproj_concat(torch.randn(2, 3, 4, device=DEVICE), z, w, None, "tanh", backend=BACKEND),
+                pk.fusion_head([z], w, None, "tanh", backend=BACKEND)):
+        (grad_z,) = torch.autograd.grad(out.square().sum(), z, create_graph=True)
+        with pytest.raises(RuntimeError, match="no autograd formula was registered"):
+            torch.autograd.grad(grad_z.square().sum(), z)

@@ -6,6 +6,7 @@
 
 #include "activations.h"
 #include "checks.h"
+#include "ops/differentiable_backward.h"
 #include "ops/needs_autograd.h"
 
 namespace pf_kernels {
@@ -81,8 +82,17 @@ class BackprojConcatFunction : public torch::autograd::Function<BackprojConcatFu
       c10::optional<at::Tensor> context, bias;
       if (saved[0].defined()) context = saved[0];
       if (saved[3].defined()) bias = saved[3];
-      std::tie(grad_z, grad_weight, grad_bias) = call_backward(
-          grad_out, context, saved[1], saved[2], bias, ctx->saved_data["activation"].toStringRef(), x_features);
+      if (backward_is_differentiated()) {  // create_graph=True: the context's gradients from ATen ops
+        const at::Tensor recomputed =
+            activate(at::linear(saved[1], saved[2], bias), parse_activation(ctx->saved_data["activation"].toStringRef()));
+        const at::Tensor grad_context =
+            sum_over_positions(grad_out.narrow_symint(-1, x_features, grad_out.sym_size(-1) - x_features));
+        const auto got = differentiable_grads({recomputed}, {grad_context}, {saved[1], saved[2], saved[3]});
+        grad_z = got[0], grad_weight = got[1], grad_bias = got[2];
+      } else {
+        std::tie(grad_z, grad_weight, grad_bias) = call_backward(
+            grad_out, context, saved[1], saved[2], bias, ctx->saved_data["activation"].toStringRef(), x_features);
+      }
       if (!is_given(bias)) grad_bias = at::Tensor();
     }
     return {grad_x, grad_z, grad_weight, grad_bias, at::Tensor()};
@@ -109,7 +119,8 @@ TORCH_LIBRARY_FRAGMENT(pf_kernels, m) {
 
 TORCH_LIBRARY_IMPL(pf_kernels, Autograd, m) {
   m.impl("backproj_concat", &backproj_concat_autograd);
-  // Once differentiable: a double backward raises at its second pass instead of returning zeros.
+  // Not differentiable itself (a backward with create_graph=True does not call it): a call that
+  // needs its derivative raises instead of returning zeros.
   m.impl("backproj_concat_backward", torch::autograd::autogradNotImplementedFallback());
 }
 

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "context_linear.h"
+#include "ops/differentiable_backward.h"
 #include "ops/needs_autograd.h"
 
 namespace pf_kernels {
@@ -72,6 +73,9 @@ class ContextLinearFunction : public torch::autograd::Function<ContextLinearFunc
     return out;
   }
 
+  static variable_list differentiated_backward(AutogradContext* ctx, const at::Tensor& grad_out,
+                                               const variable_list& saved);
+
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& grad_out = grads[0];
     const bool epilogue = ctx->saved_data["epilogue"].toBool();
@@ -80,6 +84,7 @@ class ContextLinearFunction : public torch::autograd::Function<ContextLinearFunc
     }
     auto saved = ctx->get_saved_variables();
     const c10::optional<at::Tensor> bp_bias = optional_of(saved[4]);
+    if (backward_is_differentiated()) return differentiated_backward(ctx, grad_out, saved);
     auto [grad_p, grad_z, grad_bp_weight, grad_bp_bias, grad_proj_weight] =
         call_backward(grad_out, optional_of(saved[0]), optional_of(saved[1]), saved[2], saved[3], bp_bias, saved[5],
                       ctx->saved_data["activation"].toStringRef(), ctx->saved_data["out_activation"].toStringRef());
@@ -92,6 +97,28 @@ class ContextLinearFunction : public torch::autograd::Function<ContextLinearFunc
             at::Tensor()};
   }
 };
+
+// create_graph=True: the gradients from ATen ops, recomputing the (B, H) term (and the output's
+// pre-activation where p was saved for it).
+variable_list ContextLinearFunction::differentiated_backward(AutogradContext* ctx, const at::Tensor& grad_out,
+                                                             const variable_list& saved) {
+  const at::Tensor &out = saved[0], &p = saved[1], &z = saved[2], &bp_weight = saved[3], &proj_weight = saved[5];
+  const Activation out_act = parse_activation(ctx->saved_data["out_activation"].toStringRef());
+  const at::Tensor context =
+      activate(at::linear(z, bp_weight, optional_of(saved[4])), parse_activation(ctx->saved_data["activation"].toStringRef()));
+  const at::Tensor term = at::linear(context, proj_weight);  // (B, H)
+  std::vector<at::Tensor> got;
+  at::Tensor grad_p;
+  if (p.defined()) {  // out_act' from the pre-activation: differentiate out_act(p + term) whole
+    got = differentiable_grads({activate(p + over_positions(term, p), out_act)}, {grad_out}, {p, z, bp_weight, saved[4], proj_weight});
+    grad_p = got[0];
+    got.erase(got.begin());
+  } else {  // out = p + term, or out_act' read from the saved output
+    grad_p = out.defined() ? grad_from_output(grad_out, out, out_act) : grad_out;
+    got = differentiable_grads({term}, {sum_over_positions(grad_p)}, {z, bp_weight, saved[4], proj_weight});
+  }
+  return {grad_p, got[0], got[1], got[2], got[3], at::Tensor(), at::Tensor()};
+}
 
 at::Tensor context_linear_autograd(const at::Tensor& p, const at::Tensor& z, const at::Tensor& bp_weight,
                                    const c10::optional<at::Tensor>& bp_bias, const at::Tensor& proj_weight,
@@ -121,7 +148,8 @@ TORCH_LIBRARY_FRAGMENT(pf_kernels, m) {
 
 TORCH_LIBRARY_IMPL(pf_kernels, Autograd, m) {
   m.impl("context_linear", &context_linear_autograd);
-  // Once differentiable: a double backward raises at its second pass instead of returning zeros.
+  // Not differentiable itself (a backward with create_graph=True does not call it): a call that
+  // needs its derivative raises instead of returning zeros.
   m.impl("context_linear_backward", torch::autograd::autogradNotImplementedFallback());
 }
 

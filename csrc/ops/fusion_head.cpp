@@ -6,6 +6,7 @@
 
 #include "activations.h"
 #include "checks.h"
+#include "ops/differentiable_backward.h"
 #include "ops/needs_autograd.h"
 
 namespace pf_kernels {
@@ -60,10 +61,16 @@ class FusionHeadFunction : public torch::autograd::Function<FusionHeadFunction> 
     std::vector<at::Tensor> hs(saved.begin(), saved.begin() + k);
     c10::optional<at::Tensor> bias;
     if (saved[k + 1].defined()) bias = saved[k + 1];
+    const std::string& activation = ctx->saved_data["activation"].toStringRef();
+    if (backward_is_differentiated()) {  // create_graph=True: the gradients from ATen ops
+      const at::Tensor recomputed = activate(at::linear(at::cat(hs, 1), saved[k], bias), parse_activation(activation));
+      variable_list result = differentiable_grads({recomputed}, {grads[0]}, {saved.begin(), saved.begin() + k + 2});
+      result.push_back(at::Tensor());  // activation
+      return result;
+    }
     c10::optional<at::Tensor> out;
     if (saved[k + 2].defined()) out = saved[k + 2];
-    auto [grad_hs, grad_weight, grad_bias] =
-        call_backward(grads[0], hs, saved[k], bias, out, ctx->saved_data["activation"].toStringRef());
+    auto [grad_hs, grad_weight, grad_bias] = call_backward(grads[0], hs, saved[k], bias, out, activation);
     variable_list result(grad_hs.begin(), grad_hs.end());
     result.push_back(grad_weight);
     result.push_back(is_given(bias) ? grad_bias : at::Tensor());
@@ -92,7 +99,8 @@ TORCH_LIBRARY_FRAGMENT(pf_kernels, m) {
 
 TORCH_LIBRARY_IMPL(pf_kernels, Autograd, m) {
   m.impl("fusion_head", &fusion_head_autograd);
-  // Once differentiable: a double backward raises at its second pass instead of returning zeros.
+  // Not differentiable itself (a backward with create_graph=True does not call it): a call that
+  // needs its derivative raises instead of returning zeros.
   m.impl("fusion_head_backward", torch::autograd::autogradNotImplementedFallback());
 }
 

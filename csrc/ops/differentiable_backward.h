@@ -1,0 +1,86 @@
+// The backward of a backward (a gradient penalty, a Hessian-vector product, MAML): a backward run
+// with create_graph=True recomputes its op's small parts from the saved inputs with ATen ops and
+// takes their gradients with autograd, so that autograd can differentiate them again. The fused
+// backward kernels are differentiable once. Only that run is in grad mode (the autograd engine turns
+// it on for create_graph alone; torch.compile's traced backward has it off): every other backward
+// takes the fused kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+
+#include <vector>
+
+#include "activations.h"
+
+namespace pf_kernels {
+
+inline bool backward_is_differentiated() { return at::GradMode::is_enabled(); }
+
+inline at::Tensor activate(const at::Tensor& y, Activation act) {
+  switch (act) {
+    case Activation::Relu:
+      return at::relu(y);
+    case Activation::Gelu:
+      return at::gelu(y);
+    case Activation::Tanh:
+      return at::tanh(y);
+    case Activation::Sigmoid:
+      return at::sigmoid(y);
+    case Activation::None:
+      break;
+  }
+  return y;
+}
+
+// grad * act'(pre) read from out = act(pre), where the forward saved its output.
+inline at::Tensor grad_from_output(const at::Tensor& grad, const at::Tensor& out, Activation act) {
+  switch (act) {
+    case Activation::Relu:
+      return at::threshold_backward(grad, out, 0);
+    case Activation::Tanh:
+      return at::tanh_backward(grad, out);
+    case Activation::Sigmoid:
+      return at::sigmoid_backward(grad, out);
+    default:
+      TORCH_CHECK(act == Activation::None, "pf_kernels: no derivative from the output for this activation");
+  }
+  return grad;
+}
+
+// (B, *S, D) -> (B, D): the gradient of a (B, D) tensor broadcast over the positions S.
+inline at::Tensor sum_over_positions(const at::Tensor& grad) {
+  std::vector<int64_t> dims;
+  for (int64_t d = 1; d + 1 < grad.dim(); ++d) dims.push_back(d);
+  return dims.empty() ? grad : grad.sum(dims);
+}
+
+// (B, H) -> (B, 1, ..., 1, H), broadcastable against `like` (B, *S, H).
+inline at::Tensor over_positions(const at::Tensor& t, const at::Tensor& like) {
+  std::vector<int64_t> shape(like.dim(), 1);
+  shape.front() = t.size(0);
+  shape.back() = t.size(1);
+  return t.reshape(shape);
+}
+
+// The gradients of `outputs` (weighted by `grads`) for each of `inputs`, themselves differentiable;
+// undefined for an input that is undefined or does not require grad.
+inline std::vector<at::Tensor> differentiable_grads(const std::vector<at::Tensor>& outputs,
+                                                    const std::vector<at::Tensor>& grads,
+                                                    const std::vector<at::Tensor>& inputs) {
+  std::vector<at::Tensor> wanted, result(inputs.size());
+  std::vector<size_t> where;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (inputs[i].defined() && inputs[i].requires_grad()) {
+      wanted.push_back(inputs[i]);
+      where.push_back(i);
+    }
+  }
+  if (wanted.empty()) return result;
+  auto got = torch::autograd::grad(outputs, wanted, grads, /*retain_graph=*/true, /*create_graph=*/true,
+                                   /*allow_unused=*/true);
+  for (size_t j = 0; j < where.size(); ++j) result[where[j]] = got[j];
+  return result;
+}
+
+}  // namespace pf_kernels
