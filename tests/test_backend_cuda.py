@@ -566,6 +566,20 @@ def test_gradcheck_float64(activation):
 
 
 @needs_gpu
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradgradcheck_float64(activation):
+    # A backward with create_graph=True takes its gradients with ATen ops (CPU twin: test_backend_cpu's).
+    torch.manual_seed(1)
+    args = backproj_inputs(2, (3, 2), 3, 4, 2, True, torch.float64, device="cuda")
+    assert torch.autograd.gradgradcheck(backproj_call(BACKEND, activation), args)
+    hs, w, b = fusion_inputs(3, (2, 3, 1), 4, dtype=torch.float64, device="cuda")
+    assert torch.autograd.gradgradcheck(fusion_call(BACKEND, activation), (w, b, *hs))
+    for out_activation in ACTIVATIONS:
+        args = context_inputs(2, (3,), 5, 4, 3, True, torch.float64, device="cuda")
+        assert torch.autograd.gradgradcheck(context_call(BACKEND, activation, out_activation), args), out_activation
+
+
+@needs_gpu
 def test_only_x_needs_grad():
     x, z, w, b = backproj_inputs(2, (3,), 4, 5, 6, True, device="cuda", requires_grad=False)
     x.requires_grad_(True)
