@@ -366,6 +366,18 @@ def test_counting_a_progressive_fusion_counts_every_step(hoist):
     assert dict(calls) == {"backproj_concat": 3}
 
 
+def test_a_capture_for_new_sizes_lists_no_site_again():
+    # The sites' lines hold the shapes they were captured with: each new sequence length listed every
+    # site again (a model of 10 sites reported 47 swaps) and every losing reading of them.
+    model, _ = progressive_model()
+    _, report = pk.convert(model, backend=FAST_BACKENDS[-1], example_inputs=progressive_inputs())
+    replaced, left_alone = list(report.replaced), list(report.left_alone)
+    for T in (9, 3):
+        model(*progressive_inputs(T=T))
+    assert len(report.captures) > 1, str(report)
+    assert report.replaced == replaced and report.left_alone == left_alone, str(report)
+
+
 def test_deepcopy_and_pickle_give_converted_models():
     model, expected = tanh_progressive_model(steps=2)
     args = tanh_progressive_inputs()

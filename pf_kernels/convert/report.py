@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, NamedTuple
+from typing import Dict, Hashable, Iterator, List, NamedTuple, Optional, Set
 
 from torch import nn
 
@@ -23,14 +23,21 @@ class ConversionReport:
     captures: List[str] = field(default_factory=list)
     # The fused op of each entry of `replaced`, in the same order.
     replaced_ops: List[str] = field(default_factory=list)
+    # What makes an entry the same as an earlier one: its site in the code, not the shapes it was
+    # captured with (a capture for a new sequence length listed every site again).
+    seen: Set[Hashable] = field(default_factory=set, repr=False)
 
-    def add_replaced(self, op: str, line: str) -> None:
-        if line not in self.replaced:
+    def add_replaced(self, op: str, line: str, site: Optional[Hashable] = None) -> None:
+        key = ("replaced", line if site is None else site)
+        if key not in self.seen:
+            self.seen.add(key)
             self.replaced.append(line)
             self.replaced_ops.append(op)
 
-    def add_left_alone(self, line: str) -> None:
-        if line not in self.left_alone:
+    def add_left_alone(self, line: str, site: Optional[Hashable] = None) -> None:
+        key = ("left alone", line if site is None else site)
+        if key not in self.seen:
+            self.seen.add(key)
             self.left_alone.append(line)
 
     @property

@@ -134,7 +134,7 @@ def rewrite_graph(gm: fx.GraphModule, calls: FusedCalls, report: ConversionRepor
         shared = "" if m.shared is None else f"; x's projection computed once for {sharers[m.shared]} sites" \
             if sharers[m.shared] > 1 else ("; x's projection computed for this site alone (no other step reads "
                                             "the same x in the same grad mode, with no write into it between)")
-        report.add_replaced(m.op, f"{m.op}: {m.formula} | {m.where}{suffix}{shared}")
+        report.add_replaced(m.op, f"{m.op}: {m.formula} | {m.where}{suffix}{shared}", site=(m.op, m.where, suffix))
     left = [(m.pivot, m.formula, m.where,
              f"read as {w.op} instead ({w.where}), which fuses {w.score} ops to this reading's "
              f"{m.score}{' (a tie goes to the pattern ranked first)' if w.score == m.score else ''}")
@@ -142,7 +142,7 @@ def rewrite_graph(gm: fx.GraphModule, calls: FusedCalls, report: ConversionRepor
     left += [(x.pivot, x.formula, x.where, x.reason) for x in misses if x.pivot not in covered]
     left.sort(key=lambda t: order[t[0]])
     for (pivot, formula, site, reason), suffix in _numbered(left, lambda t: (t[1], t[2], t[3])):
-        report.add_left_alone(f"{formula} | {site}{suffix}: not swapped: {reason}")
+        report.add_left_alone(f"{formula} | {site}{suffix}: not swapped: {reason}", site=(site, suffix, reason))
     for node in graph.nodes:  # a region captured as one call of a subgraph, which is not searched
         if node.op == "call_function" and "checkpoint" in getattr(node.target, "__name__", ""):
             report.add_left_alone(f"torch.utils.checkpoint region | {where(node)}: not searched: a pattern "
