@@ -181,9 +181,11 @@ class ConvertedForward:
             if self._calls_that_captured == torch._dynamo.config.recompile_limit:
                 self.report.add_left_alone(
                     f"{type(self.module).__name__}.forward was captured {self._calls_that_captured} times, "
-                    "torch.compile's recompile limit: from the next new capture on, the plain forward runs "
-                    "(something the forward changes at every call makes each call a new capture: a list it "
-                    "appends to, a tensor attribute it reassigns to a new shape; TORCH_LOGS=recompiles says what)")
+                    "torch.compile's recompile limit: from the next new capture on, the plain forward runs. "
+                    "A capture is made for each new input structure, dtype, train/eval and grad mode, and for a "
+                    "batch size or length of 1 apart from the others; also at every call where the forward "
+                    "changes something it reads (a list it appends to, a tensor attribute it reassigns to a new "
+                    "shape). TORCH_LOGS=recompiles says which; torch._dynamo.config.recompile_limit raises the limit")
         if captured > 1:
             self.report.add_left_alone(
                 f"torch.compile split {type(self.module).__name__}.forward into {captured} graphs (graph breaks; "
