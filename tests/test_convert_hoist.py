@@ -140,6 +140,49 @@ def test_an_x_that_differs_per_step_is_not_shared(projections):
     assert hoisted and all("computed for this site alone" in line for line in hoisted), str(report)
 
 
+class SlicedEachStep(PlainProgressive):
+    """x taken again in every step: a slice of the input and a cast (the modalities as column groups
+    of one tensor); write_between: a write into the input between the steps."""
+
+    def __init__(self, write_between=False):
+        super().__init__()
+        self.write_between = write_between
+
+    def forward(self, xs):
+        z = None
+        for step in range(self.steps):
+            hs = []
+            for j, whole in enumerate(xs):
+                if self.write_between and step == 1:
+                    whole.mul_(1.0)
+                x = whole[..., 0:whole.shape[-1]].float()
+                if z is None:
+                    context = x.new_zeros(*x.shape[:-1], self.contexts[j])
+                else:
+                    context = torch.relu(self.back[j](z))
+                    if x.dim() == 3:
+                        context = context.unsqueeze(1).expand(-1, x.shape[1], -1)
+                h = self.encoders[j](torch.cat([x, context], -1))
+                hs.append(h.mean(1) if h.dim() == 3 else h)
+            z = torch.relu(self.head(torch.cat(hs, -1)))
+        return z
+
+
+def test_an_x_sliced_and_cast_in_every_step_is_shared(projections):
+    # Each step's x[..., 0:D].float() is a node of its own: every step projected x again.
+    report = _convert_and_check(SlicedEachStep(), {"x_projection": 3, "context_linear": 6, "fusion_head": 3},
+                                BACKENDS[-1], projections, projections_per_forward=3)
+    assert sum("x's projection computed once for 3 sites" in line for line in report.replaced) == 9, str(report)
+
+
+def test_a_write_into_the_input_between_steps_ends_the_sharing():
+    model = SlicedEachStep(write_between=True)
+    reference = copy.deepcopy(model)
+    _, report = pk.convert(model, backend=BACKENDS[-1], example_inputs=_inputs())
+    assert not any("computed once for 3 sites" in line for line in report.replaced), str(report)
+    assert_same_model(reference, model, _inputs())
+
+
 def test_context_first_slices_the_weight_the_other_way(projections):
     model = PlainProgressive(reverse=True)
     report = _convert_and_check(model, {"x_projection": 3, "context_linear": 6, "fusion_head": 3},

@@ -295,6 +295,12 @@ _ALIASING_FUNCTIONS = {operator.getitem, getattr, torch.reshape, torch.unsqueeze
                        torch.ravel, torch.unflatten, torch.atleast_1d, torch.atleast_2d, torch.atleast_3d,
                        torch.broadcast_tensors, torch.meshgrid,
                        getattr(torch._C._autograd, "_get_data_attr", F.dropout)}  # (what dynamo makes of t.data)
+# Deterministic views and casts: two calls with the same inputs give the same value (a modality
+# sliced or cast again in every step of a loop is one x).
+_REPEATABLE_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "transpose", "permute", "narrow", "select",
+                       "flatten", "contiguous", "to", "float", "double", "half", "bfloat16", "__getitem__"}
+_REPEATABLE_FUNCTIONS = {operator.getitem, torch.reshape, torch.unsqueeze, torch.squeeze, torch.transpose,
+                         torch.permute, torch.narrow, torch.select, torch.flatten}
 # Calls that change the mode the ops after them run in (dynamo records `with torch.no_grad():`,
 # `with torch.inference_mode():` and `with torch.autocast(...):` as these).
 _MODE_FUNCTIONS = {torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_autocast,
@@ -371,6 +377,12 @@ class GraphFacts:
             if aliasing and isinstance(first, fx.Node):
                 parent[root(node)] = root(first)
         self._root = root
+        self._earliest_equal = {}
+        first_of = {}
+        for node in graph.nodes:
+            key = self._repeat_key(node)
+            if key is not None:
+                self._earliest_equal[node] = first_of.setdefault(key, node)
         self.written = dict(writes)  # writer -> the tensor it writes into
         self.writers = {}
         for writer, written in writes:
@@ -378,6 +390,35 @@ class GraphFacts:
         # The memory the graph hands back to its caller (who may write into it).
         self.returned = {root(n) for out in graph.nodes if out.op == "output"
                          for n in _pytree.tree_leaves(out.args) if isinstance(n, fx.Node)}
+
+    def _repeat_key(self, node: fx.Node):
+        """What identifies node's value among the graph's deterministic views and casts (the same call
+        of the same inputs in the same mode), or None."""
+        if not (node.op == "call_method" and node.target in _REPEATABLE_METHODS
+                or node.op == "call_function" and node.target in _REPEATABLE_FUNCTIONS):
+            return None
+
+        def key(a):
+            if isinstance(a, fx.Node):
+                return ("node", self._earliest_equal.get(a, a))
+            if isinstance(a, slice):
+                return ("slice", key(a.start), key(a.stop), key(a.step))
+            if isinstance(a, (list, tuple)):
+                return (type(a).__name__, *map(key, a))
+            if a is None or a is Ellipsis or isinstance(a, (bool, int, float, str, torch.dtype, torch.device)):
+                return (type(a).__name__, a)
+            raise TypeError
+
+        try:
+            return (node.op, node.target, key(node.args), key(sorted(node.kwargs.items())), self.region[node])
+        except TypeError:  # an argument this cannot compare
+            return None
+
+    def earliest_equal(self, node):
+        """The first node of the graph that computes node's value by the same deterministic views and
+        casts of the same inputs (x sliced in every step of a loop: the first step's slice), else node.
+        Whether a write into their memory comes between is the reader's to check (version)."""
+        return self._earliest_equal.get(node, node)
 
     def writes_to(self, node, exclude=()) -> List[fx.Node]:
         """The nodes that write into node's memory (node, a view of it, or what it views), in order."""
@@ -816,7 +857,7 @@ class ContextLinearPattern(Pattern):
         shared = {}
         found = []
         for linear, cat, x_index, context in sites:
-            x = cat.tensors[x_index]
+            x = facts.earliest_equal(cat.tensors[x_index])
             dx, width = value(x).shape[-1], value(cat.node).shape[-1]
             act = sole_activation(linear)
             is_zeros = not isinstance(context, BackprojRead)
