@@ -43,7 +43,7 @@ class PlainProgressive(nn.Module):
         self.back = nn.ModuleList(nn.Linear(fused, c) for c in contexts)
 
     def forward(self, xs):
-        z = None
+        z = xs[0].new_zeros(xs[0].shape[0], self.head.out_features) if self.zeros == "z0" else None
         for step in range(self.steps):
             hs = []
             for j, x in enumerate(xs):
@@ -109,6 +109,15 @@ def test_x_projection_is_computed_once_per_modality(backend, projections):
     assert sorted(id(w) for _, w in projections) == sorted(id(w) for w in firsts)
     assert sum("x's projection computed once for 3 sites" in line for line in report.replaced) == 9, str(report)
     assert any("W[:, 0:6], b" in line for line in report.replaced), str(report)
+
+
+def test_a_first_step_back_projecting_zeros_shares_x_projection(projections):
+    # z_0 = zeros and every step back-projects z: the vector modality's first step (nothing broadcast,
+    # z not a fusion head's output) was read as a fusion head with x's projection of its own.
+    model = PlainProgressive(zeros="z0")
+    report = _convert_and_check(model, {"context_linear": 9, "fusion_head": 3}, BACKENDS[-1], projections,
+                                projections_per_forward=3)
+    assert sum("x's projection computed once for 3 sites" in line for line in report.replaced) == 9, str(report)
 
 
 @pytest.mark.parametrize("zeros", ["repeat", "expand"])

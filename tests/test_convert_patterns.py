@@ -146,7 +146,7 @@ NEAR_MISS_REASONS = [
     "the context is gelu(approximate='tanh')(linear(z)): backproj_concat applies none, relu, gelu, tanh, "
     "sigmoid",
     "nothing is broadcast and z is not a late-fusion output (linear over a concat, or a pf_kernels fusion "
-    "op): this is an ordinary layer's output joined to x, not a back-projection",
+    "op, or the zeros of a first step): this is an ordinary layer's output joined to x, not a back-projection",
     "a cat of 3 tensors: backproj_concat writes [x, context] (x first, one context)",
     "the context's batch and feature dims end up at 0 and 2, not at 0 and 1",
     "the context linear's output is 3-D: backproj_concat projects one vector z (B, Dz) per example",

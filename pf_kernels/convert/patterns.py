@@ -769,14 +769,24 @@ class BackprojConcatPattern(Pattern):
                 any(a not in (1, "E") for i, a in enumerate(axes) if i not in (0, cat.dim)):
             return (f"the context's batch and feature dims end up at {axes.index('B') if 'B' in axes else '?'} "
                     f"and {axes.index('F') if 'F' in axes else '?'}, not at 0 and {cat.dim}")
-        if out.dim() == 2 and not is_fused_vector(linear.input):
+        if out.dim() == 2 and not (is_fused_vector(linear.input) or _made_as_zeros(linear.input)):
             return ("nothing is broadcast and z is not a late-fusion output (linear over a concat, or a "
-                    "pf_kernels fusion op): this is an ordinary layer's output joined to x, not a "
-                    "back-projection")
+                    "pf_kernels fusion op, or the zeros of a first step): this is an ordinary layer's output "
+                    "joined to x, not a back-projection")
         return _dtype_reason([x, linear.input, linear.weight, linear.bias], linear.node, "context linear")
 
 
 _ZEROS_FUNCTIONS = {torch.zeros, torch.zeros_like}
+
+
+def _made_as_zeros(node) -> bool:
+    """torch.zeros(...), zeros_like(t) or t.new_zeros(...), through broadcasts: a first step's z_0."""
+    under = _under_broadcasts(node) if isinstance(node, fx.Node) else None
+    if under is None:
+        return False
+    zeros = under[0]
+    return zeros.op == "call_function" and zeros.target in _ZEROS_FUNCTIONS or \
+        zeros.op == "call_method" and zeros.target == "new_zeros"
 
 
 def _is_zeros(node: fx.Node) -> bool:
@@ -792,8 +802,7 @@ def _is_zeros(node: fx.Node) -> bool:
     zeros, chain = under
     if any(len(n.users) != 1 for n in (*chain[1:], zeros) if n is not node):
         return False
-    return zeros.op == "call_function" and zeros.target in _ZEROS_FUNCTIONS or \
-        zeros.op == "call_method" and zeros.target == "new_zeros"
+    return _made_as_zeros(zeros)
 
 
 class SharedProjection:
