@@ -243,6 +243,32 @@ def test_a_concat_read_elsewhere_is_not_hoisted_and_the_report_says_why():
     assert_same_model(reference, model, ([torch.randn(3, 4, 6)],))
 
 
+class ConcatMasked(PlainProgressive):
+    """The sequence's cat has its padded positions zeroed in place before the encoder reads it."""
+
+    def forward(self, xs, mask):
+        x, z = xs[0], None
+        for _ in range(self.steps):
+            context = x.new_zeros(*x.shape[:-1], self.contexts[0]) if z is None else \
+                torch.relu(self.back[0](z)).unsqueeze(1).expand(-1, x.shape[1], -1)
+            cat = torch.cat([x, context], -1)
+            cat.masked_fill_(~mask[..., None], 0.0)
+            z = torch.relu(self.head(self.encoders[0](cat).mean(1)))
+        return z
+
+
+def test_a_concat_written_in_place_is_not_hoisted_and_the_report_says_so():
+    # The report said "the concat is read elsewhere too".
+    model = ConcatMasked(dims=(6,), contexts=(3,), steps=2)
+    reference = copy.deepcopy(model)
+    _, report = pk.convert(model, backend=BACKENDS[-1],
+                           example_inputs=([torch.randn(3, 4, 6)], torch.rand(3, 4) > 0.3))
+    lines = [line for line in report.left_alone if "x's projection is not hoisted" in line]
+    assert lines and all("the concat is written in place at ConcatMasked.forward (test_convert_hoist.py:" in line
+                         for line in lines), str(report)
+    assert_same_model(reference, model, ([torch.randn(3, 4, 6)], torch.rand(3, 4) > 0.3))
+
+
 def test_autocast_bf16_keeps_working():
     """Under CPU autocast the Linears return bf16 from fp32 operands: that capture is left alone
     (and says why) and still right; the fp32 capture stays hoisted."""

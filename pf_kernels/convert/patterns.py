@@ -878,7 +878,9 @@ class ContextLinearPattern(Pattern):
             if not isinstance(dx, int) or not isinstance(width, int):
                 reason = "x's feature count is symbolic: the Linear's weight cannot be split by columns"
             elif any(user is not linear.node for user in cat.node.users):
-                reason = "the concat is read elsewhere too, so it would be written anyway"
+                writer = next((u for u in cat.node.users if written_in_place(u) is cat.node), None)
+                reason = (f"the concat is written in place at {where(writer)}, so it is written anyway"
+                          if writer is not None else "the concat is read elsewhere too, so it would be written anyway")
             else:
                 operands = [x, linear.weight, linear.bias] + ([context] if is_zeros else [])
                 reason = _dtype_reason(operands, linear.node, "linear")
