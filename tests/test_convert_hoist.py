@@ -29,13 +29,16 @@ class PlainProgressive(nn.Module):
     """Progressive Fusion written by hand: encoder j is Linear(Dx + Dc, H), an activation, Linear(H, E)
     over cat([x, context]) (the context broadcast over a sequence's positions), the mean over
     positions; a ReLU head over the encoders' outputs; relu(Linear(z)) back-projections; step 1 sees
-    zeros. reverse: cat([context, x]). vary_x: each step reads its own x (x * step), nothing shared."""
+    zeros. reverse: cat([context, x]). vary_x: each step reads its own x (x * step), nothing shared.
+    retake: each step takes x again, as a slice and a cast (modalities as column groups of one
+    tensor); write_between: with a write into the input between the steps."""
 
     def __init__(self, dims=(6, 5, 4), contexts=(3, 2, 4), hidden=8, out=7, fused=5, steps=3,
-                 activation=nn.ReLU, bias=True, reverse=False, vary_x=False, zeros="new_zeros"):
+                 activation=nn.ReLU, bias=True, reverse=False, vary_x=False, zeros="new_zeros", retake=False,
+                 write_between=False):
         super().__init__()
         self.contexts, self.steps, self.reverse, self.vary_x = contexts, steps, reverse, vary_x
-        self.zeros = zeros
+        self.zeros, self.retake, self.write_between = zeros, retake, write_between
         self.encoders = nn.ModuleList(
             nn.Sequential(nn.Linear(d + c, hidden, bias=bias), activation(), nn.Linear(hidden, out))
             for d, c in zip(dims, contexts))
@@ -49,6 +52,10 @@ class PlainProgressive(nn.Module):
             for j, x in enumerate(xs):
                 if self.vary_x:
                     x = x * (step + 1)
+                if self.retake:
+                    if self.write_between and step == 1:
+                        x.mul_(1.0)
+                    x = x[..., 0:x.shape[-1]].float()
                 if z is None and self.zeros == "repeat":
                     context = torch.zeros_like(x[..., :1]).repeat(*[1] * (x.dim() - 1), self.contexts[j])
                 elif z is None and self.zeros == "expand":
@@ -149,43 +156,15 @@ def test_an_x_that_differs_per_step_is_not_shared(projections):
     assert hoisted and all("computed for this site alone" in line for line in hoisted), str(report)
 
 
-class SlicedEachStep(PlainProgressive):
-    """x taken again in every step: a slice of the input and a cast (the modalities as column groups
-    of one tensor); write_between: a write into the input between the steps."""
-
-    def __init__(self, write_between=False):
-        super().__init__()
-        self.write_between = write_between
-
-    def forward(self, xs):
-        z = None
-        for step in range(self.steps):
-            hs = []
-            for j, whole in enumerate(xs):
-                if self.write_between and step == 1:
-                    whole.mul_(1.0)
-                x = whole[..., 0:whole.shape[-1]].float()
-                if z is None:
-                    context = x.new_zeros(*x.shape[:-1], self.contexts[j])
-                else:
-                    context = torch.relu(self.back[j](z))
-                    if x.dim() == 3:
-                        context = context.unsqueeze(1).expand(-1, x.shape[1], -1)
-                h = self.encoders[j](torch.cat([x, context], -1))
-                hs.append(h.mean(1) if h.dim() == 3 else h)
-            z = torch.relu(self.head(torch.cat(hs, -1)))
-        return z
-
-
 def test_an_x_sliced_and_cast_in_every_step_is_shared(projections):
     # Each step's x[..., 0:D].float() is a node of its own: every step projected x again.
-    report = _convert_and_check(SlicedEachStep(), {"x_projection": 3, "context_linear": 6, "fusion_head": 3},
+    report = _convert_and_check(PlainProgressive(retake=True), {"x_projection": 3, "context_linear": 6, "fusion_head": 3},
                                 BACKENDS[-1], projections, projections_per_forward=3)
     assert sum("x's projection computed once for 3 sites" in line for line in report.replaced) == 9, str(report)
 
 
 def test_a_write_into_the_input_between_steps_ends_the_sharing():
-    model = SlicedEachStep(write_between=True)
+    model = PlainProgressive(retake=True, write_between=True)
     reference = copy.deepcopy(model)
     _, report = pk.convert(model, backend=BACKENDS[-1], example_inputs=_inputs())
     assert not any("computed once for 3 sites" in line for line in report.replaced), str(report)
