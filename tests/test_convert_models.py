@@ -378,6 +378,20 @@ def test_a_capture_for_new_sizes_lists_no_site_again():
     assert report.replaced == replaced and report.left_alone == left_alone, str(report)
 
 
+def test_what_convert_returns_also_serves_as_the_model():
+    # DESIGN: convert "returns the model": `model = pk.convert(model)` then `model(x)` raised
+    # "'Converted' object is not callable".
+    model, _ = tanh_progressive_model()
+    reference, args = copy.deepcopy(model), tanh_progressive_inputs()
+    converted = pk.convert(model, backend=FAST_BACKENDS[-1], example_inputs=args)
+    assert converted.model is model and converted.eval() is model and converted.training is False
+    assert set(converted.state_dict()) == set(reference.state_dict())
+    torch.testing.assert_close(converted(*args), reference.eval()(*args))
+    same, report = converted
+    assert same is model and report.replaced
+    assert copy.deepcopy(converted).model is not model
+
+
 def test_deepcopy_and_pickle_give_converted_models():
     model, expected = tanh_progressive_model(steps=2)
     args = tanh_progressive_inputs()

@@ -60,8 +60,18 @@ class ConversionReport:
 
 
 class Converted(NamedTuple):
+    """(model, report), which also serves as the model: a call, or an attribute the pair lacks, goes
+    to the model (`model = pf_kernels.convert(model)` works as well as `model, report = ...`)."""
     model: nn.Module
     report: ConversionReport
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # (protocols: copy, pickle, ... are the pair's own)
+            raise AttributeError(name)
+        return getattr(self.model, name)
 
 
 @contextlib.contextmanager
