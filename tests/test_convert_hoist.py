@@ -171,6 +171,39 @@ def test_a_write_into_the_input_between_steps_ends_the_sharing():
     assert_same_model(reference, model, _inputs())
 
 
+class RetakenAcrossAWrite(nn.Module):
+    """Each step takes x again by the same calls, but what they read is written between the steps:
+    the source of a copy (a cast of float64 to float32) or an index tensor."""
+
+    def __init__(self, variant, steps=3):
+        super().__init__()
+        self.variant, self.steps = variant, steps
+        self.encoder = nn.Sequential(nn.Linear(6 + 3, 8), nn.ReLU(), nn.Linear(8, 7))
+        self.head, self.back = nn.Linear(7, 5), nn.Linear(5, 3)
+
+    def forward(self, inputs):
+        source, index, z = inputs * 1.0, torch.arange(6), None
+        for step in range(self.steps):
+            x = source[..., :6].float() if self.variant == "copy" else source[..., index]
+            if step == 0:  # after x is taken, before the encoder reads it
+                source.add_(1.0) if self.variant == "copy" else index.copy_(index.flip(0))
+            context = x.new_zeros(*x.shape[:-1], 3) if z is None else \
+                torch.relu(self.back(z)).unsqueeze(1).expand(-1, x.shape[1], -1)
+            z = torch.relu(self.head(self.encoder(torch.cat([x, context], -1)).mean(1)))
+        return z
+
+
+@pytest.mark.parametrize("variant, dtype", [("copy", torch.float64), ("index", torch.float32)])
+def test_an_x_retaken_across_a_write_is_not_shared(variant, dtype):
+    # Both steps' x were read as one (the same calls of the same nodes): the converted model gave
+    # other outputs, step 1 reading step 0's x.
+    model = RetakenAcrossAWrite(variant)
+    reference = copy.deepcopy(model)
+    _, report = pk.convert(model, backend=BACKENDS[-1], example_inputs=(torch.randn(4, 5, 6, dtype=dtype),))
+    assert not any("computed once for 3 sites" in line for line in report.replaced), str(report)
+    assert_same_model(reference, model, (torch.randn(4, 5, 6, dtype=dtype),))
+
+
 def test_context_first_slices_the_weight_the_other_way(projections):
     model = PlainProgressive(reverse=True)
     report = _convert_and_check(model, {"x_projection": 3, "context_linear": 6, "fusion_head": 3},

@@ -377,16 +377,16 @@ class GraphFacts:
             if aliasing and isinstance(first, fx.Node):
                 parent[root(node)] = root(first)
         self._root = root
+        self.written = dict(writes)  # writer -> the tensor it writes into
+        self.writers = {}
+        for writer, written in writes:
+            self.writers.setdefault(root(written), []).append(writer)
         self._earliest_equal = {}
         first_of = {}
         for node in graph.nodes:
             key = self._repeat_key(node)
             if key is not None:
                 self._earliest_equal[node] = first_of.setdefault(key, node)
-        self.written = dict(writes)  # writer -> the tensor it writes into
-        self.writers = {}
-        for writer, written in writes:
-            self.writers.setdefault(root(written), []).append(writer)
         # The memory the graph hands back to its caller (who may write into it).
         self.returned = {root(n) for out in graph.nodes if out.op == "output"
                          for n in _pytree.tree_leaves(out.args) if isinstance(n, fx.Node)}
@@ -399,8 +399,8 @@ class GraphFacts:
             return None
 
         def key(a):
-            if isinstance(a, fx.Node):
-                return ("node", self._earliest_equal.get(a, a))
+            if isinstance(a, fx.Node):  # the same input, and no write into its memory since the other call
+                return ("node", self._earliest_equal.get(a, a), self.version(a, node))
             if isinstance(a, slice):
                 return ("slice", key(a.start), key(a.stop), key(a.step))
             if isinstance(a, (list, tuple)):
@@ -416,8 +416,9 @@ class GraphFacts:
 
     def earliest_equal(self, node):
         """The first node of the graph that computes node's value by the same deterministic views and
-        casts of the same inputs (x sliced in every step of a loop: the first step's slice), else node.
-        Whether a write into their memory comes between is the reader's to check (version)."""
+        casts of the same inputs, with no write into those inputs' memory between the two (x sliced
+        in every step of a loop: the first step's slice), else node. Writes after the later one are
+        the reader's to check (version)."""
         return self._earliest_equal.get(node, node)
 
     def writes_to(self, node, exclude=()) -> List[fx.Node]:
