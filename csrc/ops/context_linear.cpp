@@ -104,18 +104,19 @@ variable_list ContextLinearFunction::differentiated_backward(AutogradContext* ct
                                                              const variable_list& saved) {
   const at::Tensor &out = saved[0], &p = saved[1], &z = saved[2], &bp_weight = saved[3], &proj_weight = saved[5];
   const Activation out_act = parse_activation(ctx->saved_data["out_activation"].toStringRef());
-  const at::Tensor context =
-      activate(at::linear(z, bp_weight, optional_of(saved[4])), parse_activation(ctx->saved_data["activation"].toStringRef()));
-  const at::Tensor term = at::linear(context, proj_weight);  // (B, H)
+  const at::Tensor context = activate(at::linear(in_opmath(z), in_opmath(bp_weight), in_opmath(saved[4])),
+                                      parse_activation(ctx->saved_data["activation"].toStringRef()));
+  const at::Tensor term = at::linear(context, in_opmath(proj_weight));  // (B, H), in the accumulation type
   std::vector<at::Tensor> got;
   at::Tensor grad_p;
   if (p.defined()) {  // out_act' from the pre-activation: differentiate out_act(p + term) whole
-    got = differentiable_grads({activate(p + over_positions(term, p), out_act)}, {grad_out}, {p, z, bp_weight, saved[4], proj_weight});
+    got = differentiable_grads({activate(in_opmath(p) + over_positions(term, p), out_act)}, {in_opmath(grad_out)},
+                               {p, z, bp_weight, saved[4], proj_weight});
     grad_p = got[0];
     got.erase(got.begin());
   } else {  // out = p + term, or out_act' read from the saved output
     grad_p = out.defined() ? grad_from_output(grad_out, out, out_act) : grad_out;
-    got = differentiable_grads({term}, {sum_over_positions(grad_p)}, {z, bp_weight, saved[4], proj_weight});
+    got = differentiable_grads({term}, {sum_over_positions(in_opmath(grad_p))}, {z, bp_weight, saved[4], proj_weight});
   }
   return {grad_p, got[0], got[1], got[2], got[3], at::Tensor(), at::Tensor()};
 }

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <torch/autograd.h>
 
 #include <vector>
@@ -16,6 +17,12 @@
 namespace pf_kernels {
 
 inline bool backward_is_differentiated() { return at::GradMode::is_enabled(); }
+
+// t in its accumulation type (fp32 for 16-bit), as the fused kernels compute; autograd casts its
+// gradient back. Undefined stays undefined.
+inline at::Tensor in_opmath(const at::Tensor& t) {
+  return t.defined() ? t.to(at::toOpMathType(t.scalar_type())) : t;
+}
 
 inline at::Tensor activate(const at::Tensor& y, Activation act) {
   switch (act) {

@@ -63,8 +63,23 @@ class FusionHeadFunction : public torch::autograd::Function<FusionHeadFunction> 
     if (saved[k + 1].defined()) bias = saved[k + 1];
     const std::string& activation = ctx->saved_data["activation"].toStringRef();
     if (backward_is_differentiated()) {  // create_graph=True: the gradients from ATen ops
-      const at::Tensor recomputed = activate(at::linear(at::cat(hs, 1), saved[k], bias), parse_activation(activation));
-      variable_list result = differentiable_grads({recomputed}, {grads[0]}, {saved.begin(), saved.begin() + k + 2});
+      // The gradient of the concat, cut per input: one tensor passed twice in hs gets both parts
+      // (a gradient per input slot would give it the whole gradient twice).
+      std::vector<at::Tensor> wide;
+      for (const at::Tensor& h : hs) wide.push_back(in_opmath(h));
+      const at::Tensor joined = at::cat(wide, 1);
+      const at::Tensor recomputed =
+          activate(at::linear(joined, in_opmath(saved[k]), in_opmath(saved[k + 1])), parse_activation(activation));
+      const auto got = differentiable_grads({recomputed}, {in_opmath(grads[0])}, {joined, saved[k], saved[k + 1]});
+      variable_list result;
+      int64_t start = 0;
+      for (const at::Tensor& h : hs) {
+        result.push_back(got[0].defined() && h.requires_grad() ? got[0].narrow(1, start, h.size(1)).to(h.scalar_type())
+                                                               : at::Tensor());
+        start += h.size(1);
+      }
+      result.push_back(got[1]);
+      result.push_back(got[2]);
       result.push_back(at::Tensor());  // activation
       return result;
     }
