@@ -190,16 +190,30 @@ def test_a_second_build_of_the_same_sources_only_checks_the_import(tmp_path, mon
     monkeypatch.setattr(check, "ROOT", str(tmp_path))
     monkeypatch.setattr(check, "BUILD_STAMP", str(tmp_path / "build" / "gpu-check.stamp"))
     ctx = check.Context(str(tmp_path), "stand-in", "9.0", 16)
-    first = check.build_commands(ctx)
-    assert len(first) == 3 and "MAX_JOBS=16" in first[0]
-    assert subprocess.run(first[-1]).returncode == 0  # the stamp, written after a build that passed
-    assert len(check.build_commands(ctx)) == 3, "no _C built: build"
-    (tmp_path / "pf_kernels" / "_C.cpython-312-x86_64-linux-gnu.so").write_text("")
-    again = check.build_commands(ctx)
-    assert len(again) == 2 and "up to date" in again[0][-1] and "available_backends" in again[1][-1]
-    assert len(check.build_commands(check.Context(str(tmp_path), "stand-in", "8.0", 16))) == 3, "another arch"
+    library = tmp_path / "pf_kernels" / "_C.cpython-312-x86_64-linux-gnu.so"
+
+    def build(ctx=ctx, passes=True):
+        """The build part's commands; the last (the stamp) runs where the build and its check pass."""
+        commands = check.build_commands(ctx)
+        if passes:
+            library.write_text("a build") if "up to date" not in commands[0][-1] else None
+            assert subprocess.run(commands[-1]).returncode == 0
+        return commands
+
+    first = build()
+    assert len(first) == 3 and "MAX_JOBS=16" in first[0] and "available_backends" in first[1][-1]
+    again = build()
+    assert "up to date" in again[0][-1] and "available_backends" in again[1][-1], "the same sources: no build"
+    assert "up to date" in build()[0][-1], "its check passed: the stamp stays"
+    assert "up to date" not in build(check.Context(str(tmp_path), "stand-in", "8.0", 16))[0][-1], "another arch"
+    build()
+    library.write_text("a _C from elsewhere")  # (another size)
+    assert "up to date" not in build()[0][-1], "the stamp vouched for another _C"
+    build(passes=False)  # the build (or its check) fails: the next call builds again
+    assert "up to date" not in build(passes=False)[0][-1]
+    build()
     (tmp_path / "csrc" / "op.cu").write_text("// a kernel, changed")
-    assert len(check.build_commands(ctx)) == 3
+    assert "up to date" not in build(passes=False)[0][-1]
     assert not (tmp_path / "build" / "gpu-check.stamp").exists(), "a stale stamp outlived a changed source"
 
 
@@ -221,6 +235,8 @@ def test_ncu_ends_before_the_deadline():
     ctx = check.Context("/tmp/out", "stand-in", "9.0", 16, deadline=time.time() + 100)
     command = check.ncu_commands(ctx)[0]
     assert int(command[command.index("--timeout") + 1]) <= 85
+    ctx.deadline = time.time() + 70  # too little for ncu to profile and write its report: not started
+    assert "benchmarks.ncu" not in check.ncu_commands(ctx)[0]
 
 
 def test_commands_build_through_pip_and_keep_to_the_limits():

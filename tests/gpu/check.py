@@ -63,7 +63,6 @@ class Context:
     arch: Optional[str]
     cores: int
     skip_reason: Optional[str] = None
-    scratch: str = ""  # the parts' raw output, outside the output folder (which brings back 8 files)
     deadline: float = float("inf")  # time.time() after which no part starts and every part stops
 
 
@@ -106,17 +105,34 @@ def _build_stamp(ctx: Context) -> str:
     return digest.hexdigest()
 
 
+def _built_library(root: str) -> str:
+    """Which _C is in place (name, size, time): a stamp vouches for this one only."""
+    return " ".join(f"{os.path.basename(p)}:{os.path.getsize(p)}:{os.stat(p).st_mtime_ns}"
+                    for p in sorted(glob.glob(os.path.join(root, "pf_kernels", "_C*.so"))))
+
+
+def write_build_stamp(sources: str, stamp: str, root: str) -> None:
+    """After a build whose import check passed: what it was built from, and the _C it made."""
+    os.makedirs(os.path.dirname(stamp), exist_ok=True)
+    with open(stamp, "w") as f:
+        f.write(f"{sources} {_built_library(root)}")
+
+
+_IMPORT_CHECK = ("import pf_kernels, json; r = pf_kernels.available_backends(); "
+                 "print(json.dumps({k: v['available'] or v['reason'] for k, v in r.items()})); "
+                 "assert r['cuda']['available'] and r['triton']['available'], 'a GPU backend is missing'")
+
+
 def build_commands(ctx: Context):
-    check = [PY, "-c", "import pf_kernels, json; r = pf_kernels.available_backends(); "
-             "print(json.dumps({k: v['available'] or v['reason'] for k, v in r.items()})); "
-             "assert r['cuda']['available'] and r['triton']['available'], 'a GPU backend is missing'"]
-    stamp = _build_stamp(ctx)
-    if os.path.exists(BUILD_STAMP) and glob.glob(os.path.join(ROOT, "pf_kernels", "_C*.so")):
+    check = [PY, "-c", _IMPORT_CHECK]
+    sources = _build_stamp(ctx)
+    if os.path.exists(BUILD_STAMP):
         with open(BUILD_STAMP) as f:
-            if f.read() == stamp:  # a second call on a machine still warm: the same _C, ~80 s saved
-                return [[PY, "-c", "print('_C is up to date: built from these sources by an earlier call here')"],
-                        check]
-        os.remove(BUILD_STAMP)
+            stamped = f.read()
+        os.remove(BUILD_STAMP)  # written again only after a check that passes
+        if stamped == f"{sources} {_built_library(ROOT)}":  # a second call on a machine still warm: ~80 s saved
+            return [[PY, "-c", "print('_C is up to date: built from these sources by an earlier call here')"],
+                    check, _stamp_command(sources)]
     # setup.py builds for the visible GPU's arch; FORCE_CUDA makes a silent CPU-only build
     # impossible; every core (setup.py's default reads memory, which a fresh VM may understate).
     env = ["env", "PF_KERNELS_FORCE_CUDA=1", f"MAX_JOBS={os.environ.get('MAX_JOBS', ctx.cores)}"]
@@ -125,9 +141,12 @@ def build_commands(ctx: Context):
         build = [*env, PY, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-v", "-e", "."]
     else:  # a venv made without pip: the same build, not through pip
         build = [*env, PY, "setup.py", "build_ext", "--inplace"]
-    write_stamp = [PY, "-c", f"import os; os.makedirs(os.path.dirname({BUILD_STAMP!r}), exist_ok=True); "
-                   f"open({BUILD_STAMP!r}, 'w').write({stamp!r})"]
-    return [build, check, write_stamp]
+    return [build, check, _stamp_command(sources)]
+
+
+def _stamp_command(sources: str) -> List[str]:
+    return [PY, "-c", f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"import check; check.write_build_stamp({sources!r}, {BUILD_STAMP!r}, {ROOT!r})"]
 
 
 def test_commands(ctx: Context):
@@ -195,7 +214,9 @@ def ncu_commands(ctx: Context):
     # ncu writes its report only when the program ends: its timeout (and the workload's, 40 s less)
     # must end before the part's limit or --deadline kills it with nothing written.
     seconds = int(min(150, ctx.deadline - time.time() - 15))
-    return [[PY, "-m", "benchmarks.ncu", "--out", os.path.join(ctx.out, "profile"), "--timeout", str(max(60, seconds))]]
+    if seconds < 60:
+        return [[PY, "-c", f"print('benchmarks.ncu: not run: {seconds} s left before --deadline, too few for ncu')"]]
+    return [[PY, "-m", "benchmarks.ncu", "--out", os.path.join(ctx.out, "profile"), "--timeout", str(seconds)]]
 
 
 def paths_commands(ctx: Context):
@@ -248,14 +269,14 @@ DEFAULT_PARTS = ("build", "tests", "configs", "differential", "memcheck", "racec
 
 
 class Running:
-    def __init__(self, part: Part, ctx: Context):
+    def __init__(self, part: Part, ctx: Context, scratch: str):
         self.part, self.ctx = part, ctx
         self.commands = part.command(ctx)
         self.rc, self.start, self.index, self.proc = 0, time.time(), 0, None
         self.timed_out = False
         # Output goes to a file, not a pipe: the part ends when its process exits, whatever children
         # it left holding their stdout open (those are killed with its group).
-        self.output = os.path.join(ctx.scratch, part.name + ".out")
+        self.output = os.path.join(scratch, part.name + ".out")
 
     @property
     def text(self) -> str:
@@ -307,9 +328,14 @@ class Running:
 def run_parts(parts: List[Part], ctx: Context, results: Dict[str, str], tails: Optional[Dict[str, str]] = None,
               on_finish: Callable[[], None] = lambda: None) -> bool:
     """Runs the parts (side by side when parallel), writes their logs; True if all passed."""
-    ok = True
     tails = {} if tails is None else tails
-    ctx.scratch = ctx.scratch or tempfile.mkdtemp(prefix="gpu-check-")
+    # the parts' raw output, outside the output folder (which brings back 8 files)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
+        return _run_parts(parts, ctx, results, tails, on_finish, scratch)
+
+
+def _run_parts(parts, ctx, results, tails, on_finish, scratch) -> bool:
+    ok = True
     running = []
     for part in parts:
         if ctx.skip_reason or ctx.deadline - time.time() < 20:
@@ -317,7 +343,7 @@ def run_parts(parts: List[Part], ctx: Context, results: Dict[str, str], tails: O
             results[part.name] = f"SKIPPED {part.name}: {why}"
             print(results[part.name], flush=True)
             continue
-        r = Running(part, ctx)
+        r = Running(part, ctx, scratch)
         if r.commands is None:
             results[part.name] = f"SKIPPED {part.name}: its tool is not installed"
             print(results[part.name], flush=True)
@@ -407,8 +433,6 @@ def main(argv=None) -> int:
     for part in selected:  # the timing parts one at a time: side by side they would time each other
         if not part.parallel and part.name != "build":
             ok &= run([part])
-    if ctx.scratch:
-        shutil.rmtree(ctx.scratch, ignore_errors=True)
 
     total = write_summary(final=True)
     print(f"gpu-check: {'all passed' if ok and not ctx.skip_reason else 'FAILED' if not ok else 'SKIPPED'}"
