@@ -259,6 +259,41 @@ def test_gradgradcheck_float64(activation):
                                         (z, bw, bb, pw))
 
 
+@pytest.mark.parametrize("op", ["backproj_concat", "fusion_head", "context_linear"])
+def test_a_differentiated_backward_of_two_steps_sharing_weights(op):
+    """Step 2 reads a z made from step 1, which used the same weights (a progressive model): the
+    gradients taken for the saved inputs themselves added the path through z's history, which
+    autograd follows anyway (twice counted)."""
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    x, p = torch.randn(3, 4, 2, **f64), torch.randn(3, 4, 7, **f64, requires_grad=True)
+    z0 = torch.randn(3, 5, **f64, requires_grad=True)
+    w, b = torch.randn(6, 5, **f64, requires_grad=True), torch.randn(6, **f64, requires_grad=True)
+    pw, mix = torch.randn(7, 6, **f64, requires_grad=True), torch.randn(5, 8, **f64)
+
+    def step(z, backend):
+        if op == "backproj_concat":
+            return pk.backproj_concat(x, z, w, b, "tanh", backend=backend)
+        if op == "fusion_head":
+            return pk.fusion_head([z, z[:, :2]], w[:, :1].expand(6, 7).contiguous() + w.sum(), b, "tanh",
+                                  backend=backend).unsqueeze(1)
+        return pk.context_linear(p, z, w, b, pw, "tanh", "tanh", backend=backend)
+
+    def two_steps(backend):
+        first = step(z0, backend)
+        z1 = torch.nn.functional.pad(first.mean(1), (0, 8 - first.shape[-1])) @ mix.t() if first.shape[-1] < 8 \
+            else first.mean(1)[:, :8] @ mix.t()
+        return step(z1, backend)
+
+    inputs = [z0, w, b] + ([p, pw] if op == "context_linear" else [])
+    results = {}
+    for backend in (BACKEND, "torch"):
+        grads = torch.autograd.grad(two_steps(backend).square().sum(), inputs, create_graph=True)
+        results[backend] = [*grads, *torch.autograd.grad(sum(g.square().sum() for g in grads), inputs)]
+    for got, want in zip(results[BACKEND], results["torch"]):
+        torch.testing.assert_close(got, want)
+
+
 def test_a_differentiated_backward_with_one_tensor_twice_in_hs():
     # The gradient per input slot gave the tensor the whole gradient twice: 2x its gradient.
     h = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)

@@ -83,11 +83,12 @@ class BackprojConcatFunction : public torch::autograd::Function<BackprojConcatFu
       if (saved[0].defined()) context = saved[0];
       if (saved[3].defined()) bias = saved[3];
       if (backward_is_differentiated()) {  // create_graph=True: the context's gradients from ATen ops
-        const at::Tensor recomputed = activate(at::linear(in_opmath(saved[1]), in_opmath(saved[2]), in_opmath(saved[3])),
+        const at::Tensor z = fresh(saved[1]), weight = fresh(saved[2]), bias_ = fresh(saved[3]);
+        const at::Tensor recomputed = activate(at::linear(in_opmath(z), in_opmath(weight), in_opmath(bias_)),
                                                parse_activation(ctx->saved_data["activation"].toStringRef()));
         const at::Tensor grad_context =
             sum_over_positions(in_opmath(grad_out.narrow_symint(-1, x_features, grad_out.sym_size(-1) - x_features)));
-        const auto got = differentiable_grads({recomputed}, {grad_context}, {saved[1], saved[2], saved[3]});
+        const auto got = differentiable_grads({recomputed}, {grad_context}, {z, weight, bias_});
         grad_z = got[0], grad_weight = got[1], grad_bias = got[2];
       } else {
         std::tie(grad_z, grad_weight, grad_bias) = call_backward(

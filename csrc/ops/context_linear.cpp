@@ -102,21 +102,23 @@ class ContextLinearFunction : public torch::autograd::Function<ContextLinearFunc
 // pre-activation where p was saved for it).
 variable_list ContextLinearFunction::differentiated_backward(AutogradContext* ctx, const at::Tensor& grad_out,
                                                              const variable_list& saved) {
-  const at::Tensor &out = saved[0], &p = saved[1], &z = saved[2], &bp_weight = saved[3], &proj_weight = saved[5];
+  const at::Tensor &out = saved[0];
+  const at::Tensor p = fresh(saved[1]), z = fresh(saved[2]), bp_weight = fresh(saved[3]), bp_bias = fresh(saved[4]),
+                   proj_weight = fresh(saved[5]);
   const Activation out_act = parse_activation(ctx->saved_data["out_activation"].toStringRef());
-  const at::Tensor context = activate(at::linear(in_opmath(z), in_opmath(bp_weight), in_opmath(saved[4])),
+  const at::Tensor context = activate(at::linear(in_opmath(z), in_opmath(bp_weight), in_opmath(bp_bias)),
                                       parse_activation(ctx->saved_data["activation"].toStringRef()));
   const at::Tensor term = at::linear(context, in_opmath(proj_weight));  // (B, H), in the accumulation type
   std::vector<at::Tensor> got;
   at::Tensor grad_p;
   if (p.defined()) {  // out_act' from the pre-activation: differentiate out_act(p + term) whole
     got = differentiable_grads({activate(in_opmath(p) + over_positions(term, p), out_act)}, {in_opmath(grad_out)},
-                               {p, z, bp_weight, saved[4], proj_weight});
+                               {p, z, bp_weight, bp_bias, proj_weight});
     grad_p = got[0];
     got.erase(got.begin());
   } else {  // out = p + term, or out_act' read from the saved output
     grad_p = out.defined() ? grad_from_output(grad_out, out, out_act) : grad_out;
-    got = differentiable_grads({term}, {sum_over_positions(in_opmath(grad_p))}, {z, bp_weight, saved[4], proj_weight});
+    got = differentiable_grads({term}, {sum_over_positions(in_opmath(grad_p))}, {z, bp_weight, bp_bias, proj_weight});
   }
   return {grad_p, got[0], got[1], got[2], got[3], at::Tensor(), at::Tensor()};
 }

@@ -18,6 +18,12 @@ namespace pf_kernels {
 
 inline bool backward_is_differentiated() { return at::GradMode::is_enabled(); }
 
+// A new alias of a saved input, for the recomputation to read and the gradients to be taken for.
+// Not the input itself: its own history may hold another input (a weight an earlier step used to
+// make z), and autograd::grad would add that path to the input's gradient, which the engine
+// already follows.
+inline at::Tensor fresh(const at::Tensor& t) { return t.defined() && t.requires_grad() ? t.view_as(t) : t; }
+
 // t in its accumulation type (fp32 for 16-bit), as the fused kernels compute; autograd casts its
 // gradient back. Undefined stays undefined.
 inline at::Tensor in_opmath(const at::Tensor& t) {

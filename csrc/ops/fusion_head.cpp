@@ -67,10 +67,10 @@ class FusionHeadFunction : public torch::autograd::Function<FusionHeadFunction> 
       // (a gradient per input slot would give it the whole gradient twice).
       std::vector<at::Tensor> wide;
       for (const at::Tensor& h : hs) wide.push_back(in_opmath(h));
-      const at::Tensor joined = at::cat(wide, 1);
+      const at::Tensor joined = at::cat(wide, 1), weight = fresh(saved[k]), bias_ = fresh(saved[k + 1]);
       const at::Tensor recomputed =
-          activate(at::linear(joined, in_opmath(saved[k]), in_opmath(saved[k + 1])), parse_activation(activation));
-      const auto got = differentiable_grads({recomputed}, {in_opmath(grads[0])}, {joined, saved[k], saved[k + 1]});
+          activate(at::linear(joined, in_opmath(weight), in_opmath(bias_)), parse_activation(activation));
+      const auto got = differentiable_grads({recomputed}, {in_opmath(grads[0])}, {joined, weight, bias_});
       variable_list result;
       int64_t start = 0;
       for (const at::Tensor& h : hs) {
