@@ -173,7 +173,8 @@ def test_a_write_into_the_input_between_steps_ends_the_sharing():
 
 class RetakenAcrossAWrite(nn.Module):
     """Each step takes x again by the same calls, but what they read is written between the steps:
-    the source of a copy (a cast of float64 to float32) or an index tensor."""
+    the source of a copy (a cast of float64 to float32), an index tensor, the copy itself, or the
+    source by a foreach op."""
 
     def __init__(self, variant, steps=3):
         super().__init__()
@@ -184,16 +185,21 @@ class RetakenAcrossAWrite(nn.Module):
     def forward(self, inputs):
         source, index, z = inputs * 1.0, torch.arange(6), None
         for step in range(self.steps):
-            x = source[..., :6].float() if self.variant == "copy" else source[..., index]
-            if step == 0:  # after x is taken, before the encoder reads it
+            x = source[..., :6].float() if self.variant in ("copy", "own", "foreach") else source[..., index]
+            if step == 0 and self.variant == "foreach":  # a write the graph holds as a list of tensors
+                torch._foreach_add_([source], 1.0)
+            elif step == 0 and self.variant != "own":  # after x is taken, before the encoder reads it
                 source.add_(1.0) if self.variant == "copy" else index.copy_(index.flip(0))
+            if step == 1 and self.variant == "own":
+                x.mul_(50.0)
             context = x.new_zeros(*x.shape[:-1], 3) if z is None else \
                 torch.relu(self.back(z)).unsqueeze(1).expand(-1, x.shape[1], -1)
             z = torch.relu(self.head(self.encoder(torch.cat([x, context], -1)).mean(1)))
         return z
 
 
-@pytest.mark.parametrize("variant, dtype", [("copy", torch.float64), ("index", torch.float32)])
+@pytest.mark.parametrize("variant, dtype", [("copy", torch.float64), ("index", torch.float32), ("own", torch.float64),
+                                            ("foreach", torch.float32)])
 def test_an_x_retaken_across_a_write_is_not_shared(variant, dtype):
     # Both steps' x were read as one (the same calls of the same nodes): the converted model gave
     # other outputs, step 1 reading step 0's x.

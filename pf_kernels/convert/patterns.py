@@ -328,6 +328,15 @@ def _inplace_flag(node: fx.Node) -> bool:
     return position is not None and len(node.args) > position and node.args[position] is True
 
 
+def _written_lists(node: fx.Node) -> List[fx.Node]:
+    """The tensors a foreach op writes into (torch._foreach_add_([a, b], 1.0))."""
+    first = node.args[0] if node.op == "call_function" and node.args else None
+    name = getattr(node.target, "__name__", "")
+    if isinstance(first, (list, tuple)) and name.endswith("_") and not name.startswith("__"):
+        return [t for t in first if isinstance(t, fx.Node)]
+    return []
+
+
 def written_in_place(node: fx.Node) -> Optional[fx.Node]:
     """The tensor node writes into (x.add_(y), x[i] = v, x += y, F.relu(x, inplace=True), out=x), or None."""
     if node.op not in ("call_method", "call_function"):
@@ -374,16 +383,20 @@ class GraphFacts:
             if written is not None:
                 writes.append((node, written))
                 first, aliasing = written, True  # its result is the tensor it wrote
+            writes += [(node, t) for t in _written_lists(node)]
             if aliasing and isinstance(first, fx.Node):
                 parent[root(node)] = root(first)
         self._root = root
-        self.written = dict(writes)  # writer -> the tensor it writes into
+        self.written = {w: t for w, t in writes if written_in_place(w) is t}  # writer -> the tensor it writes into
         self.writers = {}
         for writer, written in writes:
             self.writers.setdefault(root(written), []).append(writer)
+        # Only in a graph that writes nothing in place: a write may reach a take of x through memory
+        # the graph does not see shared (a copy written itself, an alias made by an op outside the
+        # view lists, two inputs viewing one tensor).
         self._earliest_equal = {}
         first_of = {}
-        for node in graph.nodes:
+        for node in graph.nodes if not writes else ():
             key = self._repeat_key(node)
             if key is not None:
                 self._earliest_equal[node] = first_of.setdefault(key, node)
@@ -399,8 +412,8 @@ class GraphFacts:
             return None
 
         def key(a):
-            if isinstance(a, fx.Node):  # the same input, and no write into its memory since the other call
-                return ("node", self._earliest_equal.get(a, a), self.version(a, node))
+            if isinstance(a, fx.Node):
+                return ("node", self._earliest_equal.get(a, a))
             if isinstance(a, slice):
                 return ("slice", key(a.start), key(a.stop), key(a.step))
             if isinstance(a, (list, tuple)):
@@ -416,9 +429,8 @@ class GraphFacts:
 
     def earliest_equal(self, node):
         """The first node of the graph that computes node's value by the same deterministic views and
-        casts of the same inputs, with no write into those inputs' memory between the two (x sliced
-        in every step of a loop: the first step's slice), else node. Writes after the later one are
-        the reader's to check (version)."""
+        casts of the same inputs (x sliced in every step of a loop: the first step's slice), in a
+        graph with no write in place; else node."""
         return self._earliest_equal.get(node, node)
 
     def writes_to(self, node, exclude=()) -> List[fx.Node]:
