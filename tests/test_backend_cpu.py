@@ -294,6 +294,27 @@ def test_a_differentiated_backward_of_two_steps_sharing_weights(op):
         torch.testing.assert_close(got, want)
 
 
+def test_a_differentiated_backward_inside_an_autocast_region_computes_as_outside():
+    # The recomputation's ATen calls were recast to bf16 by the autocast region the backward ran in.
+    torch.manual_seed(0)
+    hs, w, b = fusion_inputs(4, (16, 24), 32)
+    x, z, bw, bb = backproj_inputs(4, (5,), 3, 32, 8, True)
+    calls = [(lambda: pk.fusion_head(hs, w, b, "tanh", backend=BACKEND), [*hs, w, b]),
+             (lambda: pk.backproj_concat(x, z, bw, bb, "tanh", backend=BACKEND), [z, bw, bb])]
+    for call, inputs in calls:
+        grads = []
+        for inside in (True, False):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = call()
+                grad_out = torch.ones_like(out)
+                if inside:
+                    grads.append(torch.autograd.grad(out, inputs, grad_out, create_graph=True))
+            if not inside:
+                grads.append(torch.autograd.grad(out, inputs, grad_out, create_graph=True))
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_a_differentiated_backward_with_one_tensor_twice_in_hs():
     # The gradient per input slot gave the tensor the whole gradient twice: 2x its gradient.
     h = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)

@@ -83,6 +83,7 @@ class BackprojConcatFunction : public torch::autograd::Function<BackprojConcatFu
       if (saved[0].defined()) context = saved[0];
       if (saved[3].defined()) bias = saved[3];
       if (backward_is_differentiated()) {  // create_graph=True: the context's gradients from ATen ops
+        const WithoutAutocast without_autocast;
         const at::Tensor z = fresh(saved[1]), weight = fresh(saved[2]), bias_ = fresh(saved[3]);
         const at::Tensor recomputed = activate(at::linear(in_opmath(z), in_opmath(weight), in_opmath(bias_)),
                                                parse_activation(ctx->saved_data["activation"].toStringRef()));

@@ -102,6 +102,7 @@ class ContextLinearFunction : public torch::autograd::Function<ContextLinearFunc
 // pre-activation where p was saved for it).
 variable_list ContextLinearFunction::differentiated_backward(AutogradContext* ctx, const at::Tensor& grad_out,
                                                              const variable_list& saved) {
+  const WithoutAutocast without_autocast;
   const at::Tensor &out = saved[0];
   const at::Tensor p = fresh(saved[1]), z = fresh(saved[2]), bp_weight = fresh(saved[3]), bp_bias = fresh(saved[4]),
                    proj_weight = fresh(saved[5]);

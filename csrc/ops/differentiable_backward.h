@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 
 #include <vector>
@@ -17,6 +18,12 @@
 namespace pf_kernels {
 
 inline bool backward_is_differentiated() { return at::GradMode::is_enabled(); }
+
+// Held while recomputing: the ATen calls compute in the accumulation type also where the backward
+// runs inside an autocast region, as the ops themselves do (ops/autocast.cpp).
+struct WithoutAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // A new alias of a saved input, for the recomputation to read and the gradients to be taken for.
 // Not the input itself: its own history may hold another input (a weight an earlier step used to

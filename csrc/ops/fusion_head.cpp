@@ -63,6 +63,7 @@ class FusionHeadFunction : public torch::autograd::Function<FusionHeadFunction> 
     if (saved[k + 1].defined()) bias = saved[k + 1];
     const std::string& activation = ctx->saved_data["activation"].toStringRef();
     if (backward_is_differentiated()) {  // create_graph=True: the gradients from ATen ops
+      const WithoutAutocast without_autocast;
       // The gradient of the concat, cut per input: one tensor passed twice in hs gets both parts
       // (a gradient per input slot would give it the whole gradient twice).
       std::vector<at::Tensor> wide;

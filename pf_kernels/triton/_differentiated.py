@@ -17,6 +17,12 @@ def differentiated() -> bool:
     return torch.is_grad_enabled()
 
 
+def without_autocast(t: torch.Tensor):
+    """Held while recomputing: in the accumulation type also where the backward runs inside an
+    autocast region, as the ops themselves compute."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def fresh(*tensors: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     """New aliases of saved inputs, for the recomputation to read and the gradients to be taken for.
     Not the inputs themselves: their own history may hold another input (a weight an earlier step

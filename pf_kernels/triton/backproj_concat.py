@@ -19,7 +19,7 @@ import triton.language as tl
 from .._validation import check_backproj_concat
 from ._activations import grad_through
 from ._common import act_code, autotune, cdiv, define_op, launch, positions, savable, size_class, smax, smin
-from ._differentiated import context_of, differentiated, fresh, gradients, sum_over_positions, wide
+from ._differentiated import context_of, differentiated, fresh, gradients, sum_over_positions, wide, without_autocast
 from ._matmul import mm, mm_tuned, mm_tuned_fp32
 
 FILL_CONFIGS = [  # 8 elements per thread: a copy needs occupancy, not big tiles
@@ -224,10 +224,11 @@ def _autograd_backward(ctx, grad_out):
     grad_x = grad_out[..., :ctx.x_features] if need[0] else None  # a view: no copy
     grad_z = grad_weight = grad_bias = None
     if (need[1] or need[2] or need[3]) and differentiated():
-        grad_context = sum_over_positions(wide(grad_out[..., ctx.x_features:]))
-        z, weight, bias = fresh(z, weight, bias)
-        grad_z, grad_weight, grad_bias = gradients([context_of(z, weight, bias, ctx.activation)], [grad_context],
-                                                   [z, weight, bias])
+        with without_autocast(z):
+            grad_context = sum_over_positions(wide(grad_out[..., ctx.x_features:]))
+            z, weight, bias = fresh(z, weight, bias)
+            grad_z, grad_weight, grad_bias = gradients([context_of(z, weight, bias, ctx.activation)], [grad_context],
+                                                       [z, weight, bias])
     elif need[1] or need[2] or need[3]:
         grad_z, grad_weight, grad_bias = backproj_concat_backward_op(
             grad_out, z, weight, bias, ctx.activation, ctx.x_features)

@@ -26,7 +26,7 @@ from .._validation import check_context_linear
 from ._activations import act, grad_through
 from ._common import (PROGRAMS_TARGET, act_code, autotune, cdiv, define_op, dot_precision, launch, positions, savable,
                       size_class, smax, smin)
-from ._differentiated import context_linear_parts, differentiated, fresh, gradients
+from ._differentiated import context_linear_parts, differentiated, fresh, gradients, without_autocast
 from ._matmul import dot, mm, mm_tuned, mm_tuned_fp32
 from .backproj_concat import (_backward as backproj_backward, _reduce as backproj_reduce_stage,
                               backproj_reduce, chunks, position_offsets)
@@ -277,12 +277,13 @@ def _autograd_backward(ctx, grad_out):
     no_out_act = ctx.out_activation == "none"
     grads = [None] * 5
     if (any(need[1:5]) or (need[0] and not no_out_act)) and differentiated():
-        p, z, bp_weight, bp_bias, proj_weight = fresh(p, z, bp_weight, bp_bias, proj_weight)
-        y, grad_y, grad_p = context_linear_parts(grad_out, out, p, z, bp_weight, bp_bias, proj_weight,
-                                                 ctx.activation, ctx.out_activation)
-        grads = gradients([y], [grad_y], [p, z, bp_weight, bp_bias, proj_weight])
-        grads[0] = grad_p if p is None else grads[0]
-        no_out_act = False  # (grads[0] is grad_p)
+        with without_autocast(z):
+            p, z, bp_weight, bp_bias, proj_weight = fresh(p, z, bp_weight, bp_bias, proj_weight)
+            y, grad_y, grad_p = context_linear_parts(grad_out, out, p, z, bp_weight, bp_bias, proj_weight,
+                                                     ctx.activation, ctx.out_activation)
+            grads = gradients([y], [grad_y], [p, z, bp_weight, bp_bias, proj_weight])
+            grads[0] = grad_p if p is None else grads[0]
+            no_out_act = False  # (grads[0] is grad_p)
     elif any(need[1:5]) or (need[0] and not no_out_act):
         grads = context_linear_backward_op(grad_out, out, p, z, bp_weight, bp_bias, proj_weight,
                                            ctx.activation, ctx.out_activation)

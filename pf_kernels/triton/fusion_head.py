@@ -17,7 +17,7 @@ from .._validation import check_fusion_head
 from ._activations import act, grad_through
 from ._common import (act_code, autotune, cdiv, define_op, dot_precision, launch, pointer_slots, savable, scalar_slots,
                       size_class, smax)
-from ._differentiated import differentiated, fresh, gradients, head_of, split, wide
+from ._differentiated import differentiated, fresh, gradients, head_of, split, wide, without_autocast
 from ._matmul import dot, dot_split
 
 MAX_K = 8
@@ -395,11 +395,12 @@ def _autograd_backward(ctx, grads):
     hs, weight, bias, pre = list(saved[:ctx.k]), saved[ctx.k], saved[ctx.k + 1], saved[ctx.k + 2]
     grad_out = grads[0]
     if differentiated():
-        weight, bias = fresh(weight, bias)
-        joined, z = head_of(hs, weight, bias, ctx.activation)
-        got = gradients([z], [wide(grad_out)], [joined, weight, bias])
-        return [g if g is not None else torch.zeros_like(h) for g, h in zip(split(got[0], hs), hs)], got[1], \
-            got[2], None, None
+        with without_autocast(weight):
+            weight, bias = fresh(weight, bias)
+            joined, z = head_of(hs, weight, bias, ctx.activation)
+            got = gradients([z], [wide(grad_out)], [joined, weight, bias])
+            return [g if g is not None else torch.zeros_like(h) for g, h in zip(split(got[0], hs), hs)], got[1], \
+                got[2], None, None
     out = fusion_head_backward_op(grad_out, hs, weight, pre, ctx.has_bias, ctx.activation)
     grad_hs, grad_w, grad_b = out[:ctx.k], out[ctx.k], out[ctx.k + 1]
     return list(grad_hs), grad_w, grad_b if ctx.has_bias else None, None, None

@@ -21,7 +21,8 @@ import triton.language as tl
 from ._activations import act
 from ._common import (PROGRAMS_TARGET, act_code, autotune, cdiv, define_op, dot_precision, launch, pointer_slots,
                       positions, savable, scalar_slots, size_class, smax, smin)
-from ._differentiated import context_of, differentiated, fresh, gradients, head_of, split, sum_over_positions, wide
+from ._differentiated import (context_of, differentiated, fresh, gradients, head_of, split, sum_over_positions, wide,
+                               without_autocast)
 from ._matmul import dot
 from .backproj_concat import backproj_concat_backward_op, backproj_concat_op, position_offsets
 from .fusion_head import (MAX_K, fusion_head_backward_op, fusion_head_op, head_tile, needs_grad, unsaved_pre,
@@ -272,17 +273,18 @@ def _autograd_backward(ctx, grads):
     bs = [next(rest) if has else None for has in ctx.bp_has_bias]
     head_act, bp_act = ctx.acts
     if differentiated():
-        hw, hb, *rest = fresh(hw, hb, *ws, *bs)
-        ws, bs = rest[:n], rest[n:]
-        joined, z = head_of(hs, hw, hb, head_act)
-        outputs, grad_outputs = [z], [wide(grads[0])]
-        for g, x_features, w, b in zip(grads[2:], ctx.x_features, ws, bs):
-            outputs.append(context_of(z, w, b, bp_act))
-            grad_outputs.append(sum_over_positions(wide(g[..., x_features:])))
-        present = [b for b in bs if b is not None]
-        got = gradients(outputs, grad_outputs, [joined, hw, hb, *ws, *present])
-        return (split(got[0], hs), got[1], got[2], [g[..., :f] for g, f in zip(grads[2:], ctx.x_features)],
-                got[3:3 + n], got[3 + n:], None, None, None, None)
+        with without_autocast(hw):
+            hw, hb, *rest = fresh(hw, hb, *ws, *bs)
+            ws, bs = rest[:n], rest[n:]
+            joined, z = head_of(hs, hw, hb, head_act)
+            outputs, grad_outputs = [z], [wide(grads[0])]
+            for g, x_features, w, b in zip(grads[2:], ctx.x_features, ws, bs):
+                outputs.append(context_of(z, w, b, bp_act))
+                grad_outputs.append(sum_over_positions(wide(g[..., x_features:])))
+            present = [b for b in bs if b is not None]
+            got = gradients(outputs, grad_outputs, [joined, hw, hb, *ws, *present])
+            return (split(got[0], hs), got[1], got[2], [g[..., :f] for g, f in zip(grads[2:], ctx.x_features)],
+                    got[3:3 + n], got[3 + n:], None, None, None, None)
     grad_z = grads[0].float()  # accumulate z's gradient in fp32 over its uses
     grad_xs, grad_ws, grad_bs = [], [], []
     for g, x_features, w, b in zip(grads[2:], ctx.x_features, ws, bs):

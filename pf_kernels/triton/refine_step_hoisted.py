@@ -20,7 +20,8 @@ import triton.language as tl
 from ._activations import CODES
 from ._common import (PROGRAMS_TARGET, act_code, autotune, cdiv, define_op, dot_precision, launch, pointer_slots,
                       positions, savable, scalar_slots, size_class, smax, smin)
-from ._differentiated import context_linear_parts, differentiated, fresh, gradients, head_of, split, wide
+from ._differentiated import (context_linear_parts, differentiated, fresh, gradients, head_of, split, wide,
+                               without_autocast)
 from .context_linear import add_term, context_linear_backward_op, context_linear_op, store_context
 from .fusion_head import (MAX_K, fusion_head_backward_op, fusion_head_op, needs_grad, unit_feature_strides,
                           unsaved_pre)
@@ -197,22 +198,23 @@ def _autograd_backward(ctx, grads):
     bs = [next(given) if has else None for has in ctx.bp_has_bias]
     head_act, bp_act, out_acts = ctx.acts
     if differentiated():
-        hw, hb, *rest = fresh(hw, hb, *kept, *ws, *vs, *bs)
-        kept, ws, vs, bs = rest[:n], rest[n:2 * n], rest[2 * n:3 * n], rest[3 * n:]
-        joined, z = head_of(hs, hw, hb, head_act)
-        outputs, grad_outputs, grad_ps, ps = [z], [wide(grads[0])], [], []
-        for g, a, s, w, b, v in zip(grads[2:], out_acts, kept, ws, bs, vs):
-            out, p = (s, None) if a == "relu" else (None, s)
-            y, grad_y, grad_p = context_linear_parts(g, out, p, z, w, b, v, bp_act, a)
-            outputs.append(y)
-            grad_outputs.append(grad_y)
-            grad_ps.append(grad_p)
-            ps.append(p)
-        present = [b for b in bs if b is not None]
-        got = gradients(outputs, grad_outputs, [joined, hw, hb, *ps, *ws, *vs, *present])
-        grad_ps = [direct if p is None else from_y for direct, p, from_y in zip(grad_ps, ps, got[3:3 + n])]
-        return (split(got[0], hs), got[1], got[2], grad_ps, got[3 + n:3 + 2 * n], got[3 + 3 * n:],
-                got[3 + 2 * n:3 + 3 * n], None, None, None, None, None)
+        with without_autocast(hw):
+            hw, hb, *rest = fresh(hw, hb, *kept, *ws, *vs, *bs)
+            kept, ws, vs, bs = rest[:n], rest[n:2 * n], rest[2 * n:3 * n], rest[3 * n:]
+            joined, z = head_of(hs, hw, hb, head_act)
+            outputs, grad_outputs, grad_ps, ps = [z], [wide(grads[0])], [], []
+            for g, a, s, w, b, v in zip(grads[2:], out_acts, kept, ws, bs, vs):
+                out, p = (s, None) if a == "relu" else (None, s)
+                y, grad_y, grad_p = context_linear_parts(g, out, p, z, w, b, v, bp_act, a)
+                outputs.append(y)
+                grad_outputs.append(grad_y)
+                grad_ps.append(grad_p)
+                ps.append(p)
+            present = [b for b in bs if b is not None]
+            got = gradients(outputs, grad_outputs, [joined, hw, hb, *ps, *ws, *vs, *present])
+            grad_ps = [direct if p is None else from_y for direct, p, from_y in zip(grad_ps, ps, got[3:3 + n])]
+            return (split(got[0], hs), got[1], got[2], grad_ps, got[3 + n:3 + 2 * n], got[3 + 3 * n:],
+                    got[3 + 2 * n:3 + 3 * n], None, None, None, None, None)
     grad_z = grads[0].float()  # accumulate z's gradient in fp32 over its uses
     grad_ps, grad_ws, grad_bs, grad_vs = [], [], [], []
     for g, a, s, w, b, v in zip(grads[2:], out_acts, kept, ws, bs, vs):
