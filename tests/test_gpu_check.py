@@ -239,7 +239,8 @@ def test_ncu_ends_before_the_deadline():
     assert "benchmarks.ncu" not in check.ncu_commands(ctx)[0]
 
 
-def test_commands_build_through_pip_and_keep_to_the_limits():
+def test_commands_build_through_pip_and_keep_to_the_limits(tmp_path, monkeypatch):
+    monkeypatch.setattr(check, "BUILD_STAMP", str(tmp_path / "gpu-check.stamp"))  # (reading one removes it)
     ctx = check.Context("/tmp/out", "stand-in", "9.0", 16)
     build = check.build_commands(ctx)[0]
     assert "PF_KERNELS_FORCE_CUDA=1" in build and ("--no-build-isolation" in build or "build_ext" in build)
