@@ -118,7 +118,9 @@ variable_list ContextLinearFunction::differentiated_backward(AutogradContext* ct
     grad_p = got[0];
     got.erase(got.begin());
   } else {  // out = p + term, or out_act' read from the saved output
-    grad_p = out.defined() ? grad_from_output(grad_out, out, out_act) : grad_out;
+    // (the output is saved for relu, tanh and sigmoid only: gelu's derivative needs p)
+    TORCH_INTERNAL_ASSERT(!out.defined() || out_act != Activation::Gelu);
+    grad_p = out.defined() ? activation_backward(grad_out, out, out_act, /*from_y=*/false) : grad_out;
     got = differentiable_grads({term}, {sum_over_positions(in_opmath(grad_p))}, {z, bp_weight, bp_bias, proj_weight});
   }
   return {grad_p, got[0], got[1], got[2], got[3], at::Tensor(), at::Tensor()};

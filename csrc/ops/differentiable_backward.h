@@ -13,7 +13,7 @@
 
 #include <vector>
 
-#include "activations.h"
+#include "cpu/activation_ops.h"  // activate, activation_backward: ATen ops, which autograd differentiates
 
 namespace pf_kernels {
 
@@ -35,37 +35,6 @@ inline at::Tensor fresh(const at::Tensor& t) { return t.defined() && t.requires_
 // gradient back. Undefined stays undefined.
 inline at::Tensor in_opmath(const at::Tensor& t) {
   return t.defined() ? t.to(at::toOpMathType(t.scalar_type())) : t;
-}
-
-inline at::Tensor activate(const at::Tensor& y, Activation act) {
-  switch (act) {
-    case Activation::Relu:
-      return at::relu(y);
-    case Activation::Gelu:
-      return at::gelu(y);
-    case Activation::Tanh:
-      return at::tanh(y);
-    case Activation::Sigmoid:
-      return at::sigmoid(y);
-    case Activation::None:
-      break;
-  }
-  return y;
-}
-
-// grad * act'(pre) read from out = act(pre), where the forward saved its output.
-inline at::Tensor grad_from_output(const at::Tensor& grad, const at::Tensor& out, Activation act) {
-  switch (act) {
-    case Activation::Relu:
-      return at::threshold_backward(grad, out, 0);
-    case Activation::Tanh:
-      return at::tanh_backward(grad, out);
-    case Activation::Sigmoid:
-      return at::sigmoid_backward(grad, out);
-    default:
-      TORCH_CHECK(act == Activation::None, "pf_kernels: no derivative from the output for this activation");
-  }
-  return grad;
 }
 
 // (B, *S, D) -> (B, D): the gradient of a (B, D) tensor broadcast over the positions S.
