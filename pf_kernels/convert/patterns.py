@@ -371,7 +371,7 @@ class GraphFacts:
                 n = parent[n]
             return n
 
-        writes, region, self.region = [], 0, {}
+        writes, list_writes, region, self.region = [], [], 0, {}
         for node in graph.nodes:
             if node.op == "call_function" and node.target in _MODE_FUNCTIONS:
                 region += 1
@@ -383,20 +383,20 @@ class GraphFacts:
             if written is not None:
                 writes.append((node, written))
                 first, aliasing = written, True  # its result is the tensor it wrote
-            writes += [(node, t) for t in _written_lists(node)]
+            list_writes += [(node, t) for t in _written_lists(node)]
             if aliasing and isinstance(first, fx.Node):
                 parent[root(node)] = root(first)
         self._root = root
-        self.written = {w: t for w, t in writes if written_in_place(w) is t}  # writer -> the tensor it writes into
+        self.written = dict(writes)  # writer -> the tensor it writes into
         self.writers = {}
-        for writer, written in writes:
+        for writer, written in writes + list_writes:
             self.writers.setdefault(root(written), []).append(writer)
         # Only in a graph that writes nothing in place: a write may reach a take of x through memory
         # the graph does not see shared (a copy written itself, an alias made by an op outside the
         # view lists, two inputs viewing one tensor).
         self._earliest_equal = {}
         first_of = {}
-        for node in graph.nodes if not writes else ():
+        for node in graph.nodes if not writes + list_writes else ():
             key = self._repeat_key(node)
             if key is not None:
                 self._earliest_equal[node] = first_of.setdefault(key, node)

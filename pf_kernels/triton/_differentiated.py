@@ -42,7 +42,7 @@ def sum_over_positions(grad: torch.Tensor) -> torch.Tensor:
 
 
 def gradients(outputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor],
-          inputs: Sequence[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
+              inputs: Sequence[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
     """The gradients of outputs (weighted by grad_outputs) for each input, themselves differentiable;
     None for an input that is None or does not require grad."""
     wanted = [t for t in inputs if t is not None and t.requires_grad]
@@ -58,8 +58,8 @@ def context_of(z, weight, bias, activation: str) -> torch.Tensor:
 
 def head_of(hs: Sequence[torch.Tensor], weight, bias, activation: str):
     """(the concat of hs, act(concat @ weight.T + bias)), weight and bias fresh: the gradient is taken
-    for the concat (a new tensor) and cut
-    per input (split), so that a tensor passed twice in hs gets both parts, not the whole twice."""
+    for the concat (a new tensor) and cut per input (split), so that a tensor passed twice in hs gets
+    both parts, not the whole twice."""
     joined = torch.cat([wide(h) for h in hs], 1)
     return joined, apply_activation(F.linear(joined, wide(weight), wide(bias)), activation)
 

@@ -283,7 +283,6 @@ def _autograd_backward(ctx, grad_out):
                                                      ctx.activation, ctx.out_activation)
             grads = gradients([y], [grad_y], [p, z, bp_weight, bp_bias, proj_weight])
             grads[0] = grad_p if p is None else grads[0]
-            no_out_act = False  # (grads[0] is grad_p)
     elif any(need[1:5]) or (need[0] and not no_out_act):
         grads = context_linear_backward_op(grad_out, out, p, z, bp_weight, bp_bias, proj_weight,
                                            ctx.activation, ctx.out_activation)

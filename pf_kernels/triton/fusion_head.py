@@ -399,8 +399,7 @@ def _autograd_backward(ctx, grads):
             weight, bias = fresh(weight, bias)
             joined, z = head_of(hs, weight, bias, ctx.activation)
             got = gradients([z], [wide(grad_out)], [joined, weight, bias])
-            return [g if g is not None else torch.zeros_like(h) for g, h in zip(split(got[0], hs), hs)], got[1], \
-                got[2], None, None
+            return split(got[0], hs), got[1], got[2], None, None
     out = fusion_head_backward_op(grad_out, hs, weight, pre, ctx.has_bias, ctx.activation)
     grad_hs, grad_w, grad_b = out[:ctx.k], out[ctx.k], out[ctx.k + 1]
     return list(grad_hs), grad_w, grad_b if ctx.has_bias else None, None, None
