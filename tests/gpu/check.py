@@ -329,34 +329,30 @@ def run_parts(parts: List[Part], ctx: Context, results: Dict[str, str], tails: O
               on_finish: Callable[[], None] = lambda: None) -> bool:
     """Runs the parts (side by side when parallel), writes their logs; True if all passed."""
     tails = {} if tails is None else tails
-    # the parts' raw output, outside the output folder (which brings back 8 files)
-    with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
-        return _run_parts(parts, ctx, results, tails, on_finish, scratch)
-
-
-def _run_parts(parts, ctx, results, tails, on_finish, scratch) -> bool:
     ok = True
     running = []
-    for part in parts:
-        if ctx.skip_reason or ctx.deadline - time.time() < 20:
-            why = ctx.skip_reason or "no time left before --deadline"
-            results[part.name] = f"SKIPPED {part.name}: {why}"
-            print(results[part.name], flush=True)
-            continue
-        r = Running(part, ctx, scratch)
-        if r.commands is None:
-            results[part.name] = f"SKIPPED {part.name}: its tool is not installed"
-            print(results[part.name], flush=True)
-            continue
-        r.start_next()
-        running.append(r)
-    while any(r.proc is not None for r in running):
-        for r in running:
-            if r.proc is not None and r.poll():
-                r.proc = None
-                ok &= _finish(r, ctx, results, tails)
-                on_finish()  # the summary now: a run killed later keeps this part's line
-        time.sleep(0.2)
+    # the parts' raw output, outside the output folder (which brings back 8 files)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
+        for part in parts:
+            if ctx.skip_reason or ctx.deadline - time.time() < 20:
+                why = ctx.skip_reason or "no time left before --deadline"
+                results[part.name] = f"SKIPPED {part.name}: {why}"
+                print(results[part.name], flush=True)
+                continue
+            r = Running(part, ctx, scratch)
+            if r.commands is None:
+                results[part.name] = f"SKIPPED {part.name}: its tool is not installed"
+                print(results[part.name], flush=True)
+                continue
+            r.start_next()
+            running.append(r)
+        while any(r.proc is not None for r in running):
+            for r in running:
+                if r.proc is not None and r.poll():
+                    r.proc = None
+                    ok &= _finish(r, ctx, results, tails)
+                    on_finish()  # the summary now: a run killed later keeps this part's line
+            time.sleep(0.2)
     return ok
 
 
@@ -414,8 +410,8 @@ def main(argv=None) -> int:
         lines += [results[p.name] for p in selected if p.name in results]
         with open(os.path.join(args.out, "summary.txt"), "w") as f:
             f.write("\n".join(lines) + "\n")
-            for p in selected:
-                if p.name in tails and results.get(p.name, "").startswith("FAIL"):
+            for p in selected:  # (only failed parts have a tail)
+                if p.name in tails:
                     f.write(f"\n--- {p.name}: last lines of its output ({p.log} has it all)\n{tails[p.name]}\n")
         return total
 
@@ -428,7 +424,6 @@ def main(argv=None) -> int:
         ok &= run(build)
         if not ok:
             ctx.skip_reason = "the build failed"
-        write_summary(final=False)
     ok &= run([p for p in selected if p.parallel])
     for part in selected:  # the timing parts one at a time: side by side they would time each other
         if not part.parallel and part.name != "build":
